@@ -1,0 +1,146 @@
+"""The ``fasteval`` command: ``eval``, ``bench`` and ``synth``."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+from .errors import FastevalError, one_line
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return value
+
+
+def _non_negative_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}")
+    return value
+
+
+def _add_run_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("data", nargs="?", metavar="DATA",
+                   help="ImageFolder root (ROOT/CLASS/IMAGE); omitted: the built-in demo dataset and model")
+    p.add_argument("--arch", default="resnet18", help="torchvision classification model name (default resnet18)")
+    p.add_argument("--weights", help="checkpoint file (state_dict or a dict holding one), or DEFAULT for "
+                                     "torchvision's pretrained weights; omitted: random init (demo: its fitted model)")
+    p.add_argument("--preset", default="imagenet", help="preprocessing preset: imagenet (default) or seed")
+    p.add_argument("--resize", type=_positive_int, help="override the preset's shorter-side resize")
+    p.add_argument("--crop", type=_positive_int, help="override the preset's center crop")
+    p.add_argument("--batch-size", type=_positive_int, default=64, help="batch size (default 64)")
+    p.add_argument("--workers", type=_non_negative_int, default=min(8, os.cpu_count() or 1),
+                   help="decoding workers/threads (default: min(8, cores))")
+    p.add_argument("--device", default="auto", help="auto (default), cpu, cuda or cuda:N")
+    p.add_argument("--json", metavar="PATH", help="write every figure, the configuration and the environment")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
+    p.add_argument("--debug", action="store_true", help="show tracebacks")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="fasteval", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    ev = sub.add_parser("eval", help="evaluate a classifier on an ImageFolder dataset")
+    _add_run_options(ev)
+    ev.add_argument("--reference", action="store_true",
+                    help="run the plain PyTorch reference loop (torchvision + PIL + eager fp32)")
+
+    sy = sub.add_parser("synth", help="write a deterministic synthetic ImageFolder of JPEGs")
+    sy.add_argument("out", metavar="OUT", help="output folder")
+    sy.add_argument("--classes", type=_positive_int, default=10)
+    sy.add_argument("--per-class", type=_positive_int, default=20)
+    sy.add_argument("--size", default="imagenet", help="imagenet (varied, around 500x375) or WxH, e.g. 100x100")
+    sy.add_argument("--seed", type=int, default=0)
+    sy.add_argument("--quality", type=_positive_int, default=90, help="JPEG quality (default 90)")
+    sy.add_argument("--debug", action="store_true", help="show tracebacks")
+    return parser
+
+
+def _prepare(args):
+    """Resolve the dataset, model, spec and device shared by every run."""
+    from .demo import ensure_demo
+    from .devices import resolve_device
+    from .models import build_model
+    from .preprocess import check_batchable, get_spec
+    from .samples import discover
+
+    weights = args.weights
+    data = args.data
+    if data is None:
+        if args.arch != "resnet18" or args.weights:
+            raise FastevalError("the built-in demo uses its own resnet18 model: give DATA to choose --arch/--weights")
+        data, weights = ensure_demo()
+    samples = discover(data)
+    if weights is None:
+        print("fasteval: no --weights: the model is randomly initialised, its accuracy means nothing",
+              file=sys.stderr)
+    spec = get_spec(args.preset, args.resize, args.crop)
+    check_batchable(spec, samples.paths)
+    device = resolve_device(args.device)
+    model = build_model(args.arch, weights, samples.num_classes)
+    config = {
+        "path": os.path.abspath(data),
+        "arch": args.arch,
+        "weights": weights,
+        "preset": spec.name,
+        "resize": spec.resize,
+        "crop": spec.crop,
+        "batch_size": args.batch_size,
+        "workers": args.workers,
+        "device": str(device),
+        "classes": samples.num_classes,
+    }
+    return samples, spec, device, model, config
+
+
+def cmd_eval(args) -> int:
+    from .reference import evaluate_reference
+    from .report import build_report, format_table, write_json
+
+    samples, spec, device, model, config = _prepare(args)
+    if not args.reference:
+        raise FastevalError("the fast path is not built yet: run with --reference")
+    result = evaluate_reference(samples, model, spec, batch_size=args.batch_size, workers=args.workers,
+                                device=device, progress=not args.no_progress)
+    config.update(path_kind="reference", loader="torchvision DataLoader + PIL", precision="fp32", compile=False)
+    report = build_report(result, config, device)
+    print(format_table(report, "fasteval eval --reference"))
+    if args.json:
+        write_json(report, args.json)
+    return 0
+
+
+def cmd_synth(args) -> int:
+    from .synth import synth_dataset
+
+    out = synth_dataset(args.out, args.classes, args.per_class, args.size, args.seed, args.quality)
+    print(f"wrote {args.classes * args.per_class} images in {args.classes} classes to {out}")
+    return 0
+
+
+COMMANDS = {"eval": cmd_eval, "synth": cmd_synth}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return COMMANDS[args.command](args)
+    except FastevalError as exc:
+        if args.debug:
+            raise
+        print(f"fasteval: error: {one_line(exc)}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("fasteval: interrupted", file=sys.stderr)
+        return 130

@@ -1,0 +1,102 @@
+"""The built-in demo: a cached synthetic dataset and a ResNet-18 whose predictions mean something.
+
+No pretrained weights can be assumed (machines may be offline), and a random classifier
+would make the demo's accuracy and the reference-vs-fast agreement meaningless. So the
+demo model is a seeded random-init ResNet-18 backbone whose linear head is fitted, by
+multinomial logistic regression, on the backbone's features of a separate training split
+of the same synthetic classes (different seed). The evaluation split is never seen.
+Everything is deterministic and cached under ``$FASTEVAL_CACHE`` (default ``~/.cache/fasteval``).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import sys
+import tempfile
+
+import torch
+from torch import nn
+
+from .models import build_model
+from .preprocess import PRESETS
+from .reference import reference_dataset
+from .samples import discover
+from .synth import synth_dataset
+
+DEMO_VERSION = "v1"
+DEMO_ARCH = "resnet18"
+DEMO_CLASSES = 10
+DEMO_PER_CLASS = 24
+TRAIN_PER_CLASS = 12
+EVAL_SEED = 0
+TRAIN_SEED = 1000
+
+
+def cache_dir() -> str:
+    base = os.environ.get("FASTEVAL_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "fasteval")
+    return os.path.join(base, f"demo-{DEMO_VERSION}")
+
+
+def _features(model: nn.Module, root: str) -> tuple[torch.Tensor, torch.Tensor]:
+    samples = discover(root)
+    dataset = reference_dataset(samples, PRESETS["imagenet"])
+    loader = torch.utils.data.DataLoader(dataset, batch_size=32, num_workers=0)
+    fc, model.fc = model.fc, nn.Identity()
+    feats, labels = [], []
+    with torch.no_grad():
+        for images, target in loader:
+            feats.append(model(images))
+            labels.append(target)
+    model.fc = fc
+    return torch.cat(feats), torch.cat(labels)
+
+
+def fit_head(model: nn.Module, features: torch.Tensor, labels: torch.Tensor, weight_decay: float = 1e-3) -> None:
+    """Fit ``model.fc`` by L2-regularised multinomial logistic regression (full-batch L-BFGS)."""
+    torch.manual_seed(0)
+    mean, std = features.mean(0), features.std(0) + 1e-6
+    x = (features - mean) / std
+    head = nn.Linear(x.shape[1], int(labels.max()) + 1)
+    nn.init.zeros_(head.weight)
+    nn.init.zeros_(head.bias)
+    opt = torch.optim.LBFGS(head.parameters(), lr=1.0, max_iter=200, line_search_fn="strong_wolfe")
+
+    def closure():
+        opt.zero_grad()
+        loss = nn.functional.cross_entropy(head(x), labels) + weight_decay * head.weight.pow(2).sum()
+        loss.backward()
+        return loss
+
+    opt.step(closure)
+    with torch.no_grad():
+        # Fold the standardisation into the head: W (f - m) / s + b = (W / s) f + (b - W m / s).
+        weight = head.weight / std
+        model.fc.weight.copy_(weight)
+        model.fc.bias.copy_(head.bias - weight @ mean)
+
+
+def ensure_demo(log=sys.stderr) -> tuple[str, str]:
+    """(dataset folder, weights file) of the demo, building them on first use."""
+    root = cache_dir()
+    data_dir = os.path.join(root, "val")
+    weights = os.path.join(root, f"{DEMO_ARCH}-demo.pt")
+    if os.path.isdir(data_dir) and os.path.isfile(weights):
+        return data_dir, weights
+    os.makedirs(root, exist_ok=True)
+    print(f"fasteval: building the demo dataset and model in {root} (once)", file=log)
+    work = tempfile.mkdtemp(dir=root)
+    try:
+        val = synth_dataset(os.path.join(work, "val"), DEMO_CLASSES, DEMO_PER_CLASS, seed=EVAL_SEED)
+        train = synth_dataset(os.path.join(work, "train"), DEMO_CLASSES, TRAIN_PER_CLASS, seed=TRAIN_SEED)
+        torch.manual_seed(0)
+        model = build_model(DEMO_ARCH, num_classes=DEMO_CLASSES)
+        fit_head(model, *_features(model, train))
+        torch.save(model.state_dict(), os.path.join(work, "weights.pt"))
+        if os.path.isdir(data_dir):
+            shutil.rmtree(data_dir)
+        os.replace(val, data_dir)
+        os.replace(os.path.join(work, "weights.pt"), weights)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    return data_dir, weights

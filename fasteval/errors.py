@@ -1,0 +1,24 @@
+"""User-facing errors: one line that names the file or argument at fault."""
+
+from __future__ import annotations
+
+
+class FastevalError(Exception):
+    """An error caused by the user's input; the CLI prints it as one line, no traceback."""
+
+
+def one_line(exc: BaseException) -> str:
+    """The last meaningful line of an error message.
+
+    Exceptions re-raised by DataLoader workers carry the worker's whole traceback as
+    their message; the line that matters (``SomeError: what went wrong``) is the last.
+    """
+    lines = [line.strip() for line in str(exc).strip().splitlines() if line.strip()]
+    if not lines:
+        return type(exc).__name__
+    last = lines[-1]
+    prefix = f"{type(exc).__module__}.{type(exc).__name__}: "
+    for p in (prefix, f"{type(exc).__name__}: "):
+        if last.startswith(p):
+            return last[len(p):]
+    return last

@@ -1,0 +1,80 @@
+"""Metric definitions: what top-1, top-5 and the mean loss of a run are, in one place.
+
+Counts are exact integers; the loss is the sum of per-sample cross-entropies (float64)
+divided by the number of samples. The "mean of per-batch means" that tutorial loops
+print is kept beside it, because it differs whenever the last batch is short.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+
+TOPK = 5
+
+
+@dataclass
+class EvalResult:
+    """Everything one evaluation run measured."""
+
+    samples: int
+    correct_top1: int
+    correct_top5: int
+    loss_sum: float
+    batch_losses: list[float] = field(default_factory=list)
+    seconds: float = 0.0
+    predictions: torch.Tensor | None = None
+    losses: torch.Tensor | None = None
+    warmup_seconds: float = 0.0
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def top1(self) -> float:
+        """Top-1 accuracy in percent (micro: hits over samples)."""
+        return 100.0 * self.correct_top1 / self.samples if self.samples else math.nan
+
+    @property
+    def top5(self) -> float:
+        """Top-5 accuracy in percent; with fewer than 5 classes, every class is in the top 5."""
+        return 100.0 * self.correct_top5 / self.samples if self.samples else math.nan
+
+    @property
+    def loss(self) -> float:
+        """Mean cross-entropy per sample."""
+        return self.loss_sum / self.samples if self.samples else math.nan
+
+    @property
+    def loss_batch_mean(self) -> float:
+        """Mean of per-batch mean losses, as tutorial loops report it (biased by a short last batch)."""
+        return sum(self.batch_losses) / len(self.batch_losses) if self.batch_losses else math.nan
+
+    @property
+    def images_per_sec(self) -> float:
+        return self.samples / self.seconds if self.seconds > 0 else math.nan
+
+    def to_dict(self) -> dict:
+        return {
+            "samples": self.samples,
+            "correct_top1": self.correct_top1,
+            "correct_top5": self.correct_top5,
+            "top1": self.top1,
+            "top5": self.top5,
+            "loss": self.loss,
+            "loss_sum": self.loss_sum,
+            "loss_batch_mean": self.loss_batch_mean,
+            "loss_batch_mean_differs": batch_mean_differs(self),
+            "images_per_sec": self.images_per_sec,
+            "seconds": self.seconds,
+            "warmup_seconds": self.warmup_seconds,
+            **self.extra,
+        }
+
+
+def batch_mean_differs(result: EvalResult) -> bool:
+    """True when the mean of batch means is not the per-sample mean (beyond float rounding)."""
+    a, b = result.loss, result.loss_batch_mean
+    if math.isnan(a) or math.isnan(b):
+        return False
+    return abs(a - b) > 1e-6 * max(1.0, abs(a))

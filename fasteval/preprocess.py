@@ -1,0 +1,114 @@
+"""The preprocessing spec: one definition of resize, crop and normalisation for every loader.
+
+The geometry helpers reproduce torchvision's ``Resize(int)`` (shorter side to ``resize``,
+longer side floored) and ``CenterCrop`` (offset rounded half to even, as Python's
+``round``), so loaders that resize on their own (DALI, GPU decode) can match it exactly.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+from PIL import Image
+
+from .errors import FastevalError
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+INTERPOLATIONS = ("bilinear", "bicubic", "nearest")
+
+
+@dataclass(frozen=True)
+class PreprocessSpec:
+    """Resize the shorter side to ``resize``, then center-crop ``crop`` (or no crop), normalise."""
+
+    name: str
+    resize: int
+    crop: int | None
+    interpolation: str = "bilinear"
+    antialias: bool = True
+    mean: tuple[float, float, float] = IMAGENET_MEAN
+    std: tuple[float, float, float] = IMAGENET_STD
+
+    def resized_hw(self, height: int, width: int) -> tuple[int, int]:
+        """Size after the resize, floored on the long side exactly as torchvision does."""
+        short, long = (width, height) if width <= height else (height, width)
+        new_short, new_long = self.resize, int(self.resize * long / short)
+        new_w, new_h = (new_short, new_long) if width <= height else (new_long, new_short)
+        return new_h, new_w
+
+    def crop_offsets(self, height: int, width: int) -> tuple[int, int]:
+        """(top, left) of the center crop in the resized image, rounded as torchvision does."""
+        rh, rw = self.resized_hw(height, width)
+        if self.crop is None:
+            return 0, 0
+        return int(round((rh - self.crop) / 2.0)), int(round((rw - self.crop) / 2.0))
+
+    def output_hw(self, height: int, width: int) -> tuple[int, int]:
+        """Size of the model input made from an image of the given size."""
+        if self.crop is not None:
+            return self.crop, self.crop
+        return self.resized_hw(height, width)
+
+    def torchvision_transform(self):
+        """The reference transform: PIL resize + center crop + ToTensor + Normalize."""
+        from torchvision import transforms as T
+
+        mode = getattr(T.InterpolationMode, self.interpolation.upper())
+        steps = [T.Resize(self.resize, interpolation=mode, antialias=self.antialias)]
+        if self.crop is not None:
+            steps.append(T.CenterCrop(self.crop))
+        steps += [T.ToTensor(), T.Normalize(self.mean, self.std)]
+        return T.Compose(steps)
+
+
+PRESETS = {
+    # torchvision's ImageNet evaluation transform.
+    "imagenet": PreprocessSpec("imagenet", resize=256, crop=224),
+    # The classic Fruits-360 fine-tuning script: Resize(224) only, no crop.
+    "seed": PreprocessSpec("seed", resize=224, crop=None),
+}
+
+
+def get_spec(preset: str = "imagenet", resize: int | None = None, crop: int | None = None) -> PreprocessSpec:
+    """A preset, optionally with its resize/crop sizes overridden."""
+    if preset not in PRESETS:
+        raise FastevalError(f"unknown --preset {preset!r}; choose from {', '.join(PRESETS)}")
+    spec = PRESETS[preset]
+    if resize is not None:
+        if resize < 1:
+            raise FastevalError(f"--resize must be positive, got {resize}")
+        spec = replace(spec, resize=resize)
+    if crop is not None:
+        if crop < 1:
+            raise FastevalError(f"--crop must be positive, got {crop}")
+        spec = replace(spec, crop=crop)
+    if spec.crop is not None and spec.crop > spec.resize:
+        raise FastevalError(f"--crop {spec.crop} is larger than --resize {spec.resize}")
+    return spec
+
+
+def image_size(path: str) -> tuple[int, int]:
+    """(height, width) from the file header, without decoding the pixels."""
+    try:
+        with Image.open(path) as im:
+            width, height = im.size
+    except Exception as exc:
+        raise FastevalError(f"cannot read image {path}: {exc}") from None
+    return height, width
+
+
+def check_batchable(spec: PreprocessSpec, paths: list[str]) -> None:
+    """Refuse a no-crop spec on images whose outputs would differ in size (they cannot be batched)."""
+    if spec.crop is not None or not paths:
+        return
+    first = paths[0]
+    expected = spec.output_hw(*image_size(first))
+    for path in paths[1:]:
+        got = spec.output_hw(*image_size(path))
+        if got != expected:
+            raise FastevalError(
+                f"preset {spec.name!r} resizes without cropping, so all images must share one aspect "
+                f"ratio: {path} becomes {got[1]}x{got[0]} but {first} becomes {expected[1]}x{expected[0]}; "
+                f"use --preset imagenet or --crop N"
+            )

@@ -1,0 +1,1 @@
+"""Self-contained compute kernels (installed as ``fasteval.kernels``; no imports from fasteval)."""
