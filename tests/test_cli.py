@@ -1,0 +1,111 @@
+"""The fasteval command: outputs, JSON keys and one-line errors for bad input."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from PIL import Image
+
+from fasteval.cli import main
+
+JSON_KEYS = {"samples", "correct_top1", "correct_top5", "top1", "top5", "loss", "loss_sum", "images_per_sec",
+             "seconds", "loss_batch_mean", "config", "environment"}
+
+
+def _eval(*args):
+    return main(["eval", *args, "--no-progress", "--resize", "40", "--crop", "32", "--workers", "0"])
+
+
+def test_reference_eval_json(small_data, weights_3cls, tmp_path, capsys):
+    out = tmp_path / "r.json"
+    assert _eval(small_data, "--reference", "--weights", weights_3cls, "--batch-size", "4", "--json", str(out)) == 0
+    table = capsys.readouterr().out
+    assert "top-1" in table and "differs" in table
+    report = json.loads(out.read_text())
+    assert JSON_KEYS <= set(report)
+    assert report["samples"] == 21
+    assert report["top1"] == pytest.approx(100 * report["correct_top1"] / 21)
+    assert report["loss"] == pytest.approx(report["loss_sum"] / 21)
+    assert report["config"]["arch"] == "resnet18" and report["config"]["batch_size"] == 4
+    assert report["environment"]["torch"] == torch.__version__
+
+
+def _error(capsys, *args) -> str:
+    rc = _eval(*args)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2
+    assert err[-1].startswith("fasteval: error: ")
+    assert "Traceback" not in "\n".join(err)
+    return err[-1]
+
+
+def test_missing_folder(capsys, tmp_path):
+    assert "not found" in _error(capsys, str(tmp_path / "nope"), "--reference")
+
+
+def test_empty_dataset(capsys, tmp_path):
+    assert "no class folders" in _error(capsys, str(tmp_path), "--reference")
+
+
+def test_class_without_images(capsys, tmp_path):
+    os.makedirs(tmp_path / "a")
+    Image.new("RGB", (40, 40)).save(tmp_path / "a" / "1.jpg")
+    os.makedirs(tmp_path / "b")
+    msg = _error(capsys, str(tmp_path), "--reference")
+    assert "class folder has no images" in msg and msg.rstrip(")").find(str(tmp_path / "b")) >= 0
+
+
+def test_corrupt_image(capsys, tmp_path, weights_3cls):
+    for c in "abc":
+        os.makedirs(tmp_path / c)
+        Image.new("RGB", (40, 40)).save(tmp_path / c / "1.jpg")
+    (tmp_path / "c" / "2.jpg").write_bytes(b"garbage")
+    msg = _error(capsys, str(tmp_path), "--reference", "--weights", weights_3cls)
+    assert "cannot decode image" in msg and "2.jpg" in msg
+
+
+def test_weights_mismatch(capsys, small_data, tmp_path, weights_3cls):
+    path = tmp_path / "w10.pt"
+    import torchvision
+
+    torch.save(torchvision.models.resnet18(num_classes=10).state_dict(), path)
+    msg = _error(capsys, small_data, "--reference", "--weights", str(path))
+    assert "10-class head but the dataset has 3 classes" in msg
+    assert "do not fit --arch resnet34" in _error(capsys, small_data, "--reference", "--weights", weights_3cls,
+                                                  "--arch", "resnet34")
+
+
+def test_unknown_arch(capsys, small_data):
+    assert "unknown --arch 'nonet'" in _error(capsys, small_data, "--reference", "--arch", "nonet")
+
+
+def test_bad_device(capsys, small_data):
+    assert "--device" in _error(capsys, small_data, "--reference", "--device", "tpu")
+
+
+def test_bad_argument_values():
+    with pytest.raises(SystemExit) as exc:
+        main(["eval", "--batch-size", "0"])
+    assert exc.value.code == 2
+
+
+def test_debug_shows_traceback(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "fasteval", "eval", str(tmp_path / "x"), "--reference", "--debug"],
+                          capture_output=True, text=True)
+    assert proc.returncode != 0 and "Traceback" in proc.stderr
+
+
+def test_synth_is_deterministic(tmp_path, capsys):
+    for name in ("a", "b"):
+        assert main(["synth", str(tmp_path / name), "--classes", "2", "--per-class", "2", "--size", "64x48"]) == 0
+    files = sorted(p.relative_to(tmp_path / "a") for p in (tmp_path / "a").rglob("*.jpg"))
+    assert len(files) == 4
+    for rel in files:
+        assert (tmp_path / "a" / rel).read_bytes() == (tmp_path / "b" / rel).read_bytes()
+    assert main(["synth", str(tmp_path / "c"), "--size", "tiny"]) == 2
+    assert "--size" in capsys.readouterr().err

@@ -1,0 +1,126 @@
+"""Checkpoint formats, head detection and refusals of the model loader."""
+
+from __future__ import annotations
+
+import os
+import pickle
+
+import pytest
+import torch
+import torchvision
+from torch import nn
+
+from fasteval.errors import FastevalError
+from fasteval.models import build_model, head_name, read_state_dict
+
+X = torch.randn(2, 3, 32, 32)
+
+
+def _save(obj, path) -> str:
+    torch.save(obj, path)
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def net():
+    torch.manual_seed(1)
+    return torchvision.models.resnet18(num_classes=7).eval()
+
+
+@pytest.mark.parametrize("wrap", ["bare", "state_dict", "model", "model_state_dict", "ddp", "compiled", "both"])
+def test_checkpoint_formats_load_the_same_model(net, tmp_path, wrap):
+    sd = net.state_dict()
+    if wrap in ("ddp", "compiled", "both"):
+        prefix = {"ddp": "module.", "compiled": "_orig_mod.", "both": "module._orig_mod."}[wrap]
+        obj = {prefix + k: v for k, v in sd.items()}
+    elif wrap == "bare":
+        obj = sd
+    else:
+        obj = {wrap: sd, "epoch": 3, "best_acc1": torch.tensor(71.0)}
+    model = build_model("resnet18", _save(obj, tmp_path / "w.pt"), num_classes=7)
+    with torch.no_grad():
+        assert torch.equal(model(X), net(X))
+
+
+def test_sequential_head_as_saved_by_finetuning_scripts(net, tmp_path):
+    finetuned = torchvision.models.resnet18(num_classes=1000)
+    finetuned.load_state_dict({k: v for k, v in net.state_dict().items() if not k.startswith("fc.")}, strict=False)
+    finetuned.fc = nn.Sequential(nn.Linear(512, 7))
+    finetuned.fc[0].load_state_dict(net.fc.state_dict())
+    sd = finetuned.state_dict()
+    assert "fc.0.weight" in sd
+    model = build_model("resnet18", _save({"model_state_dict": sd}, tmp_path / "ft.pt"), num_classes=7)
+    with torch.no_grad():
+        assert torch.equal(model(X), net.eval()(X))
+
+
+def test_head_size_comes_from_weights_and_must_match_dataset(net, tmp_path):
+    path = _save(net.state_dict(), tmp_path / "w.pt")
+    assert build_model("resnet18", path).fc.out_features == 7
+    with pytest.raises(FastevalError, match=r"7-class head but the dataset has 10 classes"):
+        build_model("resnet18", path, num_classes=10)
+
+
+def test_weights_of_another_arch_are_refused(net, tmp_path):
+    path = _save(net.state_dict(), tmp_path / "w.pt")
+    with pytest.raises(FastevalError, match=r"do not fit --arch resnet34"):
+        build_model("resnet34", path, num_classes=7)
+    with pytest.raises(FastevalError, match=r"do not fit --arch mobilenet_v3_small"):
+        build_model("mobilenet_v3_small", path, num_classes=7)
+
+
+def test_other_architectures_and_their_heads(tmp_path):
+    assert head_name("resnet18") == "fc"
+    assert head_name("mobilenet_v3_small") == "classifier.3"
+    assert head_name("vit_b_16") == "heads.head"
+    assert head_name("squeezenet1_0") == "classifier.1"
+    torch.manual_seed(0)
+    m = torchvision.models.mobilenet_v3_small(num_classes=5).eval()
+    loaded = build_model("mobilenet_v3_small", _save(m.state_dict(), tmp_path / "m.pt"), num_classes=5)
+    with torch.no_grad():
+        assert torch.equal(loaded(X), m(X))
+
+
+def test_unknown_arch():
+    with pytest.raises(FastevalError, match="unknown --arch 'resnet19'"):
+        build_model("resnet19", None, num_classes=3)
+
+
+def test_random_init_is_sized_to_dataset():
+    assert build_model("resnet18", None, num_classes=4).fc.out_features == 4
+
+
+class _Evil:
+    def __reduce__(self):
+        return (os.system, ("touch /tmp/fasteval-pwned",))
+
+
+def test_checkpoint_cannot_run_code(tmp_path):
+    marker = "/tmp/fasteval-pwned"
+    if os.path.exists(marker):
+        os.remove(marker)
+    path = tmp_path / "evil.pt"
+    torch.save({"state_dict": {"fc.weight": torch.zeros(2, 2)}, "x": _Evil()}, path, pickle_protocol=2)
+    with pytest.raises(FastevalError, match=r"cannot load --weights .*evil\.pt"):
+        read_state_dict(str(path))
+    assert not os.path.exists(marker)
+
+
+def test_not_a_checkpoint(tmp_path):
+    garbage = tmp_path / "garbage.pt"
+    garbage.write_bytes(b"\x00\x01 not a torch file")
+    with pytest.raises(FastevalError, match="cannot load --weights .*garbage.pt"):
+        read_state_dict(str(garbage))
+    no_sd = _save({"epoch": 3}, tmp_path / "nosd.pt")
+    with pytest.raises(FastevalError, match="holds no state_dict"):
+        read_state_dict(no_sd)
+    with pytest.raises(FastevalError, match="not found"):
+        read_state_dict(str(tmp_path / "missing.pt"))
+
+
+def test_pickle_protocol_is_not_loaded_directly(tmp_path):
+    # A plain pickle (not a torch zip file) with code in it is refused as well.
+    path = tmp_path / "plain.pkl"
+    path.write_bytes(pickle.dumps(_Evil()))
+    with pytest.raises(FastevalError):
+        read_state_dict(str(path))
