@@ -7,6 +7,11 @@ import os
 import pytest
 import torch
 
+# Without a GPU, the Triton kernel runs on CPU tensors in Triton's interpreter. This must be
+# set before the kernel module is imported (triton.jit reads it when decorating).
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
 from fasteval.preprocess import get_spec
 from fasteval.synth import synth_dataset
 

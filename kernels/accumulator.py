@@ -1,0 +1,71 @@
+"""A device-side accumulator of fused metrics over a whole run: no host sync until ``result()``.
+
+It keeps the running counts and loss sum, and the per-sample predictions, losses and
+top-k hits of the whole dataset, on the logits' device. Batches may be padded to a static
+shape: rows past ``num_real`` are marked ignored, so padding never counts.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .fused_metrics import fused_metrics, raise_on_bad_labels
+
+_CORRECT, _CORRECT_TOPK, _COUNT, _BAD, _NONFINITE = range(5)
+
+
+class MetricsAccumulator:
+    """Running totals and per-sample buffers for ``num_samples`` samples, in arrival order."""
+
+    def __init__(self, num_samples: int, device: torch.device | str, *, topk: int = 5,
+                 ignore_index: int = -100, backend: str = "auto") -> None:
+        self.num_samples = num_samples
+        self.topk = topk
+        self.ignore_index = ignore_index
+        self.backend = backend
+        self.num_classes: int | None = None
+        device = torch.device(device)
+        self.pred = torch.full((num_samples,), -1, dtype=torch.int64, device=device)
+        self.loss = torch.full((num_samples,), float("nan"), dtype=torch.float32, device=device)
+        self.topk_hit = torch.zeros(num_samples, dtype=torch.bool, device=device)
+        self.counts = torch.zeros(5, dtype=torch.int64, device=device)
+        self.loss_sum = torch.zeros((), dtype=torch.float64, device=device)
+        self.filled = 0  # a host integer: how many samples have been written
+
+    def update(self, logits: torch.Tensor, labels: torch.Tensor, num_real: int | None = None) -> None:
+        """Add a batch whose first ``num_real`` rows are real samples (default: all rows)."""
+        n = logits.shape[0] if num_real is None else num_real
+        if not 0 <= n <= logits.shape[0]:
+            raise ValueError(f"num_real={n} outside [0, {logits.shape[0]}]")
+        if self.filled + n > self.num_samples:
+            raise ValueError(f"more samples than the {self.num_samples} announced")
+        if self.num_classes is None:
+            self.num_classes = logits.shape[1]
+        if n < labels.shape[0]:
+            labels = labels.clone()
+            labels[n:] = self.ignore_index
+        m = fused_metrics(logits, labels, topk=self.topk, ignore_index=self.ignore_index, backend=self.backend)
+        window = slice(self.filled, self.filled + n)
+        self.pred[window] = m.pred[:n]
+        self.loss[window] = m.loss[:n]
+        self.topk_hit[window] = m.topk_hit[:n]
+        self.counts += torch.stack([m.correct, m.correct_topk, m.count, m.bad_labels, m.nonfinite])
+        self.loss_sum += m.loss_sum
+        self.filled += n
+
+    def result(self) -> dict:
+        """Read everything back once; raises ValueError for bad labels or missing samples."""
+        counts = self.counts.cpu().tolist()
+        raise_on_bad_labels(counts[_BAD], self.num_classes or 0)
+        if self.filled != self.num_samples:
+            raise ValueError(f"{self.filled} samples were evaluated but {self.num_samples} were announced")
+        return {
+            "correct": counts[_CORRECT],
+            "correct_topk": counts[_CORRECT_TOPK],
+            "count": counts[_COUNT],
+            "nonfinite": counts[_NONFINITE],
+            "loss_sum": float(self.loss_sum.cpu()),
+            "pred": self.pred.cpu(),
+            "loss": self.loss.cpu(),
+            "topk_hit": self.topk_hit.cpu(),
+        }
