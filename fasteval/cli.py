@@ -47,14 +47,25 @@ def _add_run_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--debug", action="store_true", help="show tracebacks")
 
 
+def _add_fast_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--loader", default="auto", help="auto (default: DALI if installed), dali or torchvision")
+    p.add_argument("--precision", default="auto", help="auto (bf16 where fast, else fp32), fp32, bf16 or fp16")
+    p.add_argument("--no-compile", action="store_true", help="run the model eagerly (no torch.compile)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fasteval", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
 
     ev = sub.add_parser("eval", help="evaluate a classifier on an ImageFolder dataset")
     _add_run_options(ev)
-    ev.add_argument("--reference", action="store_true",
-                    help="run the plain PyTorch reference loop (torchvision + PIL + eager fp32)")
+    _add_fast_options(ev)
+    mode = ev.add_mutually_exclusive_group()
+    mode.add_argument("--reference", action="store_true",
+                      help="run the plain PyTorch reference loop (torchvision + PIL + eager fp32)")
+    mode.add_argument("--validate", action="store_true",
+                      help="run the fast path and the reference, and compare them sample by sample")
+    ev.add_argument("--predictions", metavar="PATH", help="write per-sample path, label, prediction, loss (CSV)")
 
     sy = sub.add_parser("synth", help="write a deterministic synthetic ImageFolder of JPEGs")
     sy.add_argument("out", metavar="OUT", help="output folder")
@@ -104,20 +115,43 @@ def _prepare(args):
     return samples, spec, device, model, config
 
 
+REFERENCE_SETTINGS = {"loader": "torchvision DataLoader + PIL", "precision": "fp32", "compile": False}
+
+
+def fast_options(args):
+    from .fast import FastOptions
+
+    return FastOptions(loader=args.loader, precision=args.precision, compile=not args.no_compile,
+                       batch_size=args.batch_size, workers=args.workers)
+
+
 def cmd_eval(args) -> int:
+    from .fast import evaluate_fast
     from .reference import evaluate_reference
-    from .report import build_report, format_table, write_json
+    from .report import build_report, format_table, write_json, write_predictions
+    from .validate import compare, format_comparison
 
     samples, spec, device, model, config = _prepare(args)
+    progress = not args.no_progress
+    reference = fast = None
+    if args.reference or args.validate:
+        reference = evaluate_reference(samples, model, spec, batch_size=args.batch_size, workers=args.workers,
+                                       device=device, progress=progress)
     if not args.reference:
-        raise FastevalError("the fast path is not built yet: run with --reference")
-    result = evaluate_reference(samples, model, spec, batch_size=args.batch_size, workers=args.workers,
-                                device=device, progress=not args.no_progress)
-    config.update(path_kind="reference", loader="torchvision DataLoader + PIL", precision="fp32", compile=False)
-    report = build_report(result, config, device)
-    print(format_table(report, "fasteval eval --reference"))
+        fast = evaluate_fast(samples, model, spec, device=device, options=fast_options(args), progress=progress)
+    main_result = fast if fast is not None else reference
+    report = build_report(main_result, {**config, **(REFERENCE_SETTINGS if fast is None else {})}, device)
+    print(format_table(report, "fasteval eval" + (" --reference" if fast is None else "")))
+    if args.validate:
+        cmp = compare(samples, reference, fast)
+        report = {**report, "reference": build_report(reference, {**config, **REFERENCE_SETTINGS}, device),
+                  "validation": cmp}
+        print()
+        print(format_comparison(cmp))
     if args.json:
         write_json(report, args.json)
+    if args.predictions:
+        write_predictions(args.predictions, samples, main_result)
     return 0
 
 

@@ -78,13 +78,31 @@ def format_table(report: dict, title: str = "fasteval") -> str:
     ]
     cfg = report.get("config", {})
     for key in ("path", "arch", "weights", "device", "loader", "precision", "compile", "batch_size", "workers"):
-        if key in cfg:
+        if key in report:
+            rows.append((key, str(report[key])))
+        elif key in cfg:
             rows.append((key, str(cfg[key])))
     if report.get("warmup_seconds"):
         rows.append(("warm-up seconds", _fmt(report["warmup_seconds"], 2)))
     width = max(len(k) for k, _ in rows)
     lines = [title, "-" * len(title)] + [f"{k.ljust(width)}  {v}" for k, v in rows]
     return "\n".join(lines)
+
+
+def write_predictions(path: str, samples, result: EvalResult) -> None:
+    """Per-sample CSV: path (relative to the dataset root), label, prediction, loss."""
+    import csv
+
+    from .samples import relative_path
+
+    parent = os.path.dirname(os.path.abspath(path))
+    os.makedirs(parent, exist_ok=True)
+    preds, losses = result.predictions.tolist(), result.losses.tolist()
+    with open(path, "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["path", "label", "prediction", "loss"])
+        for (file, label), pred, loss in zip(samples.samples, preds, losses):
+            writer.writerow([relative_path(samples, file), label, pred, f"{loss:.7g}"])
 
 
 def write_json(report: dict, path: str) -> None:

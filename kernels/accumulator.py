@@ -15,7 +15,11 @@ _CORRECT, _CORRECT_TOPK, _COUNT, _BAD, _NONFINITE = range(5)
 
 
 class MetricsAccumulator:
-    """Running totals and per-sample buffers for ``num_samples`` samples, in arrival order."""
+    """Running totals and per-sample buffers for ``num_samples`` samples, in arrival order.
+
+    ``update`` never reads a value back to the host, on any device; bad labels are counted
+    and raised by ``result()``.
+    """
 
     def __init__(self, num_samples: int, device: torch.device | str, *, topk: int = 5,
                  ignore_index: int = -100, backend: str = "auto") -> None:
@@ -44,7 +48,8 @@ class MetricsAccumulator:
         if n < labels.shape[0]:
             labels = labels.clone()
             labels[n:] = self.ignore_index
-        m = fused_metrics(logits, labels, topk=self.topk, ignore_index=self.ignore_index, backend=self.backend)
+        m = fused_metrics(logits, labels, topk=self.topk, ignore_index=self.ignore_index, backend=self.backend,
+                          check_labels=False)
         window = slice(self.filled, self.filled + n)
         self.pred[window] = m.pred[:n]
         self.loss[window] = m.loss[:n]

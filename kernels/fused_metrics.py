@@ -106,8 +106,12 @@ def metrics_torch(
     topk: int = 5,
     ignore_index: int = -100,
     compiled: bool = False,
+    check_labels: bool = True,
 ) -> BatchMetrics:
     """The PyTorch twin: vectorised, no loop over rows; raises on bad labels when on the CPU.
+
+    ``check_labels=False`` only counts bad labels (in ``bad_labels``), for callers that
+    check once at the end of a run.
 
     ``compiled=True`` runs the same arithmetic through ``torch.compile`` (compiled once, with
     dynamic shapes), which fuses the row reductions into a few loops.
@@ -119,7 +123,7 @@ def metrics_torch(
             _COMPILED["core"] = torch.compile(_metrics_core, dynamic=True)
         core = _COMPILED["core"]
     m = core(logits.float(), labels.long(), topk, ignore_index)
-    if logits.device.type == "cpu":
+    if check_labels and logits.device.type == "cpu":
         raise_on_bad_labels(int(m.bad_labels), logits.shape[1])
     return m
 
@@ -225,6 +229,7 @@ def metrics_triton(
     ignore_index: int = -100,
     block_b: int | None = None,
     block_c: int | None = None,
+    check_labels: bool = True,
 ) -> BatchMetrics:
     """The fused Triton kernel: one read of each logit. Raises on bad labels only on the CPU."""
     _check_inputs(logits, labels, topk)
@@ -246,7 +251,7 @@ def metrics_triton(
         BLOCK_B=block_b, BLOCK_C=block_c,
     )
     totals = counts.sum(dim=0)
-    if device.type == "cpu":
+    if check_labels and device.type == "cpu":
         raise_on_bad_labels(int(totals[3]), num_classes)
     return BatchMetrics(
         pred=pred,
@@ -271,6 +276,7 @@ def fused_metrics(
     topk: int = 5,
     ignore_index: int = -100,
     backend: str = "auto",
+    check_labels: bool = True,
 ) -> BatchMetrics:
     """Argmax, top-k hits, per-sample cross-entropy and counts in one pass.
 
@@ -278,11 +284,12 @@ def fused_metrics(
     "auto" (triton on CUDA, torch on CPU). A label outside [0, C) that is not
     ``ignore_index`` raises ValueError at once on the CPU; on CUDA it is counted in
     ``bad_labels`` without a host sync (never read out of bounds), for the caller to check.
+    ``check_labels=False`` defers the check on the CPU too (counted, not raised).
     """
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     if backend == "auto":
         backend = "triton" if logits.device.type == "cuda" and HAS_TRITON else "torch"
     if backend == "triton":
-        return metrics_triton(logits, labels, topk=topk, ignore_index=ignore_index)
-    return metrics_torch(logits, labels, topk=topk, ignore_index=ignore_index)
+        return metrics_triton(logits, labels, topk=topk, ignore_index=ignore_index, check_labels=check_labels)
+    return metrics_torch(logits, labels, topk=topk, ignore_index=ignore_index, check_labels=check_labels)

@@ -254,8 +254,10 @@ def test_accumulator_refuses_missing_extra_and_bad_samples():
         acc.result()
     with pytest.raises(ValueError, match="more samples"):
         acc.update(torch.randn(2, 4), torch.tensor([0, 1]))
+    deferred = MetricsAccumulator(2, "cpu")
+    deferred.update(torch.randn(2, 4), torch.tensor([4, 1]))  # counted, raised at the end
     with pytest.raises(ValueError, match="1 label"):
-        MetricsAccumulator(1, "cpu").update(torch.randn(1, 4), torch.tensor([4]))
+        deferred.result()
 
 
 @pytest.mark.cuda

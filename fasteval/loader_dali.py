@@ -1,0 +1,127 @@
+"""The DALI loader: decode, resize, crop and normalise, on the GPU (``mixed``) or the CPU.
+
+The pipeline reproduces torchvision's geometry exactly: resize sizes are computed from each
+image's header (shorter side to ``spec.resize``, longer side floored) and the crop offset
+is torchvision's (half to even), passed as explicit positions. DALI's own
+``resize_shorter`` and centre crop round differently (../shared/FACTS.md).
+The reader gets the shared sample list, never its own directory scan.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import torch
+
+from .errors import FastevalError
+from .loaders import Batch, find_undecodable
+from .preprocess import PreprocessSpec
+from .samples import SampleList
+
+
+def dali_available() -> bool:
+    try:
+        import nvidia.dali  # noqa: F401
+        from nvidia.dali.plugin import pytorch  # noqa: F401
+    except Exception:
+        return False
+    return True
+
+
+def _centre_crop_position(n, fn, types, dmath):
+    """DALI crop_pos (0..1) that lands on torchvision's offset round(n / 2), half to even."""
+    k = n // 2
+    odd = n - 2 * k
+    k_odd = k - 2 * (k // 2)
+    offset = k + odd * k_odd
+    return fn.cast(offset, dtype=types.FLOAT) / fn.cast(dmath.max(n, 1), dtype=types.FLOAT)
+
+
+def build_pipeline(samples: SampleList, spec: PreprocessSpec, batch_size: int, threads: int,
+                   device: torch.device, half: bool):
+    """The DALI pipeline; outputs NHWC float images (fp16 if ``half``) and int32 labels."""
+    import nvidia.dali.fn as fn
+    import nvidia.dali.math as dmath
+    import nvidia.dali.types as types
+    from nvidia.dali import pipeline_def
+
+    gpu = device.type == "cuda"
+
+    @pipeline_def(batch_size=batch_size, num_threads=max(1, threads), device_id=(device.index or 0) if gpu else None,
+                  prefetch_queue_depth=2)
+    def pipeline():
+        encoded, labels = fn.readers.file(files=samples.paths, labels=samples.labels, pad_last_batch=True,
+                                          random_shuffle=False, name="Reader")
+        shape = fn.peek_image_shape(encoded, adjust_orientation=False, dtype=types.INT64)
+        h, w = shape[0], shape[1]
+        new_long = (spec.resize * dmath.max(h, w)) // dmath.min(h, w)
+        portrait = fn.cast(w <= h, dtype=types.INT64)
+        rw = portrait * spec.resize + (1 - portrait) * new_long
+        rh = portrait * new_long + (1 - portrait) * spec.resize
+        images = fn.decoders.image(encoded, device="mixed" if gpu else "cpu", output_type=types.RGB,
+                                   adjust_orientation=False)
+        images = fn.resize(images, resize_x=fn.cast(rw, dtype=types.FLOAT), resize_y=fn.cast(rh, dtype=types.FLOAT),
+                           interp_type=types.INTERP_LINEAR, antialias=spec.antialias)
+        norm = dict(mean=[m * 255 for m in spec.mean], std=[s * 255 for s in spec.std],
+                    dtype=types.FLOAT16 if half else types.FLOAT, output_layout="HWC")
+        if spec.crop is not None:
+            c = spec.crop
+            norm.update(crop=(c, c), crop_pos_x=_centre_crop_position(rw - c, fn, types, dmath),
+                        crop_pos_y=_centre_crop_position(rh - c, fn, types, dmath))
+        images = fn.crop_mirror_normalize(images, **norm)
+        if gpu:
+            labels = labels.gpu()
+        return images, labels
+
+    pipe = pipeline()
+    pipe.build()
+    return pipe
+
+
+class DaliLoader:
+    """Batches of channels-last images on ``device``; the last batch is filled to the static size."""
+
+    name = "dali"
+
+    def __init__(self, samples: SampleList, spec: PreprocessSpec, batch_size: int, threads: int,
+                 device: torch.device, half: bool = False) -> None:
+        from nvidia.dali.plugin.pytorch import DALIGenericIterator, LastBatchPolicy
+
+        self.samples, self.batch_size = samples, batch_size
+        self.name = "dali-gpu" if device.type == "cuda" else "dali-cpu"
+        try:
+            pipe = build_pipeline(samples, spec, batch_size, threads, device, half)
+            # FILL + pad_last_batch: every sample once, in order; the last batch repeats its last
+            # sample up to the static size, and those rows are marked ignored downstream.
+            self._iter = DALIGenericIterator([pipe], ["images", "labels"], reader_name="Reader",
+                                             last_batch_policy=LastBatchPolicy.FILL, auto_reset=True)
+        except Exception as exc:
+            raise FastevalError(f"cannot start the DALI pipeline on {device}: {_first_line(exc)}") from None
+
+    def __len__(self) -> int:
+        return -(-len(self.samples) // self.batch_size)
+
+    def __iter__(self) -> Iterator[Batch]:
+        seen = 0
+        try:
+            for out in self._iter:
+                images = out[0]["images"].permute(0, 3, 1, 2)  # NHWC memory: a channels-last NCHW view
+                labels = out[0]["labels"].view(-1).long()
+                real = min(self.batch_size, len(self.samples) - seen)
+                seen += real
+                yield Batch(images, labels, real)
+        except StopIteration:
+            return
+        except FastevalError:
+            raise
+        except Exception as exc:
+            path, reason = find_undecodable(self.samples.paths[seen:])
+            if path is not None:
+                raise FastevalError(f"cannot decode image {path}: {reason}") from None
+            raise FastevalError(f"DALI failed after {seen} samples: {_first_line(exc)}") from None
+
+
+def _first_line(exc: BaseException) -> str:
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    failures = [line for line in lines if "fail" in line.lower() or "error" in line.lower()]
+    return (failures or lines or [type(exc).__name__])[-1]

@@ -1,0 +1,177 @@
+"""Loaders without DALI: torchvision's nvJPEG decoding on the GPU, and PIL in DataLoader workers.
+
+Both keep images as uint8 until they reach the device, where a single normalisation
+produces the model's channels-last float input; the last batch is padded to the static size.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from .errors import FastevalError
+from .loaders import Batch
+from .preprocess import PreprocessSpec
+from .reference import load_rgb
+from .samples import SampleList
+
+
+class Normalizer:
+    """uint8 NCHW -> normalised float, channels-last, on the device: (x / 255 - mean) / std."""
+
+    def __init__(self, spec: PreprocessSpec, device: torch.device, half: bool) -> None:
+        self.dtype = torch.float16 if half else torch.float32
+        self.mean = torch.tensor(spec.mean, device=device).view(1, 3, 1, 1)
+        self.std = torch.tensor(spec.std, device=device).view(1, 3, 1, 1)
+
+    def __call__(self, images: torch.Tensor) -> torch.Tensor:
+        x = images.contiguous(memory_format=torch.channels_last).float()
+        return x.div_(255).sub_(self.mean).div_(self.std).to(self.dtype)
+
+
+def _pad(images: torch.Tensor, labels: torch.Tensor, size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    missing = size - images.shape[0]
+    if missing == 0:
+        return images, labels
+    images = torch.cat([images, images.new_zeros((missing, *images.shape[1:]))])
+    labels = torch.cat([labels, labels.new_zeros(missing)])
+    return images, labels
+
+
+class _PilUint8(Dataset):
+    """PIL decode + torchvision resize/crop, kept as uint8 (normalised later, on the device)."""
+
+    def __init__(self, samples: SampleList, spec: PreprocessSpec) -> None:
+        from torchvision import transforms as T
+
+        self.samples = samples.samples
+        mode = getattr(T.InterpolationMode, spec.interpolation.upper())
+        steps = [T.Resize(spec.resize, interpolation=mode, antialias=spec.antialias)]
+        if spec.crop is not None:
+            steps.append(T.CenterCrop(spec.crop))
+        steps.append(T.PILToTensor())
+        self.transform = T.Compose(steps)
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, index: int):
+        path, label = self.samples[index]
+        return self.transform(load_rgb(path)), label
+
+
+class TorchvisionLoader:
+    """PIL in DataLoader workers (the last resort, and the CPU path without DALI)."""
+
+    name = "torchvision-cpu"
+
+    def __init__(self, samples: SampleList, spec: PreprocessSpec, batch_size: int, workers: int,
+                 device: torch.device, half: bool = False) -> None:
+        self.batch_size, self.device = batch_size, device
+        self.normalize = Normalizer(spec, device, half)
+        self.loader = DataLoader(_PilUint8(samples, spec), batch_size=batch_size, num_workers=workers,
+                                 pin_memory=device.type == "cuda", persistent_workers=workers > 0,
+                                 prefetch_factor=4 if workers > 0 else None)
+
+    def __len__(self) -> int:
+        return len(self.loader)
+
+    def __iter__(self) -> Iterator[Batch]:
+        for images, labels in self.loader:
+            real = images.shape[0]
+            images, labels = _pad(images, labels, self.batch_size)
+            images = images.to(self.device, non_blocking=True)
+            labels = labels.to(self.device, non_blocking=True)
+            yield Batch(self.normalize(images), labels, real)
+
+
+class _EncodedFiles(Dataset):
+    """Raw file bytes for the GPU decoder; files nvJPEG cannot take (non-JPEG) are decoded here."""
+
+    def __init__(self, samples: SampleList) -> None:
+        self.samples = samples.samples
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, index: int):
+        import numpy as np
+        from torchvision.io import read_file
+
+        path, label = self.samples[index]
+        try:
+            data = read_file(path)
+        except Exception as exc:
+            raise FastevalError(f"cannot read image {path}: {exc}") from None
+        if data.numel() >= 2 and int(data[0]) == 0xFF and int(data[1]) == 0xD8:
+            return data, None, label, path
+        image = torch.from_numpy(np.asarray(load_rgb(path)).copy()).permute(2, 0, 1)
+        return None, image, label, path
+
+
+def _collate(items):
+    return [list(column) for column in zip(*items)]
+
+
+class GpuDecodeLoader:
+    """torchvision.io.decode_jpeg on the CUDA device (nvJPEG, batched), resize and crop on the GPU."""
+
+    name = "torchvision-gpu"
+
+    def __init__(self, samples: SampleList, spec: PreprocessSpec, batch_size: int, workers: int,
+                 device: torch.device, half: bool = False) -> None:
+        self.spec, self.batch_size, self.device = spec, batch_size, device
+        self.normalize = Normalizer(spec, device, half)
+        self.loader = DataLoader(_EncodedFiles(samples), batch_size=batch_size, num_workers=workers,
+                                 collate_fn=_collate, persistent_workers=workers > 0)
+
+    def __len__(self) -> int:
+        return len(self.loader)
+
+    def _decode(self, encoded, decoded, paths) -> list[torch.Tensor]:
+        from torchvision.io import ImageReadMode, decode_jpeg
+
+        jpeg_at = [i for i, data in enumerate(encoded) if data is not None]
+        out = [None if d is None else d.to(self.device, non_blocking=True) for d in decoded]
+        if jpeg_at:
+            batch = [encoded[i] for i in jpeg_at]
+            try:
+                images = decode_jpeg(batch, mode=ImageReadMode.RGB, device=self.device)
+            except RuntimeError:
+                images = [self._decode_one(encoded[i], paths[i]) for i in jpeg_at]
+            for i, image in zip(jpeg_at, images):
+                out[i] = image
+        return out
+
+    def _decode_one(self, data: torch.Tensor, path: str) -> torch.Tensor:
+        """One file after a batched failure: nvJPEG alone, else PIL (e.g. CMYK), else a named error."""
+        import numpy as np
+        from torchvision.io import ImageReadMode, decode_jpeg
+
+        try:
+            return decode_jpeg(data, mode=ImageReadMode.RGB, device=self.device)
+        except RuntimeError:
+            image = torch.from_numpy(np.asarray(load_rgb(path)).copy()).permute(2, 0, 1)
+            return image.to(self.device)
+
+    def _geometry(self, image: torch.Tensor) -> torch.Tensor:
+        from torchvision.transforms.v2 import functional as F
+
+        h, w = image.shape[-2:]
+        rh, rw = self.spec.resized_hw(h, w)
+        mode = getattr(F.InterpolationMode, self.spec.interpolation.upper())
+        image = F.resize(image, [rh, rw], interpolation=mode, antialias=self.spec.antialias)
+        if self.spec.crop is not None:
+            top, left = self.spec.crop_offsets(h, w)
+            image = image[:, top:top + self.spec.crop, left:left + self.spec.crop]
+        return image
+
+    def __iter__(self) -> Iterator[Batch]:
+        for encoded, decoded, labels, paths in self.loader:
+            images = torch.stack([self._geometry(img) for img in self._decode(encoded, decoded, paths)])
+            labels = torch.tensor(labels, dtype=torch.int64)
+            real = images.shape[0]
+            images, labels = _pad(images, labels, self.batch_size)
+            yield Batch(self.normalize(images), labels.to(self.device, non_blocking=True), real)

@@ -1,0 +1,58 @@
+"""Choosing a loader for the fast path, and what every loader yields.
+
+Every loader is fed the one sample list, yields batches of the static batch size (the last
+one padded; its ``real`` rows are the samples), images already normalised, channels-last,
+on the evaluation device.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+
+from .errors import FastevalError
+from .preprocess import PreprocessSpec
+from .samples import SampleList
+
+LOADERS = ("auto", "dali", "torchvision")
+
+
+class Batch(NamedTuple):
+    images: torch.Tensor  # [B, 3, H, W] float, channels-last, on the device
+    labels: torch.Tensor  # [B] int64, on the device
+    real: int  # the first `real` rows are samples; the rest is padding
+
+
+def find_undecodable(paths: list[str]) -> tuple[str | None, str]:
+    """The first file PIL cannot decode (to name it when a batched decoder fails), or (None, "")."""
+    from PIL import Image
+
+    for path in paths:
+        try:
+            with Image.open(path) as image:
+                image.convert("RGB")
+        except Exception as exc:
+            return path, str(exc) or type(exc).__name__
+    return None, ""
+
+
+def make_loader(kind: str, samples: SampleList, spec: PreprocessSpec, *, batch_size: int, workers: int,
+                device: torch.device, half: bool = False):
+    """A loader by name: ``dali`` (GPU mixed decoding on CUDA, CPU pipeline otherwise),
+    ``torchvision`` (nvJPEG via torchvision.io on CUDA, PIL DataLoader on the CPU), or
+    ``auto``: DALI where it is installed, else torchvision."""
+    from .loader_dali import DaliLoader, dali_available
+    from .loader_torch import GpuDecodeLoader, TorchvisionLoader
+
+    if kind not in LOADERS:
+        raise FastevalError(f"unknown --loader {kind!r}; choose from {', '.join(LOADERS)}")
+    if kind == "auto":
+        kind = "dali" if dali_available() else "torchvision"
+    if kind == "dali":
+        if not dali_available():
+            raise FastevalError("--loader dali: nvidia-dali is not installed (pip install nvidia-dali-cuda130)")
+        return DaliLoader(samples, spec, batch_size, workers, device, half)
+    if device.type == "cuda":
+        return GpuDecodeLoader(samples, spec, batch_size, workers, device, half)
+    return TorchvisionLoader(samples, spec, batch_size, workers, device, half)
