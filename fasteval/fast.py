@@ -53,12 +53,17 @@ class FastEvaluator:
         self.precision = resolve_precision(options.precision, device)
         half = self.precision == "fp16"
         self.model = FastModel(model, device, self.precision, options.compile)
-        self.loader = make_loader(options.loader, samples, spec, batch_size=options.batch_size,
-                                  workers=options.workers, device=device, half=half)
+        # Built in inference mode, so that loaders that preallocate their outputs (DALI) hand out
+        # inference tensors, like the warm-up example: one compiled graph serves every batch.
+        with torch.inference_mode():
+            self.loader = make_loader(options.loader, samples, spec, batch_size=options.batch_size,
+                                      workers=options.workers, device=device, half=half)
         h, w = spec.output_hw(*image_size(samples.paths[0]))
-        example = torch.zeros(options.batch_size, 3, h, w, device=device,
-                              dtype=torch.float16 if half else torch.float32)
-        self.model.warm_up(example.contiguous(memory_format=torch.channels_last))
+        with torch.inference_mode():  # an inference tensor, like the loader's: no recompile on the first batch
+            example = torch.zeros(options.batch_size, 3, h, w, device=device,
+                                  dtype=torch.float16 if half else torch.float32)
+            example = example.contiguous(memory_format=torch.channels_last)
+        self.model.warm_up(example)
         self.warmup_seconds = time.perf_counter() - start
 
     def run(self, progress: bool = True) -> EvalResult:

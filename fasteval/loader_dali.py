@@ -88,6 +88,7 @@ class DaliLoader:
         from nvidia.dali.plugin.pytorch import DALIGenericIterator, LastBatchPolicy
 
         self.samples, self.batch_size = samples, batch_size
+        self._mid_epoch = False
         self.name = "dali-gpu" if device.type == "cuda" else "dali-cpu"
         try:
             pipe = build_pipeline(samples, spec, batch_size, threads, device, half)
@@ -102,6 +103,10 @@ class DaliLoader:
         return -(-len(self.samples) // self.batch_size)
 
     def __iter__(self) -> Iterator[Batch]:
+        if self._mid_epoch:  # an earlier pass stopped early: DALI cannot rewind, so finish that epoch
+            for _ in self._iter:
+                pass
+        self._mid_epoch = True
         seen = 0
         try:
             for out in self._iter:
@@ -110,8 +115,7 @@ class DaliLoader:
                 real = min(self.batch_size, len(self.samples) - seen)
                 seen += real
                 yield Batch(images, labels, real)
-        except StopIteration:
-            return
+            self._mid_epoch = False
         except FastevalError:
             raise
         except Exception as exc:

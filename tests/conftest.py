@@ -59,3 +59,40 @@ def weights_3cls(model_3cls, tmp_path_factory) -> str:
     path = os.path.join(tmp_path_factory.mktemp("weights"), "resnet18-3.pt")
     torch.save(model_3cls.state_dict(), path)
     return path
+
+
+@pytest.fixture(scope="session")
+def demo(tmp_path_factory):
+    """The built-in demo (dataset folder, weights file), built once in a temporary cache."""
+    from fasteval import demo as demo_module
+
+    cache = str(tmp_path_factory.mktemp("cache"))
+    old = os.environ.get("FASTEVAL_CACHE")
+    os.environ["FASTEVAL_CACHE"] = cache
+    try:
+        yield demo_module.ensure_demo()
+    finally:
+        if old is None:
+            os.environ.pop("FASTEVAL_CACHE", None)
+        else:
+            os.environ["FASTEVAL_CACHE"] = old
+
+
+@pytest.fixture(scope="session")
+def kinds_data(tmp_path_factory) -> str:
+    """Every file kind ImageFolder accepts: gray/CMYK JPEG, RGBA/palette/gray PNG, BMP, WebP, TIFF, PPM, PGM."""
+    from fasteval.synth import make_image
+
+    root = tmp_path_factory.mktemp("kinds") / "data"
+    image = make_image(1, 0, 4, 0, (300, 260))
+    files = {
+        "a/rgb.jpg": image, "a/gray.jpg": image.convert("L"), "a/cmyk.jpg": image.convert("CMYK"),
+        "a/rgb.png": image, "a/rgba.png": image.convert("RGBA"), "a/palette.png": image.convert("P"),
+        "b/gray.png": image.convert("L"), "b/x.bmp": image, "b/x.webp": image, "b/x.tif": image,
+        "b/x.ppm": image, "b/x.pgm": image.convert("L"), "b/upper.JPEG": make_image(2, 1, 4, 0, (257, 311)),
+    }
+    for rel, im in files.items():
+        path = root / rel
+        path.parent.mkdir(parents=True, exist_ok=True)
+        im.save(path, quality=90) if rel.lower().endswith((".jpg", ".jpeg", ".webp")) else im.save(path)
+    return str(root)

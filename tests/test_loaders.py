@@ -1,0 +1,122 @@
+"""Fast-path loaders: pixel parity with the reference transforms, every sample exactly once, bad files."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from fasteval.errors import FastevalError
+from fasteval.loader_dali import dali_available
+from fasteval.loaders import make_loader
+from fasteval.preprocess import PRESETS, get_spec
+from fasteval.reference import reference_dataset
+from fasteval.samples import discover
+
+CPU = torch.device("cpu")
+LOADERS = [pytest.param("dali", marks=pytest.mark.skipif(not dali_available(), reason="DALI not installed")),
+           "torchvision"]
+
+
+def max_pixel_diffs(loader, samples, spec) -> list[float]:
+    """Per-sample max |loader - reference| in 1/255 steps (undoing the normalisation)."""
+    ref = reference_dataset(samples, spec)
+    std = torch.tensor(spec.std).view(3, 1, 1)
+    diffs, seen = [], 0
+    for batch in loader:
+        for i in range(batch.real):
+            expected, label = ref[seen + i]
+            got = batch.images[i].float().cpu()
+            assert got.shape == expected.shape
+            assert int(batch.labels[i]) == label
+            diffs.append(float(((got - expected).abs() * std * 255).max()))
+        seen += batch.real
+    assert seen == len(samples)
+    return diffs
+
+
+@pytest.mark.parametrize("kind", LOADERS)
+def test_imagenet_preset_parity_on_varied_sizes(kind, varied_data):
+    samples, spec = discover(varied_data), PRESETS["imagenet"]
+    loader = make_loader(kind, samples, spec, batch_size=5, workers=2, device=CPU)
+    diffs = max_pixel_diffs(loader, samples, spec)
+    assert max(diffs) <= 1.01, diffs  # within one 1/255 step of torchvision's Resize + CenterCrop
+
+
+@pytest.mark.parametrize("kind", LOADERS)
+def test_every_file_kind_goes_through_and_matches(kind, kinds_data):
+    samples, spec = discover(kinds_data), get_spec("imagenet", resize=160, crop=128)
+    assert len(samples) == 13
+    loader = make_loader(kind, samples, spec, batch_size=4, workers=1, device=CPU)
+    diffs = max_pixel_diffs(loader, samples, spec)
+    assert max(diffs) <= 1.01, dict(zip(samples.paths, diffs))
+
+
+@pytest.mark.parametrize("kind", LOADERS)
+def test_seed_preset_without_crop(kind, small_data):
+    samples, spec = discover(small_data), PRESETS["seed"]
+    loader = make_loader(kind, samples, spec, batch_size=8, workers=1, device=CPU)
+    batch = next(iter(loader))
+    assert batch.images.shape == (8, 3, 224, 268)  # 72x60 -> shorter side 224, longer floored
+    assert max(max_pixel_diffs(loader, samples, spec)) <= 1.01
+
+
+@pytest.mark.parametrize("kind", LOADERS)
+@pytest.mark.parametrize("batch_size", [1, 4, 21, 64])
+def test_every_sample_once_with_a_padded_static_last_batch(kind, batch_size, small_data):
+    samples = discover(small_data)  # 21 samples
+    loader = make_loader(kind, samples, get_spec("imagenet", resize=40, crop=32), batch_size=batch_size,
+                         workers=1, device=CPU)
+    for _ in range(2):  # a second epoch starts from the first sample again
+        labels, reals = [], []
+        for batch in loader:
+            assert batch.images.shape == (batch_size, 3, 32, 32)  # static shape, last batch included
+            assert batch.labels.shape == (batch_size,) and batch.labels.dtype == torch.int64
+            assert batch.images.is_contiguous(memory_format=torch.channels_last)
+            labels += batch.labels[: batch.real].tolist()
+            reals.append(batch.real)
+        assert labels == samples.labels
+        assert sum(reals) == 21 and all(r == batch_size for r in reals[:-1]) and reals[-1] == 21 - batch_size * (
+            len(reals) - 1)
+
+
+@pytest.mark.parametrize("kind", LOADERS)
+def test_corrupt_file_is_named(kind, tmp_path, small_data):
+    import shutil
+
+    root = tmp_path / "data"
+    shutil.copytree(small_data, root)
+    (root / "class_001" / "img_00003.jpg").write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
+    samples = discover(root)
+    loader = make_loader(kind, samples, get_spec("imagenet", resize=40, crop=32), batch_size=4, workers=1,
+                         device=CPU)
+    with pytest.raises(FastevalError, match=r"cannot decode image .*class_001.img_00003\.jpg"):
+        for _ in loader:
+            pass
+
+
+def test_auto_prefers_dali_and_names_a_missing_one(small_data, monkeypatch):
+    samples, spec = discover(small_data), get_spec("imagenet", resize=40, crop=32)
+    expected = "dali-cpu" if dali_available() else "torchvision-cpu"
+    assert make_loader("auto", samples, spec, batch_size=4, workers=1, device=CPU).name == expected
+    import fasteval.loader_dali as loader_dali
+
+    monkeypatch.setattr(loader_dali, "dali_available", lambda: False)
+    assert make_loader("auto", samples, spec, batch_size=4, workers=1, device=CPU).name == "torchvision-cpu"
+    with pytest.raises(FastevalError, match="nvidia-dali is not installed"):
+        make_loader("dali", samples, spec, batch_size=4, workers=1, device=CPU)
+    with pytest.raises(FastevalError, match="unknown --loader 'pil'"):
+        make_loader("pil", samples, spec, batch_size=4, workers=1, device=CPU)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("kind", LOADERS)
+def test_gpu_loaders_parity(kind, varied_data, kinds_data):
+    device = torch.device("cuda")
+    for root, spec in [(varied_data, PRESETS["imagenet"]), (kinds_data, get_spec("imagenet", resize=160, crop=128))]:
+        samples = discover(root)
+        loader = make_loader(kind, samples, spec, batch_size=4, workers=2, device=device)
+        assert loader.name in ("dali-gpu", "torchvision-gpu")
+        diffs = max_pixel_diffs(loader, samples, spec)
+        # GPU resampling is not PIL's: bound it loosely, and report the figure.
+        print(kind, root, "max diff", max(diffs), "mean of per-image max", sum(diffs) / len(diffs))
+        assert max(diffs) <= 8.0, dict(zip(samples.paths, diffs))
