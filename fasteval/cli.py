@@ -67,6 +67,13 @@ def build_parser() -> argparse.ArgumentParser:
                       help="run the fast path and the reference, and compare them sample by sample")
     ev.add_argument("--predictions", metavar="PATH", help="write per-sample path, label, prediction, loss (CSV)")
 
+    be = sub.add_parser("bench", help="the reference loop and the fast path side by side, with a stage breakdown")
+    _add_run_options(be)
+    _add_fast_options(be)
+    be.add_argument("--repeats", type=_positive_int, default=3, help="end-to-end runs per path; the median is "
+                                                                     "reported (default 3)")
+    be.add_argument("--plot", metavar="PNG", help="bar chart of images/s per stage (needs matplotlib)")
+
     sy = sub.add_parser("synth", help="write a deterministic synthetic ImageFolder of JPEGs")
     sy.add_argument("out", metavar="OUT", help="output folder")
     sy.add_argument("--classes", type=_positive_int, default=10)
@@ -155,6 +162,27 @@ def cmd_eval(args) -> int:
     return 0
 
 
+def cmd_bench(args) -> int:
+    from .bench import format_bench, plot_bench, run_bench
+    from .report import write_json
+
+    if args.plot:
+        try:
+            import matplotlib  # noqa: F401
+        except ImportError:
+            raise FastevalError("--plot needs matplotlib: pip install 'fasteval[plot]'") from None
+    samples, spec, device, model, config = _prepare(args)
+    result = run_bench(samples, model, spec, device, fast_options(args), repeats=args.repeats,
+                       progress=not args.no_progress)
+    result["config"].update(arch=config["arch"], weights=config["weights"], preset=spec.name)
+    print(format_bench(result))
+    if args.json:
+        write_json(result, args.json)
+    if args.plot:
+        plot_bench(result, args.plot)
+    return 0
+
+
 def cmd_synth(args) -> int:
     from .synth import synth_dataset
 
@@ -163,7 +191,7 @@ def cmd_synth(args) -> int:
     return 0
 
 
-COMMANDS = {"eval": cmd_eval, "synth": cmd_synth}
+COMMANDS = {"eval": cmd_eval, "bench": cmd_bench, "synth": cmd_synth}
 
 
 def main(argv: list[str] | None = None) -> int:
