@@ -74,6 +74,15 @@ def make_image(k: int, index: int, classes: int, seed: int, size: tuple[int, int
     return pil
 
 
+def _write_class(args: tuple) -> None:
+    out, k, per_class, classes, seed, dims, quality = args
+    class_dir = os.path.join(out, f"class_{k:03d}")
+    os.makedirs(class_dir, exist_ok=True)
+    for i in range(per_class):
+        make_image(k, i, classes, seed, dims).save(os.path.join(class_dir, f"img_{i:05d}.jpg"), "JPEG",
+                                                   quality=quality)
+
+
 def synth_dataset(
     out: str | os.PathLike,
     classes: int = 10,
@@ -81,16 +90,27 @@ def synth_dataset(
     size: str = IMAGENET_LIKE,
     seed: int = 0,
     quality: int = 90,
+    workers: int | None = None,
 ) -> str:
-    """Write ``classes`` x ``per_class`` JPEGs as an ImageFolder under ``out``; return ``out``."""
+    """Write ``classes`` x ``per_class`` JPEGs as an ImageFolder under ``out``; return ``out``.
+
+    Classes are written in parallel by ``workers`` processes (default: all cores); the
+    files do not depend on the number of workers.
+    """
     if classes < 1 or per_class < 1:
         raise FastevalError(f"--classes and --per-class must be positive, got {classes} and {per_class}")
+    if not 1 <= quality <= 100:
+        raise FastevalError(f"--quality must be in 1..100, got {quality}")
     dims = parse_size(size)
     out = os.fspath(out)
-    for k in range(classes):
-        class_dir = os.path.join(out, f"class_{k:03d}")
-        os.makedirs(class_dir, exist_ok=True)
-        for i in range(per_class):
-            path = os.path.join(class_dir, f"img_{i:05d}.jpg")
-            make_image(k, i, classes, seed, dims).save(path, "JPEG", quality=quality)
+    tasks = [(out, k, per_class, classes, seed, dims, quality) for k in range(classes)]
+    workers = min(workers or os.cpu_count() or 1, classes)
+    if workers <= 1:
+        for task in tasks:
+            _write_class(task)
+    else:
+        from concurrent.futures import ProcessPoolExecutor
+
+        with ProcessPoolExecutor(workers) as pool:
+            list(pool.map(_write_class, tasks))
     return out

@@ -1,0 +1,70 @@
+"""Each benchmark function runs once on tiny inputs, so the suites in benchmarks/ cannot rot."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+
+import pytest
+
+BENCH_DIR = os.path.join(os.path.dirname(__file__), os.pardir, "benchmarks")
+
+
+def _module(name: str):
+    spec = importlib.util.spec_from_file_location(f"bench_smoke_{name}", os.path.join(BENCH_DIR, f"{name}.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+class FakeBenchmark:
+    """The pytest-benchmark fixture's interface, running the function once."""
+
+    def __init__(self):
+        self.group, self.extra_info, self.calls = None, {}, 0
+
+    def __call__(self, fn, *args, **kwargs):
+        self.calls += 1
+        return fn(*args, **kwargs)
+
+    def pedantic(self, fn, args=(), kwargs=None, rounds=1, iterations=1, warmup_rounds=0):
+        self.calls += 1
+        return fn(*args, **(kwargs or {}))
+
+
+def _run(fn, *args, **kwargs) -> FakeBenchmark:
+    bench = FakeBenchmark()
+    fn(bench, *args, **kwargs)
+    assert bench.calls == 1 and bench.group
+    return bench
+
+
+def test_kernel_benchmarks():
+    mod = _module("bench_kernel")
+    for variant in mod.CPU_VARIANTS:
+        for dtype in mod.DTYPES:
+            _run(mod.bench_metrics_cpu, variant, (4, 10), dtype)
+
+
+def test_loader_benchmarks(small_data):
+    from fasteval.loader_dali import dali_available
+
+    mod = _module("bench_loaders")
+    for variant in ["reference", "torchvision"] + (["dali"] if dali_available() else []):
+        bench = _run(mod.bench_loader_cpu, variant, small_data, batch_size=8, workers=1)
+        assert bench.extra_info["images"] == 21
+
+
+@pytest.mark.slow
+def test_model_benchmarks():
+    mod = _module("bench_model")
+    for variant in mod.VARIANTS:
+        _run(mod.bench_model_cpu, variant, batch=2, size=32)
+
+
+@pytest.mark.slow
+def test_end_to_end_benchmarks(small_data, weights_3cls):
+    mod = _module("bench_end_to_end")
+    for variant in ("reference", "fast"):
+        bench = _run(mod.bench_end_to_end_cpu, variant, small_data, weights_3cls, batch_size=8, workers=1)
+        assert bench.extra_info["images"] == 21
