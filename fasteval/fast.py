@@ -9,7 +9,7 @@ from __future__ import annotations
 import sys
 import time
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from tqdm import tqdm
@@ -49,6 +49,8 @@ class FastEvaluator:
     def __init__(self, samples: SampleList, model: torch.nn.Module, spec: PreprocessSpec, device: torch.device,
                  options: FastOptions) -> None:
         start = time.perf_counter()
+        # A static batch larger than the dataset would be mostly padding: clamp it.
+        options = replace(options, batch_size=min(options.batch_size, len(samples)))
         self.samples, self.spec, self.device, self.options = samples, spec, device, options
         self.precision = resolve_precision(options.precision, device)
         half = self.precision == "fp16"
