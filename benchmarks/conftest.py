@@ -1,16 +1,7 @@
-"""Shared benchmark fixtures; `cuda` benchmarks are skipped without a GPU."""
+"""Shared benchmark fixtures (the `cuda` skip lives in the top-level conftest.py)."""
 
 import pytest
 import torch
-
-
-def pytest_collection_modifyitems(config, items):
-    if torch.cuda.is_available():
-        return
-    skip = pytest.mark.skip(reason="needs a CUDA GPU")
-    for item in items:
-        if "cuda" in item.keywords:
-            item.add_marker(skip)
 
 
 @pytest.fixture(scope="session")

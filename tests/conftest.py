@@ -16,15 +16,6 @@ from fasteval.preprocess import get_spec
 from fasteval.synth import synth_dataset
 
 
-def pytest_collection_modifyitems(config, items):
-    if torch.cuda.is_available():
-        return
-    skip = pytest.mark.skip(reason="needs a CUDA GPU")
-    for item in items:
-        if "cuda" in item.keywords:
-            item.add_marker(skip)
-
-
 @pytest.fixture(scope="session")
 def small_data(tmp_path_factory) -> str:
     """3 classes x 7 fixed-size JPEGs (21 samples: not a multiple of common batch sizes)."""
