@@ -16,7 +16,8 @@ from tqdm import tqdm
 
 from .inference import FastModel, resolve_precision
 from .kernels.accumulator import MetricsAccumulator
-from .loaders import Batch, make_loader
+from .loader_torch import TorchvisionLoader
+from .loaders import Batch, make_loader, needs_pil, resolve_loader
 from .metrics import TOPK, EvalResult
 from .preprocess import PreprocessSpec, image_size
 from .samples import SampleList
@@ -55,11 +56,25 @@ class FastEvaluator:
         self.precision = resolve_precision(options.precision, device)
         half = self.precision == "fp16"
         self.model = FastModel(model, device, self.precision, options.compile)
+        kind = resolve_loader(options.loader)
+        pil_only = [] if kind == "torchvision" and device.type == "cpu" else needs_pil(samples)
+        pil_set = set(pil_only)
+        main = [i for i in range(len(samples)) if i not in pil_set]
+        loader_args = dict(batch_size=options.batch_size, workers=options.workers, device=device, half=half)
         # Built in inference mode, so that loaders that preallocate their outputs (DALI) hand out
         # inference tensors, like the warm-up example: one compiled graph serves every batch.
+        # Files only PIL decodes as the reference does (16-bit, float) take the PIL loader.
+        self.parts: list[tuple[list[int], object]] = []
         with torch.inference_mode():
-            self.loader = make_loader(options.loader, samples, spec, batch_size=options.batch_size,
-                                      workers=options.workers, device=device, half=half)
+            if main:
+                part = samples if not pil_only else samples.subset(main)
+                self.parts.append((main, make_loader(kind, part, spec, **loader_args)))
+            if pil_only:
+                pil_loader = TorchvisionLoader(samples.subset(pil_only), spec, options.batch_size,
+                                               min(options.workers, 2), device, half)
+                self.parts.append((pil_only, pil_loader))
+        self.loader = self.parts[0][1]
+        self.pil_fallback_files = len(pil_only)
         h, w = spec.output_hw(*image_size(samples.paths[0]))
         with torch.inference_mode():  # an inference tensor, like the loader's: no recompile on the first batch
             example = torch.zeros(options.batch_size, 3, h, w, device=device,
@@ -68,18 +83,38 @@ class FastEvaluator:
         self.model.warm_up(example)
         self.warmup_seconds = time.perf_counter() - start
 
+    def _run_parts(self, bar) -> tuple[dict, list[float]]:
+        """Each loader's samples through the model; per-sample outputs merged back into sample order."""
+        merged = None
+        batch_losses: list[float] = []
+        for indices, loader in self.parts:
+            acc = MetricsAccumulator(len(indices), self.device, topk=TOPK, backend=self.options.metrics_backend)
+            sizes = run_loop(loader, self.model, acc, bar)
+            totals = acc.result()  # the one read back of this part
+            batch_losses += [float(c.double().mean()) for c in torch.split(totals["loss"], sizes) if len(c)]
+            if len(self.parts) == 1:
+                return totals, batch_losses
+            if merged is None:
+                n = len(self.samples)
+                merged = {"correct": 0, "correct_topk": 0, "count": 0, "nonfinite": 0, "loss_sum": 0.0,
+                          "pred": torch.empty(n, dtype=torch.int64), "loss": torch.empty(n),
+                          "topk_hit": torch.empty(n, dtype=torch.bool)}
+            for key in ("correct", "correct_topk", "count", "nonfinite", "loss_sum"):
+                merged[key] += totals[key]
+            position = torch.tensor(indices)
+            for key in ("pred", "loss", "topk_hit"):
+                merged[key][position] = totals[key]
+        return merged, batch_losses
+
     def run(self, progress: bool = True) -> EvalResult:
-        acc = MetricsAccumulator(len(self.samples), self.device, topk=TOPK, backend=self.options.metrics_backend)
         bar = tqdm(total=len(self.samples), unit="img", desc=f"fast ({self.loader.name})", file=sys.stderr,
                    disable=not progress)
         start = time.perf_counter()
         with torch.inference_mode():
-            sizes = run_loop(self.loader, self.model, acc, bar)
-            totals = acc.result()  # the one read back
+            totals, batch_losses = self._run_parts(bar)
         seconds = time.perf_counter() - start
         bar.close()
         losses = totals["loss"]
-        batch_losses = [float(chunk.double().mean()) for chunk in torch.split(losses, sizes) if len(chunk)]
         return EvalResult(
             samples=totals["count"],
             correct_top1=totals["correct"],
@@ -97,6 +132,7 @@ class FastEvaluator:
                 "metrics_backend": "triton" if self.device.type == "cuda" and self.options.metrics_backend != "torch"
                 else "torch",
                 "nonfinite_rows": totals["nonfinite"],
+                "pil_fallback_files": self.pil_fallback_files,
             },
         )
 

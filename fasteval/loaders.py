@@ -37,21 +37,51 @@ def find_undecodable(paths: list[str]) -> tuple[str | None, str]:
     return None, ""
 
 
+JPEG_EXTENSIONS = (".jpg", ".jpeg")
+
+
+def needs_pil(samples: SampleList) -> list[int]:
+    """Indices of files only PIL decodes as the reference does: 16-bit or float images (PNG, TIFF,
+    PGM), which PIL clips to 8 bits where DALI and nvJPEG scale. JPEGs are never read here, and
+    other files only by their header, so the check is cheap."""
+    from PIL import Image
+
+    found = []
+    for index, path in enumerate(samples.paths):
+        if path.lower().endswith(JPEG_EXTENSIONS):
+            continue
+        try:
+            with Image.open(path) as image:
+                mode = image.mode
+        except Exception:
+            continue  # unreadable: the loader names it when it fails
+        if mode.startswith(("I", "F")):
+            found.append(index)
+    return found
+
+
+def resolve_loader(kind: str) -> str:
+    """``auto`` -> ``dali`` where DALI is installed, else ``torchvision``; checks the name."""
+    from .loader_dali import dali_available
+
+    if kind not in LOADERS:
+        raise FastevalError(f"unknown --loader {kind!r}; choose from {', '.join(LOADERS)}")
+    if kind == "auto":
+        return "dali" if dali_available() else "torchvision"
+    if kind == "dali" and not dali_available():
+        raise FastevalError("--loader dali: nvidia-dali is not installed (pip install nvidia-dali-cuda130)")
+    return kind
+
+
 def make_loader(kind: str, samples: SampleList, spec: PreprocessSpec, *, batch_size: int, workers: int,
                 device: torch.device, half: bool = False):
     """A loader by name: ``dali`` (GPU mixed decoding on CUDA, CPU pipeline otherwise),
     ``torchvision`` (nvJPEG via torchvision.io on CUDA, PIL DataLoader on the CPU), or
     ``auto``: DALI where it is installed, else torchvision."""
-    from .loader_dali import DaliLoader, dali_available
+    from .loader_dali import DaliLoader
     from .loader_torch import GpuDecodeLoader, TorchvisionLoader
 
-    if kind not in LOADERS:
-        raise FastevalError(f"unknown --loader {kind!r}; choose from {', '.join(LOADERS)}")
-    if kind == "auto":
-        kind = "dali" if dali_available() else "torchvision"
-    if kind == "dali":
-        if not dali_available():
-            raise FastevalError("--loader dali: nvidia-dali is not installed (pip install nvidia-dali-cuda130)")
+    if resolve_loader(kind) == "dali":
         return DaliLoader(samples, spec, batch_size, workers, device, half)
     if device.type == "cuda":
         return GpuDecodeLoader(samples, spec, batch_size, workers, device, half)

@@ -43,6 +43,10 @@ class SampleList:
     def __len__(self) -> int:
         return len(self.samples)
 
+    def subset(self, indices: list[int]) -> SampleList:
+        """The samples at ``indices`` (same root and classes), in that order."""
+        return SampleList(root=self.root, classes=self.classes, samples=[self.samples[i] for i in indices])
+
 
 def is_image_file(path: str) -> bool:
     """ImageFolder's filter: a known image extension, compared case-insensitively."""

@@ -71,7 +71,11 @@ def demo(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def kinds_data(tmp_path_factory) -> str:
-    """Every file kind ImageFolder accepts: gray/CMYK JPEG, RGBA/palette/gray PNG, BMP, WebP, TIFF, PPM, PGM."""
+    """Every file kind ImageFolder accepts: gray/CMYK/EXIF-rotated JPEG, RGBA/palette/gray/16-bit PNG, BMP, WebP,
+    TIFF, PPM, PGM."""
+    import numpy as np
+    from PIL import Image
+
     from fasteval.synth import make_image
 
     root = tmp_path_factory.mktemp("kinds") / "data"
@@ -81,9 +85,14 @@ def kinds_data(tmp_path_factory) -> str:
         "a/rgb.png": image, "a/rgba.png": image.convert("RGBA"), "a/palette.png": image.convert("P"),
         "b/gray.png": image.convert("L"), "b/x.bmp": image, "b/x.webp": image, "b/x.tif": image,
         "b/x.ppm": image, "b/x.pgm": image.convert("L"), "b/upper.JPEG": make_image(2, 1, 4, 0, (257, 311)),
+        # 16 bits per pixel: PIL (the reference) clips to 8 bits where DALI/nvJPEG would scale.
+        "b/gray16.png": Image.fromarray(np.asarray(image.convert("L")).astype(np.uint16) * 200),
     }
     for rel, im in files.items():
         path = root / rel
         path.parent.mkdir(parents=True, exist_ok=True)
         im.save(path, quality=90) if rel.lower().endswith((".jpg", ".jpeg", ".webp")) else im.save(path)
+    exif = Image.Exif()
+    exif[0x0112] = 6  # "rotate 90": ImageFolder's PIL loader ignores it, so every loader must too
+    image.save(root / "a" / "exif_rotated.jpg", quality=90, exif=exif)
     return str(root)

@@ -166,6 +166,35 @@ def test_compile_failure_falls_back_to_eager(small_data, weights_3cls, small_spe
     assert len([line for line in err.splitlines() if "warning" in line]) == 1
 
 
+def test_every_file_kind_matches_reference_through_the_evaluator(kinds_data, monkeypatch):
+    import torchvision
+
+    samples, spec = discover(kinds_data), get_spec("imagenet", resize=160, crop=128)
+    torch.manual_seed(0)
+    net = torchvision.models.resnet18(num_classes=2).eval()
+    ref = evaluate_reference(samples, net, spec, batch_size=4, workers=0, progress=False)
+    ev = FastEvaluator(samples, net, spec, CPU, FastOptions(precision="fp32", compile=False, batch_size=4,
+                                                            workers=1))
+    fast = ev.run(progress=False)
+    assert fast.extra["pil_fallback_files"] == 1  # the 16-bit PNG
+    cmp = compare(samples, ref, fast)
+    assert fast.samples == 15 and cmp["agreement"] == 1.0
+    assert cmp["max_sample_loss_diff"] < 5e-3
+    assert fast.loss_sum == pytest.approx(ref.loss_sum, rel=1e-3)
+    # Without the PIL fallback, the 16-bit file would be decoded differently from the reference.
+    import fasteval.fast
+    from fasteval.loader_dali import dali_available
+
+    if not dali_available():
+        return
+
+    monkeypatch.setattr(fasteval.fast, "needs_pil", lambda samples: [])
+    unsplit = FastEvaluator(samples, net, spec, CPU, FastOptions(loader="dali", precision="fp32", compile=False,
+                                                                 batch_size=4, workers=1)).run(progress=False)
+    gray16 = next(i for i, p in enumerate(samples.paths) if p.endswith("gray16.png"))
+    assert abs(float(unsplit.losses[gray16]) - float(ref.losses[gray16])) > 5e-3
+
+
 def test_evaluator_is_repeatable(small_data, weights_3cls, small_spec):
     ev = FastEvaluator(discover(small_data), build_model("resnet18", weights_3cls, 3), small_spec, CPU,
                        FastOptions(precision="fp32", compile=False, batch_size=8, workers=1))
