@@ -57,7 +57,7 @@ class FastEvaluator:
         half = self.precision == "fp16"
         self.model = FastModel(model, device, self.precision, options.compile)
         kind = resolve_loader(options.loader)
-        pil_only = [] if kind == "torchvision" and device.type == "cpu" else needs_pil(samples)
+        pil_only = needs_pil(samples) if kind == "dali" else []  # the torchvision loaders decode those with PIL
         pil_set = set(pil_only)
         main = [i for i in range(len(samples)) if i not in pil_set]
         loader_args = dict(batch_size=options.batch_size, workers=options.workers, device=device, half=half)

@@ -6,6 +6,7 @@ produces the model's channels-last float input; the last batch is padded to the 
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Iterator
 
 import torch
@@ -88,7 +89,11 @@ class TorchvisionLoader:
 
 
 class _EncodedFiles(Dataset):
-    """Raw file bytes for the GPU decoder; files nvJPEG cannot take (non-JPEG) are decoded here."""
+    """Raw file bytes for the GPU decoder; files nvJPEG cannot take (non-JPEG) are decoded here.
+
+    Workers return plain bytes and numpy arrays, not tensors: a batch of many small tensors
+    would each be shared through a file descriptor.
+    """
 
     def __init__(self, samples: SampleList) -> None:
         self.samples = samples.samples
@@ -98,21 +103,26 @@ class _EncodedFiles(Dataset):
 
     def __getitem__(self, index: int):
         import numpy as np
-        from torchvision.io import read_file
 
         path, label = self.samples[index]
         try:
-            data = read_file(path)
-        except Exception as exc:
+            with open(path, "rb") as f:
+                data = f.read()
+        except OSError as exc:
             raise FastevalError(f"cannot read image {path}: {exc}") from None
-        if data.numel() >= 2 and int(data[0]) == 0xFF and int(data[1]) == 0xD8:
+        if data[:2] == b"\xff\xd8":
             return data, None, label, path
-        image = torch.from_numpy(np.asarray(load_rgb(path)).copy()).permute(2, 0, 1)
-        return None, image, label, path
+        return None, np.asarray(load_rgb(path)), label, path
 
 
 def _collate(items):
     return [list(column) for column in zip(*items)]
+
+
+# torchvision 0.29 deprecates its image decoders in favour of TorchCodec; nvJPEG through
+# torchvision.io is still the DALI-free GPU path on the torchvision releases GPU machines carry.
+warnings.filterwarnings("ignore", message="The image decoding and encoding capabilities of TorchVision",
+                        category=DeprecationWarning)
 
 
 class GpuDecodeLoader:
@@ -134,13 +144,13 @@ class GpuDecodeLoader:
         from torchvision.io import ImageReadMode, decode_jpeg
 
         jpeg_at = [i for i, data in enumerate(encoded) if data is not None]
-        out = [None if d is None else d.to(self.device, non_blocking=True) for d in decoded]
+        out = [None if d is None else torch.from_numpy(d).permute(2, 0, 1).to(self.device) for d in decoded]
         if jpeg_at:
-            batch = [encoded[i] for i in jpeg_at]
+            batch = [torch.frombuffer(bytearray(encoded[i]), dtype=torch.uint8) for i in jpeg_at]
             try:
                 images = decode_jpeg(batch, mode=ImageReadMode.RGB, device=self.device)
             except RuntimeError:
-                images = [self._decode_one(encoded[i], paths[i]) for i in jpeg_at]
+                images = [self._decode_one(data, paths[i]) for i, data in zip(jpeg_at, batch)]
             for i, image in zip(jpeg_at, images):
                 out[i] = image
         return out

@@ -42,8 +42,8 @@ JPEG_EXTENSIONS = (".jpg", ".jpeg")
 
 def needs_pil(samples: SampleList) -> list[int]:
     """Indices of files only PIL decodes as the reference does: 16-bit or float images (PNG, TIFF,
-    PGM), which PIL clips to 8 bits where DALI and nvJPEG scale. JPEGs are never read here, and
-    other files only by their header, so the check is cheap."""
+    PGM), which PIL clips to 8 bits where DALI scales. JPEGs are never read here, and other files
+    only by their header, so the check is cheap."""
     from PIL import Image
 
     found = []

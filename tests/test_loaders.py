@@ -7,14 +7,23 @@ import torch
 
 from fasteval.errors import FastevalError
 from fasteval.loader_dali import dali_available
+from fasteval.loader_torch import GpuDecodeLoader
 from fasteval.loaders import make_loader, needs_pil
 from fasteval.preprocess import PRESETS, get_spec
 from fasteval.reference import reference_dataset
 from fasteval.samples import discover
 
 CPU = torch.device("cpu")
+# "decode_jpeg" is the GPU-decode loader's code (batched torchvision.io.decode_jpeg, per-file and PIL
+# fallbacks, tensor resize and crop) run on the CPU device: its logic, not nvJPEG itself.
 LOADERS = [pytest.param("dali", marks=pytest.mark.skipif(not dali_available(), reason="DALI not installed")),
-           "torchvision"]
+           "torchvision", "decode_jpeg"]
+
+
+def loader_for(kind, samples, spec, **kwargs):
+    if kind == "decode_jpeg":
+        return GpuDecodeLoader(samples, spec, kwargs["batch_size"], kwargs["workers"], kwargs["device"])
+    return make_loader(kind, samples, spec, **kwargs)
 
 
 def max_pixel_diffs(loader, samples, spec) -> list[float]:
@@ -37,7 +46,7 @@ def max_pixel_diffs(loader, samples, spec) -> list[float]:
 @pytest.mark.parametrize("kind", LOADERS)
 def test_imagenet_preset_parity_on_varied_sizes(kind, varied_data):
     samples, spec = discover(varied_data), PRESETS["imagenet"]
-    loader = make_loader(kind, samples, spec, batch_size=5, workers=2, device=CPU)
+    loader = loader_for(kind, samples, spec, batch_size=5, workers=2, device=CPU)
     diffs = max_pixel_diffs(loader, samples, spec)
     assert max(diffs) <= 1.01, diffs  # within one 1/255 step of torchvision's Resize + CenterCrop
 
@@ -48,9 +57,9 @@ def test_every_file_kind_goes_through_and_matches(kind, kinds_data):
     assert len(samples) == 15
     pil_only = needs_pil(samples)
     assert [samples.paths[i].rsplit("/", 1)[-1] for i in pil_only] == ["gray16.png"]
-    loader = make_loader(kind, samples, spec, batch_size=4, workers=1, device=CPU)
+    loader = loader_for(kind, samples, spec, batch_size=4, workers=1, device=CPU)
     diffs = dict(zip(samples.paths, max_pixel_diffs(loader, samples, spec)))
-    if kind != "torchvision":  # the fast evaluator sends these files to the PIL loader
+    if kind == "dali":  # the fast evaluator sends these files to the PIL loader
         for i in pil_only:
             assert diffs.pop(samples.paths[i]) > 10  # what DALI alone would give: not the reference
     assert max(diffs.values()) <= 1.01, diffs
@@ -59,7 +68,7 @@ def test_every_file_kind_goes_through_and_matches(kind, kinds_data):
 @pytest.mark.parametrize("kind", LOADERS)
 def test_seed_preset_without_crop(kind, small_data):
     samples, spec = discover(small_data), PRESETS["seed"]
-    loader = make_loader(kind, samples, spec, batch_size=8, workers=1, device=CPU)
+    loader = loader_for(kind, samples, spec, batch_size=8, workers=1, device=CPU)
     batch = next(iter(loader))
     assert batch.images.shape == (8, 3, 224, 268)  # 72x60 -> shorter side 224, longer floored
     assert max(max_pixel_diffs(loader, samples, spec)) <= 1.01
@@ -69,8 +78,8 @@ def test_seed_preset_without_crop(kind, small_data):
 @pytest.mark.parametrize("batch_size", [1, 4, 21, 64])
 def test_every_sample_once_with_a_padded_static_last_batch(kind, batch_size, small_data):
     samples = discover(small_data)  # 21 samples
-    loader = make_loader(kind, samples, get_spec("imagenet", resize=40, crop=32), batch_size=batch_size,
-                         workers=1, device=CPU)
+    loader = loader_for(kind, samples, get_spec("imagenet", resize=40, crop=32), batch_size=batch_size,
+                        workers=1, device=CPU)
     for _ in range(2):  # a second epoch starts from the first sample again
         labels, reals = [], []
         for batch in loader:
@@ -92,8 +101,8 @@ def test_corrupt_file_is_named(kind, tmp_path, small_data):
     shutil.copytree(small_data, root)
     (root / "class_001" / "img_00003.jpg").write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
     samples = discover(root)
-    loader = make_loader(kind, samples, get_spec("imagenet", resize=40, crop=32), batch_size=4, workers=1,
-                         device=CPU)
+    loader = loader_for(kind, samples, get_spec("imagenet", resize=40, crop=32), batch_size=4, workers=1,
+                        device=CPU)
     with pytest.raises(FastevalError, match=r"cannot decode image .*class_001.img_00003\.jpg"):
         for _ in loader:
             pass
@@ -119,7 +128,7 @@ def test_gpu_loaders_parity(kind, varied_data, kinds_data):
     device = torch.device("cuda")
     for root, spec in [(varied_data, PRESETS["imagenet"]), (kinds_data, get_spec("imagenet", resize=160, crop=128))]:
         samples = discover(root)
-        loader = make_loader(kind, samples, spec, batch_size=4, workers=2, device=device)
+        loader = loader_for(kind, samples, spec, batch_size=4, workers=2, device=device)
         assert loader.name in ("dali-gpu", "torchvision-gpu")
         diffs = max_pixel_diffs(loader, samples, spec)
         # GPU resampling is not PIL's: bound it loosely, and report the figure.
