@@ -119,7 +119,8 @@ class DaliLoader:
         except FastevalError:
             raise
         except Exception as exc:
-            path, reason = find_undecodable(self.samples.paths[seen:])
+            # The failing file is in a batch in flight: the pipeline prefetches 2 ahead.
+            path, reason = find_undecodable(self.samples.paths[seen:seen + 4 * self.batch_size])
             if path is not None:
                 raise FastevalError(f"cannot decode image {path}: {reason}") from None
             raise FastevalError(f"DALI failed after {seen} samples: {_first_line(exc)}") from None
