@@ -112,7 +112,7 @@ class _EncodedFiles(Dataset):
             raise FastevalError(f"cannot read image {path}: {exc}") from None
         if data[:2] == b"\xff\xd8":
             return data, None, label, path
-        return None, np.asarray(load_rgb(path)), label, path
+        return None, np.array(load_rgb(path)), label, path
 
 
 def _collate(items):
