@@ -89,7 +89,7 @@ def _prepare(args):
     from .demo import ensure_demo
     from .devices import resolve_device
     from .models import build_model
-    from .preprocess import check_batchable, get_spec
+    from .preprocess import get_spec
     from .samples import discover
 
     weights = args.weights
@@ -103,7 +103,6 @@ def _prepare(args):
         print("fasteval: no --weights: the model is randomly initialised, its accuracy means nothing",
               file=sys.stderr)
     spec = get_spec(args.preset, args.resize, args.crop)
-    check_batchable(spec, samples.paths)
     device = resolve_device(args.device)
     model = build_model(args.arch, weights, samples.num_classes)
     config = {

@@ -19,7 +19,7 @@ from .kernels.accumulator import MetricsAccumulator
 from .loader_torch import TorchvisionLoader
 from .loaders import Batch, make_loader, needs_pil, resolve_loader
 from .metrics import TOPK, EvalResult
-from .preprocess import PreprocessSpec, image_size
+from .preprocess import PreprocessSpec, check_batchable, image_size
 from .samples import SampleList
 
 
@@ -52,6 +52,7 @@ class FastEvaluator:
         start = time.perf_counter()
         # A static batch larger than the dataset would be mostly padding: clamp it.
         options = replace(options, batch_size=min(options.batch_size, len(samples)))
+        check_batchable(spec, samples.paths)
         self.samples, self.spec, self.device, self.options = samples, spec, device, options
         self.precision = resolve_precision(options.precision, device)
         half = self.precision == "fp16"

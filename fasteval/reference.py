@@ -18,7 +18,7 @@ from tqdm import tqdm
 
 from .errors import FastevalError
 from .metrics import TOPK, EvalResult
-from .preprocess import PreprocessSpec
+from .preprocess import PreprocessSpec, check_batchable
 from .samples import SampleList
 
 
@@ -54,6 +54,7 @@ def evaluate_reference(
 ) -> EvalResult:
     """Evaluate ``model`` on ``samples`` the plain way; per-sample predictions and losses are kept."""
     device = torch.device(device)
+    check_batchable(spec, samples.paths)
     loader = DataLoader(
         reference_dataset(samples, spec),
         batch_size=batch_size,

@@ -240,3 +240,14 @@ def test_static_batch_padding_keeps_shapes(small_data, small_spec):
 def test_unusable_spec_for_fast_path(small_data):
     with pytest.raises(FastevalError):
         get_spec("imagenet", crop=0)
+
+
+def test_both_paths_refuse_a_no_crop_preset_on_mixed_aspect_ratios(varied_data, capsys):
+    samples = discover(varied_data)
+    model = build_model("resnet18", None, samples.num_classes)
+    with pytest.raises(FastevalError, match="share one aspect ratio"):
+        evaluate_reference(samples, model, PRESETS["seed"], workers=0, progress=False)
+    with pytest.raises(FastevalError, match="share one aspect ratio"):
+        evaluate_fast(samples, model, PRESETS["seed"], options=FastOptions(compile=False), progress=False)
+    assert main(["eval", varied_data, "--preset", "seed", "--no-progress"]) == 2
+    assert "share one aspect ratio" in capsys.readouterr().err
