@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Iterator
+from typing import NamedTuple
 
 import torch
 from torch.utils.data import DataLoader, Dataset
@@ -89,11 +90,7 @@ class TorchvisionLoader:
 
 
 class _EncodedFiles(Dataset):
-    """Raw file bytes for the GPU decoder; files nvJPEG cannot take (non-JPEG) are decoded here.
-
-    Workers return plain bytes and numpy arrays, not tensors: a batch of many small tensors
-    would each be shared through a file descriptor.
-    """
+    """Raw file bytes for the GPU decoder; files nvJPEG cannot take (non-JPEG) are decoded here."""
 
     def __init__(self, samples: SampleList) -> None:
         self.samples = samples.samples
@@ -115,8 +112,21 @@ class _EncodedFiles(Dataset):
         return None, np.array(load_rgb(path)), label, path
 
 
-def _collate(items):
-    return [list(column) for column in zip(*items)]
+class EncodedBatch(NamedTuple):
+    """A batch of JPEG bytes in one tensor (one shared-memory handle per batch, not one per file)."""
+
+    blob: torch.Tensor  # uint8: the JPEG files back to back
+    sizes: list[int]  # bytes of each JPEG in the blob, in batch order; 0 where the file is not a JPEG
+    decoded: list  # HWC uint8 arrays for the non-JPEG files (None for JPEGs)
+    labels: list[int]
+    paths: list[str]
+
+
+def _collate(items) -> EncodedBatch:
+    encoded, decoded, labels, paths = (list(column) for column in zip(*items))
+    jpegs = [data for data in encoded if data is not None]
+    blob = torch.frombuffer(bytearray(b"".join(jpegs)), dtype=torch.uint8) if jpegs else torch.empty(0, torch.uint8)
+    return EncodedBatch(blob, [len(data) if data is not None else 0 for data in encoded], decoded, labels, paths)
 
 
 # torchvision 0.29 deprecates its image decoders in favour of TorchCodec; nvJPEG through
@@ -140,13 +150,14 @@ class GpuDecodeLoader:
     def __len__(self) -> int:
         return len(self.loader)
 
-    def _decode(self, encoded, decoded, paths) -> list[torch.Tensor]:
+    def _decode(self, batch_in: EncodedBatch) -> list[torch.Tensor]:
         from torchvision.io import ImageReadMode, decode_jpeg
 
-        jpeg_at = [i for i, data in enumerate(encoded) if data is not None]
-        out = [None if d is None else torch.from_numpy(d).permute(2, 0, 1).to(self.device) for d in decoded]
+        sizes, paths = batch_in.sizes, batch_in.paths
+        jpeg_at = [i for i, size in enumerate(sizes) if size]
+        out = [None if d is None else torch.from_numpy(d).permute(2, 0, 1).to(self.device) for d in batch_in.decoded]
         if jpeg_at:
-            batch = [torch.frombuffer(bytearray(encoded[i]), dtype=torch.uint8) for i in jpeg_at]
+            batch = list(torch.split(batch_in.blob, [sizes[i] for i in jpeg_at]))
             try:
                 images = decode_jpeg(batch, mode=ImageReadMode.RGB, device=self.device)
             except RuntimeError:
@@ -179,9 +190,9 @@ class GpuDecodeLoader:
         return image
 
     def __iter__(self) -> Iterator[Batch]:
-        for encoded, decoded, labels, paths in self.loader:
-            images = torch.stack([self._geometry(img) for img in self._decode(encoded, decoded, paths)])
-            labels = torch.tensor(labels, dtype=torch.int64)
+        for batch_in in self.loader:
+            images = torch.stack([self._geometry(img) for img in self._decode(batch_in)])
+            labels = torch.tensor(batch_in.labels, dtype=torch.int64)
             real = images.shape[0]
             images, labels = _pad(images, labels, self.batch_size)
             yield Batch(self.normalize(images), labels.to(self.device, non_blocking=True), real)
