@@ -125,7 +125,7 @@ class EncodedBatch(NamedTuple):
 def _collate(items) -> EncodedBatch:
     encoded, decoded, labels, paths = (list(column) for column in zip(*items))
     jpegs = [data for data in encoded if data is not None]
-    blob = torch.frombuffer(bytearray(b"".join(jpegs)), dtype=torch.uint8) if jpegs else torch.empty(0, torch.uint8)
+    blob = torch.frombuffer(bytearray(b"".join(jpegs)), dtype=torch.uint8) if jpegs else torch.zeros(0).byte()
     return EncodedBatch(blob, [len(data) if data is not None else 0 for data in encoded], decoded, labels, paths)
 
 
