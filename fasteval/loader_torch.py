@@ -177,21 +177,29 @@ class GpuDecodeLoader:
             image = torch.from_numpy(np.asarray(load_rgb(path)).copy()).permute(2, 0, 1)
             return image.to(self.device)
 
-    def _geometry(self, image: torch.Tensor) -> torch.Tensor:
+    def _geometry(self, images: list[torch.Tensor]) -> torch.Tensor:
+        """Resize + crop on the device, one call per distinct input size (not one per image)."""
         from torchvision.transforms.v2 import functional as F
 
-        h, w = image.shape[-2:]
-        rh, rw = self.spec.resized_hw(h, w)
         mode = getattr(F.InterpolationMode, self.spec.interpolation.upper())
-        image = F.resize(image, [rh, rw], interpolation=mode, antialias=self.spec.antialias)
-        if self.spec.crop is not None:
-            top, left = self.spec.crop_offsets(h, w)
-            image = image[:, top:top + self.spec.crop, left:left + self.spec.crop]
-        return image
+        by_size: dict[tuple[int, int], list[int]] = {}
+        for i, image in enumerate(images):
+            by_size.setdefault(tuple(image.shape[-2:]), []).append(i)
+        out = None
+        for (h, w), idx in by_size.items():
+            group = F.resize(torch.stack([images[i] for i in idx]), list(self.spec.resized_hw(h, w)),
+                             interpolation=mode, antialias=self.spec.antialias)
+            if self.spec.crop is not None:
+                top, left = self.spec.crop_offsets(h, w)
+                group = group[:, :, top:top + self.spec.crop, left:left + self.spec.crop]
+            if out is None:
+                out = group.new_empty((len(images), *group.shape[1:]))
+            out[idx] = group
+        return out
 
     def __iter__(self) -> Iterator[Batch]:
         for batch_in in self.loader:
-            images = torch.stack([self._geometry(img) for img in self._decode(batch_in)])
+            images = self._geometry(self._decode(batch_in))
             labels = torch.tensor(batch_in.labels, dtype=torch.int64)
             real = images.shape[0]
             images, labels = _pad(images, labels, self.batch_size)
