@@ -15,21 +15,17 @@ import time
 import torch
 from torch import nn
 
+from .devices import synchronize
 from .fast import FastEvaluator, FastOptions
 from .kernels.accumulator import MetricsAccumulator
 from .metrics import TOPK, EvalResult
 from .preprocess import PreprocessSpec
-from .reference import evaluate_reference, reference_dataset
+from .reference import REFERENCE_SETTINGS, evaluate_reference, reference_loader, score_batch
 from .report import build_report, environment
 from .samples import SampleList
 from .validate import compare
 
 STAGE_BATCHES = 3  # batches timed for the model and metrics stages
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def _rate(images: int, seconds: float) -> float:
@@ -45,12 +41,8 @@ def peak_rss_mb() -> float:
 
 def _reference_stages(samples: SampleList, model: nn.Module, spec: PreprocessSpec, batch_size: int, workers: int,
                       device: torch.device) -> dict:
-    from torch.utils.data import DataLoader
-
-    loader = DataLoader(reference_dataset(samples, spec), batch_size=batch_size, num_workers=workers,
-                        pin_memory=device.type == "cuda")
     kept, start = [], time.perf_counter()
-    for images, labels in loader:
+    for images, labels in reference_loader(samples, spec, batch_size, workers, device):
         if len(kept) < STAGE_BATCHES:
             kept.append((images.to(device), labels.to(device)))
     decode = _rate(len(samples), time.perf_counter() - start)
@@ -58,19 +50,14 @@ def _reference_stages(samples: SampleList, model: nn.Module, spec: PreprocessSpe
     n = sum(labels.shape[0] for _, labels in kept)
     with torch.no_grad():
         model(kept[0][0])  # first-call allocations are not the steady state
-        _sync(device)
+        synchronize(device)
         start = time.perf_counter()
         logits = [model(images) for images, _ in kept]
-        _sync(device)
+        synchronize(device)
         model_rate = _rate(n, time.perf_counter() - start)
-        criterion = nn.CrossEntropyLoss()
         start = time.perf_counter()
-        for out, (_, labels) in zip(logits, kept):  # the tutorial's per-batch metrics, host reads included
-            _, predicted = torch.max(out, 1)
-            top = torch.topk(out, min(TOPK, out.shape[1]), dim=1).indices
-            (predicted == labels).sum().item()
-            (top == labels[:, None]).any(dim=1).sum().item()
-            criterion(out, labels).item()
+        for out, (_, labels) in zip(logits, kept):  # the reference loop's own per-batch metrics
+            score_batch(out.float(), labels)
         metrics = _rate(n, time.perf_counter() - start)
     return {"decode": decode, "model": model_rate, "metrics": metrics}
 
@@ -82,12 +69,12 @@ def _fast_stages(evaluator: FastEvaluator) -> dict:
         for batch in evaluator.loader:
             if len(kept) < STAGE_BATCHES:  # copies: loaders may reuse their output buffers
                 kept.append((batch.images.clone(), batch.labels.clone(), batch.real))
-        _sync(device)
+        synchronize(device)
         decode = _rate(len(samples), time.perf_counter() - start)
         n = sum(images.shape[0] for images, _, _ in kept)
         start = time.perf_counter()
         logits = [evaluator.model(images) for images, _, _ in kept]
-        _sync(device)
+        synchronize(device)
         model_rate = _rate(n, time.perf_counter() - start)
         acc = MetricsAccumulator(n, device, topk=TOPK, backend=evaluator.options.metrics_backend)
         start = time.perf_counter()
@@ -144,8 +131,7 @@ def run_bench(samples: SampleList, model: nn.Module, spec: PreprocessSpec, devic
         "speedup": fast.images_per_sec / ref.images_per_sec,
         "agreement": cmp["agreement"],
         "config": config,
-        "reference": {**build_report(ref, {"loader": "torchvision DataLoader + PIL", "precision": "fp32",
-                                           "compile": False}, device),
+        "reference": {**build_report(ref, REFERENCE_SETTINGS, device),
                       "runs_images_per_sec": [r.images_per_sec for r in ref_runs]},
         "fast": {**build_report(fast, {}, device), "runs_images_per_sec": [r.images_per_sec for r in fast_runs]},
         "stages": {"reference": ref_stages, "fast": fast_stages},

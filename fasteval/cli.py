@@ -120,9 +120,6 @@ def _prepare(args):
     return samples, spec, device, model, config
 
 
-REFERENCE_SETTINGS = {"loader": "torchvision DataLoader + PIL", "precision": "fp32", "compile": False}
-
-
 def fast_options(args):
     from .fast import FastOptions
 
@@ -132,7 +129,7 @@ def fast_options(args):
 
 def cmd_eval(args) -> int:
     from .fast import evaluate_fast
-    from .reference import evaluate_reference
+    from .reference import REFERENCE_SETTINGS, evaluate_reference
     from .report import build_report, format_table, write_json, write_predictions
     from .validate import compare, format_comparison
 

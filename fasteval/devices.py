@@ -1,4 +1,4 @@
-"""Resolving ``--device``."""
+"""Resolving ``--device``, and waiting for a device."""
 
 from __future__ import annotations
 
@@ -7,6 +7,12 @@ import re
 import torch
 
 from .errors import FastevalError
+
+
+def synchronize(device: torch.device) -> None:
+    """Wait for the device's queued work (a no-op on the CPU), so that timings are real."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
 
 
 def resolve_device(name: str = "auto") -> torch.device:

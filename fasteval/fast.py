@@ -16,6 +16,7 @@ from tqdm import tqdm
 
 from .inference import FastModel, resolve_precision
 from .kernels.accumulator import MetricsAccumulator
+from .kernels.fused_metrics import resolve_backend
 from .loader_torch import TorchvisionLoader
 from .loaders import Batch, make_loader, needs_pil, resolve_loader
 from .metrics import TOPK, EvalResult
@@ -86,25 +87,21 @@ class FastEvaluator:
 
     def _run_parts(self, bar) -> tuple[dict, list[float]]:
         """Each loader's samples through the model; per-sample outputs merged back into sample order."""
-        merged = None
-        batch_losses: list[float] = []
+        results, batch_losses = [], []
         for indices, loader in self.parts:
             acc = MetricsAccumulator(len(indices), self.device, topk=TOPK, backend=self.options.metrics_backend)
             sizes = run_loop(loader, self.model, acc, bar)
             totals = acc.result()  # the one read back of this part
             batch_losses += [float(c.double().mean()) for c in torch.split(totals["loss"], sizes) if len(c)]
-            if len(self.parts) == 1:
-                return totals, batch_losses
-            if merged is None:
-                n = len(self.samples)
-                merged = {"correct": 0, "correct_topk": 0, "count": 0, "nonfinite": 0, "loss_sum": 0.0,
-                          "pred": torch.empty(n, dtype=torch.int64), "loss": torch.empty(n),
-                          "topk_hit": torch.empty(n, dtype=torch.bool)}
-            for key in ("correct", "correct_topk", "count", "nonfinite", "loss_sum"):
-                merged[key] += totals[key]
-            position = torch.tensor(indices)
-            for key in ("pred", "loss", "topk_hit"):
-                merged[key][position] = totals[key]
+            results.append((indices, totals))
+        if len(results) == 1:
+            return results[0][1], batch_losses
+        merged = {key: sum(totals[key] for _, totals in results)
+                  for key in ("correct", "correct_topk", "count", "nonfinite", "loss_sum")}
+        for key in ("pred", "loss", "topk_hit"):
+            merged[key] = torch.empty(len(self.samples), dtype=results[0][1][key].dtype)
+            for indices, totals in results:
+                merged[key][torch.tensor(indices)] = totals[key]
         return merged, batch_losses
 
     def run(self, progress: bool = True) -> EvalResult:
@@ -115,7 +112,6 @@ class FastEvaluator:
             totals, batch_losses = self._run_parts(bar)
         seconds = time.perf_counter() - start
         bar.close()
-        losses = totals["loss"]
         return EvalResult(
             samples=totals["count"],
             correct_top1=totals["correct"],
@@ -124,14 +120,13 @@ class FastEvaluator:
             batch_losses=batch_losses,
             seconds=seconds,
             predictions=totals["pred"],
-            losses=losses,
+            losses=totals["loss"],
             warmup_seconds=self.warmup_seconds,
             extra={
                 "loader": self.loader.name,
                 "precision": self.precision,
                 "compile": self.model.compiled,
-                "metrics_backend": "triton" if self.device.type == "cuda" and self.options.metrics_backend != "torch"
-                else "torch",
+                "metrics_backend": resolve_backend(self.options.metrics_backend, self.device),
                 "nonfinite_rows": totals["nonfinite"],
                 "pil_fallback_files": self.pil_fallback_files,
             },

@@ -10,7 +10,8 @@ import time
 import torch
 from torch import nn
 
-from .errors import FastevalError
+from .devices import synchronize
+from .errors import FastevalError, first_line
 
 # torch.compile on a CUDA build without a GPU warns that no CUDA runtime exists: noise here.
 logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
@@ -53,7 +54,6 @@ class FastModel:
         self.model = model.to(device).eval().to(memory_format=torch.channels_last)
         for p in self.model.parameters():
             p.requires_grad_(False)
-        self.compile_requested = compile
         self.compiled = False
         self._forward = self._eager
         if compile:
@@ -83,11 +83,10 @@ class FastModel:
             except Exception as exc:
                 if not self.compiled:
                     raise
-                reason = next((line for line in str(exc).splitlines() if line.strip()), type(exc).__name__)
-                print(f"fasteval: warning: torch.compile failed, running eager: {reason[:200]}", file=sys.stderr)
+                print(f"fasteval: warning: torch.compile failed, running eager: {first_line(exc)[:200]}",
+                      file=sys.stderr)
                 self._forward, self.compiled = self._eager, False
                 for _ in range(calls):
                     self._forward(example)
-            if self.device.type == "cuda":
-                torch.cuda.synchronize(self.device)
+            synchronize(self.device)
         return time.perf_counter() - start

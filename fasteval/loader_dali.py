@@ -13,7 +13,7 @@ from collections.abc import Iterator
 
 import torch
 
-from .errors import FastevalError
+from .errors import FastevalError, message_lines
 from .loaders import Batch, find_undecodable
 from .preprocess import PreprocessSpec
 from .samples import SampleList
@@ -81,8 +81,6 @@ def build_pipeline(samples: SampleList, spec: PreprocessSpec, batch_size: int, t
 class DaliLoader:
     """Batches of channels-last images on ``device``; the last batch is filled to the static size."""
 
-    name = "dali"
-
     def __init__(self, samples: SampleList, spec: PreprocessSpec, batch_size: int, threads: int,
                  device: torch.device, half: bool = False) -> None:
         from nvidia.dali.plugin.pytorch import DALIGenericIterator, LastBatchPolicy
@@ -97,10 +95,7 @@ class DaliLoader:
             self._iter = DALIGenericIterator([pipe], ["images", "labels"], reader_name="Reader",
                                              last_batch_policy=LastBatchPolicy.FILL, auto_reset=True)
         except Exception as exc:
-            raise FastevalError(f"cannot start the DALI pipeline on {device}: {_first_line(exc)}") from None
-
-    def __len__(self) -> int:
-        return -(-len(self.samples) // self.batch_size)
+            raise FastevalError(f"cannot start the DALI pipeline on {device}: {_dali_reason(exc)}") from None
 
     def __iter__(self) -> Iterator[Batch]:
         if self._mid_epoch:  # an earlier pass stopped early: DALI cannot rewind, so finish that epoch
@@ -116,17 +111,16 @@ class DaliLoader:
                 seen += real
                 yield Batch(images, labels, real)
             self._mid_epoch = False
-        except FastevalError:
-            raise
         except Exception as exc:
             # The failing file is in a batch in flight: the pipeline prefetches 2 ahead.
             path, reason = find_undecodable(self.samples.paths[seen:seen + 4 * self.batch_size])
             if path is not None:
                 raise FastevalError(f"cannot decode image {path}: {reason}") from None
-            raise FastevalError(f"DALI failed after {seen} samples: {_first_line(exc)}") from None
+            raise FastevalError(f"DALI failed after {seen} samples: {_dali_reason(exc)}") from None
 
 
-def _first_line(exc: BaseException) -> str:
-    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+def _dali_reason(exc: BaseException) -> str:
+    """DALI wraps its errors in a pipeline trace: the line that says what failed is the last such line."""
+    lines = message_lines(exc)
     failures = [line for line in lines if "fail" in line.lower() or "error" in line.lower()]
     return (failures or lines or [type(exc).__name__])[-1]

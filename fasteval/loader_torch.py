@@ -49,12 +49,7 @@ class _PilUint8(Dataset):
         from torchvision import transforms as T
 
         self.samples = samples.samples
-        mode = getattr(T.InterpolationMode, spec.interpolation.upper())
-        steps = [T.Resize(spec.resize, interpolation=mode, antialias=spec.antialias)]
-        if spec.crop is not None:
-            steps.append(T.CenterCrop(spec.crop))
-        steps.append(T.PILToTensor())
-        self.transform = T.Compose(steps)
+        self.transform = T.Compose([*spec.pil_geometry(), T.PILToTensor()])
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -77,9 +72,6 @@ class TorchvisionLoader:
                                  pin_memory=device.type == "cuda", persistent_workers=workers > 0,
                                  prefetch_factor=4 if workers > 0 else None)
 
-    def __len__(self) -> int:
-        return len(self.loader)
-
     def __iter__(self) -> Iterator[Batch]:
         for images, labels in self.loader:
             real = images.shape[0]
@@ -87,6 +79,13 @@ class TorchvisionLoader:
             images = images.to(self.device, non_blocking=True)
             labels = labels.to(self.device, non_blocking=True)
             yield Batch(self.normalize(images), labels, real)
+
+
+def _pil_rgb(path: str):
+    """An HWC uint8 array decoded by PIL exactly as the reference decodes it."""
+    import numpy as np
+
+    return np.array(load_rgb(path))
 
 
 class _EncodedFiles(Dataset):
@@ -99,8 +98,6 @@ class _EncodedFiles(Dataset):
         return len(self.samples)
 
     def __getitem__(self, index: int):
-        import numpy as np
-
         path, label = self.samples[index]
         try:
             with open(path, "rb") as f:
@@ -109,7 +106,7 @@ class _EncodedFiles(Dataset):
             raise FastevalError(f"cannot read image {path}: {exc}") from None
         if data[:2] == b"\xff\xd8":
             return data, None, label, path
-        return None, np.array(load_rgb(path)), label, path
+        return None, _pil_rgb(path), label, path
 
 
 class EncodedBatch(NamedTuple):
@@ -147,9 +144,6 @@ class GpuDecodeLoader:
         self.loader = DataLoader(_EncodedFiles(samples), batch_size=batch_size, num_workers=workers,
                                  collate_fn=_collate, persistent_workers=workers > 0)
 
-    def __len__(self) -> int:
-        return len(self.loader)
-
     def _decode(self, batch_in: EncodedBatch) -> list[torch.Tensor]:
         from torchvision.io import ImageReadMode, decode_jpeg
 
@@ -168,14 +162,12 @@ class GpuDecodeLoader:
 
     def _decode_one(self, data: torch.Tensor, path: str) -> torch.Tensor:
         """One file after a batched failure: nvJPEG alone, else PIL (e.g. CMYK), else a named error."""
-        import numpy as np
         from torchvision.io import ImageReadMode, decode_jpeg
 
         try:
             return decode_jpeg(data, mode=ImageReadMode.RGB, device=self.device)
         except RuntimeError:
-            image = torch.from_numpy(np.asarray(load_rgb(path)).copy()).permute(2, 0, 1)
-            return image.to(self.device)
+            return torch.from_numpy(_pil_rgb(path)).permute(2, 0, 1).to(self.device)
 
     def _geometry(self, images: list[torch.Tensor]) -> torch.Tensor:
         """Resize + crop on the device, one call per distinct input size (not one per image)."""

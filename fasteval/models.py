@@ -12,7 +12,7 @@ import re
 import torch
 from torch import nn
 
-from .errors import FastevalError
+from .errors import FastevalError, first_line
 
 CHECKPOINT_KEYS = ("state_dict", "model", "model_state_dict")
 STRIPPED_PREFIXES = ("module.", "_orig_mod.")
@@ -64,8 +64,7 @@ def read_state_dict(path: str) -> dict[str, torch.Tensor]:
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise FastevalError(f"cannot load --weights {path}: {first}") from None
+        raise FastevalError(f"cannot load --weights {path}: {first_line(exc)}") from None
     if isinstance(obj, dict):
         for key in CHECKPOINT_KEYS:
             if key in obj and isinstance(obj[key], dict):

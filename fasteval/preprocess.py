@@ -50,16 +50,21 @@ class PreprocessSpec:
             return self.crop, self.crop
         return self.resized_hw(height, width)
 
-    def torchvision_transform(self):
-        """The reference transform: PIL resize + center crop + ToTensor + Normalize."""
+    def pil_geometry(self) -> list:
+        """torchvision's PIL resize (+ center crop) steps, shared by every PIL-based loader."""
         from torchvision import transforms as T
 
         mode = getattr(T.InterpolationMode, self.interpolation.upper())
         steps = [T.Resize(self.resize, interpolation=mode, antialias=self.antialias)]
         if self.crop is not None:
             steps.append(T.CenterCrop(self.crop))
-        steps += [T.ToTensor(), T.Normalize(self.mean, self.std)]
-        return T.Compose(steps)
+        return steps
+
+    def torchvision_transform(self):
+        """The reference transform: PIL resize + center crop + ToTensor + Normalize."""
+        from torchvision import transforms as T
+
+        return T.Compose([*self.pil_geometry(), T.ToTensor(), T.Normalize(self.mean, self.std)])
 
 
 PRESETS = {

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import sys
 import time
+from typing import NamedTuple
 
 import torch
 from torch import nn
@@ -42,6 +43,43 @@ def reference_dataset(samples: SampleList, spec: PreprocessSpec) -> ImageFolder:
     return dataset
 
 
+REFERENCE_SETTINGS = {"loader": "torchvision DataLoader + PIL", "precision": "fp32", "compile": False}
+
+
+def reference_loader(samples: SampleList, spec: PreprocessSpec, batch_size: int, workers: int,
+                     device: torch.device) -> DataLoader:
+    """The tutorial's DataLoader over ImageFolder, in sample order."""
+    return DataLoader(reference_dataset(samples, spec), batch_size=batch_size, shuffle=False, num_workers=workers,
+                      pin_memory=device.type == "cuda")
+
+
+class BatchScore(NamedTuple):
+    correct_top1: int
+    correct_top5: int
+    batch_loss: float  # nn.CrossEntropyLoss's mean over the batch, as tutorials print it
+    loss_sum: float  # float64 sum of the per-sample losses
+    predicted: torch.Tensor  # on the CPU
+    losses: torch.Tensor  # per sample, on the CPU
+
+
+_CRITERION = nn.CrossEntropyLoss()
+_SUM_CRITERION = nn.CrossEntropyLoss(reduction="sum")
+
+
+def score_batch(outputs: torch.Tensor, labels: torch.Tensor) -> BatchScore:
+    """The reference's per-batch metrics: torch.max, torch.topk, nn.CrossEntropyLoss, read back at once."""
+    _, predicted = torch.max(outputs, 1)
+    top = torch.topk(outputs, min(TOPK, outputs.shape[1]), dim=1).indices
+    return BatchScore(
+        correct_top1=(predicted == labels).sum().item(),
+        correct_top5=(top == labels[:, None]).any(dim=1).sum().item(),
+        batch_loss=_CRITERION(outputs, labels).item(),
+        loss_sum=_SUM_CRITERION(outputs.double(), labels).item(),
+        predicted=predicted.cpu(),
+        losses=nn.functional.cross_entropy(outputs, labels, reduction="none").cpu(),
+    )
+
+
 def evaluate_reference(
     samples: SampleList,
     model: nn.Module,
@@ -55,16 +93,8 @@ def evaluate_reference(
     """Evaluate ``model`` on ``samples`` the plain way; per-sample predictions and losses are kept."""
     device = torch.device(device)
     check_batchable(spec, samples.paths)
-    loader = DataLoader(
-        reference_dataset(samples, spec),
-        batch_size=batch_size,
-        shuffle=False,
-        num_workers=workers,
-        pin_memory=device.type == "cuda",
-    )
+    loader = reference_loader(samples, spec, batch_size, workers, device)
     model = model.to(device).eval()
-    criterion = nn.CrossEntropyLoss()
-    sum_criterion = nn.CrossEntropyLoss(reduction="sum")
     correct_top1 = correct_top5 = seen = 0
     loss_sum = 0.0
     batch_losses: list[float] = []
@@ -74,16 +104,13 @@ def evaluate_reference(
     with torch.no_grad():
         for images, labels in loader:
             images, labels = images.to(device), labels.to(device)
-            outputs = model(images).float()
-            _, predicted = torch.max(outputs, 1)
-            k = min(TOPK, outputs.shape[1])
-            top = torch.topk(outputs, k, dim=1).indices
-            correct_top1 += (predicted == labels).sum().item()
-            correct_top5 += (top == labels[:, None]).any(dim=1).sum().item()
-            batch_losses.append(criterion(outputs, labels).item())
-            loss_sum += sum_criterion(outputs.double(), labels).item()
-            predictions.append(predicted.cpu())
-            losses.append(nn.functional.cross_entropy(outputs, labels, reduction="none").cpu())
+            score = score_batch(model(images).float(), labels)
+            correct_top1 += score.correct_top1
+            correct_top5 += score.correct_top5
+            batch_losses.append(score.batch_loss)
+            loss_sum += score.loss_sum
+            predictions.append(score.predicted)
+            losses.append(score.losses)
             seen += labels.shape[0]
             bar.update(labels.shape[0])
     seconds = time.perf_counter() - start

@@ -89,14 +89,17 @@ def format_table(report: dict, title: str = "fasteval") -> str:
     return "\n".join(lines)
 
 
+def _make_parent(path: str) -> None:
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+
+
 def write_predictions(path: str, samples, result: EvalResult) -> None:
     """Per-sample CSV: path (relative to the dataset root), label, prediction, loss."""
     import csv
 
     from .samples import relative_path
 
-    parent = os.path.dirname(os.path.abspath(path))
-    os.makedirs(parent, exist_ok=True)
+    _make_parent(path)
     preds, losses = result.predictions.tolist(), result.losses.tolist()
     with open(path, "w", newline="") as f:
         writer = csv.writer(f)
@@ -117,8 +120,7 @@ def write_json(report: dict, path: str) -> None:
             return [clean(v) for v in value]
         return value
 
-    parent = os.path.dirname(os.path.abspath(path))
-    os.makedirs(parent, exist_ok=True)
+    _make_parent(path)
     with open(path, "w") as f:
         json.dump(clean(report), f, indent=2, sort_keys=False)
         f.write("\n")

@@ -18,6 +18,7 @@ sums are reduced in a fixed order. This module is self-contained (no fasteval im
 
 from __future__ import annotations
 
+import functools
 import os
 from typing import NamedTuple
 
@@ -96,7 +97,10 @@ def _metrics_core(x: torch.Tensor, labels: torch.Tensor, topk: int, ignore_index
     )
 
 
-_COMPILED: dict = {}
+@functools.cache
+def _compiled_core():
+    """The twin's arithmetic through ``torch.compile``, compiled once per process."""
+    return torch.compile(_metrics_core, dynamic=True)
 
 
 def metrics_torch(
@@ -117,11 +121,7 @@ def metrics_torch(
     dynamic shapes), which fuses the row reductions into a few loops.
     """
     _check_inputs(logits, labels, topk)
-    core = _metrics_core
-    if compiled:
-        if "core" not in _COMPILED:
-            _COMPILED["core"] = torch.compile(_metrics_core, dynamic=True)
-        core = _COMPILED["core"]
+    core = _compiled_core() if compiled else _metrics_core
     m = core(logits.float(), labels.long(), topk, ignore_index)
     if check_labels and logits.device.type == "cpu":
         raise_on_bad_labels(int(m.bad_labels), logits.shape[1])
@@ -269,6 +269,15 @@ def metrics_triton(
 BACKENDS = ("auto", "triton", "torch")
 
 
+def resolve_backend(backend: str, device: torch.device) -> str:
+    """The backend ``fused_metrics`` runs: "auto" is triton on CUDA (where triton exists), torch elsewhere."""
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    if backend == "auto":
+        return "triton" if device.type == "cuda" and HAS_TRITON else "torch"
+    return backend
+
+
 def fused_metrics(
     logits: torch.Tensor,
     labels: torch.Tensor,
@@ -286,10 +295,6 @@ def fused_metrics(
     ``bad_labels`` without a host sync (never read out of bounds), for the caller to check.
     ``check_labels=False`` defers the check on the CPU too (counted, not raised).
     """
-    if backend not in BACKENDS:
-        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
-    if backend == "auto":
-        backend = "triton" if logits.device.type == "cuda" and HAS_TRITON else "torch"
-    if backend == "triton":
+    if resolve_backend(backend, logits.device) == "triton":
         return metrics_triton(logits, labels, topk=topk, ignore_index=ignore_index, check_labels=check_labels)
     return metrics_torch(logits, labels, topk=topk, ignore_index=ignore_index, check_labels=check_labels)
