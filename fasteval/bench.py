@@ -146,6 +146,10 @@ def _n(value: float, digits: int = 1) -> str:
     return "nan" if value != value else f"{value:,.{digits}f}"
 
 
+def _rechecked(exact: dict) -> str:
+    return f"{exact['rechecked']} samples" if exact.get("enabled") else "off"
+
+
 def format_bench(b: dict) -> str:
     """The side-by-side table."""
     ref, fast, cfg = b["reference"], b["fast"], b["config"]
@@ -156,6 +160,7 @@ def format_bench(b: dict) -> str:
         ("top-5 %", _n(ref["top5"], 3), _n(fast["top5"], 3), f"{fast['top5'] - ref['top5']:+.3f}"),
         ("loss (per sample)", _n(ref["loss"], 6), _n(fast["loss"], 6), f"{fast['loss'] - ref['loss']:+.6f}"),
         ("agreement (top-1)", "", f"{100 * b['agreement']:.2f} %", f"{b['validation']['flipped']} flipped"),
+        ("exact recheck", "", _rechecked(fast.get("exact", {})), "included in images/s"),
         ("warm-up s (excluded)", "0.0", _n(fast["warmup_seconds"], 1), ""),
         ("peak RSS MB", _n(b["memory"]["reference_peak_rss_mb"], 0), _n(b["memory"]["fast_peak_rss_mb"], 0),
          "process peak"),

@@ -50,6 +50,9 @@ def _add_fast_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--loader", default="auto", help="auto (default: DALI if installed), dali or torchvision")
     p.add_argument("--precision", default="auto", help="auto (bf16 where fast, else fp32), fp32, bf16 or fp16")
     p.add_argument("--no-compile", action="store_true", help="run the model eagerly (no torch.compile)")
+    p.add_argument("--exact", default="auto",
+                   help="auto (default) or on: recheck near-tie samples with the reference's own code, so the "
+                        "top-1/top-5 counts are the reference's; off: keep the fast path's values")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -64,7 +67,9 @@ def build_parser() -> argparse.ArgumentParser:
                       help="run the plain PyTorch reference loop (torchvision + PIL + eager fp32)")
     mode.add_argument("--validate", action="store_true",
                       help="run the fast path and the reference, and compare them sample by sample")
-    ev.add_argument("--predictions", metavar="PATH", help="write per-sample path, label, prediction, loss (CSV)")
+    ev.add_argument("--predictions", metavar="PATH",
+                    help="write per sample: path, label, prediction, loss, top-5 classes, confidence, margin, "
+                         "rechecked (CSV)")
 
     be = sub.add_parser("bench", help="the reference loop and the fast path side by side, with a stage breakdown")
     _add_run_options(be)
@@ -103,7 +108,7 @@ def _prepare(args):
         print("fasteval: no --weights: the model is randomly initialised, its accuracy means nothing",
               file=sys.stderr)
     spec = get_spec(args.preset, args.resize, args.crop)
-    device = resolve_device(args.device)
+    device = resolve_device(args.device, make_current=True)
     model = build_model(args.arch, weights, samples.num_classes)
     config = {
         "path": os.path.abspath(data),
@@ -124,7 +129,7 @@ def fast_options(args):
     from .fast import FastOptions
 
     return FastOptions(loader=args.loader, precision=args.precision, compile=not args.no_compile,
-                       batch_size=args.batch_size, workers=args.workers)
+                       batch_size=args.batch_size, workers=args.workers, exact=args.exact)
 
 
 def cmd_eval(args) -> int:

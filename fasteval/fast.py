@@ -6,6 +6,7 @@ integer, the metrics accumulate on the device, and the totals are read once at t
 
 from __future__ import annotations
 
+import copy
 import sys
 import time
 from collections.abc import Iterable
@@ -14,13 +15,16 @@ from dataclasses import dataclass, replace
 import torch
 from tqdm import tqdm
 
-from .inference import FastModel, resolve_precision
+from .devices import synchronize
+from .errors import first_line
+from .exact import apply_reference, calibration_positions, recheck, resolve_exact
+from .inference import DTYPES, FastModel, resolve_precision
 from .kernels.accumulator import MetricsAccumulator
 from .kernels.fused_metrics import resolve_backend
-from .loader_torch import TorchvisionLoader
 from .loaders import Batch, make_loader, needs_pil, resolve_loader
-from .metrics import TOPK, EvalResult
+from .metrics import TOPK, EvalResult, totals_from_samples
 from .preprocess import PreprocessSpec, check_batchable, image_size
+from .reference import reference_logits
 from .samples import SampleList
 
 
@@ -32,21 +36,24 @@ class FastOptions:
     batch_size: int = 64
     workers: int = 2
     metrics_backend: str = "auto"
+    exact: str = "auto"
 
 
-def run_loop(batches: Iterable[Batch], forward, accumulator: MetricsAccumulator, bar=None) -> list[int]:
-    """The hot loop: no host sync. Returns the real size of each batch (host integers)."""
-    sizes = []
+def run_loop(batches: Iterable[Batch], forward, accumulator: MetricsAccumulator, bar=None) -> None:
+    """The hot loop: no host sync (the loader's ``real`` is a host integer)."""
     for images, labels, real in batches:
         accumulator.update(forward(images), labels, num_real=real)
-        sizes.append(real)
         if bar is not None:
             bar.update(real)
-    return sizes
 
 
 class FastEvaluator:
-    """Builds the loader and the compiled model once; ``run()`` evaluates (repeatable, for benches)."""
+    """Builds the loader and the compiled model once; ``run()`` evaluates (repeatable, for benches).
+
+    Samples the fast loader would decode differently from the reference (``needs_pil``) are
+    evaluated by the reference's own code, batched, at a cost in proportion to their number.
+    With ``--exact`` on (the default), near-tie samples are rechecked the same way (fasteval/exact.py).
+    """
 
     def __init__(self, samples: SampleList, model: torch.nn.Module, spec: PreprocessSpec, device: torch.device,
                  options: FastOptions) -> None:
@@ -55,82 +62,125 @@ class FastEvaluator:
         options = replace(options, batch_size=min(options.batch_size, len(samples)))
         check_batchable(spec, samples.paths)
         self.samples, self.spec, self.device, self.options = samples, spec, device, options
+        self.exact, self.exact_reason = resolve_exact(options.exact)
         self.precision = resolve_precision(options.precision, device)
         half = self.precision == "fp16"
-        self.model = FastModel(model, device, self.precision, options.compile)
         kind = resolve_loader(options.loader)
-        pil_only = needs_pil(samples) if kind == "dali" else []  # the torchvision loaders decode those with PIL
-        pil_set = set(pil_only)
-        main = [i for i in range(len(samples)) if i not in pil_set]
-        loader_args = dict(batch_size=options.batch_size, workers=options.workers, device=device, half=half)
-        # Built in inference mode, so that loaders that preallocate their outputs (DALI) hand out
-        # inference tensors, like the warm-up example: one compiled graph serves every batch.
-        # Files only PIL decodes as the reference does (16-bit, float) take the PIL loader.
-        self.parts: list[tuple[list[int], object]] = []
-        with torch.inference_mode():
-            if main:
-                part = samples if not pil_only else samples.subset(main)
-                self.parts.append((main, make_loader(kind, part, spec, **loader_args)))
-            if pil_only:
-                pil_loader = TorchvisionLoader(samples.subset(pil_only), spec, options.batch_size,
-                                               min(options.workers, 2), device, half)
-                self.parts.append((pil_only, pil_loader))
-        self.loader = self.parts[0][1]
-        self.pil_fallback_files = len(pil_only)
-        h, w = spec.output_hw(*image_size(samples.paths[0]))
-        with torch.inference_mode():  # an inference tensor, like the loader's: no recompile on the first batch
-            example = torch.zeros(options.batch_size, 3, h, w, device=device,
-                                  dtype=torch.float16 if half else torch.float32)
-            example = example.contiguous(memory_format=torch.channels_last)
-        self.model.warm_up(example)
+        # The torchvision loaders decode with PIL already; DALI hands those files to the reference.
+        self.reference_only = needs_pil(samples) if kind == "dali" else []
+        excluded = set(self.reference_only)
+        self.main = [i for i in range(len(samples)) if i not in excluded]
+        # The reference's model: the caller's module as it is (eager fp32, NCHW), kept apart before
+        # the fast model converts it to channels-last.
+        self.reference_model = None
+        if self.reference_only or self.exact:
+            self.reference_model = copy.deepcopy(model).to(device).eval()
+        self.model = FastModel(model, device, self.precision, options.compile)
+        self.calibration = [self.main[p] for p in calibration_positions(len(self.main))] if self.exact else []
+        self.loader = None
+        self.metrics_backend = resolve_backend(options.metrics_backend, device)
+        if self.main:
+            part = samples if not excluded else samples.subset(self.main)
+            # Built in inference mode, so that loaders that preallocate their outputs (DALI) hand out
+            # inference tensors, like the warm-up example: one compiled graph serves every batch.
+            with torch.inference_mode():
+                self.loader = make_loader(kind, part, spec, batch_size=options.batch_size, workers=options.workers,
+                                          device=device, half=half)
+            h, w = spec.output_hw(*image_size(part.paths[0]))
+            with torch.inference_mode():  # an inference tensor, like the loader's: no recompile on the first batch
+                example = torch.zeros(options.batch_size, 3, h, w, device=device,
+                                      dtype=torch.float16 if half else torch.float32)
+                example = example.contiguous(memory_format=torch.channels_last)
+            self.model.warm_up(example)
+            self._warm_up_metrics(example)
         self.warmup_seconds = time.perf_counter() - start
 
-    def _run_parts(self, bar) -> tuple[dict, list[float]]:
-        """Each loader's samples through the model; per-sample outputs merged back into sample order."""
-        results, batch_losses = [], []
-        for indices, loader in self.parts:
-            acc = MetricsAccumulator(len(indices), self.device, topk=TOPK, backend=self.options.metrics_backend)
-            sizes = run_loop(loader, self.model, acc, bar)
-            totals = acc.result()  # the one read back of this part
-            batch_losses += [float(c.double().mean()) for c in torch.split(totals["loss"], sizes) if len(c)]
-            results.append((indices, totals))
-        if len(results) == 1:
-            return results[0][1], batch_losses
-        merged = {key: sum(totals[key] for _, totals in results)
-                  for key in ("correct", "correct_topk", "count", "nonfinite", "loss_sum")}
-        for key in ("pred", "loss", "topk_hit"):
-            merged[key] = torch.empty(len(self.samples), dtype=results[0][1][key].dtype)
-            for indices, totals in results:
-                merged[key][torch.tensor(indices)] = totals[key]
-        return merged, batch_losses
+    def _warm_up_metrics(self, example: torch.Tensor) -> None:
+        """Run the metrics once on the warm-up logits (Triton compiles and builds its launcher here,
+        not in the timed loop); where Triton cannot run, fall back to the PyTorch twin, with one line."""
+        dtype = DTYPES[self.precision] if self.precision != "fp32" else torch.float32
+        with torch.inference_mode():
+            logits = torch.zeros(example.shape[0], self.samples.num_classes, dtype=dtype, device=self.device)
+            labels = torch.zeros(logits.shape[0], dtype=torch.int64, device=self.device)
+            try:
+                MetricsAccumulator(logits.shape[0], self.device, topk=TOPK,
+                                   backend=self.metrics_backend).update(logits, labels)
+                synchronize(self.device)
+            except Exception as exc:
+                if self.metrics_backend != "triton" or self.options.metrics_backend == "triton":
+                    raise
+                print(f"fasteval: warning: the Triton metrics kernel cannot run, using its PyTorch twin: "
+                      f"{first_line(exc)[:200]}", file=sys.stderr)
+                self.metrics_backend = "torch"
+
+    def _fast_pass(self, outputs: dict[str, torch.Tensor], bar) -> tuple[torch.Tensor | None, int]:
+        """The main samples through loader, model and metrics, into the per-sample ``outputs`` (sample
+        order); returns the calibration samples' logits and the count of non-finite rows."""
+        if not self.main:
+            return None, 0
+        position = {index: p for p, index in enumerate(self.main)}
+        acc = MetricsAccumulator(len(self.main), self.device, topk=TOPK, backend=self.metrics_backend,
+                                 keep_logits=[position[i] for i in self.calibration])
+        run_loop(self.loader, self.model, acc, bar)
+        totals = acc.result()  # the one read back of the run
+        totals["margin"] = torch.minimum(totals["margin_top1"], totals["margin_topk"])
+        at = torch.tensor(self.main)
+        for key in ("pred", "loss", "topk_hit", "topk_idx", "confidence", "margin"):
+            outputs[key][at] = totals[key]
+        return totals["kept_logits"], totals["nonfinite"]
 
     def run(self, progress: bool = True) -> EvalResult:
-        bar = tqdm(total=len(self.samples), unit="img", desc=f"fast ({self.loader.name})", file=sys.stderr,
-                   disable=not progress)
+        desc = f"fast ({self.loader.name if self.loader else 'reference decode'})"
+        bar = tqdm(total=len(self.samples), unit="img", desc=desc, file=sys.stderr, disable=not progress)
         start = time.perf_counter()
+        outputs = empty_outputs(len(self.samples))  # normal tensors: the recheck writes into them
         with torch.inference_mode():
-            totals, batch_losses = self._run_parts(bar)
+            kept, nonfinite = self._fast_pass(outputs, bar)
+        run = dict(batch_size=self.options.batch_size, workers=self.options.workers, device=self.device)
+        if self.reference_only:
+            logits = reference_logits(self.samples, self.reference_only, self.reference_model, self.spec, **run)
+            apply_reference(outputs, self.samples, self.reference_only, logits)
+            bar.update(len(self.reference_only))
+        exact = {"enabled": False, "mode": self.options.exact, "reason": self.exact_reason}
+        if self.exact and self.calibration:
+            outputs, report = recheck(self.samples, outputs, self.calibration, kept, self.reference_model,
+                                      self.spec, **run)
+            exact.update(report)
         seconds = time.perf_counter() - start
         bar.close()
+        labels = torch.tensor(self.samples.labels)
+        totals = totals_from_samples(labels, outputs["pred"], outputs["topk_hit"], outputs["loss"],
+                                     self.options.batch_size)
         return EvalResult(
-            samples=totals["count"],
-            correct_top1=totals["correct"],
-            correct_top5=totals["correct_topk"],
-            loss_sum=totals["loss_sum"],
-            batch_losses=batch_losses,
+            **totals,
             seconds=seconds,
-            predictions=totals["pred"],
-            losses=totals["loss"],
+            predictions=outputs["pred"],
+            losses=outputs["loss"],
+            topk_hits=outputs["topk_hit"],
+            topk_classes=outputs["topk_idx"],
+            confidences=outputs["confidence"],
+            margins=outputs["margin"],
+            rechecked=outputs["rechecked"],
             warmup_seconds=self.warmup_seconds,
             extra={
-                "loader": self.loader.name,
+                "loader": self.loader.name if self.loader else "none",
                 "precision": self.precision,
                 "compile": self.model.compiled,
-                "metrics_backend": resolve_backend(self.options.metrics_backend, self.device),
-                "nonfinite_rows": totals["nonfinite"],
-                "pil_fallback_files": self.pil_fallback_files,
+                "metrics_backend": self.metrics_backend,
+                "nonfinite_rows": nonfinite,
+                "pil_fallback_files": len(self.reference_only),
+                "exact": exact,
             },
         )
+
+
+def empty_outputs(num_samples: int) -> dict[str, torch.Tensor]:
+    """Per-sample output buffers in sample order, filled by the fast pass and the reference."""
+    return {"pred": torch.zeros(num_samples, dtype=torch.int64), "loss": torch.zeros(num_samples),
+            "topk_hit": torch.zeros(num_samples, dtype=torch.bool),
+            "topk_idx": torch.full((num_samples, TOPK), -1, dtype=torch.int64),
+            "confidence": torch.zeros(num_samples), "margin": torch.zeros(num_samples),
+            "rechecked": torch.zeros(num_samples, dtype=torch.bool)}
 
 
 def evaluate_fast(samples: SampleList, model: torch.nn.Module, spec: PreprocessSpec, *,

@@ -25,10 +25,15 @@ class EvalResult:
     loss_sum: float
     batch_losses: list[float] = field(default_factory=list)
     seconds: float = 0.0
-    predictions: torch.Tensor | None = None
+    predictions: torch.Tensor | None = None  # per sample, in sample order, on the CPU (like the rest)
     losses: torch.Tensor | None = None
     warmup_seconds: float = 0.0
     extra: dict = field(default_factory=dict)
+    topk_hits: torch.Tensor | None = None
+    topk_classes: torch.Tensor | None = None  # [N, TOPK]; -1 where there are fewer classes
+    confidences: torch.Tensor | None = None
+    margins: torch.Tensor | None = None  # the decision margin: min(top-1 margin, top-k boundary margin)
+    rechecked: torch.Tensor | None = None  # bool: values computed by the reference's own code
 
     @property
     def top1(self) -> float:
@@ -70,6 +75,19 @@ class EvalResult:
             "warmup_seconds": self.warmup_seconds,
             **self.extra,
         }
+
+
+def totals_from_samples(labels: torch.Tensor, predictions: torch.Tensor, topk_hits: torch.Tensor,
+                        losses: torch.Tensor, batch_size: int) -> dict:
+    """Counts, float64 loss sum and the tutorial's per-batch means, from per-sample outputs in
+    sample order: the batch means use the reference's batch boundaries, whoever computed each sample."""
+    return {
+        "samples": int(labels.numel()),
+        "correct_top1": int((predictions == labels).sum()),
+        "correct_top5": int(topk_hits.sum()),
+        "loss_sum": float(losses.double().sum()),
+        "batch_losses": [float(chunk.double().mean()) for chunk in torch.split(losses, batch_size)],
+    }
 
 
 def batch_mean_differs(result: EvalResult) -> bool:

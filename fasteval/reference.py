@@ -13,11 +13,12 @@ from typing import NamedTuple
 
 import torch
 from torch import nn
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Dataset
 from torchvision.datasets import ImageFolder
 from tqdm import tqdm
 
 from .errors import FastevalError
+from .kernels.fused_metrics import metrics_torch
 from .metrics import TOPK, EvalResult
 from .preprocess import PreprocessSpec, check_batchable
 from .samples import SampleList
@@ -58,8 +59,12 @@ class BatchScore(NamedTuple):
     correct_top5: int
     batch_loss: float  # nn.CrossEntropyLoss's mean over the batch, as tutorials print it
     loss_sum: float  # float64 sum of the per-sample losses
-    predicted: torch.Tensor  # on the CPU
-    losses: torch.Tensor  # per sample, on the CPU
+    predicted: torch.Tensor  # per sample, on the CPU, like every field below
+    losses: torch.Tensor
+    topk_hits: torch.Tensor  # bool: the label is among torch.topk's classes
+    topk_classes: torch.Tensor  # [B, 5] torch.topk's classes; -1 where there are fewer than 5
+    confidences: torch.Tensor  # softmax probability of the largest logit
+    margins: torch.Tensor  # the decision margin (fasteval's definition, kernels/fused_metrics.py)
 
 
 _CRITERION = nn.CrossEntropyLoss()
@@ -67,17 +72,57 @@ _SUM_CRITERION = nn.CrossEntropyLoss(reduction="sum")
 
 
 def score_batch(outputs: torch.Tensor, labels: torch.Tensor) -> BatchScore:
-    """The reference's per-batch metrics: torch.max, torch.topk, nn.CrossEntropyLoss, read back at once."""
+    """The reference's per-batch metrics: torch.max, torch.topk, nn.CrossEntropyLoss, read back at once.
+
+    The confidence and the decision margin (reported per sample, not part of any metric) come
+    from the kernel's PyTorch twin, the one definition of them."""
     _, predicted = torch.max(outputs, 1)
     top = torch.topk(outputs, min(TOPK, outputs.shape[1]), dim=1).indices
+    hits = (top == labels[:, None]).any(dim=1)
+    twin = metrics_torch(outputs, labels, topk=TOPK)
+    missing = TOPK - top.shape[1]
     return BatchScore(
         correct_top1=(predicted == labels).sum().item(),
-        correct_top5=(top == labels[:, None]).any(dim=1).sum().item(),
+        correct_top5=hits.sum().item(),
         batch_loss=_CRITERION(outputs, labels).item(),
         loss_sum=_SUM_CRITERION(outputs.double(), labels).item(),
         predicted=predicted.cpu(),
         losses=nn.functional.cross_entropy(outputs, labels, reduction="none").cpu(),
+        topk_hits=hits.cpu(),
+        topk_classes=nn.functional.pad(top, (0, missing), value=-1).cpu(),
+        confidences=twin.confidence.cpu(),
+        margins=torch.minimum(twin.margin_top1, twin.margin_topk).cpu(),
     )
+
+
+class _Images(Dataset):
+    """The reference's decode and transform (ImageFolder's ``__getitem__``) for chosen samples."""
+
+    def __init__(self, samples: SampleList, spec: PreprocessSpec) -> None:
+        self.samples, self.transform = samples.samples, spec.torchvision_transform()
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, index: int):
+        path, label = self.samples[index]
+        return self.transform(load_rgb(path)), label
+
+
+def reference_logits(samples: SampleList, indices: list[int], model: nn.Module, spec: PreprocessSpec, *,
+                     batch_size: int, workers: int, device: torch.device) -> torch.Tensor:
+    """Float32 logits of the samples at ``indices`` (on the CPU, in that order), computed by the
+    reference's own code: PIL decode, the torchvision transform, the eager fp32 model.
+
+    Workers are started only when there is more than a batch to decode (their start-up costs more
+    than decoding a few images here)."""
+    if not indices:
+        return torch.empty(0)
+    loader = DataLoader(_Images(samples.subset(indices), spec), batch_size=batch_size, shuffle=False,
+                        num_workers=workers if len(indices) > batch_size else 0, pin_memory=device.type == "cuda")
+    model = model.to(device).eval()
+    with torch.no_grad():
+        return torch.cat([model(images.to(device)).float().cpu() for images, _ in loader])
 
 
 def evaluate_reference(
@@ -98,7 +143,7 @@ def evaluate_reference(
     correct_top1 = correct_top5 = seen = 0
     loss_sum = 0.0
     batch_losses: list[float] = []
-    predictions, losses = [], []
+    scores: list[BatchScore] = []
     bar = tqdm(total=len(samples), unit="img", desc="reference", file=sys.stderr, disable=not progress)
     start = time.perf_counter()
     with torch.no_grad():
@@ -109,8 +154,7 @@ def evaluate_reference(
             correct_top5 += score.correct_top5
             batch_losses.append(score.batch_loss)
             loss_sum += score.loss_sum
-            predictions.append(score.predicted)
-            losses.append(score.losses)
+            scores.append(score)
             seen += labels.shape[0]
             bar.update(labels.shape[0])
     seconds = time.perf_counter() - start
@@ -122,6 +166,12 @@ def evaluate_reference(
         loss_sum=float(loss_sum),
         batch_losses=batch_losses,
         seconds=seconds,
-        predictions=torch.cat(predictions) if predictions else torch.empty(0, dtype=torch.long),
-        losses=torch.cat(losses) if losses else torch.empty(0),
+        **per_sample(scores),
     )
+
+
+def per_sample(scores: list[BatchScore]) -> dict[str, torch.Tensor]:
+    """The per-sample fields of batch scores, concatenated, under EvalResult's names."""
+    fields = {"predictions": "predicted", "losses": "losses", "topk_hits": "topk_hits",
+              "topk_classes": "topk_classes", "confidences": "confidences", "margins": "margins"}
+    return {name: torch.cat([getattr(s, field) for s in scores]) for name, field in fields.items()}

@@ -84,9 +84,25 @@ def format_table(report: dict, title: str = "fasteval") -> str:
             rows.append((key, str(cfg[key])))
     if report.get("warmup_seconds"):
         rows.append(("warm-up seconds", _fmt(report["warmup_seconds"], 2)))
+    if "exact" in report:
+        rows.append(("exact counts", exact_summary(report["exact"])))
+    if report.get("pil_fallback_files"):
+        rows.append(("reference-decoded", f"{report['pil_fallback_files']} file(s) the fast loader would decode "
+                                          f"differently (16-bit/float): evaluated by the reference's code"))
     width = max(len(k) for k, _ in rows)
     lines = [title, "-" * len(title)] + [f"{k.ljust(width)}  {v}" for k, v in rows]
     return "\n".join(lines)
+
+
+def exact_summary(exact: dict) -> str:
+    """One line on the exact-count recheck: how many samples, why, what changed, the loss drift left."""
+    if not exact.get("enabled"):
+        return f"off ({exact.get('reason', '')})"
+    return (f"{exact['rechecked']} sample(s) rechecked by the reference's code ({exact['calibration_samples']} "
+            f"calibration + {exact['gated']} with margin <= tau {exact['tau']:.3g} = {exact['safety']:g} x 2 x "
+            f"max logit error {exact['max_logit_error']:.3g}); {exact['changed_top1']} top-1 and "
+            f"{exact['changed_top5']} top-5 result(s) changed; loss of the others: fast path's, per-sample error "
+            f"up to {exact['calibration_loss_error_max']:.2g} on the calibration samples")
 
 
 def _make_parent(path: str) -> None:
@@ -94,18 +110,25 @@ def _make_parent(path: str) -> None:
 
 
 def write_predictions(path: str, samples, result: EvalResult) -> None:
-    """Per-sample CSV: path (relative to the dataset root), label, prediction, loss."""
+    """Per-sample CSV: path (relative to the dataset root), label, prediction, loss, the top-5 classes
+    (space-separated, best first), confidence, decision margin, and whether the reference's code
+    computed the row (``rechecked``: 1, else 0)."""
     import csv
 
     from .samples import relative_path
 
     _make_parent(path)
-    preds, losses = result.predictions.tolist(), result.losses.tolist()
+    n = len(samples)
+    rechecked = result.rechecked if result.rechecked is not None else torch.zeros(n, dtype=torch.bool)
+    columns = zip(samples.samples, result.predictions.tolist(), result.losses.tolist(),
+                  result.topk_classes.tolist(), result.confidences.tolist(), result.margins.tolist(),
+                  rechecked.tolist())
     with open(path, "w", newline="") as f:
         writer = csv.writer(f)
-        writer.writerow(["path", "label", "prediction", "loss"])
-        for (file, label), pred, loss in zip(samples.samples, preds, losses):
-            writer.writerow([relative_path(samples, file), label, pred, f"{loss:.7g}"])
+        writer.writerow(["path", "label", "prediction", "loss", "top5", "confidence", "margin", "rechecked"])
+        for (file, label), pred, loss, top, conf, margin, again in columns:
+            writer.writerow([relative_path(samples, file), label, pred, f"{loss:.7g}",
+                             " ".join(str(c) for c in top if c >= 0), f"{conf:.6g}", f"{margin:.6g}", int(again)])
 
 
 def write_json(report: dict, path: str) -> None:

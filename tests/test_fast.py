@@ -113,8 +113,8 @@ def test_batch_loop_never_reads_back_to_the_host(small_data, weights_3cls, small
     model = FastModel(build_model("resnet18", weights_3cls, 3), CPU, "fp32", compile=False)
     acc = MetricsAccumulator(len(samples), CPU)
     with torch.inference_mode(), _NoHostReads(monkeypatch):
-        sizes = run_loop(batches, model, acc)
-    assert sizes == [4, 4, 4, 4, 4, 1]
+        run_loop(batches, model, acc)
+    assert [b.real for b in batches] == [4, 4, 4, 4, 4, 1]
     assert acc.result()["count"] == 21
 
 
@@ -190,7 +190,8 @@ def test_every_file_kind_matches_reference_through_the_evaluator(kinds_data, mon
 
     monkeypatch.setattr(fasteval.fast, "needs_pil", lambda samples: [])
     unsplit = FastEvaluator(samples, net, spec, CPU, FastOptions(loader="dali", precision="fp32", compile=False,
-                                                                 batch_size=4, workers=1)).run(progress=False)
+                                                                 batch_size=4, workers=1, exact="off")
+                            ).run(progress=False)
     gray16 = next(i for i, p in enumerate(samples.paths) if p.endswith("gray16.png"))
     assert abs(float(unsplit.losses[gray16]) - float(ref.losses[gray16])) > 5e-3
 

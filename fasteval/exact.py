@@ -1,0 +1,114 @@
+"""The exact-count recheck: the fast path's top-1 and top-5 counts made equal to the reference's.
+
+A mixed-precision, compiled run with DALI's pixels gives logits within some error e of the
+reference's fp32 logits. A prediction or a top-k hit can only differ where its decision
+margin (kernels/fused_metrics.py) is below 2e. So, after the fast pass:
+
+1. calibration: a few samples spread over the dataset go through the reference's own code
+   (PIL, the torchvision transform, the eager fp32 model); e = the largest logit difference
+   from the fast logits kept for them during the pass;
+2. tau = SAFETY x 2e: a measured bound with a safety multiple, not a proof;
+3. every sample whose margin is <= tau goes through the reference's code as well, batched;
+4. those samples (and the calibration samples) take the reference's prediction, top-k hit,
+   classes and fp32 loss; the counts are then recomputed from the per-sample values.
+
+Non-finite logits have no error bound: their margin is 0 (always rechecked), and a non-finite
+difference on a calibration sample makes tau infinite (every sample is rechecked).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+
+import torch
+from torch import nn
+
+from .errors import FastevalError
+from .preprocess import PreprocessSpec
+from .reference import reference_logits, score_batch
+from .samples import SampleList
+
+EXACT_MODES = ("auto", "on", "off")
+CALIBRATION_SAMPLES = 8  # reference-evaluated samples that measure the fast path's logit error
+SAFETY = 3.0  # tau = SAFETY x the largest change of a logit difference seen (2 x the logit error)
+
+
+def resolve_exact(mode: str) -> tuple[bool, str]:
+    """Whether the recheck runs, and why. ``auto`` is on whenever the fast path is not the reference's
+    own arithmetic, which it never is (channels-last and compiled kernels, mixed precision, DALI's pixels
+    differ from the reference's in the last bits), so ``auto`` is ``on``; ``off`` keeps the fast values."""
+    if mode not in EXACT_MODES:
+        raise FastevalError(f"unknown --exact {mode!r}; choose from {', '.join(EXACT_MODES)}")
+    if mode == "off":
+        return False, "--exact off: counts are the fast path's own"
+    return True, "the fast path's arithmetic differs from the reference's: near-ties are rechecked"
+
+
+def calibration_positions(num_samples: int, count: int = CALIBRATION_SAMPLES) -> list[int]:
+    """``count`` sample indices spread evenly over the dataset (every class region, first and last)."""
+    if num_samples <= count:
+        return list(range(num_samples))
+    return sorted({round(i * (num_samples - 1) / (count - 1)) for i in range(count)})
+
+
+def max_logit_error(fast: torch.Tensor, reference: torch.Tensor) -> float:
+    """The largest |fast - reference| over all logits; inf where one side is not finite and they differ."""
+    same = (fast == reference) | (torch.isnan(fast) & torch.isnan(reference))
+    diff = torch.where(same, 0.0, (fast.double() - reference.double()).abs())
+    diff = torch.where(torch.isnan(diff), math.inf, diff)
+    return float(diff.max()) if diff.numel() else 0.0
+
+
+def apply_reference(outputs: dict[str, torch.Tensor], samples: SampleList, indices: list[int],
+                    logits: torch.Tensor):
+    """Write the reference's per-sample values (``score_batch`` on its ``logits`` of the samples at
+    ``indices``) into ``outputs`` in place, marking them rechecked; returns the score."""
+    score = score_batch(logits, torch.tensor(samples.labels)[indices])
+    outputs["pred"][indices] = score.predicted
+    outputs["topk_hit"][indices] = score.topk_hits
+    outputs["topk_idx"][indices] = score.topk_classes
+    outputs["loss"][indices] = score.losses
+    outputs["confidence"][indices] = score.confidences
+    outputs["margin"][indices] = score.margins
+    outputs["rechecked"][indices] = True
+    return score
+
+
+def recheck(samples: SampleList, outputs: dict[str, torch.Tensor], calibration: list[int],
+            calibration_logits: torch.Tensor, model: nn.Module, spec: PreprocessSpec, *, batch_size: int,
+            workers: int, device: torch.device) -> tuple[dict[str, torch.Tensor], dict]:
+    """Replace the fast per-sample ``outputs`` (sample order, CPU) of near-tie samples by the reference's.
+
+    ``calibration_logits`` are the fast logits of the ``calibration`` samples, kept during the pass.
+    Returns the new outputs and the report of the recheck."""
+    start = time.perf_counter()
+    run = dict(batch_size=batch_size, workers=workers, device=device)
+    ref_calibration = reference_logits(samples, calibration, model, spec, **run)
+    error = max_logit_error(calibration_logits, ref_calibration)
+    tau = SAFETY * 2 * error
+    gated = (outputs["margin"] <= tau) & ~outputs["rechecked"]
+    gated[calibration] = False
+    more = gated.nonzero().flatten().tolist()
+    ref_more = reference_logits(samples, more, model, spec, **run) if more else ref_calibration[:0]
+    indices = calibration + more
+    ref_logits = torch.cat([ref_calibration, ref_more])
+    before = {key: outputs[key][indices].clone() for key in ("pred", "topk_hit", "loss")}
+    new = {key: value.clone() for key, value in outputs.items()}
+    score = apply_reference(new, samples, indices, ref_logits)
+    loss_error = (before["loss"][:len(calibration)].double() - score.losses[:len(calibration)].double())
+    report = {
+        "enabled": True,
+        "tau": tau,
+        "safety": SAFETY,
+        "calibration_samples": len(calibration),
+        "max_logit_error": error,
+        "gated": len(more),
+        "rechecked": len(indices),
+        "changed_top1": int((before["pred"] != score.predicted).sum()),
+        "changed_top5": int((before["topk_hit"] != score.topk_hits).sum()),
+        "calibration_loss_error_mean": float(loss_error.mean()) if len(loss_error) else 0.0,
+        "calibration_loss_error_max": float(loss_error.abs().max()) if len(loss_error) else 0.0,
+        "seconds": time.perf_counter() - start,
+    }
+    return new, report
