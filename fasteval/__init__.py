@@ -1,7 +1,21 @@
-"""fasteval: exact, fast evaluation of image classifiers on ImageFolder datasets."""
+"""fasteval: exact, fast evaluation of image classifiers on ImageFolder datasets.
 
-from .kernels.accumulator import MetricsAccumulator
-from .kernels.fused_metrics import BatchMetrics, fused_metrics
+The kernel API is imported on first use, so that ``fasteval --help`` and argument errors do not
+pay for importing torch and triton.
+"""
+
+from __future__ import annotations
+
+import importlib
 
 __all__ = ["BatchMetrics", "MetricsAccumulator", "fused_metrics"]
 __version__ = "0.1.0"
+
+_LAZY = {"BatchMetrics": ".kernels.fused_metrics", "fused_metrics": ".kernels.fused_metrics",
+         "MetricsAccumulator": ".kernels.accumulator"}
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        return getattr(importlib.import_module(_LAZY[name], __name__), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -146,3 +146,21 @@ def test_cli_exact_option_and_prediction_columns(small_data, weights_3cls, tmp_p
         top = [int(c) for c in r["top5"].split()]
         assert len(top) == 3 and top[0] == int(r["prediction"])  # 3 classes: all of them, best first
         assert 0 < float(r["confidence"]) <= 1 and float(r["margin"]) >= 0
+
+
+def test_metrics_fall_back_to_the_twin_when_triton_cannot_run(small_data, model_3cls, small_spec, monkeypatch,
+                                                              capsys):
+    """Triton builds a C launcher at run time: where it cannot, the run goes on with the PyTorch twin."""
+    import fasteval.fast
+    import fasteval.kernels.fused_metrics as fm
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("Failed to build the launcher: gcc not found")
+
+    monkeypatch.setattr(fasteval.fast, "resolve_backend", lambda backend, device: "triton")
+    monkeypatch.setattr(fm, "metrics_triton", broken)
+    samples = discover(small_data)
+    fast = _fast(samples, model_3cls, small_spec, "off", precision="fp32")
+    err = capsys.readouterr().err
+    assert fast.extra["metrics_backend"] == "torch" and fast.samples == 21
+    assert err.count("warning: the Triton metrics kernel cannot run") == 1 and "Traceback" not in err
