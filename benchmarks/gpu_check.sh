@@ -2,24 +2,34 @@
 # GPU check: run on a CUDA machine with no network, from the repository root or anywhere.
 #   bash benchmarks/gpu_check.sh OUT_DIR
 # Installs the working tree without dependencies (the GPU machines have torch, torchvision,
-# triton, pytest and pytest-benchmark, maybe not DALI), runs the `cuda` tests, benchmarks the
-# fused kernel, then `fasteval bench` on 5,000 generated ImageNet-like JPEGs with every loader
-# that can run. Writes logs, JSON and summary.json into OUT_DIR, naming every path it could not
-# run. Meant to finish in under 8 minutes. GPU_CHECK_CLASSES/GPU_CHECK_PER_CLASS shrink the
-# dataset for a dry run of the plumbing on a CPU machine.
+# triton, pytest and pytest-benchmark, maybe not DALI), runs every test that can use the GPU,
+# benchmarks the fused kernel, then `fasteval bench` on 5,000 generated ImageNet-like JPEGs with
+# every loader that can run. Writes logs, JSON and summary.json into OUT_DIR, and prints which
+# paths ran (DALI or not, the Triton kernel or its PyTorch twin), naming every path it could not
+# run. Meant to finish in under 10 minutes. GPU_CHECK_CLASSES/GPU_CHECK_PER_CLASS shrink the
+# dataset for a dry run of the plumbing on a CPU machine. Works on Python 3.10 (no `python -P`).
 set -uo pipefail
 OUT_DIR="$(mkdir -p "${1:?usage: benchmarks/gpu_check.sh OUT_DIR}" && cd "$1" && pwd)"
-cd "$(dirname "$0")/.."
+REPO="$(cd "$(dirname "$0")/.." && pwd)"
+cd "$REPO"
 PY="${PYTHON:-python3}"
 LOG="$OUT_DIR/gpu_check.log"
 log() { echo "[gpu_check $(date +%T)] $*" | tee -a "$LOG"; }
 START=$(date +%s)
+WORK="$(mktemp -d)"
+export FASTEVAL_CACHE="$WORK/cache"
+# Python runs from an empty folder, so that the source folder (whose fasteval/ has no kernels/)
+# is never imported in place of the installed package: what `python -P` does on 3.11+.
+# `tpy SECONDS ARGS...` is `py ARGS...` under a time limit.
+py() { (cd "$WORK" && "$PY" "$@"); }
+tpy() { local limit=$1; shift; (cd "$WORK" && timeout "$limit" "$PY" "$@"); }
+PYTEST=(-m pytest -c "$REPO/pyproject.toml" --rootdir "$REPO" -p no:cacheprovider)
 
 nvidia-smi > "$OUT_DIR/nvidia-smi.txt" 2>&1 || log "nvidia-smi failed"
 
 # 1. Install without dependencies; where pip cannot, lay the package out by hand
 #    (kernels/ becomes fasteval/kernels, as the wheel installs it).
-if "$PY" -m pip install -q --no-deps --no-build-isolation --no-index -e . > "$OUT_DIR/install.log" 2>&1; then
+if py -m pip install -q --no-deps --no-build-isolation --no-index -e "$REPO" > "$OUT_DIR/install.log" 2>&1; then
     log "installed with pip (editable, no deps)"
 else
     SITE="$(mktemp -d)"
@@ -27,7 +37,7 @@ else
     export PYTHONPATH="$SITE${PYTHONPATH:+:$PYTHONPATH}"
     log "pip install failed (see install.log); using a copy on PYTHONPATH=$SITE"
 fi
-"$PY" -P - > "$OUT_DIR/environment.json" <<'PY'
+py - > "$OUT_DIR/environment.json" <<'PY'
 import json, torch
 from fasteval.report import environment
 from fasteval.loader_dali import dali_available
@@ -35,63 +45,133 @@ env = environment("cuda" if torch.cuda.is_available() else "cpu")
 env["dali_importable"] = dali_available()
 print(json.dumps(env, indent=2))
 PY
-DALI=$("$PY" -P -c "from fasteval.loader_dali import dali_available; print(int(dali_available()))" 2>/dev/null || echo 0)
+DALI=$(py -c "from fasteval.loader_dali import dali_available; print(int(dali_available()))" 2>/dev/null || echo 0)
 log "DALI importable: $DALI"
+# The Triton kernel on the GPU, once, outside pytest: whether it builds and launches here.
+py - > "$OUT_DIR/triton_probe.txt" 2>&1 <<'PY'
+import torch
+from fasteval.kernels.fused_metrics import metrics_torch, metrics_triton
+x = torch.randn(33, 1000, device="cuda")
+y = torch.randint(0, 1000, (33,), device="cuda")
+m, t = metrics_triton(x, y), metrics_torch(x, y)
+assert torch.equal(m.pred, t.pred) and int(m.correct) == int(t.correct)
+print("triton kernel: ran on", torch.cuda.get_device_name())
+PY
+log "$(tail -1 "$OUT_DIR/triton_probe.txt")"
 
-# 2. The cuda-marked tests (-P: never import the source folder in place of the installed package).
-WORK="$(mktemp -d)"
-export FASTEVAL_CACHE="$WORK/cache"
-timeout 240 "$PY" -P -m pytest tests -m cuda -q -p no:cacheprovider -rA > "$OUT_DIR/cuda_tests.log" 2>&1
-log "cuda tests exit code $? ($(tail -1 "$OUT_DIR/cuda_tests.log"))"
+# 2. Every test that can use the GPU: those marked `cuda`, and every test of a file that picks its
+#    device with torch.cuda.is_available() (the kernel's device-parametrised edge cases).
+GPU_FILES=$(grep -l "torch.cuda.is_available()" tests/test_*.py | tr '\n' ' ')
+log "device-parametrised test files: $GPU_FILES"
+tpy 240 "${PYTEST[@]}" "$REPO/tests" -m cuda -q -rA > "$OUT_DIR/cuda_tests.log" 2>&1
+log "cuda-marked tests exit code $? ($(tail -1 "$OUT_DIR/cuda_tests.log"))"
+# shellcheck disable=SC2046
+tpy 300 "${PYTEST[@]}" $(for f in $GPU_FILES; do echo "$REPO/$f"; done) -m "not cuda" -q -rA \
+    > "$OUT_DIR/device_tests.log" 2>&1
+log "device-parametrised tests exit code $? ($(tail -1 "$OUT_DIR/device_tests.log"))"
 
 # 3. The fused kernel against eager and compiled PyTorch (B=256 C=1000 and B=1024 C=21843).
-timeout 150 "$PY" -P -m pytest benchmarks/bench_kernel.py -m cuda -k "B256-C1000 or B1024-C21843" -q \
-    -p no:cacheprovider --benchmark-only --benchmark-group-by=group --benchmark-columns=median,ops \
+tpy 150 "${PYTEST[@]}" "$REPO/benchmarks/bench_kernel.py" -m cuda -k "B256-C1000 or B1024-C21843" -q \
+    --benchmark-only --benchmark-group-by=group --benchmark-columns=median,ops \
     --benchmark-json "$OUT_DIR/kernel_bench.json" > "$OUT_DIR/kernel_bench.txt" 2>&1
 log "kernel benchmark exit code $?"
 
 # 4. fasteval bench on 5,000 ImageNet-like JPEGs with every loader that can run here.
 DATA="$WORK/imagenet_like"
-"$PY" -P -m fasteval synth "$DATA" --classes "${GPU_CHECK_CLASSES:-50}" --per-class "${GPU_CHECK_PER_CLASS:-100}" \
+py -m fasteval synth "$DATA" --classes "${GPU_CHECK_CLASSES:-50}" --per-class "${GPU_CHECK_PER_CLASS:-100}" \
     > "$OUT_DIR/synth.log" 2>&1
 log "synth: $(tail -1 "$OUT_DIR/synth.log")"
+# The reference's DataLoader keeps about 2 float32 batches per worker in /dev/shm (154 MB per batch
+# of 256 at 224x224): 16 workers need about 5 GB. Use no more workers than /dev/shm holds.
 WORKERS=$(( $(nproc) < 16 ? $(nproc) : 16 ))
+SHM_MB=$(df -Pm /dev/shm 2>/dev/null | awk 'NR == 2 {print $4}')
+if [ -n "$SHM_MB" ]; then
+    FIT=$(( SHM_MB * 10 / 12 / (2 * 154) ))
+    if [ "$FIT" -lt "$WORKERS" ]; then
+        log "/dev/shm has $SHM_MB MB free: --workers $FIT instead of $WORKERS (the reference's batches live there)"
+        WORKERS=$FIT
+    fi
+fi
 LOADERS="torchvision"
 if [ "$DALI" = "1" ]; then LOADERS="dali torchvision"; else log "SKIPPED: --loader dali (DALI is not installed here)"; fi
 for loader in $LOADERS; do
-    timeout 200 "$PY" -P -m fasteval bench "$DATA" --loader "$loader" --batch-size 256 --workers "$WORKERS" \
+    tpy 200 -m fasteval bench "$DATA" --loader "$loader" --batch-size 256 --workers "$WORKERS" \
         --repeats 3 --no-progress --json "$OUT_DIR/bench_$loader.json" > "$OUT_DIR/bench_$loader.txt" 2>&1
     log "bench --loader $loader exit code $?"
 done
 
-# 5. One summary.
-"$PY" -P - "$OUT_DIR" "$DALI" "$(( $(date +%s) - START ))" > "$OUT_DIR/summary.json" <<'PY'
+# 5. One summary, with the paths that ran.
+py - "$OUT_DIR" "$DALI" "$(( $(date +%s) - START ))" > "$OUT_DIR/summary.json" <<'PY'
 import json, os, re, sys
 out, dali, seconds = sys.argv[1], sys.argv[2] == "1", int(sys.argv[3])
+
+
+def read(name):
+    path = os.path.join(out, name)
+    return open(path).read() if os.path.exists(path) else ""
+
+
+def outcomes(log):
+    """Outcome counts of the `-rA` summary lines, per path named in the test ids."""
+    counts = {}
+    for outcome, times, test in re.findall(r"^(PASSED|FAILED|ERROR|SKIPPED|XFAIL|XPASS) (?:\[(\d+)\] )?(\S+)",
+                                           log, re.M):
+        params = set(re.split(r"[\[\]-]", test))  # the parameter ids, e.g. [dtype0-triton]
+        paths = [p for p in ("triton", "torch", "dali", "decode_jpeg", "torchvision") if p in params] or ["other"]
+        for p in paths:
+            counts.setdefault(p, {}).setdefault(outcome.lower(), 0)
+            counts[p][outcome.lower()] += int(times or 1)
+    return counts
+
+
 summary = {"seconds": seconds, "environment": json.load(open(os.path.join(out, "environment.json"))),
            "not_run": [] if dali else ["dali loader (DALI not installed)"]}
-tests = open(os.path.join(out, "cuda_tests.log")).read().strip().splitlines()
-summary["cuda_tests"] = tests[-1] if tests else "no output"
+probe = read("triton_probe.txt").strip().splitlines()
+summary["triton_probe"] = probe[-1] if probe else "no output"
+for name in ("cuda_tests", "device_tests"):
+    log = read(f"{name}.log").strip()
+    summary[name] = log.splitlines()[-1] if log else "no output"
+    summary[f"{name}_by_path"] = outcomes(log)
 try:
     kb = json.load(open(os.path.join(out, "kernel_bench.json")))
     summary["kernel_median_us"] = {b["name"]: round(b["stats"]["median"] * 1e6, 2) for b in kb["benchmarks"]}
 except Exception as exc:
     summary["not_run"].append(f"kernel benchmark ({exc})")
+paths = []
 for name in sorted(os.listdir(out)):
     m = re.fullmatch(r"bench_(\w+)\.json", name)
     if not m:
         continue
     b = json.load(open(os.path.join(out, name)))
+    fast = b["fast"]
     summary[f"bench_{m.group(1)}"] = {
         "speedup": b["speedup"], "agreement": b["agreement"],
         "reference_images_per_sec": b["reference"]["images_per_sec"],
-        "fast_images_per_sec": b["fast"]["images_per_sec"], "loader": b["fast"]["loader"],
-        "precision": b["fast"]["precision"], "compile": b["fast"]["compile"],
-        "warmup_seconds": b["fast"]["warmup_seconds"], "stages": b["stages"], "verdict": b["verdict"],
+        "fast_images_per_sec": fast["images_per_sec"], "loader": fast["loader"],
+        "metrics_backend": fast.get("metrics_backend"), "precision": fast["precision"], "compile": fast["compile"],
+        "warmup_seconds": fast["warmup_seconds"], "stages": b["stages"], "verdict": b["verdict"],
     }
+    paths.append(f"--loader {m.group(1)}: loader {fast['loader']}, metrics {fast.get('metrics_backend')}, "
+                 f"{fast['precision']}, compile {fast['compile']}")
 for loader in (["dali"] if dali else []) + ["torchvision"]:
     if f"bench_{loader}" not in summary:
         summary["not_run"].append(f"bench --loader {loader} (failed: see bench_{loader}.txt)")
+summary["paths"] = paths
 print(json.dumps(summary, indent=2))
+PY
+py - "$OUT_DIR/summary.json" <<'PY' | tee -a "$LOG"
+import json, sys
+s = json.load(open(sys.argv[1]))
+print("paths that ran:")
+print(f"  DALI: {'installed' if s['environment'].get('dali_importable') else 'not installed (DALI paths not run)'}")
+print(f"  Triton kernel probe: {s['triton_probe']}")
+for name in ("cuda_tests", "device_tests"):
+    print(f"  {name}: {s[name]}")
+    for path, counts in sorted(s[f"{name}_by_path"].items()):
+        print(f"    {path}: {', '.join(f'{k} {v}' for k, v in sorted(counts.items()))}")
+for line in s["paths"]:
+    print(f"  bench {line}")
+for item in s["not_run"]:
+    print(f"  NOT RUN: {item}")
 PY
 log "done in $(( $(date +%s) - START )) s; summary in $OUT_DIR/summary.json"

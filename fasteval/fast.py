@@ -16,7 +16,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from .devices import synchronize
+from .devices import synchronize, use_device
 from .errors import first_line
 from .exact import apply_reference, calibration_positions, recheck, resolve_exact
 from .inference import DTYPES, FastModel, resolve_precision
@@ -62,6 +62,7 @@ class FastEvaluator:
         # A static batch larger than the dataset would be mostly padding: clamp it.
         options = replace(options, batch_size=min(options.batch_size, len(samples)))
         check_batchable(spec, samples.paths)
+        device = use_device(device)  # work not given a device (Triton, nvJPEG, pinning) runs on it
         self.samples, self.spec, self.device, self.options = samples, spec, device, options
         self.exact, self.exact_reason = resolve_exact(options.exact)
         self.precision = resolve_precision(options.precision, device)

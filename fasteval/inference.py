@@ -33,8 +33,14 @@ def cpu_has_fast_bf16() -> bool:
     return False
 
 
+def cuda_has_native_bf16(device: torch.device) -> bool:
+    """Compute capability 8.0+ (Ampere on): bf16 tensor cores. ``torch.cuda.is_bf16_supported()``
+    also counts emulation, so it says yes on Turing and Volta, where bf16 is emulated and slow."""
+    return torch.cuda.get_device_capability(device) >= (8, 0)
+
+
 def resolve_precision(requested: str, device: torch.device) -> str:
-    """``auto``: bf16 on GPUs that support it (else fp16) and on CPUs with fast bf16, else fp32."""
+    """``auto``: bf16 on GPUs with native bf16 (else fp16) and on CPUs with fast bf16, else fp32."""
     if requested not in PRECISIONS:
         raise FastevalError(f"unknown --precision {requested!r}; choose from {', '.join(PRECISIONS)}")
     if requested != "auto":
@@ -42,7 +48,7 @@ def resolve_precision(requested: str, device: torch.device) -> str:
             raise FastevalError("--precision fp16 is not supported on the CPU; use bf16 or fp32")
         return requested
     if device.type == "cuda":
-        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+        return "bf16" if cuda_has_native_bf16(device) else "fp16"
     return "bf16" if cpu_has_fast_bf16() else "fp32"
 
 

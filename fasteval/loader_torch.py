@@ -2,6 +2,9 @@
 
 Both keep images as uint8 until they reach the device, where a single normalisation
 produces the model's channels-last float input; the last batch is padded to the static size.
+Per batch, neither makes the host wait for the device: host tensors go to the GPU from pinned
+memory with ``non_blocking=True``, padding is made on the device, and no device tensor is indexed
+with a host list (``tests/test_sync_free.py`` checks all three on fake CUDA tensors).
 """
 
 from __future__ import annotations
@@ -20,6 +23,15 @@ from .reference import load_rgb
 from .samples import SampleList
 
 
+def to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A host tensor on ``device`` without making the host wait: on CUDA, from pinned memory with
+    ``non_blocking`` (a copy from pageable memory, or a blocking one, waits for the stream).
+    ``pin_memory()`` returns the tensor itself when it is already pinned (DataLoader's pin thread)."""
+    if device.type != "cuda":
+        return t.to(device)
+    return t.pin_memory().to(device, non_blocking=True)
+
+
 class Normalizer:
     """uint8 NCHW -> normalised float, channels-last, on the device: (x / 255 - mean) / std."""
 
@@ -34,6 +46,7 @@ class Normalizer:
 
 
 def _pad(images: torch.Tensor, labels: torch.Tensor, size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Zero rows up to the static batch size, made where the tensors already are (the device)."""
     missing = size - images.shape[0]
     if missing == 0:
         return images, labels
@@ -72,13 +85,16 @@ class TorchvisionLoader:
                                  pin_memory=device.type == "cuda", persistent_workers=workers > 0,
                                  prefetch_factor=4 if workers > 0 else None)
 
+    def to_batch(self, images: torch.Tensor, labels: torch.Tensor) -> Batch:
+        """A collated host batch (pinned by the DataLoader on CUDA) -> the model's padded device batch.
+        Padding after the copy: a host-side ``torch.cat`` would make an unpinned tensor."""
+        real = images.shape[0]
+        images, labels = _pad(to_device(images, self.device), to_device(labels, self.device), self.batch_size)
+        return Batch(self.normalize(images), labels, real)
+
     def __iter__(self) -> Iterator[Batch]:
         for images, labels in self.loader:
-            real = images.shape[0]
-            images, labels = _pad(images, labels, self.batch_size)
-            images = images.to(self.device, non_blocking=True)
-            labels = labels.to(self.device, non_blocking=True)
-            yield Batch(self.normalize(images), labels, real)
+            yield self.to_batch(images, labels)
 
 
 def _pil_rgb(path: str):
@@ -115,7 +131,7 @@ class EncodedBatch(NamedTuple):
     blob: torch.Tensor  # uint8: the JPEG files back to back
     sizes: list[int]  # bytes of each JPEG in the blob, in batch order; 0 where the file is not a JPEG
     decoded: list  # HWC uint8 arrays for the non-JPEG files (None for JPEGs)
-    labels: list[int]
+    labels: torch.Tensor  # int64 [n], on the host
     paths: list[str]
 
 
@@ -123,7 +139,8 @@ def _collate(items) -> EncodedBatch:
     encoded, decoded, labels, paths = (list(column) for column in zip(*items))
     jpegs = [data for data in encoded if data is not None]
     blob = torch.frombuffer(bytearray(b"".join(jpegs)), dtype=torch.uint8) if jpegs else torch.zeros(0).byte()
-    return EncodedBatch(blob, [len(data) if data is not None else 0 for data in encoded], decoded, labels, paths)
+    return EncodedBatch(blob, [len(data) if data is not None else 0 for data in encoded], decoded,
+                        torch.tensor(labels, dtype=torch.int64), paths)
 
 
 # torchvision 0.29 deprecates its image decoders in favour of TorchCodec; nvJPEG through
@@ -133,7 +150,12 @@ warnings.filterwarnings("ignore", message="The image decoding and encoding capab
 
 
 class GpuDecodeLoader:
-    """torchvision.io.decode_jpeg on the CUDA device (nvJPEG, batched), resize and crop on the GPU."""
+    """torchvision.io.decode_jpeg on the CUDA device (nvJPEG, batched), resize and crop on the GPU.
+
+    nvJPEG runs on a stream of its own, so its outputs are allocated on a dedicated decode stream
+    (see ``_decode_jpegs``). Everything after the decode runs on the current stream, with no host
+    sync: see ``_geometry`` and ``assemble``.
+    """
 
     name = "torchvision-gpu"
 
@@ -143,56 +165,102 @@ class GpuDecodeLoader:
         self.normalize = Normalizer(spec, device, half)
         self.loader = DataLoader(_EncodedFiles(samples), batch_size=batch_size, num_workers=workers,
                                  collate_fn=_collate, persistent_workers=workers > 0)
+        self._decode_stream = None  # made on the first CUDA decode
 
     def _decode(self, batch_in: EncodedBatch) -> list[torch.Tensor]:
-        from torchvision.io import ImageReadMode, decode_jpeg
-
         sizes, paths = batch_in.sizes, batch_in.paths
         jpeg_at = [i for i, size in enumerate(sizes) if size]
-        out = [None if d is None else torch.from_numpy(d).permute(2, 0, 1).to(self.device) for d in batch_in.decoded]
+        out = [None if d is None else to_device(torch.from_numpy(d).permute(2, 0, 1), self.device)
+               for d in batch_in.decoded]
         if jpeg_at:
             batch = list(torch.split(batch_in.blob, [sizes[i] for i in jpeg_at]))
-            try:
-                images = decode_jpeg(batch, mode=ImageReadMode.RGB, device=self.device)
-            except RuntimeError:
-                images = [self._decode_one(data, paths[i]) for i, data in zip(jpeg_at, batch)]
-            for i, image in zip(jpeg_at, images):
+            for i, image in zip(jpeg_at, self._decode_jpegs(batch, [paths[i] for i in jpeg_at])):
                 out[i] = image
         return out
 
+    def _decode_jpegs(self, batch: list[torch.Tensor], paths: list[str]) -> list[torch.Tensor]:
+        """nvJPEG, ordered with the current stream.
+
+        torchvision's batched CUDA decode (``decode_jpegs_cuda.cpp``) allocates each output with
+        ``torch::empty`` on the caller's current stream, decodes on a pool stream of its own without
+        waiting for the caller's stream, then makes the caller's stream wait on an event. The caching
+        allocator may hand it a block the current stream has just freed while queued kernels (the
+        previous batch's model and metrics) still read it: nvJPEG could overwrite their input. So the
+        decode runs with a dedicated stream current: its outputs come from that stream's pool, where
+        nothing else runs, and torchvision's event wait lands on it; ``record_stream`` keeps each block
+        out of that pool until the current stream's uses of it are done, and ``wait_stream`` orders the
+        current stream after the decode. The host waits for the decode itself (torchvision synchronises
+        its own stream) but never for the current stream. torchvision blocks the stream of the device
+        that was current when its decoder was made, so the evaluation device is made current too.
+        """
+        if self.device.type != "cuda":
+            return self._decode_jpegs_here(batch, paths)
+        if self._decode_stream is None:
+            self._decode_stream = torch.cuda.Stream(self.device)
+        main = torch.cuda.current_stream(self.device)
+        with torch.cuda.device(self.device), torch.cuda.stream(self._decode_stream):
+            images = self._decode_jpegs_here(batch, paths)
+        main.wait_stream(self._decode_stream)
+        for image in images:
+            image.record_stream(main)
+        return images
+
+    def _decode_jpegs_here(self, batch: list[torch.Tensor], paths: list[str]) -> list[torch.Tensor]:
+        """One batched nvJPEG call; after a failure, file by file (nvJPEG alone, else PIL, else a named error)."""
+        from torchvision.io import ImageReadMode, decode_jpeg
+
+        try:
+            return decode_jpeg(batch, mode=ImageReadMode.RGB, device=self.device)
+        except RuntimeError:
+            return [self._decode_one(data, path) for data, path in zip(batch, paths)]
+
     def _decode_one(self, data: torch.Tensor, path: str) -> torch.Tensor:
-        """One file after a batched failure: nvJPEG alone, else PIL (e.g. CMYK), else a named error."""
         from torchvision.io import ImageReadMode, decode_jpeg
 
         try:
             return decode_jpeg(data, mode=ImageReadMode.RGB, device=self.device)
         except RuntimeError:
-            return torch.from_numpy(_pil_rgb(path)).permute(2, 0, 1).to(self.device)
+            return to_device(torch.from_numpy(_pil_rgb(path)).permute(2, 0, 1), self.device)
 
-    def _geometry(self, images: list[torch.Tensor]) -> torch.Tensor:
-        """Resize + crop on the device, one call per distinct input size (not one per image)."""
+    def _resize_crop(self, images: list[torch.Tensor], h: int, w: int) -> torch.Tensor:
         from torchvision.transforms.v2 import functional as F
 
         mode = getattr(F.InterpolationMode, self.spec.interpolation.upper())
+        stacked = images[0].unsqueeze(0) if len(images) == 1 else torch.stack(images)
+        group = F.resize(stacked, list(self.spec.resized_hw(h, w)), interpolation=mode,
+                         antialias=self.spec.antialias)
+        if self.spec.crop is not None:
+            top, left = self.spec.crop_offsets(h, w)
+            group = group[:, :, top:top + self.spec.crop, left:left + self.spec.crop]
+        return group
+
+    def _geometry(self, images: list[torch.Tensor]) -> torch.Tensor:
+        """Resize + crop on the device, one call per distinct input size (not one per image).
+
+        The groups go back into batch order by ``index_copy_`` with one index tensor copied from
+        pinned memory without blocking. Writing ``out[idx] = group`` with ``idx`` a Python list would
+        copy the list with a blocking transfer: a host sync per distinct size (about one per image on
+        ImageNet), each also waiting for the previous batch's model."""
         by_size: dict[tuple[int, int], list[int]] = {}
         for i, image in enumerate(images):
             by_size.setdefault(tuple(image.shape[-2:]), []).append(i)
-        out = None
-        for (h, w), idx in by_size.items():
-            group = F.resize(torch.stack([images[i] for i in idx]), list(self.spec.resized_hw(h, w)),
-                             interpolation=mode, antialias=self.spec.antialias)
-            if self.spec.crop is not None:
-                top, left = self.spec.crop_offsets(h, w)
-                group = group[:, :, top:top + self.spec.crop, left:left + self.spec.crop]
-            if out is None:
-                out = group.new_empty((len(images), *group.shape[1:]))
-            out[idx] = group
+        groups = [(idx, self._resize_crop([images[i] for i in idx], h, w)) for (h, w), idx in by_size.items()]
+        if len(groups) == 1:
+            return groups[0][1]
+        order = to_device(torch.tensor([i for idx, _ in groups for i in idx], dtype=torch.int64), self.device)
+        out = groups[0][1].new_empty((len(images), *groups[0][1].shape[1:]))
+        start = 0
+        for idx, group in groups:
+            out.index_copy_(0, order[start:start + len(idx)], group)
+            start += len(idx)
         return out
+
+    def assemble(self, images: list[torch.Tensor], labels: torch.Tensor) -> Batch:
+        """Decoded CHW uint8 device images and host labels -> the model's padded, normalised batch."""
+        real = len(images)
+        out, labels = _pad(self._geometry(images), to_device(labels, self.device), self.batch_size)
+        return Batch(self.normalize(out), labels, real)
 
     def __iter__(self) -> Iterator[Batch]:
         for batch_in in self.loader:
-            images = self._geometry(self._decode(batch_in))
-            labels = torch.tensor(batch_in.labels, dtype=torch.int64)
-            real = images.shape[0]
-            images, labels = _pad(images, labels, self.batch_size)
-            yield Batch(self.normalize(images), labels.to(self.device, non_blocking=True), real)
+            yield self.assemble(self._decode(batch_in), batch_in.labels)
