@@ -77,7 +77,8 @@ class FastEvaluator:
         self.reference_model = None
         if self.reference_only or self.exact:
             self.reference_model = copy.deepcopy(model).to(device).eval()
-        keep_head_fp32(model)
+        self.logits_dtype = torch.float32 if keep_head_fp32(model) or self.precision == "fp32" else \
+            DTYPES[self.precision]
         self.model = FastModel(model, device, self.precision, options.compile)
         self.calibration = [self.main[p] for p in calibration_positions(len(self.main))] if self.exact else []
         self.loader = None
@@ -101,9 +102,9 @@ class FastEvaluator:
     def _warm_up_metrics(self, example: torch.Tensor) -> None:
         """Run the metrics once on the warm-up logits (Triton compiles and builds its launcher here,
         not in the timed loop); where Triton cannot run, fall back to the PyTorch twin, with one line."""
-        dtype = DTYPES[self.precision] if self.precision != "fp32" else torch.float32
         with torch.inference_mode():
-            logits = torch.zeros(example.shape[0], self.samples.num_classes, dtype=dtype, device=self.device)
+            logits = torch.zeros(example.shape[0], self.samples.num_classes, dtype=self.logits_dtype,
+                                 device=self.device)
             labels = torch.zeros(logits.shape[0], dtype=torch.int64, device=self.device)
             try:
                 MetricsAccumulator(logits.shape[0], self.device, topk=TOPK,
@@ -191,14 +192,16 @@ class Fp32Head(nn.Module):
             return self.head(features.float())
 
 
-def keep_head_fp32(model: nn.Module) -> None:
-    """Wrap the model's last ``nn.Linear`` (torchvision classifiers' head) in ``Fp32Head``, in place."""
+def keep_head_fp32(model: nn.Module) -> bool:
+    """Wrap the model's last ``nn.Linear`` (torchvision classifiers' head) in ``Fp32Head``, in place;
+    False where there is none (a convolutional head, as SqueezeNet's)."""
     name = next((n for n, m in reversed(list(model.named_modules())) if isinstance(m, nn.Linear)), None)
     if name is None:
-        return
+        return False
     parent_name, _, child = name.rpartition(".")
     parent = model.get_submodule(parent_name) if parent_name else model
     setattr(parent, child, Fp32Head(getattr(parent, child)))
+    return True
 
 
 def empty_outputs(num_samples: int) -> dict[str, torch.Tensor]:
