@@ -6,7 +6,7 @@ import argparse
 import os
 import sys
 
-from .errors import FastevalError, one_line
+from .errors import FastevalError, Terminated, describe_error
 
 
 def _int_at_least(minimum: int):
@@ -85,18 +85,44 @@ def build_parser() -> argparse.ArgumentParser:
     sy.add_argument("--size", default="imagenet", help="imagenet (varied, around 500x375) or WxH, e.g. 100x100")
     sy.add_argument("--seed", type=int, default=0)
     sy.add_argument("--quality", type=_positive_int, default=90, help="JPEG quality (default 90)")
+    sy.add_argument("--overwrite", action="store_true", help="replace the contents of a non-empty OUT")
     sy.add_argument("--debug", action="store_true", help="show tracebacks")
     return parser
 
 
+def _check_options(args) -> None:
+    """Every option and output path, checked before any work whatever the mode (``--reference`` too)."""
+    from .devices import resolve_device
+    from .exact import resolve_exact
+    from .inference import resolve_precision
+    from .loaders import resolve_loader
+    from .outputs import check_distinct, check_output_file
+    from .preprocess import get_spec
+
+    get_spec(args.preset, args.resize, args.crop)
+    resolve_precision(args.precision, resolve_device(args.device))
+    resolve_loader(args.loader)
+    resolve_exact(args.exact)
+    outputs = {option: getattr(args, name, None)
+               for option, name in (("--json", "json"), ("--predictions", "predictions"), ("--plot", "plot"))}
+    inputs = {"--weights": args.weights} if args.weights and os.path.isfile(args.weights) else {}
+    check_distinct({**inputs, **outputs})
+    for option, path in outputs.items():
+        if path:
+            check_output_file(path, option)
+
+
 def _prepare(args):
-    """Resolve the dataset, model, spec and device shared by every run."""
+    """Resolve the dataset, model, spec and device shared by every run; refuse what cannot run
+    (options, outputs, a model that does not take the input size, undecodable files) before any work."""
     from .demo import ensure_demo
     from .devices import resolve_device
-    from .models import build_model
-    from .preprocess import get_spec
+    from .models import build_model, check_input_fits
+    from .preprocess import check_memory, get_spec
+    from .probe import check_headers, probe
     from .samples import discover
 
+    _check_options(args)
     weights = args.weights
     data = args.data
     if data is None:
@@ -110,6 +136,12 @@ def _prepare(args):
     spec = get_spec(args.preset, args.resize, args.crop)
     device = resolve_device(args.device, make_current=True)
     model = build_model(args.arch, weights, samples.num_classes)
+    first = probe(samples.paths[0])
+    if first.size is not None:
+        image_hw = (first.size[1], first.size[0])
+        check_memory(spec, image_hw, min(args.batch_size, len(samples)), args.workers)
+        check_input_fits(model, args.arch, spec, spec.output_hw(*image_hw))
+    check_headers(samples)
     config = {
         "path": os.path.abspath(data),
         "arch": args.arch,
@@ -117,7 +149,8 @@ def _prepare(args):
         "preset": spec.name,
         "resize": spec.resize,
         "crop": spec.crop,
-        "batch_size": args.batch_size,
+        "batch_size": min(args.batch_size, len(samples)),  # what both paths use on a smaller dataset
+        "batch_size_requested": args.batch_size,
         "workers": args.workers,
         "device": str(device),
         "classes": samples.num_classes,
@@ -174,7 +207,8 @@ def cmd_bench(args) -> int:
     samples, spec, device, model, config = _prepare(args)
     result = run_bench(samples, model, spec, device, fast_options(args), repeats=args.repeats,
                        progress=not args.no_progress)
-    result["config"].update(arch=config["arch"], weights=config["weights"], preset=spec.name)
+    result["config"].update(arch=config["arch"], weights=config["weights"], preset=spec.name,
+                            batch_size=config["batch_size"], batch_size_requested=config["batch_size_requested"])
     print(format_bench(result))
     if args.json:
         write_json(result, args.json)
@@ -186,7 +220,8 @@ def cmd_bench(args) -> int:
 def cmd_synth(args) -> int:
     from .synth import synth_dataset
 
-    out = synth_dataset(args.out, args.classes, args.per_class, args.size, args.seed, args.quality)
+    out = synth_dataset(args.out, args.classes, args.per_class, args.size, args.seed, args.quality,
+                        overwrite=args.overwrite)
     print(f"wrote {args.classes * args.per_class} images in {args.classes} classes to {out}")
     return 0
 
@@ -195,14 +230,26 @@ COMMANDS = {"eval": cmd_eval, "bench": cmd_bench, "synth": cmd_synth}
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run a command. Any error is one line on stderr and exit code 2 (``--debug``: the traceback);
+    Ctrl-C exits 130 and SIGTERM 143, both after cleaning up (temporary folders, worker processes)."""
+    from .procs import sigterm_raises
+
     args = build_parser().parse_args(argv)
     try:
-        return COMMANDS[args.command](args)
-    except FastevalError as exc:
-        if args.debug:
-            raise
-        print(f"fasteval: error: {one_line(exc)}", file=sys.stderr)
-        return 2
+        with sigterm_raises():
+            return COMMANDS[args.command](args)
     except KeyboardInterrupt:
         print("fasteval: interrupted", file=sys.stderr)
         return 130
+    except Terminated:
+        print("fasteval: terminated (SIGTERM)", file=sys.stderr)
+        return 143
+    except BrokenPipeError:  # stdout closed early (``| head``): no second error when Python flushes it at exit
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        print("fasteval: error: stdout was closed before the report was written (broken pipe)", file=sys.stderr)
+        return 2
+    except Exception as exc:
+        if args.debug:
+            raise
+        print(f"fasteval: error: {describe_error(exc)}", file=sys.stderr)
+        return 2

@@ -6,19 +6,27 @@ demo model is a seeded random-init ResNet-18 backbone whose linear head is fitte
 multinomial logistic regression, on the backbone's features of a separate training split
 of the same synthetic classes (different seed). The evaluation split is never seen.
 Everything is deterministic and cached under ``$FASTEVAL_CACHE`` (default ``~/.cache/fasteval``).
+
+The cache entry is built by one process at a time (a file lock), in a temporary folder that is
+renamed into place once complete: readers only ever see a complete entry, and a published entry
+is never deleted. Temporary folders of killed builders are removed by the next build.
 """
 
 from __future__ import annotations
 
+import fcntl
 import os
 import shutil
 import sys
-import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import torch
 from torch import nn
 
+from .errors import FastevalError
 from .models import build_model
+from .outputs import staged_folder
 from .preprocess import PRESETS
 from .reference import reference_dataset
 from .samples import discover
@@ -33,9 +41,18 @@ EVAL_SEED = 0
 TRAIN_SEED = 1000
 
 
+def cache_base() -> str:
+    """``$FASTEVAL_CACHE``, default ``~/.cache/fasteval``."""
+    return os.environ.get("FASTEVAL_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "fasteval")
+
+
 def cache_dir() -> str:
-    base = os.environ.get("FASTEVAL_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "fasteval")
-    return os.path.join(base, f"demo-{DEMO_VERSION}")
+    """The demo's cache entry: ``val/`` (the dataset) and the weights file."""
+    return os.path.join(cache_base(), f"demo-{DEMO_VERSION}")
+
+
+def _entry_files(entry: str) -> tuple[str, str]:
+    return os.path.join(entry, "val"), os.path.join(entry, f"{DEMO_ARCH}-demo.pt")
 
 
 def _features(model: nn.Module, root: str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -76,27 +93,58 @@ def fit_head(model: nn.Module, features: torch.Tensor, labels: torch.Tensor, wei
         model.fc.bias.copy_(head.bias - weight @ mean)
 
 
+def _build(work: str) -> None:
+    """The demo's dataset and fitted model, written into ``work``."""
+    val, weights = _entry_files(work)
+    synth_dataset(val, DEMO_CLASSES, DEMO_PER_CLASS, seed=EVAL_SEED)
+    train = synth_dataset(os.path.join(work, "train"), DEMO_CLASSES, TRAIN_PER_CLASS, seed=TRAIN_SEED)
+    torch.manual_seed(0)
+    model = build_model(DEMO_ARCH, num_classes=DEMO_CLASSES)
+    fit_head(model, *_features(model, train))
+    shutil.rmtree(train)
+    torch.save(model.state_dict(), weights)
+
+
+def _usable_base(base: str) -> str:
+    """The cache folder, created if missing; one line naming it when that is impossible."""
+    if os.path.exists(base) and not os.path.isdir(base):
+        raise FastevalError(f"the demo cache {base} (FASTEVAL_CACHE) is not a folder")
+    try:
+        os.makedirs(base, exist_ok=True)
+    except OSError as exc:
+        raise FastevalError(f"cannot create the demo cache {base} (FASTEVAL_CACHE): {exc.strerror or exc}") from None
+    return base
+
+
+@contextmanager
+def _locked(path: str) -> Iterator[None]:
+    """An exclusive ``flock`` on ``path`` (released when the process dies, however it dies)."""
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+    except OSError as exc:
+        raise FastevalError(f"cannot write in the demo cache {os.path.dirname(path)} (FASTEVAL_CACHE): "
+                            f"{exc.strerror or exc}") from None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
+
+
 def ensure_demo(log=sys.stderr) -> tuple[str, str]:
     """(dataset folder, weights file) of the demo, building them on first use."""
-    root = cache_dir()
-    data_dir = os.path.join(root, "val")
-    weights = os.path.join(root, f"{DEMO_ARCH}-demo.pt")
+    entry = cache_dir()
+    data_dir, weights = _entry_files(entry)
     if os.path.isdir(data_dir) and os.path.isfile(weights):
         return data_dir, weights
-    os.makedirs(root, exist_ok=True)
-    print(f"fasteval: building the demo dataset and model in {root} (once)", file=log)
-    work = tempfile.mkdtemp(dir=root)
-    try:
-        val = synth_dataset(os.path.join(work, "val"), DEMO_CLASSES, DEMO_PER_CLASS, seed=EVAL_SEED)
-        train = synth_dataset(os.path.join(work, "train"), DEMO_CLASSES, TRAIN_PER_CLASS, seed=TRAIN_SEED)
-        torch.manual_seed(0)
-        model = build_model(DEMO_ARCH, num_classes=DEMO_CLASSES)
-        fit_head(model, *_features(model, train))
-        torch.save(model.state_dict(), os.path.join(work, "weights.pt"))
-        if os.path.isdir(data_dir):
-            shutil.rmtree(data_dir)
-        os.replace(val, data_dir)
-        os.replace(os.path.join(work, "weights.pt"), weights)
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
+    base = _usable_base(cache_base())
+    with _locked(os.path.join(base, f".demo-{DEMO_VERSION}.lock")):
+        if os.path.isdir(data_dir) and os.path.isfile(weights):  # built while this process waited
+            return data_dir, weights
+        print(f"fasteval: building the demo dataset and model in {entry} (once)", file=log)
+        try:
+            with staged_folder(entry) as work:
+                _build(work)
+        except OSError as exc:
+            raise FastevalError(f"cannot build the demo in {base} (FASTEVAL_CACHE): {exc.strerror or exc}") from None
     return data_dir, weights

@@ -2,14 +2,25 @@
 
 from __future__ import annotations
 
+import re
+
+_ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
+
 
 class FastevalError(Exception):
     """An error caused by the user's input; the CLI prints it as one line, no traceback."""
 
 
+class Terminated(BaseException):
+    """SIGTERM turned into an exception, so that ``with`` blocks and ``finally`` clean up.
+
+    A BaseException (like KeyboardInterrupt), so that no ``except Exception`` swallows it.
+    """
+
+
 def message_lines(exc: BaseException) -> list[str]:
-    """The non-empty, stripped lines of an error's message."""
-    return [line.strip() for line in str(exc).splitlines() if line.strip()]
+    """The non-empty, stripped lines of an error's message, without terminal colour codes."""
+    return [line.strip() for line in _ANSI.sub("", str(exc)).splitlines() if line.strip()]
 
 
 def first_line(exc: BaseException) -> str:
@@ -32,3 +43,24 @@ def one_line(exc: BaseException) -> str:
         if last.startswith(p):
             return last[len(p):]
     return last
+
+
+def is_expected(exc: BaseException) -> bool:
+    """Errors that bad input or a faulty machine cause: a user error, the OS (files, disk, memory),
+    or the image library reading data. The CLI prints these as one line."""
+    if isinstance(exc, (FastevalError, OSError, MemoryError)):
+        return True
+    return type(exc).__module__.split(".")[0] == "PIL"
+
+
+def printable(path: str) -> str:
+    """A path as one printable line: control characters (a newline in a file name) escaped."""
+    return path if path.isprintable() else path.encode("unicode_escape").decode("ascii")
+
+
+def describe_error(exc: BaseException) -> str:
+    """The one line the CLI prints for an error: its message; for an error no input explains
+    (a bug), also its type and where to find more."""
+    if is_expected(exc):
+        return one_line(exc)
+    return f"{type(exc).__name__}: {one_line(exc)} (unexpected; rerun with --debug for the traceback)"

@@ -72,14 +72,13 @@ class FastEvaluator:
         self.reference_only = needs_pil(samples) if kind == "dali" else []
         excluded = set(self.reference_only)
         self.main = [i for i in range(len(samples)) if i not in excluded]
-        # The reference's model: the caller's module as it is (eager fp32, NCHW), kept apart before
-        # the fast model converts it to channels-last.
-        self.reference_model = None
-        if self.reference_only or self.exact:
-            self.reference_model = copy.deepcopy(model).to(device).eval()
-        self.logits_dtype = torch.float32 if keep_head_fp32(model) or self.precision == "fp32" else \
+        # The reference's model is the caller's module as it is (eager fp32, NCHW); the fast model is a
+        # copy, converted to channels-last with its head kept in fp32, so the caller's module is unchanged.
+        self.reference_model = model.to(device).eval() if self.reference_only or self.exact else None
+        fast_model = copy.deepcopy(model)
+        self.logits_dtype = torch.float32 if keep_head_fp32(fast_model) or self.precision == "fp32" else \
             DTYPES[self.precision]
-        self.model = FastModel(model, device, self.precision, options.compile)
+        self.model = FastModel(fast_model, device, self.precision, options.compile)
         self.calibration = [self.main[p] for p in calibration_positions(len(self.main))] if self.exact else []
         self.loader = None
         self.metrics_backend = resolve_backend(options.metrics_backend, device)

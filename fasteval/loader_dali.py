@@ -9,6 +9,7 @@ The reader gets the shared sample list, never its own directory scan.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 
 import torch
@@ -19,7 +20,23 @@ from .preprocess import PreprocessSpec
 from .samples import SampleList
 
 
+# DALI's decoders log to stderr when one declines a file that another then decodes: nvImageCodec's
+# coloured "[ERROR]" lines (libtiff on a CMYK TIFF, libjpeg-turbo on a truncated JPEG) and OpenCV's.
+# nvImageCodec's ERROR level cannot be turned off (DALI_NVIMGCODEC_LOG_LEVEL is clamped to 1..5,
+# and 1 keeps errors), so the files that trigger them go to PIL (fasteval.probe); these settings
+# silence the rest (nvImageCodec's warnings, OpenCV's log). Set before DALI loads; values the
+# user exported win.
+QUIET_DECODER_LOGS = {"DALI_NVIMGCODEC_LOG_LEVEL": "1", "OPENCV_LOG_LEVEL": "OFF"}
+
+
+def quiet_decoder_logs() -> None:
+    """Keep DALI's decoders' own log lines off stderr, unless the user asked for them."""
+    for name, value in QUIET_DECODER_LOGS.items():
+        os.environ.setdefault(name, value)
+
+
 def dali_available() -> bool:
+    quiet_decoder_logs()
     try:
         import nvidia.dali  # noqa: F401
         from nvidia.dali.plugin import pytorch  # noqa: F401
@@ -39,7 +56,7 @@ def _centre_crop_position(n, fn, types, dmath):
 
 def build_pipeline(samples: SampleList, spec: PreprocessSpec, batch_size: int, threads: int,
                    device: torch.device, half: bool):
-    """The DALI pipeline; outputs NHWC float images (fp16 if ``half``) and int32 labels."""
+    """The DALI pipeline (not built yet); outputs NHWC float images (fp16 if ``half``) and int32 labels."""
     import nvidia.dali.fn as fn
     import nvidia.dali.math as dmath
     import nvidia.dali.types as types
@@ -73,9 +90,7 @@ def build_pipeline(samples: SampleList, spec: PreprocessSpec, batch_size: int, t
             labels = labels.gpu()
         return images, labels
 
-    pipe = pipeline()
-    pipe.build()
-    return pipe
+    return pipeline()
 
 
 class DaliLoader:
@@ -88,14 +103,17 @@ class DaliLoader:
         self.samples, self.batch_size = samples, batch_size
         self._mid_epoch = False
         self.name = "dali-gpu" if device.type == "cuda" else "dali-cpu"
+        self._pipe = None
         try:
-            pipe = build_pipeline(samples, spec, batch_size, threads, device, half)
+            self._pipe = build_pipeline(samples, spec, batch_size, threads, device, half)
+            self._pipe.build()
             # FILL + pad_last_batch: every sample once, in order; the last batch repeats its last
             # sample up to the static size, and those rows are marked ignored downstream.
-            self._iter = DALIGenericIterator([pipe], ["images", "labels"], reader_name="Reader",
+            self._iter = DALIGenericIterator([self._pipe], ["images", "labels"], reader_name="Reader",
                                              last_batch_policy=LastBatchPolicy.FILL, auto_reset=True)
         except Exception as exc:
-            raise FastevalError(f"cannot start the DALI pipeline on {device}: {_dali_reason(exc)}") from None
+            # Starting the pipeline decodes the first batches (prefetch): a bad file there fails here.
+            raise self._failure(exc, 0, f"cannot start the DALI pipeline on {device}") from None
 
     def __iter__(self) -> Iterator[Batch]:
         if self._mid_epoch:  # an earlier pass stopped early: DALI cannot rewind, so finish that epoch
@@ -112,11 +130,18 @@ class DaliLoader:
                 yield Batch(images, labels, real)
             self._mid_epoch = False
         except Exception as exc:
-            # The failing file is in a batch in flight: the pipeline prefetches 2 ahead.
-            path, reason = find_undecodable(self.samples.paths[seen:seen + 4 * self.batch_size])
-            if path is not None:
-                raise FastevalError(f"cannot decode image {path}: {reason}") from None
-            raise FastevalError(f"DALI failed after {seen} samples: {_dali_reason(exc)}") from None
+            raise self._failure(exc, seen, f"DALI failed after {seen} samples") from None
+
+    def _failure(self, exc: Exception, seen: int, what: str) -> FastevalError:
+        """The error to raise: the undecodable file among the batches in flight (the pipeline
+        prefetches 2 ahead) named with the reference's reason, else DALI's own last line. The
+        pipeline is stopped first, so that its decoders' last log lines come before this one."""
+        if self._pipe is not None:
+            getattr(self._pipe, "_shutdown", lambda: None)()
+        path, reason = find_undecodable(self.samples.paths[seen:seen + 4 * self.batch_size])
+        if path is not None:
+            return FastevalError(f"cannot decode image {path}: {reason}")
+        return FastevalError(f"{what}: {_dali_reason(exc)}")
 
 
 def _dali_reason(exc: BaseException) -> str:

@@ -25,39 +25,35 @@ class Batch(NamedTuple):
 
 
 def find_undecodable(paths: list[str]) -> tuple[str | None, str]:
-    """The first file PIL cannot decode (to name it when a batched decoder fails), or (None, "")."""
-    from PIL import Image
+    """The first file the reference cannot decode (to name it when a batched decoder fails), or
+    (None, ""): header problems first (cheap), then PIL's full decode, as the reference does it."""
+    from .probe import full_decode_error, probe
 
     for path in paths:
-        try:
-            with Image.open(path) as image:
-                image.convert("RGB")
-        except Exception as exc:
-            return path, str(exc) or type(exc).__name__
+        reason = probe(path).error or full_decode_error(path)
+        if reason is not None:
+            return path, reason
     return None, ""
 
 
-JPEG_EXTENSIONS = (".jpg", ".jpeg")
-
-
 def needs_pil(samples: SampleList) -> list[int]:
-    """Indices of files only PIL decodes as the reference does: 16-bit or float images (PNG, TIFF,
-    PGM), which PIL clips to 8 bits where DALI scales. JPEGs are never read here, and other files
-    only by their header, so the check is cheap."""
-    from PIL import Image
+    """Indices of the files DALI would not decode exactly as PIL (the reference) does, decided by
+    content (magic bytes and header, never the name): 16-bit or float samples, PNM with another
+    maxval than 255, palette TIFF, formats DALI lacks (GIF, ICO, AVIF... under an image extension),
+    multi-frame or truncated files, images over PIL's decompression-bomb limit, and files PIL
+    cannot open (so that PIL raises the reference's own error). Also files whose name is not
+    UTF-8, which DALI cannot be given. Only headers are read."""
+    from .probe import probe_all
 
-    found = []
-    for index, path in enumerate(samples.paths):
-        if path.lower().endswith(JPEG_EXTENSIONS):
-            continue
-        try:
-            with Image.open(path) as image:
-                mode = image.mode
-        except Exception:
-            continue  # unreadable: the loader names it when it fails
-        if mode.startswith(("I", "F")):
-            found.append(index)
-    return found
+    return [i for i, p in enumerate(probe_all(samples.paths)) if not (p.dali_safe and _utf8(p.path))]
+
+
+def _utf8(path: str) -> bool:
+    try:
+        path.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def resolve_loader(kind: str) -> str:

@@ -8,14 +8,17 @@ from __future__ import annotations
 
 import os
 import re
+import warnings
 
 import torch
 from torch import nn
 
-from .errors import FastevalError, first_line
+from .errors import FastevalError, first_line, message_lines
 
 CHECKPOINT_KEYS = ("state_dict", "model", "model_state_dict")
 STRIPPED_PREFIXES = ("module.", "_orig_mod.")
+ZIP_MAGIC = b"PK\x03\x04"  # torch.save's default format is a zip archive
+PICKLE_PROTO = 0x80  # a pickle (protocol >= 2) starts with PROTO: torch.save's legacy format
 
 
 def classification_models() -> list[str]:
@@ -57,14 +60,48 @@ def head_name(arch: str) -> str:
     return name
 
 
+def _check_weights_file(path: str) -> None:
+    """A missing file, a folder, a broken link, a FIFO or an empty file, named as such."""
+    if os.path.isdir(path):
+        raise FastevalError(f"--weights {path} is a folder, not a checkpoint file")
+    if os.path.islink(path) and not os.path.exists(path):
+        raise FastevalError(f"--weights {path} is a broken symbolic link (to {os.readlink(path)})")
+    if not os.path.exists(path):
+        raise FastevalError(f"--weights file not found: {path}")
+    if not os.path.isfile(path):
+        raise FastevalError(f"--weights {path} is not a regular file")
+    if os.path.getsize(path) == 0:
+        raise FastevalError(f"--weights {path} is empty (0 bytes)")
+
+
+def _load_failure(path: str, exc: Exception) -> str:
+    """Why a weights-only load failed, in words that fit the file (never "use weights_only=False")."""
+    text = " ".join(message_lines(exc))
+    refused = re.search(r"GLOBAL ([\w.]+)", text)
+    if refused:
+        return (f"it holds a pickled object ({refused.group(1)}), not a plain state_dict of tensors; "
+                f"save model.state_dict() with torch.save (fasteval never runs code from a checkpoint)")
+    with open(path, "rb") as f:
+        head = f.read(4)
+    if head == ZIP_MAGIC:
+        reason = first_line(exc).split(". ")[0]  # torch adds advice after the first sentence
+        return f"a damaged or truncated PyTorch checkpoint (its zip archive cannot be read: {reason})"
+    if len(head) >= 2 and head[0] == PICKLE_PROTO and 2 <= head[1] <= 5:
+        return "a pickle that is not a readable PyTorch checkpoint (damaged, or not written by torch.save)"
+    return "not a PyTorch checkpoint (neither a torch.save zip archive nor a legacy torch.save pickle)"
+
+
 def read_state_dict(path: str) -> dict[str, torch.Tensor]:
     """A bare state_dict from a checkpoint file, unwrapped and with DDP/compile prefixes removed."""
-    if not os.path.isfile(path):
-        raise FastevalError(f"--weights file not found: {path}")
+    _check_weights_file(path)
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # e.g. "Detected pickle protocol 4": the error below says enough
+            obj = torch.load(path, map_location="cpu", weights_only=True)
+    except OSError as exc:
+        raise FastevalError(f"cannot load --weights {path}: {exc.strerror or exc}") from None
     except Exception as exc:
-        raise FastevalError(f"cannot load --weights {path}: {first_line(exc)}") from None
+        raise FastevalError(f"cannot load --weights {path}: {_load_failure(path, exc)}") from None
     if isinstance(obj, dict):
         for key in CHECKPOINT_KEYS:
             if key in obj and isinstance(obj[key], dict):
@@ -133,14 +170,28 @@ def build_model(arch: str, weights: str | None = None, num_classes: int | None =
     head_classes = int(state[key].shape[0])
     _check_classes(head_classes, num_classes, f"--weights {weights}")
     model = _construct(arch, head_classes)
+    mismatch = describe_mismatch(model.state_dict(), state)
+    if mismatch:
+        raise FastevalError(f"--weights {weights} do not fit --arch {arch}: {mismatch}")
     try:
         model.load_state_dict(state, strict=True)
     except RuntimeError as exc:
-        detail = " ".join(str(exc).split())
-        if len(detail) > 300:
-            detail = detail[:300] + "..."
-        raise FastevalError(f"--weights {weights} do not fit --arch {arch}: {detail}") from None
+        raise FastevalError(f"--weights {weights} do not fit --arch {arch}: {first_line(exc)}") from None
     return model.eval()
+
+
+def describe_mismatch(expected: dict[str, torch.Tensor], state: dict[str, torch.Tensor], examples: int = 2) -> str:
+    """Missing, unexpected and differently shaped keys, counted with a few examples ("" when none)."""
+    missing = [k for k in expected if k not in state]
+    unexpected = [k for k in state if k not in expected]
+    shaped = [f"{k} {list(state[k].shape)} in the file, {list(v.shape)} in the model"
+              for k, v in expected.items() if k in state and state[k].shape != v.shape]
+    parts = []
+    for items, what in ((missing, "missing keys"), (unexpected, "unexpected keys"), (shaped, "other shapes")):
+        if items:
+            more = ", ..." if len(items) > examples else ""
+            parts.append(f"{len(items)} {what} ({'; '.join(items[:examples])}{more})")
+    return ", ".join(parts)
 
 
 def _head_classes(model: nn.Module, head: str) -> int:
@@ -153,3 +204,27 @@ def _check_classes(head_classes: int, num_classes: int | None, what: str) -> Non
         raise FastevalError(
             f"{what} have a {head_classes}-class head but the dataset has {num_classes} classes"
         )
+
+
+def check_input_fits(model: nn.Module, arch: str, spec, input_hw: tuple[int, int]) -> None:
+    """Refuse, before any work, a model that cannot take inputs of ``input_hw`` (AlexNet at 32x32,
+    a ViT at another size than its own). The check runs the model on the meta device (shapes
+    only, no compute); a failure there is confirmed by one real CPU forward of one sample, so that
+    an operator without a meta kernel is never blamed on the input."""
+    from torch.func import functional_call
+
+    h, w = input_hw
+    tensors = {**dict(model.named_parameters()), **dict(model.named_buffers())}
+    meta = {name: torch.empty_like(t, device="meta") for name, t in tensors.items()}
+    try:
+        with torch.no_grad():
+            functional_call(model, meta, (torch.zeros(1, 3, h, w, device="meta"),))
+        return
+    except Exception:
+        pass
+    try:
+        with torch.no_grad():
+            model.eval()(torch.zeros(1, 3, h, w))
+    except Exception as exc:
+        sizes = f"--resize {spec.resize} --crop {spec.crop}" if spec.crop is not None else f"--resize {spec.resize}"
+        raise FastevalError(f"--arch {arch} does not accept {h}x{w} inputs ({sizes}): {first_line(exc)}") from None

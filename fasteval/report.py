@@ -10,6 +10,7 @@ import platform
 import torch
 
 from .metrics import EvalResult
+from .outputs import atomic_write
 
 
 def cpu_name() -> str:
@@ -82,6 +83,8 @@ def format_table(report: dict, title: str = "fasteval") -> str:
             rows.append((key, str(report[key])))
         elif key in cfg:
             rows.append((key, str(cfg[key])))
+    if report.get("compile_reason"):
+        rows.append(("compile reason", report["compile_reason"]))
     if report.get("warmup_seconds"):
         rows.append(("warm-up seconds", _fmt(report["warmup_seconds"], 2)))
     if "exact" in report:
@@ -105,10 +108,6 @@ def exact_summary(exact: dict) -> str:
             f"up to {exact['calibration_loss_error_max']:.2g} on the calibration samples")
 
 
-def _make_parent(path: str) -> None:
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-
-
 def write_predictions(path: str, samples, result: EvalResult) -> None:
     """Per-sample CSV: path (relative to the dataset root), label, prediction, loss, the top-5 classes
     (space-separated, best first), confidence, decision margin, and whether the reference's code
@@ -117,13 +116,12 @@ def write_predictions(path: str, samples, result: EvalResult) -> None:
 
     from .samples import relative_path
 
-    _make_parent(path)
     n = len(samples)
     rechecked = result.rechecked if result.rechecked is not None else torch.zeros(n, dtype=torch.bool)
     columns = zip(samples.samples, result.predictions.tolist(), result.losses.tolist(),
                   result.topk_classes.tolist(), result.confidences.tolist(), result.margins.tolist(),
                   rechecked.tolist())
-    with open(path, "w", newline="") as f:
+    with atomic_write(path, newline="") as f:  # complete or not at all: the old file stays on failure
         writer = csv.writer(f)
         writer.writerow(["path", "label", "prediction", "loss", "top5", "confidence", "margin", "rechecked"])
         for (file, label), pred, loss, top, conf, margin, again in columns:
@@ -143,7 +141,6 @@ def write_json(report: dict, path: str) -> None:
             return [clean(v) for v in value]
         return value
 
-    _make_parent(path)
-    with open(path, "w") as f:
+    with atomic_write(path) as f:
         json.dump(clean(report), f, indent=2, sort_keys=False)
         f.write("\n")

@@ -7,13 +7,15 @@ filter), so every loader evaluates the identical list in the identical order.
 
 from __future__ import annotations
 
+import errno
 import os
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
 from torchvision.datasets.folder import IMG_EXTENSIONS
 
-from .errors import FastevalError
+from .errors import FastevalError, printable
 
 
 @dataclass(frozen=True)
@@ -53,25 +55,31 @@ def is_image_file(path: str) -> bool:
     return path.lower().endswith(IMG_EXTENSIONS)
 
 
-def discover(root: str | os.PathLike) -> SampleList:
+def discover(root: str | os.PathLike, quiet: bool = False) -> SampleList:
     """List the samples of ``root`` exactly as ``torchvision.datasets.ImageFolder`` does.
 
     Raises FastevalError for a missing folder, a folder without class folders, or a
-    class folder without images (ImageFolder refuses those too).
+    class folder without images (ImageFolder refuses those too). ImageFolder's list is kept
+    as it is, but one warning line goes to stderr (unless ``quiet``) when files are counted
+    more than once (symlinks, folder loops) or folders cannot be read (ImageFolder skips them).
     """
     root = os.fspath(root)
     if not os.path.exists(root):
         raise FastevalError(f"dataset folder not found: {root}")
     if not os.path.isdir(root):
         raise FastevalError(f"dataset path is not a folder: {root}")
-    classes = sorted(entry.name for entry in os.scandir(root) if entry.is_dir())
+    try:
+        classes = sorted(entry.name for entry in os.scandir(root) if entry.is_dir())
+    except OSError as exc:
+        raise FastevalError(f"cannot read the dataset folder {root}: {exc.strerror or exc}") from None
     if not classes:
         raise FastevalError(f"no class folders in {root} (expected ROOT/CLASS/IMAGE files)")
     samples: list[tuple[str, int]] = []
+    unreadable: list[OSError] = []
     for index, name in enumerate(classes):
         class_dir = os.path.join(root, name)
         found = 0
-        for dirpath, _, fnames in sorted(os.walk(class_dir, followlinks=True)):
+        for dirpath, _, fnames in sorted(os.walk(class_dir, followlinks=True, onerror=unreadable.append)):
             for fname in sorted(fnames):
                 path = os.path.join(dirpath, fname)
                 if is_image_file(path):
@@ -82,7 +90,47 @@ def discover(root: str | os.PathLike) -> SampleList:
                 f"class folder has no images: {class_dir} "
                 f"(accepted extensions: {', '.join(IMG_EXTENSIONS)})"
             )
+    if not quiet:
+        for line in _warnings(root, samples, unreadable):
+            print(f"fasteval: warning: {line}", file=sys.stderr)
     return SampleList(root=root, classes=classes, samples=samples)
+
+
+def repeated_files(paths: list[str]) -> list[str]:
+    """Paths whose file (same st_dev and st_ino) was already reached through an earlier path."""
+    seen: set[tuple[int, int]] = set()
+    repeated = []
+    for path in paths:
+        try:
+            st = os.stat(path)
+        except OSError:
+            continue  # a broken link: the header check names it
+        key = (st.st_dev, st.st_ino)
+        if key in seen:
+            repeated.append(path)
+        seen.add(key)
+    return repeated
+
+
+def _warnings(root: str, samples: list[tuple[str, int]], unreadable: list[OSError]) -> list[str]:
+    """What the user should know about a listing that is ImageFolder's but maybe not what was meant."""
+    lines = []
+    repeated = repeated_files([p for p, _ in samples])
+    if repeated:
+        lines.append(
+            f"{len(repeated)} of the {len(samples)} samples under {root} are files already listed through "
+            f"another path (symbolic links or a folder loop), e.g. {printable(repeated[0])}; ImageFolder counts "
+            f"every path, and so does fasteval: {len(samples) - len(repeated)} distinct files"
+        )
+    # A folder loop ends in "too many levels of symbolic links": the line above already says it.
+    skipped = [e for e in unreadable if e.errno != errno.ELOOP]
+    if skipped:
+        reasons = sorted({e.strerror for e in skipped})
+        lines.append(
+            f"{len(skipped)} folders under {root} cannot be read and are skipped, as ImageFolder skips them "
+            f"(e.g. {printable(skipped[0].filename)}: {', '.join(reasons)})"
+        )
+    return lines
 
 
 def relative_path(samples: SampleList, path: str) -> str:

@@ -16,6 +16,8 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from .errors import FastevalError
+from .outputs import check_output_folder, staged_folder
+from .procs import pool_map
 
 IMAGENET_LIKE = "imagenet"
 
@@ -79,8 +81,11 @@ def _write_class(args: tuple) -> None:
     class_dir = os.path.join(out, f"class_{k:03d}")
     os.makedirs(class_dir, exist_ok=True)
     for i in range(per_class):
-        make_image(k, i, classes, seed, dims).save(os.path.join(class_dir, f"img_{i:05d}.jpg"), "JPEG",
-                                                   quality=quality)
+        path = os.path.join(class_dir, f"img_{i:05d}.jpg")
+        try:
+            make_image(k, i, classes, seed, dims).save(path, "JPEG", quality=quality)
+        except OSError as exc:
+            raise FastevalError(f"cannot write {path}: {exc.strerror or exc}") from None
 
 
 def synth_dataset(
@@ -91,11 +96,14 @@ def synth_dataset(
     seed: int = 0,
     quality: int = 90,
     workers: int | None = None,
+    overwrite: bool = False,
 ) -> str:
     """Write ``classes`` x ``per_class`` JPEGs as an ImageFolder under ``out``; return ``out``.
 
-    Classes are written in parallel by ``workers`` processes (default: all cores); the
-    files do not depend on the number of workers.
+    ``out`` must be new or empty, unless ``overwrite`` (its contents are then replaced). The
+    dataset is written into a temporary folder beside ``out`` and renamed into place when
+    complete, so ``out`` is never half-written. Classes are written in parallel by ``workers``
+    processes (default: all cores) that exit with this one; the files do not depend on their number.
     """
     if classes < 1 or per_class < 1:
         raise FastevalError(f"--classes and --per-class must be positive, got {classes} and {per_class}")
@@ -103,14 +111,13 @@ def synth_dataset(
         raise FastevalError(f"--quality must be in 1..100, got {quality}")
     dims = parse_size(size)
     out = os.fspath(out)
-    tasks = [(out, k, per_class, classes, seed, dims, quality) for k in range(classes)]
+    check_output_folder(out, "OUT", overwrite)
     workers = min(workers or os.cpu_count() or 1, classes)
-    if workers <= 1:
-        for task in tasks:
-            _write_class(task)
-    else:
-        from concurrent.futures import ProcessPoolExecutor
-
-        with ProcessPoolExecutor(workers) as pool:
-            list(pool.map(_write_class, tasks))
+    with staged_folder(out) as work:
+        tasks = [(work, k, per_class, classes, seed, dims, quality) for k in range(classes)]
+        if workers <= 1:
+            for task in tasks:
+                _write_class(task)
+        else:
+            pool_map(_write_class, tasks, workers)
     return out

@@ -1,0 +1,83 @@
+"""Processes: worker pools that never outlive fasteval, and SIGTERM turned into an exception.
+
+Python's default SIGTERM kills the main process at once: no ``finally`` runs, so temporary
+folders stay and pool workers (blocked on their queue) live on. Within ``sigterm_raises()``
+SIGTERM raises ``Terminated`` instead, so every ``with`` block cleans up; and workers started
+with ``worker_init`` get SIGTERM from the kernel when their parent dies, however it dies.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import multiprocessing
+import os
+import signal
+import sys
+import threading
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+
+from .errors import Terminated
+
+PR_SET_PDEATHSIG = 1  # linux/prctl.h
+
+
+def alive(pid: int) -> bool:
+    """Whether a process with this pid exists."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def die_with_parent(parent_pid: int) -> None:
+    """In a child: be sent SIGTERM when the parent dies (Linux ``prctl``), and exit at once if the
+    parent is already gone (it died before the call)."""
+    if sys.platform.startswith("linux"):
+        try:
+            ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, int(signal.SIGTERM))
+        except (OSError, AttributeError):
+            pass
+    if not alive(parent_pid):
+        os._exit(1)
+
+
+def worker_init(parent_pid: int) -> None:
+    """Pool initializer: die with the parent; leave Ctrl-C to the parent (which stops the pool) and
+    let SIGTERM end the worker silently (the parent's handler is inherited through fork)."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    die_with_parent(parent_pid)
+
+
+def pool_map(function: Callable, tasks: list, workers: int) -> list:
+    """``function`` over ``tasks`` in ``workers`` processes that end with this one: on any exception
+    (Terminated and KeyboardInterrupt included) the pool is terminated before it propagates."""
+    with multiprocessing.get_context().Pool(workers, initializer=worker_init, initargs=(os.getpid(),)) as pool:
+        return pool.map(function, tasks, chunksize=1)
+
+
+@contextmanager
+def sigterm_raises() -> Iterator[None]:
+    """Within: SIGTERM raises ``Terminated`` in this process's main thread; restored after.
+    Forked children that inherit the handler die as by default instead."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    owner = os.getpid()
+
+    def handler(signum, frame):
+        if os.getpid() != owner:
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)
+            os.kill(os.getpid(), signal.SIGTERM)
+            return
+        raise Terminated("terminated (SIGTERM)")
+
+    previous = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
