@@ -25,6 +25,7 @@ from .kernels.fused_metrics import resolve_backend
 from .loaders import Batch, make_loader, needs_pil, resolve_loader
 from .metrics import TOPK, EvalResult, totals_from_samples
 from .preprocess import PreprocessSpec, check_batchable, image_size
+from .probe import check_headers
 from .reference import reference_logits
 from .samples import SampleList
 
@@ -62,6 +63,7 @@ class FastEvaluator:
         # A static batch larger than the dataset would be mostly padding: clamp it.
         options = replace(options, batch_size=min(options.batch_size, len(samples)))
         check_batchable(spec, samples.paths)
+        check_headers(samples)  # a bad file fails here, in seconds, not after the fast pass (cached per file)
         device = use_device(device)  # work not given a device (Triton, nvJPEG, pinning) runs on it
         self.samples, self.spec, self.device, self.options = samples, spec, device, options
         self.exact, self.exact_reason = resolve_exact(options.exact)

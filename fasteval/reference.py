@@ -33,7 +33,22 @@ def load_rgb(path: str):
             image = Image.open(f)
             return image.convert("RGB")
     except Exception as exc:
-        raise FastevalError(f"cannot decode image {path}: {exc}") from None
+        raise FastevalError(f"cannot decode image {path}: {_reason(path, exc)}") from None
+
+
+def _reason(path: str, exc: Exception) -> str:
+    """PIL's message, or what the file is where PIL cannot even identify it."""
+    from PIL import UnidentifiedImageError
+
+    from .probe import describe_content
+
+    if isinstance(exc, UnidentifiedImageError):
+        try:
+            with open(path, "rb") as f:
+                return describe_content(f.read(64))
+        except OSError:
+            pass
+    return str(exc) or type(exc).__name__
 
 
 def reference_dataset(samples: SampleList, spec: PreprocessSpec) -> ImageFolder:
@@ -146,17 +161,23 @@ def evaluate_reference(
     scores: list[BatchScore] = []
     bar = tqdm(total=len(samples), unit="img", desc="reference", file=sys.stderr, disable=not progress)
     start = time.perf_counter()
-    with torch.no_grad():
-        for images, labels in loader:
-            images, labels = images.to(device), labels.to(device)
-            score = score_batch(model(images).float(), labels)
-            correct_top1 += score.correct_top1
-            correct_top5 += score.correct_top5
-            batch_losses.append(score.batch_loss)
-            loss_sum += score.loss_sum
-            scores.append(score)
-            seen += labels.shape[0]
-            bar.update(labels.shape[0])
+    # A DataLoader iterator kept alive by an error's traceback makes the process wait 5 s per worker
+    # at exit: it is dropped as soon as the loop ends, however it ends.
+    batches = iter(loader)
+    try:
+        with torch.no_grad():
+            for images, labels in batches:
+                images, labels = images.to(device), labels.to(device)
+                score = score_batch(model(images).float(), labels)
+                correct_top1 += score.correct_top1
+                correct_top5 += score.correct_top5
+                batch_losses.append(score.batch_loss)
+                loss_sum += score.loss_sum
+                scores.append(score)
+                seen += labels.shape[0]
+                bar.update(labels.shape[0])
+    finally:
+        del batches
     seconds = time.perf_counter() - start
     bar.close()
     return EvalResult(
