@@ -19,6 +19,7 @@ from torch.utils.data import DataLoader, Dataset
 from .errors import FastevalError
 from .loaders import Batch
 from .preprocess import PreprocessSpec
+from .probe import probe
 from .reference import load_rgb
 from .samples import SampleList
 
@@ -105,7 +106,8 @@ def _pil_rgb(path: str):
 
 
 class _EncodedFiles(Dataset):
-    """Raw file bytes for the GPU decoder; files nvJPEG cannot take (non-JPEG) are decoded here."""
+    """Raw file bytes for the GPU decoder; files it would not decode as PIL does (anything but a
+    baseline/progressive 8-bit JPEG that holds all its data, judged by content) are decoded here."""
 
     def __init__(self, samples: SampleList) -> None:
         self.samples = samples.samples
@@ -120,7 +122,8 @@ class _EncodedFiles(Dataset):
                 data = f.read()
         except OSError as exc:
             raise FastevalError(f"cannot read image {path}: {exc}") from None
-        if data[:2] == b"\xff\xd8":
+        found = probe(path)
+        if found.format == "JPEG" and found.dali_safe:
             return data, None, label, path
         return None, _pil_rgb(path), label, path
 
