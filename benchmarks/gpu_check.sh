@@ -150,6 +150,10 @@ for name in sorted(os.listdir(out)):
         "fast_images_per_sec": fast["images_per_sec"], "loader": fast["loader"],
         "metrics_backend": fast.get("metrics_backend"), "precision": fast["precision"], "compile": fast["compile"],
         "warmup_seconds": fast["warmup_seconds"], "stages": b["stages"], "verdict": b["verdict"],
+        # The exact-count recheck runs after the main pass, inside the fast run's seconds.
+        "exact_recheck": {k: fast.get("exact", {}).get(k) for k in
+                          ("rechecked", "gated", "tau", "max_logit_error", "changed_top1", "seconds")},
+        "exact_recheck_share_of_run": (fast.get("exact", {}).get("seconds") or 0) / fast["seconds"],
     }
     paths.append(f"--loader {m.group(1)}: loader {fast['loader']}, metrics {fast.get('metrics_backend')}, "
                  f"{fast['precision']}, compile {fast['compile']}")

@@ -1,16 +1,33 @@
-"""``fasteval bench``: the reference loop and the fast path side by side, with a stage breakdown.
+"""``fasteval bench``: the reference loop and the fast path side by side: loop throughput, a stage
+breakdown, memory per process, and each whole command's time to result, cold and warm.
 
-Both paths see the same samples, batch size and worker count. End-to-end runs are repeated
-and the median is reported (warm-up excluded and reported apart). Each stage is measured on
-its own: decoding+preprocessing (a pass of the loader alone), the model (on batches already
-loaded on the device) and the metrics (on logits already computed).
+- Loop throughput: both paths in this process on the same samples, batch size and workers; runs
+  repeated, the median reported, warm-up excluded and reported apart. With ``--compile auto`` the fast
+  loop is measured compiled: the steady state, what ``auto`` picks where a run is long enough to pay.
+- Stages, each measured alone over the dataset's own batches (at least ``MIN_STAGE_BATCHES``):
+  decoding (a pass of the loader), the model (on loaded batches, cycling ``KEEP_BATCHES`` of them),
+  the metrics (on computed logits) and, on the fast path, the samples the reference's code evaluates
+  (PIL-only files and the exact recheck). Every rate is dataset images per second of that stage, so
+  a path's end-to-end rate cannot exceed its slowest stage's (beyond noise).
+- Time to result: ``python -m fasteval eval`` in a subprocess, from its start to its exit (interpreter,
+  imports, setup, compile, warm-up, loop, recheck, report): cold (an empty ``FASTEVAL_CACHE``, so no
+  compiled artifact or profile) then warm (the same cache again), the two commands alternated. Peak
+  memory is sampled per process from ``/proc`` (``VmHWM``) while each command runs: the main process
+  and its largest worker, never summed.
 """
 
 from __future__ import annotations
 
 import copy
+import json
+import os
 import resource
+import shutil
+import subprocess
+import sys
+import tempfile
 import time
+from dataclasses import replace
 
 import torch
 from torch import nn
@@ -20,76 +37,108 @@ from .fast import FastEvaluator, FastOptions
 from .kernels.accumulator import MetricsAccumulator
 from .metrics import TOPK, EvalResult
 from .preprocess import PreprocessSpec
-from .reference import REFERENCE_SETTINGS, evaluate_reference, reference_loader, score_batch
+from .reference import REFERENCE_SETTINGS, evaluate_reference, reference_loader, reference_logits, score_batch
 from .report import build_report, environment
 from .samples import SampleList
 from .validate import compare
 
-STAGE_BATCHES = 3  # batches timed for the model and metrics stages
+MIN_STAGE_BATCHES = 8  # a stage runs at least this many batches (the dataset's own, repeated if fewer)
+KEEP_BATCHES = 4  # distinct decoded batches held for the model and metrics stages
+POLL_SECONDS = 0.02  # memory sampling interval of the time-to-result commands
+STAGES = {"decode": "decode+preprocess", "model": "model", "metrics": "metrics",
+          "reference_code": "reference code"}
+METRICS_NOTE = ("metrics: the fast path's twin also computes per row the decision margins, the top-5 classes and the "
+                "confidence, which the reference does not, so on the CPU it can read slower than the reference's; "
+                "either is a small fraction of a batch's time")
 
 
 def _rate(images: int, seconds: float) -> float:
     return images / seconds if seconds > 0 else float("nan")
 
 
-def peak_rss_mb() -> float:
-    """Peak resident memory of this process and of its finished children (DataLoader workers), MB."""
-    own = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    children = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
-    return (own + children) / 1024
+def _plan(reals: list[int]) -> list[int]:
+    """The real-sample counts of the batches a stage runs: the dataset's, repeated to MIN_STAGE_BATCHES."""
+    plan = list(reals)
+    while plan and len(plan) < MIN_STAGE_BATCHES:
+        plan += reals
+    return plan
+
+
+def _in_process_memory() -> dict:
+    """This process's peak RSS and its largest finished child's (DataLoader workers), MB, apart."""
+    return {"main_peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+            "largest_worker_peak_rss_mb": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024}
 
 
 def _reference_stages(samples: SampleList, model: nn.Module, spec: PreprocessSpec, batch_size: int, workers: int,
                       device: torch.device) -> dict:
-    kept, start = [], time.perf_counter()
+    kept, reals, start = [], [], time.perf_counter()
     for images, labels in reference_loader(samples, spec, batch_size, workers, device):
-        if len(kept) < STAGE_BATCHES:
+        reals.append(labels.shape[0])
+        if len(kept) < KEEP_BATCHES and labels.shape[0] == reals[0]:
             kept.append((images.to(device), labels.to(device)))
     decode = _rate(len(samples), time.perf_counter() - start)
+    plan = _plan(reals)
     model = model.to(device).eval()
-    n = sum(labels.shape[0] for _, labels in kept)
     with torch.no_grad():
         model(kept[0][0])  # first-call allocations are not the steady state
         synchronize(device)
         start = time.perf_counter()
-        logits = [model(images) for images, _ in kept]
+        logits = [model(kept[i % len(kept)][0][:real]) for i, real in enumerate(plan)]
         synchronize(device)
-        model_rate = _rate(n, time.perf_counter() - start)
+        model_rate = _rate(sum(plan), time.perf_counter() - start)
         start = time.perf_counter()
-        for out, (_, labels) in zip(logits, kept):  # the reference loop's own per-batch metrics
-            score_batch(out.float(), labels)
-        metrics = _rate(n, time.perf_counter() - start)
+        for i, (out, real) in enumerate(zip(logits, plan)):  # the reference loop's own per-batch metrics
+            score_batch(out.float(), kept[i % len(kept)][1][:real])
+        metrics = _rate(sum(plan), time.perf_counter() - start)
     return {"decode": decode, "model": model_rate, "metrics": metrics}
 
 
-def _fast_stages(evaluator: FastEvaluator) -> dict:
+def _fast_stages(evaluator: FastEvaluator, median: EvalResult) -> dict:
     device, samples = evaluator.device, evaluator.samples
-    kept, start = [], time.perf_counter()
+    stages = {"decode": float("nan"), "model": float("nan"), "metrics": float("nan")}
+    if evaluator.loader is not None:
+        stages = _fast_loop_stages(evaluator)
+    # The samples the reference's code evaluates: the PIL-only files (timed here) and the recheck (the run's own).
+    start = time.perf_counter()
+    reference_logits(samples, evaluator.reference_only, evaluator.reference_model, evaluator.spec,
+                     batch_size=evaluator.options.batch_size, workers=evaluator.options.workers, device=device)
+    seconds = time.perf_counter() - start + median.extra["exact"].get("seconds", 0.0)
+    return {**stages, "reference_code": _rate(len(samples), seconds) if seconds > 0 else float("inf"),
+            "reference_code_samples": len(evaluator.reference_only) + median.extra["exact"].get("rechecked", 0)}
+
+
+def _fast_loop_stages(evaluator: FastEvaluator) -> dict:
+    """Rates per dataset image: the PIL-only files the loader skips count as images of the dataset."""
+    device = evaluator.device
+    kept, reals, start = [], [], time.perf_counter()
     with torch.inference_mode():
         for batch in evaluator.loader:
-            if len(kept) < STAGE_BATCHES:  # copies: loaders may reuse their output buffers
-                kept.append((batch.images.clone(), batch.labels.clone(), batch.real))
+            reals.append(batch.real)
+            if len(kept) < KEEP_BATCHES:  # copies: loaders may reuse their output buffers
+                kept.append((batch.images.clone(), batch.labels.clone()))
         synchronize(device)
-        decode = _rate(len(samples), time.perf_counter() - start)
-        n = sum(images.shape[0] for images, _, _ in kept)
+        decode = _rate(len(evaluator.samples), time.perf_counter() - start)
+        per_dataset = len(evaluator.samples) / sum(reals)
+        plan = _plan(reals)  # every batch is padded to the static shape: a short one costs a full one
         start = time.perf_counter()
-        logits = [evaluator.model(images) for images, _, _ in kept]
+        logits = [evaluator.model(kept[i % len(kept)][0]) for i in range(len(plan))]
         synchronize(device)
-        model_rate = _rate(n, time.perf_counter() - start)
-        acc = MetricsAccumulator(n, device, topk=TOPK, backend=evaluator.options.metrics_backend)
+        model_rate = _rate(sum(plan), time.perf_counter() - start) * per_dataset
+        acc = MetricsAccumulator(sum(plan), device, topk=TOPK, backend=evaluator.metrics_backend)
         start = time.perf_counter()
-        for out, (_, labels, _) in zip(logits, kept):
-            acc.update(out, labels)
+        for i, (out, real) in enumerate(zip(logits, plan)):
+            acc.update(out, kept[i % len(kept)][1], num_real=real)
         acc.result()
-        metrics = _rate(n, time.perf_counter() - start)
+        metrics = _rate(sum(plan), time.perf_counter() - start) * per_dataset
     return {"decode": decode, "model": model_rate, "metrics": metrics}
 
 
 def _verdict(stages: dict) -> str:
-    parts = {k: v for k, v in stages.items() if k in ("decode", "model", "metrics")}
+    parts = {k: stages[k] for k in STAGES if k in stages}
     slowest = min(parts, key=parts.get)
-    name = {"decode": "decoding+preprocessing", "model": "the model", "metrics": "the metrics"}[slowest]
-    return f"bottleneck: {name} ({parts[slowest]:.0f} images/s; end to end {stages['end_to_end']:.0f})"
+    return (f"bottleneck: {STAGES[slowest]} ({parts[slowest]:,.0f} images/s; "
+            f"end to end {stages['end_to_end']:,.0f})")
 
 
 def _median_result(results: list[EvalResult]) -> EvalResult:
@@ -97,9 +146,128 @@ def _median_result(results: list[EvalResult]) -> EvalResult:
     return ordered[len(ordered) // 2]
 
 
+# --- time to result: whole commands in subprocesses ---------------------------------------------------------
+
+
+def _hwm_mb(pid: int) -> float:
+    """A live process's peak RSS (``VmHWM``), MB; 0 once it is gone."""
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024
+    except (OSError, ValueError):
+        pass
+    return 0.0
+
+
+def _descendants(pid: int) -> list[int]:
+    found, todo = [], [pid]
+    while todo:
+        parent = todo.pop()
+        try:
+            tasks = os.listdir(f"/proc/{parent}/task")
+        except OSError:
+            continue
+        for tid in tasks:
+            try:
+                with open(f"/proc/{parent}/task/{tid}/children") as f:
+                    kids = [int(c) for c in f.read().split()]
+            except (OSError, ValueError):
+                continue
+            found += kids
+            todo += kids
+    return found
+
+
+def run_command(argv: list[str], env: dict[str, str]) -> dict:
+    """Run a command to its exit: wall seconds, exit code, stderr's tail, and the peak RSS of its main
+    process and of its largest descendant (sampled every POLL_SECONDS; ``tree_peak_rss_mb``, from the
+    kernel's accounting at exit, is the largest single process's exact peak)."""
+    with tempfile.TemporaryFile() as err:
+        start = time.perf_counter()
+        proc = subprocess.Popen(argv, env=env, stdout=subprocess.DEVNULL, stderr=err)
+        main = workers = 0.0
+        while True:
+            pid, status, usage = os.wait4(proc.pid, os.WNOHANG)
+            if pid:
+                break
+            main = max(main, _hwm_mb(proc.pid))
+            workers = max([workers] + [_hwm_mb(child) for child in _descendants(proc.pid)])
+            time.sleep(POLL_SECONDS)
+        wall = time.perf_counter() - start
+        proc.returncode = os.waitstatus_to_exitcode(status)
+        err.seek(0)
+        tail = err.read()[-2000:].decode(errors="replace")
+    return {"wall_seconds": wall, "returncode": proc.returncode, "stderr_tail": tail, "main_peak_rss_mb": main,
+            "largest_worker_peak_rss_mb": workers, "tree_peak_rss_mb": usage.ru_maxrss / 1024}
+
+
+def eval_argv(config: dict, options: FastOptions, reference: bool, json_path: str) -> list[str]:
+    """``python -m fasteval eval`` with the bench's dataset, model and settings (the demo by its files)."""
+    argv = [sys.executable, "-m", "fasteval", "eval", config["path"], "--arch", config["arch"],
+            "--preset", config["preset"], "--batch-size", str(config.get("batch_size_requested", config["batch_size"])),
+            "--workers", str(config["workers"]), "--device", config["device"], "--no-progress", "--json", json_path]
+    for option in ("resize", "crop", "weights"):
+        if config.get(option) is not None:
+            argv += [f"--{option}", str(config[option])]
+    if reference:
+        return argv + ["--reference"]
+    return argv + ["--loader", options.loader, "--precision", options.precision, "--compile", str(options.compile),
+                   "--exact", options.exact]
+
+
+def _timed_eval(config: dict, options: FastOptions, reference: bool, env: dict[str, str], work: str) -> dict:
+    path = os.path.join(work, "result.json")
+    run = run_command(eval_argv(config, options, reference, path), env)
+    if run["returncode"] != 0:
+        raise RuntimeError(f"time to result: the {'reference' if reference else 'default'} command failed "
+                           f"(exit {run['returncode']}): {run['stderr_tail'].strip()[-500:]}")
+    with open(path) as f:
+        result = json.load(f)
+    os.unlink(path)
+    recheck = (result.get("exact") or {}).get("seconds") or 0.0
+    run.update(samples=result["samples"], top1=result["top1"], warmup_seconds=result.get("warmup_seconds") or 0.0,
+               loop_seconds=result["seconds"] - recheck, recheck_seconds=recheck,
+               setup_seconds=run["wall_seconds"] - (result.get("warmup_seconds") or 0.0) - result["seconds"],
+               compile=result.get("compile"), compile_reason=result.get("compile_reason"))
+    return run
+
+
+def time_to_result(config: dict, options: FastOptions, repeats: int = 3) -> dict:
+    """Both whole commands, cold then ``repeats`` times warm, alternated; the warm figure is the median run."""
+    work = tempfile.mkdtemp(prefix="fasteval-ttr-")
+    env = {k: v for k, v in os.environ.items() if k not in ("TORCHINDUCTOR_CACHE_DIR", "TRITON_CACHE_DIR")}
+    env["FASTEVAL_CACHE"] = os.path.join(work, "cache")
+    try:
+        cold = {"fast": _timed_eval(config, options, False, env, work),
+                "reference": _timed_eval(config, options, True, env, work)}
+        warm_runs = {"reference": [], "fast": []}
+        for _ in range(repeats):
+            for path in ("reference", "fast"):
+                warm_runs[path].append(_timed_eval(config, options, path == "reference", env, work))
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    out = {}
+    for path in ("reference", "fast"):
+        runs = sorted(warm_runs[path], key=lambda r: r["wall_seconds"])
+        out[path] = {"cold": cold[path], "warm": runs[len(runs) // 2],
+                     "warm_wall_seconds": [r["wall_seconds"] for r in warm_runs[path]]}
+    out["ratio_cold"] = out["fast"]["cold"]["wall_seconds"] / out["reference"]["cold"]["wall_seconds"]
+    out["ratio_warm"] = out["fast"]["warm"]["wall_seconds"] / out["reference"]["warm"]["wall_seconds"]
+    out["repeats"] = repeats
+    return out
+
+
+# --- the bench --------------------------------------------------------------------------------------------
+
+
 def run_bench(samples: SampleList, model: nn.Module, spec: PreprocessSpec, device: torch.device,
-              options: FastOptions, repeats: int = 3, progress: bool = True) -> dict:
-    """Everything ``fasteval bench`` reports, as a dict (the ``--json`` content)."""
+              options: FastOptions, repeats: int = 3, progress: bool = True, eval_config: dict | None = None,
+              measure_time_to_result: bool = True) -> dict:
+    """Everything ``fasteval bench`` reports, as a dict (the ``--json`` content). ``eval_config`` (the
+    eval command's ``config``: path, arch, weights, preset, sizes, batch size, workers, device) is needed
+    for the time to result."""
     ref_model = copy.deepcopy(model)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
@@ -108,26 +276,28 @@ def run_bench(samples: SampleList, model: nn.Module, spec: PreprocessSpec, devic
         ref_runs.append(evaluate_reference(samples, ref_model, spec, batch_size=options.batch_size,
                                            workers=options.workers, device=device, progress=progress))
     ref_stages = _reference_stages(samples, ref_model, spec, options.batch_size, options.workers, device)
-    memory = {"reference_peak_rss_mb": peak_rss_mb()}
+    memory = {"in_process": {"after_reference": _in_process_memory()}}
     if device.type == "cuda":
         memory["reference_peak_gpu_mb"] = torch.cuda.max_memory_allocated(device) / 2**20
         del ref_model
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(device)
 
-    evaluator = FastEvaluator(samples, model, spec, device, options)
+    loop_options = replace(options, compile="on") if options.compile == "auto" else options
+    evaluator = FastEvaluator(samples, model, spec, device, loop_options)
     fast_runs = [evaluator.run(progress) for _ in range(repeats)]
-    fast_stages = _fast_stages(evaluator)
-    memory["fast_peak_rss_mb"] = peak_rss_mb()  # the process peak so far (reference included)
+    ref, fast = _median_result(ref_runs), _median_result(fast_runs)
+    fast_stages = _fast_stages(evaluator, fast)
+    memory["in_process"]["after_fast"] = _in_process_memory()
     if device.type == "cuda":
         memory["fast_peak_gpu_mb"] = torch.cuda.max_memory_allocated(device) / 2**20
 
-    ref, fast = _median_result(ref_runs), _median_result(fast_runs)
     ref_stages["end_to_end"], fast_stages["end_to_end"] = ref.images_per_sec, fast.images_per_sec
     config = {"path": samples.root, "samples": len(samples), "batch_size": options.batch_size,
-              "workers": options.workers, "device": str(device), "repeats": repeats}
+              "workers": options.workers, "device": str(device), "repeats": repeats,
+              "compile": str(options.compile), "loop_compile": str(loop_options.compile)}
     cmp = compare(samples, ref, fast)
-    return {
+    result = {
         "speedup": fast.images_per_sec / ref.images_per_sec,
         "agreement": cmp["agreement"],
         "config": config,
@@ -140,21 +310,51 @@ def run_bench(samples: SampleList, model: nn.Module, spec: PreprocessSpec, devic
         "memory": memory,
         "machine": environment(device),
     }
+    if measure_time_to_result and eval_config is not None:
+        del evaluator  # its DALI threads and buffers would compete with the commands
+        result["time_to_result"] = time_to_result(eval_config, options, repeats)
+    return result
 
 
-def _n(value: float, digits: int = 1) -> str:
-    return "nan" if value != value else f"{value:,.{digits}f}"
+def _n(value: float | None, digits: int = 1) -> str:
+    return "-" if value is None else "nan" if value != value else f"{value:,.{digits}f}"
 
 
 def _rechecked(exact: dict) -> str:
     return f"{exact['rechecked']} samples" if exact.get("enabled") else "off"
 
 
+def _yes(flag) -> str:
+    return "yes" if flag else "no"
+
+
+def _time_rows(t: dict) -> list[tuple[str, str, str, str]]:
+    ref, fast = t["reference"], t["fast"]
+    rows = [("time to result (s)", "reference", "fast", ""),
+            ("cold: whole command", _n(ref["cold"]["wall_seconds"], 2), _n(fast["cold"]["wall_seconds"], 2),
+             f"{t['ratio_cold']:.2f}x"),
+            (f"warm: whole command (median of {t['repeats']})", _n(ref["warm"]["wall_seconds"], 2),
+             _n(fast["warm"]["wall_seconds"], 2), f"{t['ratio_warm']:.2f}x")]
+    for key, label in (("setup_seconds", "  start, imports, setup, report"), ("warmup_seconds", "  warm-up+compile"),
+                       ("loop_seconds", "  loop"), ("recheck_seconds", "  exact recheck")):
+        rows.append((label, _n(ref["warm"][key], 2), _n(fast["warm"][key], 2), "warm run"))
+    rows += [("fast compile (cold, warm)", "", f"{_yes(fast['cold']['compile'])}, {_yes(fast['warm']['compile'])}",
+              "see below"),
+             ("peak RSS MB, main process", _n(ref["warm"]["main_peak_rss_mb"], 0),
+              _n(fast["warm"]["main_peak_rss_mb"], 0), "warm run, per process"),
+             ("peak RSS MB, largest worker", _workers(ref["warm"]), _workers(fast["warm"]), "not added to the main's")]
+    return rows
+
+
+def _workers(run: dict) -> str:
+    return _n(run["largest_worker_peak_rss_mb"], 0) if run["largest_worker_peak_rss_mb"] else "none"
+
+
 def format_bench(b: dict) -> str:
     """The side-by-side table."""
     ref, fast, cfg = b["reference"], b["fast"], b["config"]
     rows = [
-        (f"images/s (median of {cfg['repeats']})", _n(ref["images_per_sec"]), _n(fast["images_per_sec"]),
+        (f"loop images/s (median of {cfg['repeats']})", _n(ref["images_per_sec"]), _n(fast["images_per_sec"]),
          f"{b['speedup']:.2f}x"),
         ("top-1 %", _n(ref["top1"], 3), _n(fast["top1"], 3), f"{fast['top1'] - ref['top1']:+.3f}"),
         ("top-5 %", _n(ref["top5"], 3), _n(fast["top5"], 3), f"{fast['top5'] - ref['top5']:+.3f}"),
@@ -162,22 +362,31 @@ def format_bench(b: dict) -> str:
         ("agreement (top-1)", "", f"{100 * b['agreement']:.2f} %", f"{b['validation']['flipped']} flipped"),
         ("exact recheck", "", _rechecked(fast.get("exact", {})), "included in images/s"),
         ("warm-up s (excluded)", "0.0", _n(fast["warmup_seconds"], 1), ""),
-        ("peak RSS MB", _n(b["memory"]["reference_peak_rss_mb"], 0), _n(b["memory"]["fast_peak_rss_mb"], 0),
-         "process peak"),
     ]
-    if "fast_peak_gpu_mb" in b["memory"]:
-        rows.append(("peak GPU MB", _n(b["memory"]["reference_peak_gpu_mb"], 0),
-                     _n(b["memory"]["fast_peak_gpu_mb"], 0), ""))
+    mem = b["memory"]
+    if "time_to_result" not in b:
+        inproc = mem["in_process"]
+        rows += [("peak RSS MB, this process", _n(inproc["after_reference"]["main_peak_rss_mb"], 0),
+                  _n(inproc["after_fast"]["main_peak_rss_mb"], 0), "cumulative: fast includes the reference's"),
+                 ("peak RSS MB, largest worker", _n(inproc["after_reference"]["largest_worker_peak_rss_mb"], 0),
+                  _n(inproc["after_fast"]["largest_worker_peak_rss_mb"], 0), "cumulative")]
+    if "fast_peak_gpu_mb" in mem:
+        rows.append(("peak GPU MB", _n(mem["reference_peak_gpu_mb"], 0), _n(mem["fast_peak_gpu_mb"], 0), ""))
+    loop_compile = _yes(fast["compile"]) + (" (steady state)" if cfg.get("compile") == "auto" else "")
     rows += [
         ("loader", "DataLoader+PIL", fast["loader"], ""),
         ("precision", "fp32", fast["precision"], ""),
-        ("compile", "no", "yes" if fast["compile"] else "no", ""),
+        ("compile (loop)", "no", loop_compile, ""),
         ("", "", "", ""),
         ("stage (images/s)", "reference", "fast", ""),
     ]
-    for key, label in (("decode", "decode+preprocess"), ("model", "model"), ("metrics", "metrics"),
-                       ("end_to_end", "end to end")):
-        rows.append((label, _n(b["stages"]["reference"][key]), _n(b["stages"]["fast"][key]), ""))
+    for key, label in (*STAGES.items(), ("end_to_end", "end to end")):
+        ref_value = b["stages"]["reference"].get(key)
+        if key == "reference_code":
+            label = f"{label} ({b['stages']['fast'].get('reference_code_samples', 0)} samples)"
+        rows.append((label, _n(ref_value), _n(b["stages"]["fast"][key]), ""))
+    if "time_to_result" in b:
+        rows += [("", "", "", "")] + _time_rows(b["time_to_result"])
     widths = [max(len(r[i]) for r in rows) for i in range(4)]
     title = (f"fasteval bench: {cfg['samples']} images, batch {cfg['batch_size']}, {cfg['workers']} workers, "
              f"{cfg['device']}")
@@ -188,9 +397,17 @@ def format_bench(b: dict) -> str:
     lines += [
         f"reference {b['verdict']['reference']}",
         f"fast      {b['verdict']['fast']}",
-        f"machine: {m['cpu']} ({m['cpu_cores']} cores), GPU: {m.get('gpu', 'none')}, torch {m['torch']}, "
-        f"torchvision {m['torchvision']}, triton {m['triton']}, DALI {m['dali'] or 'not installed'}",
+        "stages: each alone over the dataset's batches; end to end they share the machine (the loader's threads "
+        "decode while the model runs), so end to end is below the slowest stage",
     ]
+    if b["stages"]["fast"]["metrics"] < b["stages"]["reference"]["metrics"]:
+        lines.append(METRICS_NOTE)
+    if "time_to_result" in b:
+        t = b["time_to_result"]["fast"]
+        lines += [f"fast compile, cold: {t['cold']['compile_reason']}",
+                  f"fast compile, warm: {t['warm']['compile_reason']}"]
+    lines.append(f"machine: {m['cpu']} ({m['cpu_cores']} cores), GPU: {m.get('gpu', 'none')}, torch {m['torch']}, "
+                 f"torchvision {m['torchvision']}, triton {m['triton']}, DALI {m['dali'] or 'not installed'}")
     return "\n".join(lines)
 
 

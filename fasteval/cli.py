@@ -49,7 +49,10 @@ def _add_run_options(p: argparse.ArgumentParser) -> None:
 def _add_fast_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--loader", default="auto", help="auto (default: DALI if installed), dali or torchvision")
     p.add_argument("--precision", default="auto", help="auto (bf16 where fast, else fp32), fp32, bf16 or fp16")
-    p.add_argument("--no-compile", action="store_true", help="run the model eagerly (no torch.compile)")
+    p.add_argument("--compile", default="auto",
+                   help="auto (default: torch.compile where the model time it saves exceeds the compile's cost, "
+                        "given the compile cache's state), on, or off (eager: channels-last + autocast)")
+    p.add_argument("--no-compile", dest="compile", action="store_const", const="off", help="same as --compile off")
     p.add_argument("--exact", default="auto",
                    help="auto (default) or on: recheck near-tie samples with the reference's own code, so the "
                         "top-1/top-5 counts are the reference's; off: keep the fast path's values")
@@ -77,6 +80,8 @@ def build_parser() -> argparse.ArgumentParser:
     be.add_argument("--repeats", type=_positive_int, default=3, help="end-to-end runs per path; the median is "
                                                                      "reported (default 3)")
     be.add_argument("--plot", metavar="PNG", help="bar chart of images/s per stage (needs matplotlib)")
+    be.add_argument("--no-time-to-result", action="store_true",
+                    help="skip timing the whole eval commands (each path cold, then --repeats times warm)")
 
     sy = sub.add_parser("synth", help="write a deterministic synthetic ImageFolder of JPEGs")
     sy.add_argument("out", metavar="OUT", help="output folder")
@@ -93,6 +98,7 @@ def build_parser() -> argparse.ArgumentParser:
 def _check_options(args) -> None:
     """Every option and output path, checked before any work whatever the mode (``--reference`` too)."""
     from .devices import resolve_device
+    from .compile_cache import resolve_compile_mode
     from .exact import resolve_exact
     from .inference import resolve_precision
     from .loaders import resolve_loader
@@ -103,6 +109,7 @@ def _check_options(args) -> None:
     resolve_precision(args.precision, resolve_device(args.device))
     resolve_loader(args.loader)
     resolve_exact(args.exact)
+    resolve_compile_mode(args.compile)
     outputs = {option: getattr(args, name, None)
                for option, name in (("--json", "json"), ("--predictions", "predictions"), ("--plot", "plot"))}
     inputs = {"--weights": args.weights} if args.weights and os.path.isfile(args.weights) else {}
@@ -161,7 +168,7 @@ def _prepare(args):
 def fast_options(args):
     from .fast import FastOptions
 
-    return FastOptions(loader=args.loader, precision=args.precision, compile=not args.no_compile,
+    return FastOptions(loader=args.loader, precision=args.precision, compile=args.compile,
                        batch_size=args.batch_size, workers=args.workers, exact=args.exact)
 
 
@@ -206,7 +213,8 @@ def cmd_bench(args) -> int:
             raise FastevalError("--plot needs matplotlib: pip install 'fasteval[plot]'") from None
     samples, spec, device, model, config = _prepare(args)
     result = run_bench(samples, model, spec, device, fast_options(args), repeats=args.repeats,
-                       progress=not args.no_progress)
+                       progress=not args.no_progress, eval_config=config,
+                       measure_time_to_result=not args.no_time_to_result)
     result["config"].update(arch=config["arch"], weights=config["weights"], preset=spec.name,
                             batch_size=config["batch_size"], batch_size_requested=config["batch_size_requested"])
     print(format_bench(result))

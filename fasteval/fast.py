@@ -18,7 +18,7 @@ from tqdm import tqdm
 
 from .devices import synchronize, use_device
 from .errors import first_line
-from .exact import apply_reference, calibration_positions, recheck, resolve_exact
+from .exact import CALIBRATION_SAMPLES, apply_reference, calibration_positions, recheck, resolve_exact
 from .inference import DTYPES, FastModel, resolve_precision
 from .kernels.accumulator import MetricsAccumulator
 from .kernels.fused_metrics import resolve_backend
@@ -34,11 +34,16 @@ from .samples import SampleList
 class FastOptions:
     loader: str = "auto"
     precision: str = "auto"
-    compile: bool = True
+    compile: bool | str = True  # True/"on", False/"off", or "auto" (fasteval/compile_cache.py)
     batch_size: int = 64
     workers: int = 2
     metrics_backend: str = "auto"
     exact: str = "auto"
+
+
+# With --exact on, datasets this small go through the reference's code whole: every sample would be a
+# calibration sample, so the fast pass (and its setup: loader, warm-up) would be spent for nothing.
+SMALL_DATASET = CALIBRATION_SAMPLES
 
 
 def run_loop(batches: Iterable[Batch], forward, accumulator: MetricsAccumulator, bar=None) -> None:
@@ -72,6 +77,9 @@ class FastEvaluator:
         kind = resolve_loader(options.loader)
         # The torchvision loaders decode with PIL already; DALI hands those files to the reference.
         self.reference_only = needs_pil(samples) if kind == "dali" else []
+        self.all_by_reference = self.exact and len(samples) <= SMALL_DATASET
+        if self.all_by_reference:  # the calibration alone would be most of it: the reference is exact, as fast
+            self.reference_only = list(range(len(samples)))
         excluded = set(self.reference_only)
         self.main = [i for i in range(len(samples)) if i not in excluded]
         # The reference's model is the caller's module as it is (eager fp32, NCHW); the fast model is a
@@ -80,7 +88,7 @@ class FastEvaluator:
         fast_model = copy.deepcopy(model)
         self.logits_dtype = torch.float32 if keep_head_fp32(fast_model) or self.precision == "fp32" else \
             DTYPES[self.precision]
-        self.model = FastModel(fast_model, device, self.precision, options.compile)
+        self.model = FastModel(fast_model, device, self.precision, options.compile, num_samples=len(self.main))
         self.calibration = [self.main[p] for p in calibration_positions(len(self.main))] if self.exact else []
         self.loader = None
         self.metrics_backend = resolve_backend(options.metrics_backend, device)
@@ -147,7 +155,11 @@ class FastEvaluator:
             apply_reference(outputs, self.samples, self.reference_only, logits)
             bar.update(len(self.reference_only))
         exact = {"enabled": False, "mode": self.options.exact, "reason": self.exact_reason}
-        if self.exact and self.calibration:
+        if self.all_by_reference:
+            exact.update(enabled=True, rechecked=len(self.samples), all_by_reference=True,
+                         reason=f"{len(self.samples)} samples (<= {SMALL_DATASET}, the calibration's size): every sample "
+                                f"evaluated by the reference's code")
+        elif self.exact and self.calibration:
             outputs, report = recheck(self.samples, outputs, self.calibration, kept, self.reference_model,
                                       self.spec, **run)
             exact.update(report)
@@ -171,9 +183,10 @@ class FastEvaluator:
                 "loader": self.loader.name if self.loader else "none",
                 "precision": self.precision,
                 "compile": self.model.compiled,
+                "compile_reason": self.model.compile_reason,
                 "metrics_backend": self.metrics_backend,
                 "nonfinite_rows": nonfinite,
-                "pil_fallback_files": len(self.reference_only),
+                "pil_fallback_files": 0 if self.all_by_reference else len(self.reference_only),
                 "exact": exact,
             },
         )

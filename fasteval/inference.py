@@ -1,4 +1,4 @@
-"""The fast path's model: channels-last, mixed precision, ``torch.compile``d for one static shape."""
+"""The fast path's model: channels-last, mixed precision, ``torch.compile``d for one static shape where it pays."""
 
 from __future__ import annotations
 
@@ -10,6 +10,8 @@ import time
 import torch
 from torch import nn
 
+from .compile_cache import (Profile, config_key, decide, leaf_modules, load_profile, profile_dir,
+                            resolve_compile_mode, save_profile, use_compile_cache)
 from .devices import synchronize
 from .errors import FastevalError, first_line
 
@@ -53,18 +55,21 @@ def resolve_precision(requested: str, device: torch.device) -> str:
 
 
 class FastModel:
-    """A model moved once, channels-last, run under autocast and (optionally) compiled."""
+    """A model moved once, channels-last, run under autocast, and ``torch.compile``d for one static shape
+    where that pays. ``compile``: ``on``/True, ``off``/False or ``auto`` (decided in ``warm_up`` from the
+    number of samples, the measured eager batch time and the compile cache: fasteval/compile_cache.py)."""
 
-    def __init__(self, model: nn.Module, device: torch.device, precision: str, compile: bool) -> None:
+    def __init__(self, model: nn.Module, device: torch.device, precision: str, compile: bool | str,
+                 num_samples: int | None = None) -> None:
         self.device, self.precision = device, precision
+        self.mode = resolve_compile_mode(compile)
+        self.num_samples = num_samples
         self.model = model.to(device).eval().to(memory_format=torch.channels_last)
         for p in self.model.parameters():
             p.requires_grad_(False)
         self.compiled = False
+        self.compile_reason = "--compile off: eager (channels-last + autocast)" if self.mode == "off" else ""
         self._forward = self._eager
-        if compile:
-            self._forward = torch.compile(self._eager, dynamic=False)
-            self.compiled = True
 
     def _autocast(self):
         if self.precision == "fp32":
@@ -78,21 +83,85 @@ class FastModel:
     def __call__(self, images: torch.Tensor) -> torch.Tensor:
         return self._forward(images)
 
+    def _timed(self, example: torch.Tensor) -> float:
+        synchronize(self.device)
+        start = time.perf_counter()
+        self._forward(example)
+        synchronize(self.device)
+        return time.perf_counter() - start
+
     def warm_up(self, example: torch.Tensor, calls: int = 2) -> float:
-        """Compile and run on a batch of the static shape; seconds spent. Falls back to eager
-        with a one-line warning where compiling is impossible (no C++ compiler, say)."""
+        """Decide (``auto``), compile and run on a batch of the static shape; seconds spent. Eager runs
+        one call (none where ``auto`` already knows this configuration's eager batch time); compiled runs
+        ``calls``. Falls back to eager with a one-line warning where compiling fails (no C++ compiler, say)."""
         start = time.perf_counter()
         with torch.inference_mode():
-            try:
-                for _ in range(calls):
-                    self._forward(example)
-            except Exception as exc:
-                if not self.compiled:
-                    raise
-                print(f"fasteval: warning: torch.compile failed, running eager: {first_line(exc)[:200]}",
-                      file=sys.stderr)
-                self._forward, self.compiled = self._eager, False
-                for _ in range(calls):
-                    self._forward(example)
-            synchronize(self.device)
+            if self.mode == "on":
+                self._compile(example, calls, "--compile on")
+            elif self.mode == "auto":
+                self._auto(example, calls)
+            else:
+                self._timed(example)
         return time.perf_counter() - start
+
+    def _auto(self, example: torch.Tensor, calls: int) -> None:
+        key = config_key(self.model, self.device, self.precision, example)
+        folder = profile_dir(self.device)
+        profile = load_profile(folder, key)
+        if self.num_samples is None:
+            if profile.artifacts:
+                self._compile(example, calls, "auto: number of samples unknown, compiled on a cache hit",
+                              key, profile)
+            else:
+                self._timed(example)
+                self.compile_reason = "auto: number of samples unknown, eager on a cold cache"
+            return
+        if profile.eager_batch_seconds is None:
+            # The eager warm-up call, measured: its one-time setup makes it an overestimate, which favours compiling.
+            profile.eager_batch_seconds = self._timed(example)
+            save_profile(folder, profile)
+        decision = decide(profile, self.device.type, self.num_samples, example.shape[0],
+                          profile.eager_batch_seconds, leaf_modules(self.model))
+        if decision.compile:
+            self._compile(example, calls, decision.reason, key, profile)
+        else:
+            self.compile_reason = decision.reason
+
+    def _compile(self, example: torch.Tensor, calls: int, reason: str, key: dict | None = None,
+                 profile: Profile | None = None) -> None:
+        """Compile into fasteval's cache, run ``calls`` times, record the costs in the profile."""
+        from torch._dynamo.utils import counters
+
+        use_compile_cache(self.device)
+        if key is None or profile is None:
+            key = config_key(self.model, self.device, self.precision, example)
+            profile = load_profile(profile_dir(self.device), key)
+        hits, misses = counters["inductor"]["fxgraph_cache_hit"], counters["inductor"]["fxgraph_cache_miss"]
+        self._forward = torch.compile(self._eager, dynamic=False)
+        try:
+            first = self._timed(example)
+            batch = min((self._timed(example) for _ in range(calls - 1)), default=None)
+        except Exception as exc:
+            print(f"fasteval: warning: torch.compile failed, running eager: {first_line(exc)[:200]}",
+                  file=sys.stderr)
+            self._forward = self._eager
+            self._timed(example)
+            self.compile_reason = f"{reason}; torch.compile failed, eager: {first_line(exc)[:120]}"
+            return
+        hit = counters["inductor"]["fxgraph_cache_hit"] > hits
+        miss = counters["inductor"]["fxgraph_cache_miss"] > misses
+        seconds = max(0.0, first - (batch or 0.0))
+        profile.artifacts = True
+        if hit:
+            profile.hit_compile_seconds = seconds
+            outcome = f"loaded from the compile cache in {seconds:.1f} s"
+        elif miss:
+            profile.cold_compile_seconds = seconds
+            outcome = f"cache miss: compiled in {seconds:.1f} s, cached for the next run"
+        else:  # this process had compiled the same graph already
+            outcome = f"reused this process's compiled graph ({seconds:.1f} s)"
+        if batch is not None:  # the best seen: other load on the machine only ever adds time
+            profile.compiled_batch_seconds = min(batch, profile.compiled_batch_seconds or batch)
+        save_profile(profile_dir(self.device), profile)
+        self.compiled = True
+        self.compile_reason = f"{reason}; {outcome}"

@@ -99,8 +99,8 @@ def format_table(report: dict, title: str = "fasteval") -> str:
 
 def exact_summary(exact: dict) -> str:
     """One line on the exact-count recheck: how many samples, why, what changed, the loss drift left."""
-    if not exact.get("enabled"):
-        return f"off ({exact.get('reason', '')})"
+    if not exact.get("enabled") or exact.get("all_by_reference"):
+        return f"{'on' if exact.get('enabled') else 'off'} ({exact.get('reason', '')})"
     return (f"{exact['rechecked']} sample(s) rechecked by the reference's code ({exact['calibration_samples']} "
             f"calibration + {exact['gated']} with margin <= tau {exact['tau']:.3g} = {exact['safety']:g} x 2 x "
             f"max logit error {exact['max_logit_error']:.3g}); {exact['changed_top1']} top-1 and "

@@ -164,3 +164,16 @@ def test_metrics_fall_back_to_the_twin_when_triton_cannot_run(small_data, model_
     err = capsys.readouterr().err
     assert fast.extra["metrics_backend"] == "torch" and fast.samples == 21
     assert err.count("warning: the Triton metrics kernel cannot run") == 1 and "Traceback" not in err
+
+
+def test_a_dataset_no_larger_than_the_calibration_goes_to_the_reference_whole(tmp_path, model_3cls, small_spec):
+    from fasteval.synth import synth_dataset
+
+    samples = discover(synth_dataset(tmp_path / "six", classes=3, per_class=2, size="72x60", seed=9, workers=1))
+    reference = evaluate_reference(samples, copy.deepcopy(model_3cls), small_spec, batch_size=4, workers=0,
+                                   progress=False)
+    fast = _fast(samples, model_3cls, small_spec, "auto")
+    assert fast.extra["exact"]["all_by_reference"] and fast.rechecked.all() and fast.extra["loader"] == "none"
+    assert torch.equal(fast.predictions, reference.predictions)
+    torch.testing.assert_close(fast.losses, reference.losses)
+    assert (fast.correct_top1, fast.correct_top5) == (reference.correct_top1, reference.correct_top5)
