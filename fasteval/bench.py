@@ -105,7 +105,7 @@ def _fast_stages(evaluator: FastEvaluator, median: EvalResult) -> dict:
                      batch_size=evaluator.options.batch_size, workers=evaluator.options.workers, device=device)
     seconds = time.perf_counter() - start + median.extra["exact"].get("seconds", 0.0)
     return {**stages, "reference_code": _rate(len(samples), seconds) if seconds > 0 else float("inf"),
-            "reference_code_samples": len(evaluator.reference_only) + median.extra["exact"].get("rechecked", 0)}
+            "reference_code_samples": int(median.rechecked.sum())}
 
 
 def _fast_loop_stages(evaluator: FastEvaluator) -> dict:
@@ -135,7 +135,7 @@ def _fast_loop_stages(evaluator: FastEvaluator) -> dict:
 
 
 def _verdict(stages: dict) -> str:
-    parts = {k: stages[k] for k in STAGES if k in stages}
+    parts = {k: stages[k] for k in STAGES if k in stages and stages[k] == stages[k]}  # NaN: a stage that did not run
     slowest = min(parts, key=parts.get)
     return (f"bottleneck: {STAGES[slowest]} ({parts[slowest]:,.0f} images/s; "
             f"end to end {stages['end_to_end']:,.0f})")
