@@ -95,6 +95,21 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _check_names(args) -> None:
+    """The named options' values, checked before anything heavy is imported: a typo answers at once,
+    with the same line the stage that uses the value would give."""
+    import re
+
+    from .choices import COMPILE_MODES, DEVICE_PATTERN, EXACT_MODES, LOADERS, PRECISIONS
+
+    for option, value, allowed in (("--loader", args.loader, LOADERS), ("--precision", args.precision, PRECISIONS),
+                                   ("--exact", args.exact, EXACT_MODES), ("--compile", args.compile, COMPILE_MODES)):
+        if value not in allowed:
+            raise FastevalError(f"unknown {option} {value!r}; choose from {', '.join(allowed)}")
+    if not re.fullmatch(DEVICE_PATTERN, args.device):
+        raise FastevalError(f"--device must be auto, cpu, cuda or cuda:N, got {args.device!r}")
+
+
 def _check_options(args) -> None:
     """Every option and output path, checked before any work whatever the mode (``--reference`` too)."""
     from .devices import resolve_device
@@ -173,6 +188,7 @@ def fast_options(args):
 
 
 def cmd_eval(args) -> int:
+    _check_names(args)
     from .fast import evaluate_fast
     from .reference import REFERENCE_SETTINGS, evaluate_reference
     from .report import build_report, format_table, write_json, write_predictions
@@ -203,6 +219,7 @@ def cmd_eval(args) -> int:
 
 
 def cmd_bench(args) -> int:
+    _check_names(args)
     from .bench import format_bench, plot_bench, run_bench
     from .report import write_json
 

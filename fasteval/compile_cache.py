@@ -36,9 +36,9 @@ from dataclasses import asdict, dataclass, field
 import torch
 from torch import nn
 
+from .choices import COMPILE_MODES
 from .errors import FastevalError
 
-COMPILE_MODES = ("auto", "on", "off")
 PROFILE_VERSION = 1  # bump when FastModel's forward (what gets compiled) changes
 RESNET18_LEAVES = 52  # leaf modules of torchvision's resnet18: the unit of DEFAULTS' compile times
 

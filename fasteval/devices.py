@@ -6,6 +6,7 @@ import re
 
 import torch
 
+from .choices import DEVICE_PATTERN
 from .errors import FastevalError
 
 
@@ -44,7 +45,7 @@ def _parse_device(name: str) -> torch.device:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name == "cpu":
         return torch.device("cpu")
-    if not re.fullmatch(r"cuda(:\d+)?", name):
+    if not re.fullmatch(DEVICE_PATTERN, name):
         raise FastevalError(f"--device must be auto, cpu, cuda or cuda:N, got {name!r}")
     if not torch.cuda.is_available():
         raise FastevalError(f"--device {name}: CUDA is not available on this machine")

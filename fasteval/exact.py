@@ -24,12 +24,12 @@ import time
 import torch
 from torch import nn
 
+from .choices import EXACT_MODES
 from .errors import FastevalError
 from .preprocess import PreprocessSpec
 from .reference import reference_logits, score_batch
 from .samples import SampleList
 
-EXACT_MODES = ("auto", "on", "off")
 CALIBRATION_SAMPLES = 8  # reference-evaluated samples that measure the fast path's logit error
 SAFETY = 3.0  # tau = SAFETY x the largest change of a logit difference seen (2 x the logit error)
 

@@ -12,13 +12,13 @@ from torch import nn
 
 from .compile_cache import (Profile, config_key, decide, leaf_modules, load_profile, profile_dir,
                             resolve_compile_mode, save_profile, use_compile_cache)
+from .choices import PRECISIONS
 from .devices import synchronize
 from .errors import FastevalError, first_line
 
 # torch.compile on a CUDA build without a GPU warns that no CUDA runtime exists: noise here.
 logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
 
-PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 

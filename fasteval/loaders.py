@@ -11,11 +11,11 @@ from typing import NamedTuple
 
 import torch
 
+from .choices import LOADERS
 from .errors import FastevalError
 from .preprocess import PreprocessSpec
 from .samples import SampleList
 
-LOADERS = ("auto", "dali", "torchvision")
 
 
 class Batch(NamedTuple):

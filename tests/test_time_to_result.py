@@ -353,3 +353,19 @@ def test_bench_reports_time_to_result_and_memory_per_process(small_data, weights
         slowest = min(v for k, v in stages.items() if k in ("decode", "model", "metrics", "reference_code"))
         assert stages["end_to_end"] <= 2 * slowest
     assert "time_to_result" in b and format_bench(b)
+
+
+@pytest.mark.parametrize("option", [["--exact", "maybe"], ["--loader", "foo"], ["--precision", "int8"],
+                                    ["--device", "gpu"], ["--compile", "sometimes"], ["--help"]])
+def test_argument_errors_and_help_answer_without_importing_torch(option):
+    """A typo in a named option, and --help, answer before torch is imported (well under a second)."""
+    import subprocess
+    import sys
+
+    code = ("import sys\nfrom fasteval.cli import main\ntry:\n    rc = main(['eval', '/nonexistent', *sys.argv[1:]])\n"
+            "except SystemExit as exc:\n    rc = exc.code\nprint('torch' in sys.modules, rc)")
+    done = subprocess.run([sys.executable, "-c", code, *option], capture_output=True, text=True, timeout=60)
+    assert done.stdout.split()[-2:] == ["False", "0" if option == ["--help"] else "2"], done
+    assert "Traceback" not in done.stderr
+    if option != ["--help"]:
+        assert option[0] in done.stderr and done.stderr.count("\n") == 1
