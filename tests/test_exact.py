@@ -177,3 +177,24 @@ def test_a_dataset_no_larger_than_the_calibration_goes_to_the_reference_whole(tm
     assert torch.equal(fast.predictions, reference.predictions)
     torch.testing.assert_close(fast.losses, reference.losses)
     assert (fast.correct_top1, fast.correct_top5) == (reference.correct_top1, reference.correct_top5)
+
+
+@pytest.mark.parametrize("arch", ["resnet18", "mobilenet_v3_small", "squeezenet1_1"])
+def test_the_fast_model_keeps_its_head_in_fp32_and_leaves_the_callers_model_alone(arch):
+    """bf16 logits are rounded to 8 bits of mantissa: the head runs in fp32 (where it is a Linear)."""
+    import torchvision
+
+    from fasteval.fast import Fp32Head, keep_head_fp32
+
+    model = torchvision.models.get_model(arch, num_classes=7).eval()
+    copy_ = copy.deepcopy(model)
+    wrapped = keep_head_fp32(copy_)
+    assert wrapped == (arch != "squeezenet1_1")  # SqueezeNet's head is a convolution
+    assert sum(isinstance(m, Fp32Head) for m in copy_.modules()) == int(wrapped)
+    assert not any(isinstance(m, Fp32Head) for m in model.modules())
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        out = copy_(x)
+    assert out.dtype == (torch.float32 if wrapped else torch.bfloat16)
+    with torch.no_grad():
+        torch.testing.assert_close(copy_(x), model(x))  # outside autocast: the same module, the same values
