@@ -100,6 +100,20 @@ def _margins(top: torch.Tensor, x_label: torch.Tensor, hit: torch.Tensor, counte
     return m1, torch.where(counted, mk, inf)
 
 
+def _stable_topk_indices(ordered: torch.Tensor, top: torch.Tensor, k: int, cols: torch.Tensor) -> torch.Tensor:
+    """The k columns with the largest values, by descending value, ties to the lower column (a stable
+    descending sort's first k), without sorting whole rows: every column above the k-th value, then the
+    lowest-index columns equal to it; those k are put in order by a sort of k values."""
+    kth = top[:, k - 1:k]
+    above = ordered > kth
+    equal = ordered == kth
+    room = k - above.sum(dim=1, keepdim=True)
+    chosen = above | (equal & (torch.cumsum(equal, dim=1) <= room))
+    picked = torch.topk(torch.where(chosen, cols, ordered.shape[1]), k, dim=1, largest=False).values
+    order = torch.sort(ordered.gather(1, picked), dim=1, descending=True, stable=True).indices
+    return picked.gather(1, order)
+
+
 def _metrics_core(x: torch.Tensor, labels: torch.Tensor, topk: int, ignore_index: int) -> BatchMetrics:
     """The twin's arithmetic on float32 logits and int64 labels (no host sync, compilable)."""
     num_classes = x.shape[1]
@@ -119,8 +133,8 @@ def _metrics_core(x: torch.Tensor, labels: torch.Tensor, topk: int, ignore_index
     hit = counted & (rank < topk)
     has_nan = torch.isnan(x).any(dim=1)
     ordered = torch.where(torch.isnan(x), float("-inf"), x)
-    top, top_idx = torch.sort(ordered, dim=1, descending=True, stable=True)
-    top, top_idx = top[:, :topk + 1], top_idx[:, :topk]
+    top = torch.topk(ordered, min(topk + 1, num_classes), dim=1).values  # values: no tie question
+    top_idx = _stable_topk_indices(ordered, top, min(topk, num_classes), cols)
     if num_classes < topk:
         top_idx = torch.cat([top_idx, top_idx.new_full((x.shape[0], topk - num_classes), -1)], dim=1)
     m1, mk = _margins(top, x_label[:, 0], hit, counted, has_nan, topk)
