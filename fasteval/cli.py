@@ -111,10 +111,9 @@ def _check_names(args) -> None:
 
 
 def _check_options(args) -> None:
-    """Every option and output path, checked before any work whatever the mode (``--reference`` too)."""
+    """Every option and output path, checked before any work whatever the mode (``--reference`` too);
+    the names of values were checked by ``_check_names``, what they mean here is checked now."""
     from .devices import resolve_device
-    from .compile_cache import resolve_compile_mode
-    from .exact import resolve_exact
     from .inference import resolve_precision
     from .loaders import resolve_loader
     from .outputs import check_distinct, check_output_file
@@ -123,8 +122,6 @@ def _check_options(args) -> None:
     get_spec(args.preset, args.resize, args.crop)
     resolve_precision(args.precision, resolve_device(args.device))
     resolve_loader(args.loader)
-    resolve_exact(args.exact)
-    resolve_compile_mode(args.compile)
     outputs = {option: getattr(args, name, None)
                for option, name in (("--json", "json"), ("--predictions", "predictions"), ("--plot", "plot"))}
     inputs = {"--weights": args.weights} if args.weights and os.path.isfile(args.weights) else {}

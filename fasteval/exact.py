@@ -77,11 +77,10 @@ def apply_reference(outputs: dict[str, torch.Tensor], samples: SampleList, indic
 
 def recheck(samples: SampleList, outputs: dict[str, torch.Tensor], calibration: list[int],
             calibration_logits: torch.Tensor, model: nn.Module, spec: PreprocessSpec, *, batch_size: int,
-            workers: int, device: torch.device) -> tuple[dict[str, torch.Tensor], dict]:
-    """Replace the fast per-sample ``outputs`` (sample order, CPU) of near-tie samples by the reference's.
-
-    ``calibration_logits`` are the fast logits of the ``calibration`` samples, kept during the pass.
-    Returns the new outputs and the report of the recheck."""
+            workers: int, device: torch.device) -> dict:
+    """Replace, in place, the fast per-sample ``outputs`` (sample order, CPU) of the calibration and
+    near-tie samples by the reference's. ``calibration_logits`` are the fast logits of the
+    ``calibration`` samples, kept during the pass. Returns the report of the recheck."""
     start = time.perf_counter()
     run = dict(batch_size=batch_size, workers=workers, device=device)
     ref_calibration = reference_logits(samples, calibration, model, spec, **run)
@@ -93,9 +92,8 @@ def recheck(samples: SampleList, outputs: dict[str, torch.Tensor], calibration: 
     ref_more = reference_logits(samples, more, model, spec, **run) if more else ref_calibration[:0]
     indices = calibration + more
     ref_logits = torch.cat([ref_calibration, ref_more])
-    before = {key: outputs[key][indices].clone() for key in ("pred", "topk_hit", "loss")}
-    new = {key: value.clone() for key, value in outputs.items()}
-    score = apply_reference(new, samples, indices, ref_logits)
+    before = {key: outputs[key][indices] for key in ("pred", "topk_hit", "loss")}  # copies (list indexing)
+    score = apply_reference(outputs, samples, indices, ref_logits)
     loss_error = (before["loss"][:len(calibration)].double() - score.losses[:len(calibration)].double())
     report = {
         "enabled": True,
@@ -111,4 +109,4 @@ def recheck(samples: SampleList, outputs: dict[str, torch.Tensor], calibration: 
         "calibration_loss_error_max": float(loss_error.abs().max()) if len(loss_error) else 0.0,
         "seconds": time.perf_counter() - start,
     }
-    return new, report
+    return report

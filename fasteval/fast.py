@@ -160,9 +160,8 @@ class FastEvaluator:
                          reason=f"{len(self.samples)} samples (<= {SMALL_DATASET}, the calibration's size): every sample "
                                 f"evaluated by the reference's code")
         elif self.exact and self.calibration:
-            outputs, report = recheck(self.samples, outputs, self.calibration, kept, self.reference_model,
-                                      self.spec, **run)
-            exact.update(report)
+            exact.update(recheck(self.samples, outputs, self.calibration, kept, self.reference_model, self.spec,
+                                 **run))
         seconds = time.perf_counter() - start
         bar.close()
         labels = torch.tensor(self.samples.labels)
