@@ -8,11 +8,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from fasteval.fast import FastEvaluator, FastOptions
-from fasteval.models import build_model
-from fasteval.preprocess import PRESETS
-from fasteval.reference import evaluate_reference
-from fasteval.samples import discover
+from fasteval.evaluation.fast import FastEvaluator, FastOptions
+from fasteval.model.models import build_model
+from fasteval.data.preprocess import PRESETS
+from fasteval.evaluation.reference import evaluate_reference
+from fasteval.data.samples import discover
 
 
 def _run(benchmark, variant, data, weights, device, batch_size, workers):

@@ -10,11 +10,11 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
-from fasteval.loader_dali import dali_available
-from fasteval.loaders import make_loader
-from fasteval.preprocess import PRESETS
-from fasteval.reference import reference_dataset
-from fasteval.samples import discover
+from fasteval.data.loader_dali import dali_available
+from fasteval.data.loaders import make_loader
+from fasteval.data.preprocess import PRESETS
+from fasteval.evaluation.reference import reference_dataset
+from fasteval.data.samples import discover
 
 needs_dali = pytest.mark.skipif(not dali_available(), reason="DALI not installed")
 

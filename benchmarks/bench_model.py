@@ -10,7 +10,7 @@ import pytest
 import torch
 import torchvision
 
-from fasteval.inference import FastModel
+from fasteval.model.inference import FastModel
 
 VARIANTS = {  # name: (channels_last, precision, compile)
     "eager fp32 NCHW (reference)": (False, "fp32", False),

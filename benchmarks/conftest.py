@@ -7,7 +7,7 @@ import torch
 @pytest.fixture(scope="session")
 def bench_dataset(tmp_path_factory) -> str:
     """256 ImageNet-like JPEGs (about 500x375, quality 90) in 8 classes, made once per session."""
-    from fasteval.synth import synth_dataset
+    from fasteval.data.synth import synth_dataset
 
     return synth_dataset(tmp_path_factory.mktemp("bench") / "data", classes=8, per_class=32, seed=11)
 

@@ -7,7 +7,9 @@
 # every loader that can run. Writes logs, JSON and summary.json into OUT_DIR, and prints which
 # paths ran (DALI or not, the Triton kernel or its PyTorch twin), naming every path it could not
 # run. Meant to finish in under 10 minutes. GPU_CHECK_CLASSES/GPU_CHECK_PER_CLASS shrink the
-# dataset for a dry run of the plumbing on a CPU machine. Works on Python 3.10 (no `python -P`).
+# dataset for a dry run of the plumbing on a CPU machine; GPU_CHECK_STEPS (default "tests kernel bench")
+# picks the steps, GPU_CHECK_REPEATS the bench repeats (default 1: each cold command compiles from
+# nothing). Works on Python 3.10 (no `python -P`).
 set -uo pipefail
 OUT_DIR="$(mkdir -p "${1:?usage: benchmarks/gpu_check.sh OUT_DIR}" && cd "$1" && pwd)"
 REPO="$(cd "$(dirname "$0")/.." && pwd)"
@@ -24,6 +26,11 @@ export FASTEVAL_CACHE="$WORK/cache"
 py() { (cd "$WORK" && "$PY" "$@"); }
 tpy() { local limit=$1; shift; (cd "$WORK" && timeout "$limit" "$PY" "$@"); }
 PYTEST=(-m pytest -c "$REPO/pyproject.toml" --rootdir "$REPO" -p no:cacheprovider)
+STEPS=" ${GPU_CHECK_STEPS:-tests kernel bench} "
+step() { [[ "$STEPS" == *" $1 "* ]]; }
+# Tests in 4 processes where pytest-xdist is installed (the GPU has room; the host has the cores).
+XDIST=()
+if py -c "import xdist" 2>/dev/null; then XDIST=(-n 4); fi
 
 nvidia-smi > "$OUT_DIR/nvidia-smi.txt" 2>&1 || log "nvidia-smi failed"
 
@@ -39,13 +46,13 @@ else
 fi
 py - > "$OUT_DIR/environment.json" <<'PY'
 import json, torch
-from fasteval.report import environment
-from fasteval.loader_dali import dali_available
+from fasteval.output.report import environment
+from fasteval.data.loader_dali import dali_available
 env = environment("cuda" if torch.cuda.is_available() else "cpu")
 env["dali_importable"] = dali_available()
 print(json.dumps(env, indent=2))
 PY
-DALI=$(py -c "from fasteval.loader_dali import dali_available; print(int(dali_available()))" 2>/dev/null || echo 0)
+DALI=$(py -c "from fasteval.data.loader_dali import dali_available; print(int(dali_available()))" 2>/dev/null || echo 0)
 log "DALI importable: $DALI"
 # The Triton kernel on the GPU, once, outside pytest: whether it builds and launches here.
 py - > "$OUT_DIR/triton_probe.txt" 2>&1 <<'PY'
@@ -62,43 +69,49 @@ log "$(tail -1 "$OUT_DIR/triton_probe.txt")"
 # 2. Every test that can use the GPU: those marked `cuda`, and every test of a file that picks its
 #    device with torch.cuda.is_available() (the kernel's device-parametrised edge cases).
 GPU_FILES=$(grep -l "torch.cuda.is_available()" tests/test_*.py | tr '\n' ' ')
-log "device-parametrised test files: $GPU_FILES"
-tpy 240 "${PYTEST[@]}" "$REPO/tests" -m cuda -q -rA > "$OUT_DIR/cuda_tests.log" 2>&1
-log "cuda-marked tests exit code $? ($(tail -1 "$OUT_DIR/cuda_tests.log"))"
-# shellcheck disable=SC2046
-tpy 300 "${PYTEST[@]}" $(for f in $GPU_FILES; do echo "$REPO/$f"; done) -m "not cuda" -q -rA \
-    > "$OUT_DIR/device_tests.log" 2>&1
-log "device-parametrised tests exit code $? ($(tail -1 "$OUT_DIR/device_tests.log"))"
+if step tests; then
+    log "device-parametrised test files: $GPU_FILES"
+    tpy 150 "${PYTEST[@]}" "$REPO/tests" -m cuda -q -rA "${XDIST[@]}" > "$OUT_DIR/cuda_tests.log" 2>&1
+    log "cuda-marked tests exit code $? ($(tail -1 "$OUT_DIR/cuda_tests.log"))"
+    # shellcheck disable=SC2046
+    tpy 150 "${PYTEST[@]}" $(for f in $GPU_FILES; do echo "$REPO/$f"; done) -m "not cuda" -q -rA "${XDIST[@]}" \
+        > "$OUT_DIR/device_tests.log" 2>&1
+    log "device-parametrised tests exit code $? ($(tail -1 "$OUT_DIR/device_tests.log"))"
+fi
 
 # 3. The fused kernel against eager and compiled PyTorch (B=256 C=1000 and B=1024 C=21843).
-tpy 150 "${PYTEST[@]}" "$REPO/benchmarks/bench_kernel.py" -m cuda -k "B256-C1000 or B1024-C21843" -q \
-    --benchmark-only --benchmark-group-by=group --benchmark-columns=median,ops \
-    --benchmark-json "$OUT_DIR/kernel_bench.json" > "$OUT_DIR/kernel_bench.txt" 2>&1
-log "kernel benchmark exit code $?"
+if step kernel; then
+    tpy 90 "${PYTEST[@]}" "$REPO/benchmarks/bench_kernel.py" -m cuda -k "B256-C1000 or B1024-C21843" -q \
+        --benchmark-only --benchmark-group-by=group --benchmark-columns=median,ops \
+        --benchmark-json "$OUT_DIR/kernel_bench.json" > "$OUT_DIR/kernel_bench.txt" 2>&1
+    log "kernel benchmark exit code $?"
+fi
 
 # 4. fasteval bench on 5,000 ImageNet-like JPEGs with every loader that can run here.
-DATA="$WORK/imagenet_like"
-py -m fasteval synth "$DATA" --classes "${GPU_CHECK_CLASSES:-50}" --per-class "${GPU_CHECK_PER_CLASS:-100}" \
-    > "$OUT_DIR/synth.log" 2>&1
-log "synth: $(tail -1 "$OUT_DIR/synth.log")"
-# The reference's DataLoader keeps about 2 float32 batches per worker in /dev/shm (154 MB per batch
-# of 256 at 224x224): 16 workers need about 5 GB. Use no more workers than /dev/shm holds.
-WORKERS=$(( $(nproc) < 16 ? $(nproc) : 16 ))
-SHM_MB=$(df -Pm /dev/shm 2>/dev/null | awk 'NR == 2 {print $4}')
-if [ -n "$SHM_MB" ]; then
-    FIT=$(( SHM_MB * 10 / 12 / (2 * 154) ))
-    if [ "$FIT" -lt "$WORKERS" ]; then
-        log "/dev/shm has $SHM_MB MB free: --workers $FIT instead of $WORKERS (the reference's batches live there)"
-        WORKERS=$FIT
+if step bench; then
+    DATA="$WORK/imagenet_like"
+    py -m fasteval synth "$DATA" --classes "${GPU_CHECK_CLASSES:-50}" --per-class "${GPU_CHECK_PER_CLASS:-100}" \
+        > "$OUT_DIR/synth.log" 2>&1
+    log "synth: $(tail -1 "$OUT_DIR/synth.log")"
+    # The reference's DataLoader keeps about 2 float32 batches per worker in /dev/shm (154 MB per batch
+    # of 256 at 224x224): 16 workers need about 5 GB. Use no more workers than /dev/shm holds.
+    WORKERS=$(( $(nproc) < 16 ? $(nproc) : 16 ))
+    SHM_MB=$(df -Pm /dev/shm 2>/dev/null | awk 'NR == 2 {print $4}')
+    if [ -n "$SHM_MB" ]; then
+        FIT=$(( SHM_MB * 10 / 12 / (2 * 154) ))
+        if [ "$FIT" -lt "$WORKERS" ]; then
+            log "/dev/shm has $SHM_MB MB free: --workers $FIT instead of $WORKERS (the reference's batches live there)"
+            WORKERS=$FIT
+        fi
     fi
+    LOADERS="torchvision"
+    if [ "$DALI" = "1" ]; then LOADERS="dali torchvision"; else log "SKIPPED: --loader dali (DALI is not installed here)"; fi
+    for loader in $LOADERS; do
+        tpy 180 -m fasteval bench "$DATA" --loader "$loader" --batch-size 256 --workers "$WORKERS" \
+            --repeats "${GPU_CHECK_REPEATS:-1}" --no-progress --json "$OUT_DIR/bench_$loader.json" > "$OUT_DIR/bench_$loader.txt" 2>&1
+        log "bench --loader $loader exit code $?"
+    done
 fi
-LOADERS="torchvision"
-if [ "$DALI" = "1" ]; then LOADERS="dali torchvision"; else log "SKIPPED: --loader dali (DALI is not installed here)"; fi
-for loader in $LOADERS; do
-    tpy 200 -m fasteval bench "$DATA" --loader "$loader" --batch-size 256 --workers "$WORKERS" \
-        --repeats 3 --no-progress --json "$OUT_DIR/bench_$loader.json" > "$OUT_DIR/bench_$loader.txt" 2>&1
-    log "bench --loader $loader exit code $?"
-done
 
 # 5. One summary, with the paths that ran.
 py - "$OUT_DIR" "$DALI" "$(( $(date +%s) - START ))" > "$OUT_DIR/summary.json" <<'PY'

@@ -32,15 +32,15 @@ from dataclasses import replace
 import torch
 from torch import nn
 
-from .devices import synchronize
-from .fast import FastEvaluator, FastOptions
-from .kernels.accumulator import MetricsAccumulator
-from .metrics import TOPK, EvalResult
-from .preprocess import PreprocessSpec
-from .reference import REFERENCE_SETTINGS, evaluate_reference, reference_loader, reference_logits, score_batch
-from .report import build_report, environment
-from .samples import SampleList
-from .validate import compare
+from fasteval.devices import synchronize
+from fasteval.evaluation.fast import FastEvaluator, FastOptions
+from fasteval.kernels.accumulator import MetricsAccumulator
+from fasteval.evaluation.metrics import TOPK, EvalResult
+from fasteval.data.preprocess import PreprocessSpec
+from fasteval.evaluation.reference import REFERENCE_SETTINGS, evaluate_reference, reference_loader, reference_logits, score_batch
+from fasteval.output.report import build_report, environment
+from fasteval.data.samples import SampleList
+from fasteval.evaluation.validate import compare
 
 MIN_STAGE_BATCHES = 8  # a stage runs at least this many batches (the dataset's own, repeated if fewer)
 KEEP_BATCHES = 4  # distinct decoded batches held for the model and metrics stages

@@ -6,7 +6,7 @@ import argparse
 import os
 import sys
 
-from .errors import FastevalError, Terminated, describe_error
+from fasteval.errors import FastevalError, Terminated, describe_error
 
 
 def _int_at_least(minimum: int):
@@ -100,7 +100,7 @@ def _check_names(args) -> None:
     with the same line the stage that uses the value would give."""
     import re
 
-    from .choices import COMPILE_MODES, DEVICE_PATTERN, EXACT_MODES, LOADERS, PRECISIONS
+    from fasteval.choices import COMPILE_MODES, DEVICE_PATTERN, EXACT_MODES, LOADERS, PRECISIONS
 
     for option, value, allowed in (("--loader", args.loader, LOADERS), ("--precision", args.precision, PRECISIONS),
                                    ("--exact", args.exact, EXACT_MODES), ("--compile", args.compile, COMPILE_MODES)):
@@ -113,11 +113,11 @@ def _check_names(args) -> None:
 def _check_options(args) -> None:
     """Every option and output path, checked before any work whatever the mode (``--reference`` too);
     the names of values were checked by ``_check_names``, what they mean here is checked now."""
-    from .devices import resolve_device
-    from .inference import resolve_precision
-    from .loaders import resolve_loader
-    from .outputs import check_distinct, check_output_file
-    from .preprocess import get_spec
+    from fasteval.devices import resolve_device
+    from fasteval.model.inference import resolve_precision
+    from fasteval.data.loaders import resolve_loader
+    from fasteval.output.files import check_distinct, check_output_file
+    from fasteval.data.preprocess import get_spec
 
     get_spec(args.preset, args.resize, args.crop)
     resolve_precision(args.precision, resolve_device(args.device))
@@ -134,12 +134,12 @@ def _check_options(args) -> None:
 def _prepare(args):
     """Resolve the dataset, model, spec and device shared by every run; refuse what cannot run
     (options, outputs, a model that does not take the input size, undecodable files) before any work."""
-    from .demo import ensure_demo
-    from .devices import resolve_device
-    from .models import build_model, check_input_fits
-    from .preprocess import check_memory, get_spec
-    from .probe import check_headers, probe
-    from .samples import discover
+    from fasteval.demo import ensure_demo
+    from fasteval.devices import resolve_device
+    from fasteval.model.models import build_model, check_input_fits
+    from fasteval.data.preprocess import check_memory, get_spec
+    from fasteval.data.probe import check_headers, probe
+    from fasteval.data.samples import discover
 
     _check_options(args)
     weights = args.weights
@@ -178,7 +178,7 @@ def _prepare(args):
 
 
 def fast_options(args):
-    from .fast import FastOptions
+    from fasteval.evaluation.fast import FastOptions
 
     return FastOptions(loader=args.loader, precision=args.precision, compile=args.compile,
                        batch_size=args.batch_size, workers=args.workers, exact=args.exact)
@@ -186,10 +186,10 @@ def fast_options(args):
 
 def cmd_eval(args) -> int:
     _check_names(args)
-    from .fast import evaluate_fast
-    from .reference import REFERENCE_SETTINGS, evaluate_reference
-    from .report import build_report, format_table, write_json, write_predictions
-    from .validate import compare, format_comparison
+    from fasteval.evaluation.fast import evaluate_fast
+    from fasteval.evaluation.reference import REFERENCE_SETTINGS, evaluate_reference
+    from fasteval.output.report import build_report, format_table, write_json, write_predictions
+    from fasteval.evaluation.validate import compare, format_comparison
 
     samples, spec, device, model, config = _prepare(args)
     progress = not args.no_progress
@@ -217,8 +217,8 @@ def cmd_eval(args) -> int:
 
 def cmd_bench(args) -> int:
     _check_names(args)
-    from .bench import format_bench, plot_bench, run_bench
-    from .report import write_json
+    from fasteval.bench import format_bench, plot_bench, run_bench
+    from fasteval.output.report import write_json
 
     if args.plot:
         try:
@@ -240,7 +240,7 @@ def cmd_bench(args) -> int:
 
 
 def cmd_synth(args) -> int:
-    from .synth import synth_dataset
+    from fasteval.data.synth import synth_dataset
 
     out = synth_dataset(args.out, args.classes, args.per_class, args.size, args.seed, args.quality,
                         overwrite=args.overwrite)
@@ -254,7 +254,7 @@ COMMANDS = {"eval": cmd_eval, "bench": cmd_bench, "synth": cmd_synth}
 def main(argv: list[str] | None = None) -> int:
     """Run a command. Any error is one line on stderr and exit code 2 (``--debug``: the traceback);
     Ctrl-C exits 130 and SIGTERM 143, both after cleaning up (temporary folders, worker processes)."""
-    from .procs import sigterm_raises
+    from fasteval.procs import sigterm_raises
 
     args = build_parser().parse_args(argv)
     try:

@@ -24,13 +24,13 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 
-from .errors import FastevalError
-from .models import build_model
-from .outputs import staged_folder
-from .preprocess import PRESETS
-from .reference import reference_dataset
-from .samples import discover
-from .synth import synth_dataset
+from fasteval.errors import FastevalError
+from fasteval.model.models import build_model
+from fasteval.output.files import staged_folder
+from fasteval.data.preprocess import PRESETS
+from fasteval.evaluation.reference import reference_dataset
+from fasteval.data.samples import discover
+from fasteval.data.synth import synth_dataset
 
 DEMO_VERSION = "v1"
 DEMO_ARCH = "resnet18"

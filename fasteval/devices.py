@@ -6,8 +6,8 @@ import re
 
 import torch
 
-from .choices import DEVICE_PATTERN
-from .errors import FastevalError
+from fasteval.choices import DEVICE_PATTERN
+from fasteval.errors import FastevalError
 
 
 def synchronize(device: torch.device) -> None:

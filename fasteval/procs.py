@@ -17,7 +17,7 @@ import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
-from .errors import Terminated
+from fasteval.errors import Terminated
 
 PR_SET_PDEATHSIG = 1  # linux/prctl.h
 

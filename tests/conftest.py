@@ -12,8 +12,8 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-from fasteval.preprocess import get_spec
-from fasteval.synth import synth_dataset
+from fasteval.data.preprocess import get_spec
+from fasteval.data.synth import synth_dataset
 
 
 @pytest.fixture(scope="session")
@@ -76,7 +76,7 @@ def kinds_data(tmp_path_factory) -> str:
     import numpy as np
     from PIL import Image
 
-    from fasteval.synth import make_image
+    from fasteval.data.synth import make_image
 
     root = tmp_path_factory.mktemp("kinds") / "data"
     image = make_image(1, 0, 4, 0, (300, 260))

@@ -80,7 +80,7 @@ def _triton_kernels(module) -> dict:
 def capture_launches(num_classes: int, logits: str, labels: str) -> list[tuple[str, tuple, dict]]:
     """The kernel launches ``metrics_triton`` makes for a [BATCH, num_classes] batch (interpreter, CPU)."""
     from fasteval.kernels import fused_metrics
-    from fasteval.metrics import TOPK
+    from fasteval.evaluation.metrics import TOPK
 
     if os.environ.get("TRITON_INTERPRET") != "1":
         raise RuntimeError("capture_launches needs TRITON_INTERPRET=1 set before fused_metrics is imported")

@@ -47,7 +47,7 @@ def test_kernel_benchmarks():
 
 
 def test_loader_benchmarks(small_data):
-    from fasteval.loader_dali import dali_available
+    from fasteval.data.loader_dali import dali_available
 
     mod = _module("bench_loaders")
     for variant in ["reference", "torchvision"] + (["dali"] if dali_available() else []):

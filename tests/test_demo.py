@@ -7,10 +7,10 @@ import os
 import pytest
 
 from fasteval import demo as demo_module
-from fasteval.models import build_model
-from fasteval.preprocess import PRESETS
-from fasteval.reference import evaluate_reference
-from fasteval.samples import discover
+from fasteval.model.models import build_model
+from fasteval.data.preprocess import PRESETS
+from fasteval.evaluation.reference import evaluate_reference
+from fasteval.data.samples import discover
 
 
 @pytest.mark.slow

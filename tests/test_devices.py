@@ -7,7 +7,7 @@ import torch
 
 import fasteval.devices as devices
 from fasteval.errors import FastevalError
-from fasteval.inference import resolve_precision
+from fasteval.model.inference import resolve_precision
 
 
 @pytest.fixture

@@ -11,14 +11,14 @@ import torch
 
 from fasteval.cli import main
 from fasteval.errors import FastevalError
-from fasteval.exact import calibration_positions, max_logit_error, resolve_exact
-from fasteval.fast import FastOptions, evaluate_fast
-from fasteval.inference import FastModel
-from fasteval.loader_dali import dali_available
-from fasteval.loaders import make_loader
-from fasteval.reference import evaluate_reference, reference_logits
-from fasteval.samples import discover
-from fasteval.validate import compare
+from fasteval.evaluation.exact import calibration_positions, max_logit_error, resolve_exact
+from fasteval.evaluation.fast import FastOptions, evaluate_fast
+from fasteval.model.inference import FastModel
+from fasteval.data.loader_dali import dali_available
+from fasteval.data.loaders import make_loader
+from fasteval.evaluation.reference import evaluate_reference, reference_logits
+from fasteval.data.samples import discover
+from fasteval.evaluation.validate import compare
 
 CPU = torch.device("cpu")
 LOADER = "dali" if dali_available() else "torchvision"
@@ -151,13 +151,13 @@ def test_cli_exact_option_and_prediction_columns(small_data, weights_3cls, tmp_p
 def test_metrics_fall_back_to_the_twin_when_triton_cannot_run(small_data, model_3cls, small_spec, monkeypatch,
                                                               capsys):
     """Triton builds a C launcher at run time: where it cannot, the run goes on with the PyTorch twin."""
-    import fasteval.fast
+    import fasteval.evaluation.fast
     import fasteval.kernels.fused_metrics as fm
 
     def broken(*args, **kwargs):
         raise RuntimeError("Failed to build the launcher: gcc not found")
 
-    monkeypatch.setattr(fasteval.fast, "resolve_backend", lambda backend, device: "triton")
+    monkeypatch.setattr(fasteval.evaluation.fast, "resolve_backend", lambda backend, device: "triton")
     monkeypatch.setattr(fm, "metrics_triton", broken)
     samples = discover(small_data)
     fast = _fast(samples, model_3cls, small_spec, "off", precision="fp32")
@@ -167,7 +167,7 @@ def test_metrics_fall_back_to_the_twin_when_triton_cannot_run(small_data, model_
 
 
 def test_a_dataset_no_larger_than_the_calibration_goes_to_the_reference_whole(tmp_path, model_3cls, small_spec):
-    from fasteval.synth import synth_dataset
+    from fasteval.data.synth import synth_dataset
 
     samples = discover(synth_dataset(tmp_path / "six", classes=3, per_class=2, size="72x60", seed=9, workers=1))
     reference = evaluate_reference(samples, copy.deepcopy(model_3cls), small_spec, batch_size=4, workers=0,
@@ -184,7 +184,7 @@ def test_the_fast_model_keeps_its_head_in_fp32_and_leaves_the_callers_model_alon
     """bf16 logits are rounded to 8 bits of mantissa: the head runs in fp32 (where it is a Linear)."""
     import torchvision
 
-    from fasteval.fast import Fp32Head, keep_head_fp32
+    from fasteval.evaluation.fast import Fp32Head, keep_head_fp32
 
     model = torchvision.models.get_model(arch, num_classes=7).eval()
     copy_ = copy.deepcopy(model)

@@ -11,14 +11,14 @@ import torch
 from fasteval import MetricsAccumulator
 from fasteval.cli import main
 from fasteval.errors import FastevalError
-from fasteval.fast import FastEvaluator, FastOptions, evaluate_fast, run_loop
-from fasteval.inference import FastModel, resolve_precision
-from fasteval.loaders import Batch, make_loader
-from fasteval.models import build_model
-from fasteval.preprocess import PRESETS, get_spec
-from fasteval.reference import evaluate_reference
-from fasteval.samples import discover
-from fasteval.validate import compare
+from fasteval.evaluation.fast import FastEvaluator, FastOptions, evaluate_fast, run_loop
+from fasteval.model.inference import FastModel, resolve_precision
+from fasteval.data.loaders import Batch, make_loader
+from fasteval.model.models import build_model
+from fasteval.data.preprocess import PRESETS, get_spec
+from fasteval.evaluation.reference import evaluate_reference
+from fasteval.data.samples import discover
+from fasteval.evaluation.validate import compare
 
 CPU = torch.device("cpu")
 
@@ -41,7 +41,7 @@ def _fast(samples, weights, **options):
 @pytest.mark.slow
 @pytest.mark.parametrize("loader", ["dali", "torchvision"])
 def test_fp32_matches_reference_on_demo(demo_reference, loader):
-    from fasteval.loader_dali import dali_available
+    from fasteval.data.loader_dali import dali_available
 
     if loader == "dali" and not dali_available():
         pytest.skip("DALI not installed")
@@ -182,13 +182,13 @@ def test_every_file_kind_matches_reference_through_the_evaluator(kinds_data, mon
     assert cmp["max_sample_loss_diff"] < 5e-3
     assert fast.loss_sum == pytest.approx(ref.loss_sum, rel=1e-3)
     # Without the PIL fallback, the 16-bit file would be decoded differently from the reference.
-    import fasteval.fast
-    from fasteval.loader_dali import dali_available
+    import fasteval.evaluation.fast
+    from fasteval.data.loader_dali import dali_available
 
     if not dali_available():
         return
 
-    monkeypatch.setattr(fasteval.fast, "needs_pil", lambda samples: [])
+    monkeypatch.setattr(fasteval.evaluation.fast, "needs_pil", lambda samples: [])
     unsplit = FastEvaluator(samples, net, spec, CPU, FastOptions(loader="dali", precision="fp32", compile=False,
                                                                  batch_size=4, workers=1, exact="off")
                             ).run(progress=False)

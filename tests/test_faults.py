@@ -25,11 +25,11 @@ from PIL import Image
 from fasteval import demo as demo_module
 from fasteval.cli import main
 from fasteval.errors import FastevalError
-from fasteval.loader_dali import dali_available
-from fasteval.loaders import needs_pil
-from fasteval.outputs import atomic_write
-from fasteval.samples import discover
-from fasteval.synth import make_image
+from fasteval.data.loader_dali import dali_available
+from fasteval.data.loaders import needs_pil
+from fasteval.output.files import atomic_write
+from fasteval.data.samples import discover
+from fasteval.data.synth import make_image
 
 FAST = ["--no-compile", "--workers", "0", "--precision", "fp32", "--device", "cpu"]
 PATHS = {"fast": FAST, "reference": ["--reference", "--workers", "0", "--device", "cpu"]}
@@ -184,9 +184,9 @@ def test_decompression_bomb_refused_the_same_way_wherever_it_is(small_data, weig
 def test_pil_pixel_limit_is_one_decision_on_every_path(small_data, model_3cls, small_spec, monkeypatch):
     """Over the limit (a warning in PIL): the fast path hands the file to PIL, so both paths warn and
     decode it the same way. Over twice the limit: both refuse it, naming it."""
-    from fasteval.fast import FastOptions, evaluate_fast
-    from fasteval.probe import _cache
-    from fasteval.reference import evaluate_reference
+    from fasteval.evaluation.fast import FastOptions, evaluate_fast
+    from fasteval.data.probe import _cache
+    from fasteval.evaluation.reference import evaluate_reference
 
     samples = discover(small_data)
     width, height = Image.open(samples.paths[0]).size
@@ -285,7 +285,7 @@ def test_several_bad_files_are_counted(small_data, weights_3cls, tmp_path, capfd
 @needs_dali
 def test_dali_names_the_file_that_fails_its_pipeline_start(small_data, small_spec, tmp_path):
     """Used directly (no header check first), DALI's loader still names a bad file in its first batches."""
-    from fasteval.loaders import make_loader
+    from fasteval.data.loaders import make_loader
 
     data = copy_tree(small_data, tmp_path)
     _appledouble(tmp_path / "data" / "class_000" / "._img.jpg")
@@ -295,7 +295,7 @@ def test_dali_names_the_file_that_fails_its_pipeline_start(small_data, small_spe
 
 
 def test_fast_api_refuses_a_bad_file_with_the_reference_message(small_data, model_3cls, small_spec, tmp_path):
-    from fasteval.fast import FastOptions, evaluate_fast
+    from fasteval.evaluation.fast import FastOptions, evaluate_fast
 
     data = copy_tree(small_data, tmp_path)
     _text(tmp_path / "data" / "class_002" / "notes.jpg")
@@ -384,12 +384,12 @@ def test_outputs_are_written_whole_into_new_folders_and_devices(small_data, weig
     (["--reference", "--preset", "tiny"], "--preset 'tiny'"),
 ])
 def test_bad_option_fails_before_any_work(small_data, capfd, monkeypatch, args, named):
-    import fasteval.samples
+    import fasteval.data.samples
 
     def work(*args, **kwargs):
         raise AssertionError("the dataset was read before the options were checked")
 
-    monkeypatch.setattr(fasteval.samples, "discover", work)
+    monkeypatch.setattr(fasteval.data.samples, "discover", work)
     assert named in error_line(capfd, small_data, *args)
 
 
@@ -565,7 +565,7 @@ def test_no_decoder_log_lines_in_a_successful_run(small_data, weights_3cls, tmp_
 def test_a_folder_loop_is_counted_as_imagefolder_does_with_one_warning(tmp_path, weights_3cls, capfd):
     from torchvision.datasets import ImageFolder
 
-    from fasteval.synth import synth_dataset
+    from fasteval.data.synth import synth_dataset
 
     data = synth_dataset(tmp_path / "data", classes=3, per_class=2, size="60x50", seed=4)
     os.symlink(".", os.path.join(data, "class_001", "again"))
@@ -618,12 +618,12 @@ def test_json_records_the_batch_size_used_and_the_one_requested(small_data, weig
 # --- every other error: one line, exit 2; --debug shows the traceback ------------------------------------
 
 def test_unexpected_and_os_errors_are_one_line_and_debug_shows_them(small_data, capfd, monkeypatch):
-    import fasteval.samples
+    import fasteval.data.samples
 
     def broken(*args, **kwargs):
         raise RuntimeError("something\nwent wrong")
 
-    monkeypatch.setattr(fasteval.samples, "discover", broken)
+    monkeypatch.setattr(fasteval.data.samples, "discover", broken)
     line = error_line(capfd, small_data, "--reference")
     assert "RuntimeError: went wrong" in line and "--debug" in line
     with pytest.raises(RuntimeError):
@@ -632,5 +632,5 @@ def test_unexpected_and_os_errors_are_one_line_and_debug_shows_them(small_data, 
     def os_error(*args, **kwargs):
         raise PermissionError(errno.EACCES, "Permission denied", "/some/file")
 
-    monkeypatch.setattr(fasteval.samples, "discover", os_error)
+    monkeypatch.setattr(fasteval.data.samples, "discover", os_error)
     assert "Permission denied: '/some/file'" in error_line(capfd, small_data, "--reference")

@@ -6,12 +6,12 @@ import pytest
 import torch
 
 from fasteval.errors import FastevalError
-from fasteval.loader_dali import dali_available
-from fasteval.loader_torch import GpuDecodeLoader
-from fasteval.loaders import make_loader, needs_pil
-from fasteval.preprocess import PRESETS, get_spec
-from fasteval.reference import reference_dataset
-from fasteval.samples import discover
+from fasteval.data.loader_dali import dali_available
+from fasteval.data.loader_torch import GpuDecodeLoader
+from fasteval.data.loaders import make_loader, needs_pil
+from fasteval.data.preprocess import PRESETS, get_spec
+from fasteval.evaluation.reference import reference_dataset
+from fasteval.data.samples import discover
 
 CPU = torch.device("cpu")
 # "decode_jpeg" is the GPU-decode loader's code (batched torchvision.io.decode_jpeg, per-file and PIL
@@ -26,21 +26,28 @@ def loader_for(kind, samples, spec, **kwargs):
     return make_loader(kind, samples, spec, **kwargs)
 
 
-def max_pixel_diffs(loader, samples, spec) -> list[float]:
-    """Per-sample max |loader - reference| in 1/255 steps (undoing the normalisation)."""
+def pixel_diffs(loader, samples, spec) -> tuple[list[float], list[float]]:
+    """Per-sample max and mean |loader - reference| in 1/255 steps (undoing the normalisation)."""
     ref = reference_dataset(samples, spec)
     std = torch.tensor(spec.std).view(3, 1, 1)
-    diffs, seen = [], 0
+    maxima, means, seen = [], [], 0
     for batch in loader:
         for i in range(batch.real):
             expected, label = ref[seen + i]
             got = batch.images[i].float().cpu()
             assert got.shape == expected.shape
             assert int(batch.labels[i]) == label
-            diffs.append(float(((got - expected).abs() * std * 255).max()))
+            diff = (got - expected).abs() * std * 255
+            maxima.append(float(diff.max()))
+            means.append(float(diff.mean()))
         seen += batch.real
     assert seen == len(samples)
-    return diffs
+    return maxima, means
+
+
+def max_pixel_diffs(loader, samples, spec) -> list[float]:
+    """Per-sample max |loader - reference| in 1/255 steps."""
+    return pixel_diffs(loader, samples, spec)[0]
 
 
 @pytest.mark.parametrize("kind", LOADERS)
@@ -112,7 +119,7 @@ def test_auto_prefers_dali_and_names_a_missing_one(small_data, monkeypatch):
     samples, spec = discover(small_data), get_spec("imagenet", resize=40, crop=32)
     expected = "dali-cpu" if dali_available() else "torchvision-cpu"
     assert make_loader("auto", samples, spec, batch_size=4, workers=1, device=CPU).name == expected
-    import fasteval.loader_dali as loader_dali
+    import fasteval.data.loader_dali as loader_dali
 
     monkeypatch.setattr(loader_dali, "dali_available", lambda: False)
     assert make_loader("auto", samples, spec, batch_size=4, workers=1, device=CPU).name == "torchvision-cpu"
@@ -130,10 +137,13 @@ def test_gpu_loaders_parity(kind, varied_data, kinds_data):
         samples = discover(root)
         loader = loader_for(kind, samples, spec, batch_size=4, workers=2, device=device)
         assert loader.name in ("dali-gpu", "torchvision-gpu")
-        diffs = max_pixel_diffs(loader, samples, spec)
-        # GPU resampling is not PIL's: bound it loosely, and report the figure.
-        print(kind, root, "max diff", max(diffs), "mean of per-image max", sum(diffs) / len(diffs))
-        assert max(diffs) <= 8.0, dict(zip(samples.paths, diffs))
+        maxima, means = pixel_diffs(loader, samples, spec)
+        print(kind, root, "max diff", max(maxima), "largest per-image mean diff", max(means))
+        # nvJPEG is not libjpeg-turbo: its chroma upsampling differs at colour edges, so single pixels
+        # differ by up to 41/255 (H200, torchvision 0.26, 2026-11-28) while the images agree on average.
+        # A wrong crop offset, size or channel order moves the mean by tens of steps, not a few.
+        assert max(maxima) <= 64.0, dict(zip(samples.paths, maxima))
+        assert max(means) <= 3.0, dict(zip(samples.paths, means))
 
 
 def test_nvjpeg_outputs_are_ordered_with_the_current_stream(monkeypatch):

@@ -11,7 +11,7 @@ import torchvision
 from torch import nn
 
 from fasteval.errors import FastevalError
-from fasteval.models import build_model, head_name, read_state_dict
+from fasteval.model.models import build_model, head_name, read_state_dict
 
 X = torch.randn(2, 3, 32, 32)
 

@@ -9,7 +9,7 @@ from PIL import Image
 from torchvision.transforms import functional as TF
 
 from fasteval.errors import FastevalError
-from fasteval.preprocess import PRESETS, check_batchable, get_spec
+from fasteval.data.preprocess import PRESETS, check_batchable, get_spec
 
 SIZES = [(378, 564), (375, 500), (500, 375), (257, 256), (256, 256), (333, 1000), (1001, 299), (300, 301)]
 

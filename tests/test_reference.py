@@ -10,8 +10,8 @@ import torch
 from PIL import Image
 
 from fasteval.errors import FastevalError
-from fasteval.reference import evaluate_reference
-from fasteval.samples import discover
+from fasteval.evaluation.reference import evaluate_reference
+from fasteval.data.samples import discover
 
 
 def _hand_written(root: str, model, spec, batch_size: int):

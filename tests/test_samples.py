@@ -9,7 +9,7 @@ from PIL import Image
 from torchvision.datasets import ImageFolder
 
 from fasteval.errors import FastevalError
-from fasteval.samples import discover
+from fasteval.data.samples import discover
 
 
 def _img(path: str) -> None:

@@ -19,9 +19,9 @@ sys.path.insert(0, os.path.dirname(__file__))
 from sync_trace import HostSyncError, fake_cuda  # noqa: E402
 
 from fasteval.kernels.accumulator import MetricsAccumulator  # noqa: E402
-from fasteval.loader_torch import GpuDecodeLoader, TorchvisionLoader  # noqa: E402
-from fasteval.loaders import Batch  # noqa: E402
-from fasteval.samples import discover  # noqa: E402
+from fasteval.data.loader_torch import GpuDecodeLoader, TorchvisionLoader  # noqa: E402
+from fasteval.data.loaders import Batch  # noqa: E402
+from fasteval.data.samples import discover  # noqa: E402
 
 CUDA = torch.device("cuda")
 # Distinct sizes (h, w), as nvJPEG returns them: the geometry groups them, one resize per size.
@@ -83,7 +83,7 @@ def test_gpu_decode_assembly_has_no_host_sync(batch_size, small_data, small_spec
 
 def test_gpu_decode_iteration_has_no_host_sync(small_data, small_spec, monkeypatch):
     """``__iter__`` itself, with the DataLoader replaced by collated batches and nvJPEG by fake images."""
-    from fasteval.loader_torch import EncodedBatch
+    from fasteval.data.loader_torch import EncodedBatch
 
     with fake_cuda() as trace:
         loader = _gpu_decode_loader(small_data, small_spec, 4)
@@ -142,7 +142,7 @@ def test_accumulator_update_has_no_host_sync(num_real):
 
 def test_fast_loop_has_no_host_sync():
     """The evaluator's batch loop: batches -> model -> accumulator, as ``fast.run_loop`` drives it."""
-    from fasteval.fast import run_loop
+    from fasteval.evaluation.fast import run_loop
 
     with fake_cuda() as trace:
         with torch.device(CUDA):

@@ -13,12 +13,12 @@ import pytest
 import torch
 import torchvision
 
-from fasteval import compile_cache as cc
+from fasteval.model import compile_cache as cc
 from fasteval.bench import _plan, eval_argv, format_bench, run_command, time_to_result
 from fasteval.cli import build_parser, main
 from fasteval.errors import FastevalError
-from fasteval.fast import FastOptions
-from fasteval.inference import FastModel
+from fasteval.evaluation.fast import FastOptions
+from fasteval.model.inference import FastModel
 
 CPU = torch.device("cpu")
 
@@ -214,7 +214,7 @@ def test_off_runs_one_eager_warm_up_call(monkeypatch):
 _REAL_COMPILE = textwrap.dedent("""
     import json, sys, torch
     from torch._dynamo.utils import counters
-    from fasteval.inference import FastModel
+    from fasteval.model.inference import FastModel
     batch, precision = int(sys.argv[1]), sys.argv[2]
     torch.manual_seed(int(sys.argv[3]))
     net = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.ReLU(), torch.nn.AdaptiveAvgPool2d(1),

@@ -16,12 +16,12 @@ from typing import NamedTuple
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from .errors import FastevalError
-from .loaders import Batch
-from .preprocess import PreprocessSpec
-from .probe import probe
-from .reference import load_rgb
-from .samples import SampleList
+from fasteval.errors import FastevalError
+from fasteval.data.loaders import Batch
+from fasteval.data.preprocess import PreprocessSpec
+from fasteval.data.probe import probe
+from fasteval.evaluation.reference import load_rgb
+from fasteval.data.samples import SampleList
 
 
 def to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:

@@ -22,8 +22,8 @@ import struct
 import warnings
 from dataclasses import dataclass
 
-from .errors import FastevalError, first_line, printable
-from .samples import SampleList
+from fasteval.errors import FastevalError, first_line, printable
+from fasteval.data.samples import SampleList
 
 HEAD_BYTES = 64  # enough for every signature and PNG's IHDR
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"

@@ -14,16 +14,16 @@ from collections.abc import Iterator
 
 import torch
 
-from .errors import FastevalError, message_lines
-from .loaders import Batch, find_undecodable
-from .preprocess import PreprocessSpec
-from .samples import SampleList
+from fasteval.errors import FastevalError, message_lines
+from fasteval.data.loaders import Batch, find_undecodable
+from fasteval.data.preprocess import PreprocessSpec
+from fasteval.data.samples import SampleList
 
 
 # DALI's decoders log to stderr when one declines a file that another then decodes: nvImageCodec's
 # coloured "[ERROR]" lines (libtiff on a CMYK TIFF, libjpeg-turbo on a truncated JPEG) and OpenCV's.
 # nvImageCodec's ERROR level cannot be turned off (DALI_NVIMGCODEC_LOG_LEVEL is clamped to 1..5,
-# and 1 keeps errors), so the files that trigger them go to PIL (fasteval.probe); these settings
+# and 1 keeps errors), so the files that trigger them go to PIL (fasteval.data.probe); these settings
 # silence the rest (nvImageCodec's warnings, OpenCV's log). Set before DALI loads; values the
 # user exported win.
 QUIET_DECODER_LOGS = {"DALI_NVIMGCODEC_LOG_LEVEL": "1", "OPENCV_LOG_LEVEL": "OFF"}

@@ -24,11 +24,11 @@ import time
 import torch
 from torch import nn
 
-from .choices import EXACT_MODES
-from .errors import FastevalError
-from .preprocess import PreprocessSpec
-from .reference import reference_logits, score_batch
-from .samples import SampleList
+from fasteval.choices import EXACT_MODES
+from fasteval.errors import FastevalError
+from fasteval.data.preprocess import PreprocessSpec
+from fasteval.evaluation.reference import reference_logits, score_batch
+from fasteval.data.samples import SampleList
 
 CALIBRATION_SAMPLES = 8  # reference-evaluated samples that measure the fast path's logit error
 SAFETY = 3.0  # tau = SAFETY x the largest change of a logit difference seen (2 x the logit error)

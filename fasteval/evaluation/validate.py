@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import math
 
-from .metrics import EvalResult
-from .samples import SampleList, relative_path
+from fasteval.evaluation.metrics import EvalResult
+from fasteval.data.samples import SampleList, relative_path
 
 
 def compare(samples: SampleList, reference: EvalResult, fast: EvalResult, max_flips: int = 20) -> dict:

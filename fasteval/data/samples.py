@@ -15,7 +15,7 @@ from pathlib import Path
 
 from torchvision.datasets.folder import IMG_EXTENSIONS
 
-from .errors import FastevalError, printable
+from fasteval.errors import FastevalError, printable
 
 
 @dataclass(frozen=True)

@@ -10,11 +10,11 @@ import time
 import torch
 from torch import nn
 
-from .compile_cache import (Profile, config_key, decide, leaf_modules, load_profile, profile_dir,
+from fasteval.model.compile_cache import (Profile, config_key, decide, leaf_modules, load_profile, profile_dir,
                             resolve_compile_mode, save_profile, use_compile_cache)
-from .choices import PRECISIONS
-from .devices import synchronize
-from .errors import FastevalError, first_line
+from fasteval.choices import PRECISIONS
+from fasteval.devices import synchronize
+from fasteval.errors import FastevalError, first_line
 
 # torch.compile on a CUDA build without a GPU warns that no CUDA runtime exists: noise here.
 logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
@@ -57,7 +57,7 @@ def resolve_precision(requested: str, device: torch.device) -> str:
 class FastModel:
     """A model moved once, channels-last, run under autocast, and ``torch.compile``d for one static shape
     where that pays. ``compile``: ``on``/True, ``off``/False or ``auto`` (decided in ``warm_up`` from the
-    number of samples, the measured eager batch time and the compile cache: fasteval/compile_cache.py)."""
+    number of samples, the measured eager batch time and the compile cache: fasteval/model/compile_cache.py)."""
 
     def __init__(self, model: nn.Module, device: torch.device, precision: str, compile: bool | str,
                  num_samples: int | None = None) -> None:

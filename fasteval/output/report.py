@@ -9,8 +9,8 @@ import platform
 
 import torch
 
-from .metrics import EvalResult
-from .outputs import atomic_write
+from fasteval.evaluation.metrics import EvalResult
+from fasteval.output.files import atomic_write
 
 
 def cpu_name() -> str:
@@ -114,7 +114,7 @@ def write_predictions(path: str, samples, result: EvalResult) -> None:
     computed the row (``rechecked``: 1, else 0)."""
     import csv
 
-    from .samples import relative_path
+    from fasteval.data.samples import relative_path
 
     n = len(samples)
     rechecked = result.rechecked if result.rechecked is not None else torch.zeros(n, dtype=torch.bool)

@@ -17,11 +17,11 @@ from torch.utils.data import DataLoader, Dataset
 from torchvision.datasets import ImageFolder
 from tqdm import tqdm
 
-from .errors import FastevalError
-from .kernels.fused_metrics import metrics_torch
-from .metrics import TOPK, EvalResult
-from .preprocess import PreprocessSpec, check_batchable
-from .samples import SampleList
+from fasteval.errors import FastevalError
+from fasteval.kernels.fused_metrics import metrics_torch
+from fasteval.evaluation.metrics import TOPK, EvalResult
+from fasteval.data.preprocess import PreprocessSpec, check_batchable
+from fasteval.data.samples import SampleList
 
 
 def load_rgb(path: str):
@@ -40,7 +40,7 @@ def _reason(path: str, exc: Exception) -> str:
     """PIL's message, or what the file is where PIL cannot even identify it."""
     from PIL import UnidentifiedImageError
 
-    from .probe import describe_content
+    from fasteval.data.probe import describe_content
 
     if isinstance(exc, UnidentifiedImageError):
         try:

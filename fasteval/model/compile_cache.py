@@ -36,8 +36,8 @@ from dataclasses import asdict, dataclass, field
 import torch
 from torch import nn
 
-from .choices import COMPILE_MODES
-from .errors import FastevalError
+from fasteval.choices import COMPILE_MODES
+from fasteval.errors import FastevalError
 
 PROFILE_VERSION = 1  # bump when FastModel's forward (what gets compiled) changes
 RESNET18_LEAVES = 52  # leaf modules of torchvision's resnet18: the unit of DEFAULTS' compile times
@@ -103,7 +103,7 @@ def device_tag(device: torch.device) -> str:
 
 def compile_dir(device: torch.device) -> str:
     """Where this torch and device keep their compiled artifacts and profiles (under ``$FASTEVAL_CACHE``)."""
-    from .demo import cache_base
+    from fasteval.demo import cache_base
 
     return os.path.join(cache_base(), "compile", f"torch-{_slug(torch.__version__)}", device_tag(device))
 

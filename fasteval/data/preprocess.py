@@ -12,7 +12,7 @@ from dataclasses import dataclass, replace
 
 from PIL import Image
 
-from .errors import FastevalError
+from fasteval.errors import FastevalError
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)

@@ -13,7 +13,7 @@ import warnings
 import torch
 from torch import nn
 
-from .errors import FastevalError, first_line, message_lines
+from fasteval.errors import FastevalError, first_line, message_lines
 
 CHECKPOINT_KEYS = ("state_dict", "model", "model_state_dict")
 STRIPPED_PREFIXES = ("module.", "_orig_mod.")

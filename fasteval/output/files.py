@@ -16,8 +16,8 @@ import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 
-from .errors import FastevalError
-from .procs import alive
+from fasteval.errors import FastevalError
+from fasteval.procs import alive
 
 
 def _reason(exc: OSError) -> str:

@@ -16,25 +16,25 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from .devices import synchronize, use_device
-from .errors import first_line
-from .exact import CALIBRATION_SAMPLES, apply_reference, calibration_positions, recheck, resolve_exact
-from .inference import DTYPES, FastModel, resolve_precision
-from .kernels.accumulator import MetricsAccumulator
-from .kernels.fused_metrics import resolve_backend
-from .loaders import Batch, make_loader, needs_pil, resolve_loader
-from .metrics import TOPK, EvalResult, totals_from_samples
-from .preprocess import PreprocessSpec, check_batchable, image_size
-from .probe import check_headers
-from .reference import reference_logits
-from .samples import SampleList
+from fasteval.devices import synchronize, use_device
+from fasteval.errors import first_line
+from fasteval.evaluation.exact import CALIBRATION_SAMPLES, apply_reference, calibration_positions, recheck, resolve_exact
+from fasteval.model.inference import DTYPES, FastModel, resolve_precision
+from fasteval.kernels.accumulator import MetricsAccumulator
+from fasteval.kernels.fused_metrics import resolve_backend
+from fasteval.data.loaders import Batch, make_loader, needs_pil, resolve_loader
+from fasteval.evaluation.metrics import TOPK, EvalResult, totals_from_samples
+from fasteval.data.preprocess import PreprocessSpec, check_batchable, image_size
+from fasteval.data.probe import check_headers
+from fasteval.evaluation.reference import reference_logits
+from fasteval.data.samples import SampleList
 
 
 @dataclass(frozen=True)
 class FastOptions:
     loader: str = "auto"
     precision: str = "auto"
-    compile: bool | str = True  # True/"on", False/"off", or "auto" (fasteval/compile_cache.py)
+    compile: bool | str = True  # True/"on", False/"off", or "auto" (fasteval/model/compile_cache.py)
     batch_size: int = 64
     workers: int = 2
     metrics_backend: str = "auto"
@@ -59,7 +59,7 @@ class FastEvaluator:
 
     Samples the fast loader would decode differently from the reference (``needs_pil``) are
     evaluated by the reference's own code, batched, at a cost in proportion to their number.
-    With ``--exact`` on (the default), near-tie samples are rechecked the same way (fasteval/exact.py).
+    With ``--exact`` on (the default), near-tie samples are rechecked the same way (fasteval/evaluation/exact.py).
     """
 
     def __init__(self, samples: SampleList, model: torch.nn.Module, spec: PreprocessSpec, device: torch.device,

@@ -11,10 +11,10 @@ from typing import NamedTuple
 
 import torch
 
-from .choices import LOADERS
-from .errors import FastevalError
-from .preprocess import PreprocessSpec
-from .samples import SampleList
+from fasteval.choices import LOADERS
+from fasteval.errors import FastevalError
+from fasteval.data.preprocess import PreprocessSpec
+from fasteval.data.samples import SampleList
 
 
 
@@ -27,7 +27,7 @@ class Batch(NamedTuple):
 def find_undecodable(paths: list[str]) -> tuple[str | None, str]:
     """The first file the reference cannot decode (to name it when a batched decoder fails), or
     (None, ""): header problems first (cheap), then PIL's full decode, as the reference does it."""
-    from .probe import full_decode_error, probe
+    from fasteval.data.probe import full_decode_error, probe
 
     for path in paths:
         reason = probe(path).error or full_decode_error(path)
@@ -43,7 +43,7 @@ def needs_pil(samples: SampleList) -> list[int]:
     multi-frame or truncated files, images over PIL's decompression-bomb limit, and files PIL
     cannot open (so that PIL raises the reference's own error). Also files whose name is not
     UTF-8, which DALI cannot be given. Only headers are read."""
-    from .probe import probe_all
+    from fasteval.data.probe import probe_all
 
     return [i for i, p in enumerate(probe_all(samples.paths)) if not (p.dali_safe and _utf8(p.path))]
 
@@ -58,7 +58,7 @@ def _utf8(path: str) -> bool:
 
 def resolve_loader(kind: str) -> str:
     """``auto`` -> ``dali`` where DALI is installed, else ``torchvision``; checks the name."""
-    from .loader_dali import dali_available
+    from fasteval.data.loader_dali import dali_available
 
     if kind not in LOADERS:
         raise FastevalError(f"unknown --loader {kind!r}; choose from {', '.join(LOADERS)}")
@@ -74,8 +74,8 @@ def make_loader(kind: str, samples: SampleList, spec: PreprocessSpec, *, batch_s
     """A loader by name: ``dali`` (GPU mixed decoding on CUDA, CPU pipeline otherwise),
     ``torchvision`` (nvJPEG via torchvision.io on CUDA, PIL DataLoader on the CPU), or
     ``auto``: DALI where it is installed, else torchvision."""
-    from .loader_dali import DaliLoader
-    from .loader_torch import GpuDecodeLoader, TorchvisionLoader
+    from fasteval.data.loader_dali import DaliLoader
+    from fasteval.data.loader_torch import GpuDecodeLoader, TorchvisionLoader
 
     if resolve_loader(kind) == "dali":
         return DaliLoader(samples, spec, batch_size, workers, device, half)

@@ -15,9 +15,9 @@ import os
 import numpy as np
 from PIL import Image, ImageDraw
 
-from .errors import FastevalError
-from .outputs import check_output_folder, staged_folder
-from .procs import pool_map
+from fasteval.errors import FastevalError
+from fasteval.output.files import check_output_folder, staged_folder
+from fasteval.procs import pool_map
 
 IMAGENET_LIKE = "imagenet"
 

@@ -1,0 +1,1 @@
+"""Stage 2: the model: torchvision architectures, checkpoints, compiled inference and its cache."""

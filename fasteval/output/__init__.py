@@ -1,0 +1,1 @@
+"""Stage 4: what a run writes: the report, tables and JSON, and atomic file output."""
