@@ -13,6 +13,9 @@ from dataclasses import dataclass, field
 import torch
 
 TOPK = 5
+# EvalResult's per-sample tensors, in sample order: whatever gathers, slices or stores a run's
+# per-sample outputs (shards, checkpoints, files) iterates over this one list.
+PER_SAMPLE_FIELDS = ("predictions", "losses", "topk_hits", "topk_classes", "confidences", "margins", "rechecked")
 
 
 @dataclass
@@ -34,6 +37,10 @@ class EvalResult:
     confidences: torch.Tensor | None = None
     margins: torch.Tensor | None = None  # the decision margin: min(top-1 margin, top-k boundary margin)
     rechecked: torch.Tensor | None = None  # bool: values computed by the reference's own code
+
+    def per_sample(self) -> dict[str, torch.Tensor]:
+        """The per-sample tensors this run holds, by field name (those left None are omitted)."""
+        return {name: getattr(self, name) for name in PER_SAMPLE_FIELDS if getattr(self, name) is not None}
 
     @property
     def top1(self) -> float:
