@@ -51,7 +51,8 @@ def _add_fast_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--precision", default="auto", help="auto (bf16 where fast, else fp32), fp32, bf16 or fp16")
     p.add_argument("--compile", default="auto",
                    help="auto (default: torch.compile where the model time it saves exceeds the compile's cost, "
-                        "given the compile cache's state), on, or off (eager: channels-last + autocast)")
+                        "given the compile cache's state; and on a dataset too small for the fast path to pay, "
+                        "every sample by the reference's code), on, or off (eager: channels-last + autocast)")
     p.add_argument("--no-compile", dest="compile", action="store_const", const="off", help="same as --compile off")
     p.add_argument("--exact", default="auto",
                    help="auto (default) or on: recheck near-tie samples with the reference's own code, so the "
@@ -121,7 +122,8 @@ def _check_options(args) -> None:
 
     get_spec(args.preset, args.resize, args.crop)
     resolve_precision(args.precision, resolve_device(args.device))
-    resolve_loader(args.loader)
+    if args.loader == "dali":  # "auto" needs no check, and importing DALI to find out costs a third of a second
+        resolve_loader(args.loader)
     outputs = {option: getattr(args, name, None)
                for option, name in (("--json", "json"), ("--predictions", "predictions"), ("--plot", "plot"))}
     inputs = {"--weights": args.weights} if args.weights and os.path.isfile(args.weights) else {}
@@ -181,7 +183,7 @@ def fast_options(args):
     from fasteval.evaluation.fast import FastOptions
 
     return FastOptions(loader=args.loader, precision=args.precision, compile=args.compile,
-                       batch_size=args.batch_size, workers=args.workers, exact=args.exact)
+                       batch_size=args.batch_size, workers=args.workers, exact=args.exact, route=True)
 
 
 def cmd_eval(args) -> int:

@@ -27,6 +27,8 @@ from fasteval.evaluation.metrics import TOPK, EvalResult, totals_from_samples
 from fasteval.data.preprocess import PreprocessSpec, check_batchable, image_size
 from fasteval.data.probe import check_headers
 from fasteval.evaluation.reference import reference_logits
+from fasteval.evaluation.route import Rates, choose_route, load_rates, rates_key, record
+from fasteval.model.compile_cache import resolve_compile_mode
 from fasteval.data.samples import SampleList
 
 
@@ -39,6 +41,9 @@ class FastOptions:
     workers: int = 2
     metrics_backend: str = "auto"
     exact: str = "auto"
+    # Let the measured costs send a run the fast path would not pay for through the reference's code
+    # whole (fasteval/evaluation/route.py). The command sets it; callers timing the fast loop do not.
+    route: bool = False
 
 
 # With --exact on, datasets this small go through the reference's code whole: every sample would be a
@@ -65,6 +70,7 @@ class FastEvaluator:
     def __init__(self, samples: SampleList, model: torch.nn.Module, spec: PreprocessSpec, device: torch.device,
                  options: FastOptions) -> None:
         start = time.perf_counter()
+        self.route_summary: str | None = None
         # A static batch larger than the dataset would be mostly padding: clamp it.
         options = replace(options, batch_size=min(options.batch_size, len(samples)))
         check_batchable(spec, samples.paths)
@@ -74,21 +80,26 @@ class FastEvaluator:
         self.exact, self.exact_reason = resolve_exact(options.exact)
         self.precision = resolve_precision(options.precision, device)
         half = self.precision == "fp16"
-        kind = resolve_loader(options.loader)
         # The torchvision loaders decode with PIL already; DALI hands those files to the reference.
-        self.reference_only = needs_pil(samples) if kind == "dali" else []
-        self.all_by_reference = self.exact and len(samples) <= SMALL_DATASET
-        if self.all_by_reference:  # the calibration alone would be most of it: the reference is exact, as fast
+        pil = needs_pil(samples) if options.loader in ("auto", "dali") else []
+        self.rates, self.route_reason = self._route(model, len(pil))
+        self.all_by_reference = (self.exact and len(samples) <= SMALL_DATASET) or self.route_reason is not None
+        if self.all_by_reference:  # the reference's code alone is exact, and here the quicker way
             self.reference_only = list(range(len(samples)))
+        else:  # DALI is imported only when the fast path runs
+            self.reference_only = pil if resolve_loader(options.loader) == "dali" else []
+        kind = options.loader
         excluded = set(self.reference_only)
         self.main = [i for i in range(len(samples)) if i not in excluded]
         # The reference's model is the caller's module as it is (eager fp32, NCHW); the fast model is a
         # copy, converted to channels-last with its head kept in fp32, so the caller's module is unchanged.
         self.reference_model = model.to(device).eval() if self.reference_only or self.exact else None
-        fast_model = copy.deepcopy(model)
-        self.logits_dtype = torch.float32 if keep_head_fp32(fast_model) or self.precision == "fp32" else \
-            DTYPES[self.precision]
-        self.model = FastModel(fast_model, device, self.precision, options.compile, num_samples=len(self.main))
+        self.model = None
+        if self.main:
+            fast_model = copy.deepcopy(model)
+            self.logits_dtype = torch.float32 if keep_head_fp32(fast_model) or self.precision == "fp32" else \
+                DTYPES[self.precision]
+            self.model = FastModel(fast_model, device, self.precision, options.compile, num_samples=len(self.main))
         self.calibration = [self.main[p] for p in calibration_positions(len(self.main))] if self.exact else []
         self.loader = None
         self.metrics_backend = resolve_backend(options.metrics_backend, device)
@@ -107,6 +118,19 @@ class FastEvaluator:
             self.model.warm_up(example)
             self._warm_up_metrics(example)
         self.warmup_seconds = time.perf_counter() - start
+
+    def _route(self, model: torch.nn.Module, pil_files: int) -> tuple[Rates | None, str | None]:
+        """With ``options.route`` and ``--compile auto`` (where fasteval weighs every cost of the fast path):
+        this configuration's measured rates, and the reason the whole run goes through the reference's
+        code (None: the fast path pays). ``--compile on``/``off`` ask for the fast path itself."""
+        if not self.options.route or resolve_compile_mode(self.options.compile) != "auto" or not len(self.samples):
+            return None, None
+        hw = self.spec.output_hw(*image_size(self.samples.paths[0]))
+        rates = load_rates(self.device, rates_key(model, self.device, self.precision, hw))
+        route = choose_route(rates, self.device.type, len(self.samples), pil_files,
+                             min(CALIBRATION_SAMPLES, len(self.samples)), self.exact)
+        self.route_summary = route.reason
+        return rates, None if route.fast else route.reason
 
     def _warm_up_metrics(self, example: torch.Tensor) -> None:
         """Run the metrics once on the warm-up logits (Triton compiles and builds its launcher here,
@@ -149,20 +173,31 @@ class FastEvaluator:
         outputs = empty_outputs(len(self.samples))  # normal tensors: the recheck writes into them
         with torch.inference_mode():
             kept, nonfinite = self._fast_pass(outputs, bar)
+        pass_seconds = time.perf_counter() - start
         run = dict(batch_size=self.options.batch_size, workers=self.options.workers, device=self.device)
         if self.reference_only:
-            logits = reference_logits(self.samples, self.reference_only, self.reference_model, self.spec, **run)
+            # The whole dataset by the reference's code: its workers too, as the reference's loop has them.
+            logits = reference_logits(self.samples, self.reference_only, self.reference_model, self.spec, **run,
+                                      always_workers=self.all_by_reference)
             apply_reference(outputs, self.samples, self.reference_only, logits)
             bar.update(len(self.reference_only))
+        by_reference = (len(self.reference_only), time.perf_counter() - start - pass_seconds)
         exact = {"enabled": False, "mode": self.options.exact, "reason": self.exact_reason}
         if self.all_by_reference:
-            exact.update(enabled=True, rechecked=len(self.samples), all_by_reference=True,
-                         reason=f"{len(self.samples)} samples (<= {SMALL_DATASET}, the calibration's size): every sample "
-                                f"evaluated by the reference's code")
+            reason = self.route_reason or (f"{len(self.samples)} samples (<= {SMALL_DATASET}, the calibration's "
+                                           f"size): every sample evaluated by the reference's code")
+            exact.update(enabled=True, rechecked=len(self.samples), all_by_reference=True, reason=reason)
         elif self.exact and self.calibration:
             exact.update(recheck(self.samples, outputs, self.calibration, kept, self.reference_model, self.spec,
                                  **run))
+            by_reference = (by_reference[0] + exact["rechecked"], by_reference[1] + exact["seconds"])
         seconds = time.perf_counter() - start
+        if self.rates is not None:  # this run's costs, for the next run's route
+            main = len(self.samples) - len(self.reference_only)
+            record(self.rates, self.device, reference=by_reference,
+                   fast=(main, pass_seconds) if main else None,
+                   setup=None if self.all_by_reference else self.warmup_seconds,
+                   recheck_share=exact["gated"] / main if main and "gated" in exact else None)
         bar.close()
         labels = torch.tensor(self.samples.labels)
         totals = totals_from_samples(labels, outputs["pred"], outputs["topk_hit"], outputs["loss"],
@@ -181,12 +216,13 @@ class FastEvaluator:
             extra={
                 "loader": self.loader.name if self.loader else "none",
                 "precision": self.precision,
-                "compile": self.model.compiled,
-                "compile_reason": self.model.compile_reason,
+                "compile": self.model.compiled if self.model else False,
+                "compile_reason": self.model.compile_reason if self.model else "no fast pass",
                 "metrics_backend": self.metrics_backend,
                 "nonfinite_rows": nonfinite,
                 "pil_fallback_files": 0 if self.all_by_reference else len(self.reference_only),
                 "exact": exact,
+                "route": self.route_summary,
             },
         )
 

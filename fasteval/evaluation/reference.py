@@ -125,16 +125,17 @@ class _Images(Dataset):
 
 
 def reference_logits(samples: SampleList, indices: list[int], model: nn.Module, spec: PreprocessSpec, *,
-                     batch_size: int, workers: int, device: torch.device) -> torch.Tensor:
+                     batch_size: int, workers: int, device: torch.device, always_workers: bool = False) -> torch.Tensor:
     """Float32 logits of the samples at ``indices`` (on the CPU, in that order), computed by the
     reference's own code: PIL decode, the torchvision transform, the eager fp32 model.
 
     Workers are started only when there is more than a batch to decode (their start-up costs more
-    than decoding a few images here)."""
+    than decoding a few images here), or ``always_workers``, as the reference's own loop does."""
     if not indices:
         return torch.empty(0)
+    parallel = always_workers or len(indices) > batch_size
     loader = DataLoader(_Images(samples.subset(indices), spec), batch_size=batch_size, shuffle=False,
-                        num_workers=workers if len(indices) > batch_size else 0, pin_memory=device.type == "cuda")
+                        num_workers=workers if parallel else 0, pin_memory=device.type == "cuda")
     model = model.to(device).eval()
     with torch.no_grad():
         return torch.cat([model(images.to(device)).float().cpu() for images, _ in loader])

@@ -198,18 +198,19 @@ class Profile:
     artifacts: bool = False  # a compile of this configuration completed: its artifacts are cached
 
 
-def load_profile(folder: str, key: dict) -> Profile:
-    """The stored profile of ``key``, or an empty one (missing, unreadable or for another key)."""
+def load_profile(folder: str, key: dict, kind: type = Profile):
+    """The stored profile of ``key`` (a ``kind`` dataclass with a ``key`` field: compile profiles, or the
+    route's rates), or an empty one (missing, unreadable or for another key)."""
     path = os.path.join(folder, key_hash(key) + ".json")
     with contextlib.suppress(OSError, ValueError, TypeError):
         with open(path) as f:
             stored = json.load(f)
         if stored.get("key") == key:
-            return Profile(**stored)
-    return Profile(key=key)
+            return kind(**stored)
+    return kind(key=key)
 
 
-def save_profile(folder: str, profile: Profile) -> None:
+def save_profile(folder: str, profile) -> None:
     """Write atomically (a temporary file renamed); a cache that cannot be written is skipped silently:
     profiles only speed later decisions up."""
     with contextlib.suppress(OSError):

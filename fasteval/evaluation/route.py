@@ -1,0 +1,128 @@
+"""Whether the fast path pays for a run at all, or the whole dataset goes through the reference's code.
+
+The fast path has a price the reference's loop does not pay: importing and building its loader, the
+model's and the metrics' warm-up, and (exact counts) the calibration samples and the near-ties it
+re-evaluates with the reference's own code. On a small dataset that price exceeds what its faster
+loop saves; there every sample is evaluated by the reference's code instead, which is exact and, at
+that size, the quicker way to the result. The choice compares the two expected times from per-image
+rates that earlier runs of the same model, device, precision and input size measured (a small JSON
+beside the compile profiles), or from ``DEFAULTS`` until they have:
+
+    reference = N x t_reference
+    fast      = setup + N_fast x t_fast + (PIL-only files + calibration + recheck share x N_fast) x t_reference
+
+Like the compile profiles, the rates only steer the choice: a stale figure can make a run slower,
+never its result different (both routes give the reference's counts).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from fasteval.model.compile_cache import device_tag, load_profile, model_signature, profile_dir, save_profile
+
+RATES_VERSION = 1
+
+
+@dataclass(frozen=True)
+class RouteDefaults:
+    """Per-image costs assumed for a device kind until measured (seconds)."""
+
+    reference_image: float  # PIL decode + torchvision transform + eager fp32 model, per image
+    fast_image: float  # the fast pass per image (loader, autocast model, metrics)
+    fast_setup: float  # the fast path's setup: loader, warm-ups (a first run also times an eager batch)
+    recheck_share: float  # near-ties re-evaluated, as a share of the fast pass's samples
+
+
+DEFAULTS = {
+    # Development CPU (2-core Zen 4), ResNet-18 at 224: eager fp32 36.6 images/s plus PIL decoding;
+    # channels-last + bf16 89 images/s; DALI's import and pipeline, a deep copy of the model and the
+    # warm-ups about 1 s; 15-20 % of real photographs gated by an out-of-domain model.
+    "cpu": RouteDefaults(reference_image=0.032, fast_image=0.012, fast_setup=1.0, recheck_share=0.15),
+    # A GPU: the reference is bound by PIL decoding in DataLoader workers; the fast path by nvJPEG or
+    # DALI. Assumed, replaced by each configuration's own measurements.
+    "cuda": RouteDefaults(reference_image=0.002, fast_image=0.0002, fast_setup=2.0, recheck_share=0.05),
+}
+
+
+@dataclass
+class Rates:
+    """One configuration's measured per-image costs (seconds); None until measured."""
+
+    key: dict = field(default_factory=dict)
+    reference_image_seconds: float | None = None
+    fast_image_seconds: float | None = None
+    fast_setup_seconds: float | None = None
+    recheck_share: float | None = None
+
+
+@dataclass(frozen=True)
+class Route:
+    fast: bool
+    reason: str
+    fast_seconds: float
+    reference_seconds: float
+
+
+def rates_key(model: nn.Module, device: torch.device, precision: str, input_hw: tuple[int, int]) -> dict:
+    """What per-image costs depend on: torch, the device model, precision, architecture, input size."""
+    key = {"rates_version": RATES_VERSION, "torch": torch.__version__, "device": device_tag(device),
+           "precision": precision, "model": f"{type(model).__qualname__}/{model_signature(model)}",
+           "input_hw": list(input_hw)}
+    if device.type == "cpu":
+        key["threads"] = torch.get_num_threads()
+    return key
+
+
+def load_rates(device: torch.device, key: dict) -> Rates:
+    return load_profile(profile_dir(device), key, Rates)
+
+
+def save_rates(device: torch.device, rates: Rates) -> None:
+    save_profile(profile_dir(device), rates)
+
+
+def choose_route(rates: Rates, device_kind: str, num_samples: int, pil_files: int, calibration: int,
+                 exact: bool) -> Route:
+    """Fast or reference for the whole run: the smaller expected time (module docstring)."""
+    d = DEFAULTS.get(device_kind, DEFAULTS["cpu"])
+    t_ref = rates.reference_image_seconds or d.reference_image
+    t_fast = rates.fast_image_seconds or d.fast_image
+    setup = rates.fast_setup_seconds if rates.fast_setup_seconds is not None else d.fast_setup
+    share = (rates.recheck_share if rates.recheck_share is not None else d.recheck_share) if exact else 0.0
+    main = num_samples - pil_files
+    by_reference = pil_files + (calibration + share * main if exact else 0.0)
+    fast = setup + main * t_fast + by_reference * t_ref
+    reference = num_samples * t_ref
+    source = "measured" if rates.reference_image_seconds and rates.fast_image_seconds else "assumed"
+    figures = (f"expected {fast:.1f} s fast ({setup:.1f} s setup + {main} x {1e3 * t_fast:.1f} ms + "
+               f"{by_reference:.0f} x {1e3 * t_ref:.1f} ms by the reference's code) vs {reference:.1f} s "
+               f"({num_samples} x {1e3 * t_ref:.1f} ms) all by the reference's code; rates {source}")
+    if fast < reference:
+        return Route(True, f"fast path: {figures}", fast, reference)
+    return Route(False, f"every sample by the reference's code, the fast path would not pay: {figures}",
+                 fast, reference)
+
+
+def record(rates: Rates, device: torch.device, *, reference: tuple[int, float] | None = None,
+           fast: tuple[int, float] | None = None, setup: float | None = None,
+           recheck_share: float | None = None) -> None:
+    """Fold one run's measurements in (``(images, seconds)`` pairs) and save. Per-image costs keep the
+    best seen (other load on the machine only adds time); the setup and recheck share the latest."""
+    def best(old: float | None, pair: tuple[int, float] | None) -> float | None:
+        if not pair or pair[0] <= 0 or not math.isfinite(pair[1]):
+            return old
+        new = pair[1] / pair[0]
+        return new if old is None else min(old, new)
+
+    rates.reference_image_seconds = best(rates.reference_image_seconds, reference)
+    rates.fast_image_seconds = best(rates.fast_image_seconds, fast)
+    if setup is not None:
+        rates.fast_setup_seconds = setup
+    if recheck_share is not None:
+        rates.recheck_share = recheck_share
+    save_rates(device, rates)

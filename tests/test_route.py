@@ -1,0 +1,90 @@
+"""The route: whether a run's fast path pays, or every sample goes through the reference's code."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from fasteval.cli import main
+from fasteval.evaluation.route import DEFAULTS, Rates, choose_route, load_rates, rates_key, record, save_rates
+
+CPU = torch.device("cpu")
+
+
+def test_choose_route_hand_computed():
+    rates = Rates(reference_image_seconds=0.03, fast_image_seconds=0.01, fast_setup_seconds=1.0, recheck_share=0.1)
+    # 20 samples, 2 PIL-only, 8 calibration: 1 + 18 x 0.01 + (2 + 8 + 1.8) x 0.03 = 1.534 s vs 20 x 0.03 = 0.6 s.
+    small = choose_route(rates, "cpu", 20, 2, 8, exact=True)
+    assert not small.fast and small.fast_seconds == pytest.approx(1.534) and small.reference_seconds == pytest.approx(0.6)
+    assert "would not pay" in small.reason and "measured" in small.reason
+    # 200 samples: 1 + 198 x 0.01 + (2 + 8 + 19.8) x 0.03 = 3.874 s vs 6 s.
+    large = choose_route(rates, "cpu", 200, 2, 8, exact=True)
+    assert large.fast and large.fast_seconds == pytest.approx(3.874) and large.reference_seconds == pytest.approx(6.0)
+    # Without the recheck, no calibration and no near-ties: 1 + 48 x 0.01 + 2 x 0.03 = 1.54 s vs 1.5 s.
+    off = choose_route(rates, "cpu", 50, 2, 8, exact=False)
+    assert off.fast_seconds == pytest.approx(1.54) and not off.fast
+
+
+def test_choose_route_defaults_until_measured():
+    d = DEFAULTS["cpu"]
+    route = choose_route(Rates(), "cpu", 100, 0, 8, exact=True)
+    expected = d.fast_setup + 100 * d.fast_image + (8 + d.recheck_share * 100) * d.reference_image
+    assert route.fast_seconds == pytest.approx(expected) and "assumed" in route.reason
+    # An unknown device kind takes the CPU's figures.
+    assert choose_route(Rates(), "mps", 100, 0, 8, exact=True).fast_seconds == pytest.approx(expected)
+
+
+def test_record_keeps_the_best_per_image_cost_and_persists(tmp_path, monkeypatch):
+    monkeypatch.setenv("FASTEVAL_CACHE", str(tmp_path))
+    import torchvision
+
+    key = rates_key(torchvision.models.resnet18(num_classes=3), CPU, "bf16", (32, 32))
+    rates = load_rates(CPU, key)
+    assert rates.reference_image_seconds is None
+    record(rates, CPU, reference=(10, 0.5), fast=(100, 2.0), setup=1.5, recheck_share=0.2)
+    record(rates, CPU, reference=(10, 0.9), fast=(0, 1.0), setup=0.7, recheck_share=None)  # slower, nothing, latest
+    again = load_rates(CPU, key)
+    assert again.reference_image_seconds == pytest.approx(0.05) and again.fast_image_seconds == pytest.approx(0.02)
+    assert again.fast_setup_seconds == pytest.approx(0.7) and again.recheck_share == pytest.approx(0.2)
+    # Another precision or input size is another configuration.
+    assert load_rates(CPU, rates_key(torchvision.models.resnet18(num_classes=3), CPU, "fp32", (32, 32))).key != key
+
+
+def _eval_json(path, data, weights, *extra):
+    assert main(["eval", data, "--weights", weights, "--no-progress", "--resize", "40", "--crop", "32",
+                 "--workers", "0", "--batch-size", "4", "--json", str(path), *extra]) == 0
+    return json.loads(path.read_text())
+
+
+def test_small_dataset_goes_to_the_reference_then_fast_once_it_pays(small_data, weights_3cls, tmp_path,
+                                                                    monkeypatch, model_3cls):
+    """21 samples with the assumed rates: the fast path's setup alone exceeds the reference's whole run, so
+    every sample is the reference's (equal to --reference, no loader built). With rates saying the fast
+    path pays, the same command runs it, and its counts are still the reference's (the recheck)."""
+    monkeypatch.setenv("FASTEVAL_CACHE", str(tmp_path / "cache"))
+    reference = _eval_json(tmp_path / "r.json", small_data, weights_3cls, "--reference")
+    routed = _eval_json(tmp_path / "a.json", small_data, weights_3cls)
+    assert "would not pay" in routed["route"] and routed["loader"] == "none"
+    assert routed["exact"]["all_by_reference"]
+    for key in ("correct_top1", "correct_top5", "samples"):
+        assert routed[key] == reference[key]
+    assert routed["loss_sum"] == pytest.approx(reference["loss_sum"], rel=1e-6)
+    # The run recorded the reference's per-image cost for the next decision.
+    key = rates_key(model_3cls, CPU, routed["precision"], (32, 32))
+    rates = load_rates(CPU, key)
+    assert rates.reference_image_seconds and rates.reference_image_seconds > 0
+    save_rates(CPU, Rates(key=key, reference_image_seconds=1.0, fast_image_seconds=1e-4, fast_setup_seconds=0.0,
+                          recheck_share=0.0))
+    fast = _eval_json(tmp_path / "f.json", small_data, weights_3cls)
+    assert fast["route"].startswith("fast path") and fast["loader"] != "none"
+    assert not fast["exact"].get("all_by_reference")
+    for key_ in ("correct_top1", "correct_top5"):
+        assert fast[key_] == reference[key_]
+
+
+def test_explicit_compile_mode_always_runs_the_fast_path(small_data, weights_3cls, tmp_path, monkeypatch):
+    monkeypatch.setenv("FASTEVAL_CACHE", str(tmp_path / "cache"))
+    report = _eval_json(tmp_path / "o.json", small_data, weights_3cls, "--compile", "off")
+    assert report["route"] is None and report["loader"] != "none"
