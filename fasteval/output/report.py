@@ -83,7 +83,9 @@ def format_table(report: dict, title: str = "fasteval") -> str:
             rows.append((key, str(report[key])))
         elif key in cfg:
             rows.append((key, str(cfg[key])))
-    if report.get("compile_reason"):
+    if report.get("route") and not report.get("exact", {}).get("all_by_reference"):
+        rows.append(("route", report["route"]))  # (a run sent to the reference says why under exact counts)
+    if report.get("compile_reason") and report.get("loader") != "none":
         rows.append(("compile reason", report["compile_reason"]))
     if report.get("warmup_seconds"):
         rows.append(("warm-up seconds", _fmt(report["warmup_seconds"], 2)))
