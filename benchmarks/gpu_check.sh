@@ -7,10 +7,9 @@
 # every loader that can run. Writes logs, JSON and summary.json into OUT_DIR, and prints which
 # paths ran (DALI or not, the Triton kernel or its PyTorch twin), naming every path it could not
 # run. Meant to finish in under 10 minutes. GPU_CHECK_CLASSES/GPU_CHECK_PER_CLASS shrink the
-# dataset for a dry run of the plumbing on a CPU machine; GPU_CHECK_STEPS (default "cuda kernel bench";
-# also "device") 
-# picks the steps, GPU_CHECK_REPEATS the bench repeats (default 1: each cold command compiles from
-# nothing). Works on Python 3.10 (no `python -P`).
+# dataset for a dry run of the plumbing on a CPU machine. GPU_CHECK_STEPS picks the steps (default
+# "cuda kernel bench"; also "device"), GPU_CHECK_REPEATS the bench repeats (default 1: each cold command
+# compiles from nothing). Works on Python 3.10 (no `python -P`).
 set -uo pipefail
 OUT_DIR="$(mkdir -p "${1:?usage: benchmarks/gpu_check.sh OUT_DIR}" && cd "$1" && pwd)"
 REPO="$(cd "$(dirname "$0")/.." && pwd)"
