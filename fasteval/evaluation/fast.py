@@ -63,7 +63,9 @@ class FastEvaluator:
     """
 
     def __init__(self, samples: SampleList, model: torch.nn.Module, spec: PreprocessSpec, device: torch.device,
-                 options: FastOptions) -> None:
+                 options: FastOptions, batch_source=make_loader) -> None:
+        """``batch_source``: makes the batches (``make_loader``'s signature); the checkpoint sweep passes
+        fasteval/data/decoded.py's store, decoded once for every checkpoint."""
         start = time.perf_counter()
         # A static batch larger than the dataset would be mostly padding: clamp it.
         options = replace(options, batch_size=min(options.batch_size, len(samples)))
@@ -97,7 +99,7 @@ class FastEvaluator:
             # Built in inference mode, so that loaders that preallocate their outputs (DALI) hand out
             # inference tensors, like the warm-up example: one compiled graph serves every batch.
             with torch.inference_mode():
-                self.loader = make_loader(kind, part, spec, batch_size=options.batch_size, workers=options.workers,
+                self.loader = batch_source(kind, part, spec, batch_size=options.batch_size, workers=options.workers,
                                           device=device, half=half)
             h, w = spec.output_hw(*image_size(part.paths[0]))
             with torch.inference_mode():  # an inference tensor, like the loader's: no recompile on the first batch
@@ -107,6 +109,21 @@ class FastEvaluator:
             self.model.warm_up(example)
             self._warm_up_metrics(example)
         self.warmup_seconds = time.perf_counter() - start
+
+    def load_weights(self, model: nn.Module) -> None:
+        """Copy ``model``'s weights (same architecture) into the fast model and the reference's model, in
+        place: the compiled graph reads the same tensors, so nothing is recompiled. The fast model's
+        state has the same entries in the same order (``keep_head_fp32`` only renames the head's)."""
+        source = list(model.state_dict().values())
+        targets = [list(self.model.model.state_dict().values())]
+        if self.reference_model is not None:
+            targets.append(list(self.reference_model.state_dict().values()))
+        with torch.no_grad():
+            for target in targets:
+                if len(target) != len(source) or any(t.shape != s.shape for t, s in zip(target, source)):
+                    raise ValueError("load_weights: the model's entries differ from the evaluator's")
+                for t, s in zip(target, source):
+                    t.copy_(s)
 
     def _warm_up_metrics(self, example: torch.Tensor) -> None:
         """Run the metrics once on the warm-up logits (Triton compiles and builds its launcher here,
@@ -187,6 +204,7 @@ class FastEvaluator:
                 "nonfinite_rows": nonfinite,
                 "pil_fallback_files": 0 if self.all_by_reference else len(self.reference_only),
                 "exact": exact,
+                **({"decoded": dict(self.loader.info)} if hasattr(self.loader, "info") else {}),
             },
         )
 
@@ -228,6 +246,6 @@ def empty_outputs(num_samples: int) -> dict[str, torch.Tensor]:
 
 def evaluate_fast(samples: SampleList, model: torch.nn.Module, spec: PreprocessSpec, *,
                   device: torch.device | str = "cpu", options: FastOptions = FastOptions(),
-                  progress: bool = True) -> EvalResult:
+                  progress: bool = True, batch_source=make_loader) -> EvalResult:
     """Evaluate once with the fast path."""
-    return FastEvaluator(samples, model, spec, torch.device(device), options).run(progress)
+    return FastEvaluator(samples, model, spec, torch.device(device), options, batch_source).run(progress)
