@@ -63,9 +63,10 @@ class FastEvaluator:
     """
 
     def __init__(self, samples: SampleList, model: torch.nn.Module, spec: PreprocessSpec, device: torch.device,
-                 options: FastOptions, batch_source=make_loader) -> None:
+                 options: FastOptions, batch_source=make_loader, passes: int = 1) -> None:
         """``batch_source``: makes the batches (``make_loader``'s signature); the checkpoint sweep passes
-        fasteval/data/decoded.py's store, decoded once for every checkpoint."""
+        fasteval/data/decoded.py's store, decoded once for every checkpoint. ``passes``: how many times
+        ``run()`` will be called (the sweep's checkpoints), for ``--compile auto``'s decision."""
         start = time.perf_counter()
         # A static batch larger than the dataset would be mostly padding: clamp it.
         options = replace(options, batch_size=min(options.batch_size, len(samples)))
@@ -90,7 +91,8 @@ class FastEvaluator:
         fast_model = copy.deepcopy(model)
         self.logits_dtype = torch.float32 if keep_head_fp32(fast_model) or self.precision == "fp32" else \
             DTYPES[self.precision]
-        self.model = FastModel(fast_model, device, self.precision, options.compile, num_samples=len(self.main))
+        self.model = FastModel(fast_model, device, self.precision, options.compile,
+                               num_samples=len(self.main) * passes)
         self.calibration = [self.main[p] for p in calibration_positions(len(self.main))] if self.exact else []
         self.loader = None
         self.metrics_backend = resolve_backend(options.metrics_backend, device)

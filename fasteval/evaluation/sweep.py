@@ -239,7 +239,8 @@ def cmd_sweep(args, prepare) -> int:
     load_checkpoints(args.arch, args.checkpoints, samples.num_classes)
     start = time.perf_counter()
     source = DecodedSource(args.cache)
-    evaluator = FastEvaluator(samples, model, spec, device, fast_options(args), batch_source=source)
+    evaluator = FastEvaluator(samples, model, spec, device, fast_options(args), batch_source=source,
+                              passes=len(args.checkpoints))
     setup = time.perf_counter() - start
     results, seconds = run_sweep(evaluator, args.arch, args.checkpoints, progress=not args.no_progress)
     labels = torch.tensor(samples.labels)
