@@ -77,10 +77,16 @@ def test_sweep_equals_separate_evals_and_scipy(small_data, checkpoints, tmp_path
     scipy's; the JSON keeps the order given and a single eval's keys."""
     from scipy.stats import binomtest
 
-    out = tmp_path / "sweep.json"
-    assert main(["eval", small_data, "--weights", *checkpoints, "--json", str(out), *SIZES]) == 0
+    out, cache = tmp_path / "sweep.json", str(tmp_path / "cache")
+    assert main(["eval", small_data, "--weights", *checkpoints, "--json", str(out), "--cache", cache, *SIZES]) == 0
     table = capsys.readouterr().out
     report = json.loads(out.read_text())
+    assert report["decoded"]["cache"] == "written"
+    cached = tmp_path / "cached.json"  # a single eval reads the sweep's cache entry
+    assert main(["eval", small_data, "--weights", checkpoints[0], "--json", str(cached), "--cache", cache, *SIZES]) == 0
+    cached = json.loads(cached.read_text())
+    assert cached["decoded"]["cache"] == "hit" and not cached["decoded"]["decoded"]
+    assert cached["correct_top1"] == report["checkpoints"][0]["correct_top1"]
     singles, correct = [], []
     for i, path in enumerate(checkpoints):
         single = tmp_path / f"{i}.json"

@@ -169,10 +169,10 @@ def format_sweep(report: dict) -> str:
     rows = [("", "weights", "top-1 % [95% CI]", "top-5 % [95% CI]", "loss", "vs best: only this/only best", "p")]
     for i, e in enumerate(report["checkpoints"]):
         t1, t5, vs = e["top1_interval"], e["top5_interval"], e["vs_best"]
+        paired = "(best)" if e["best"] else f"{vs['only_this_correct']}/{vs['only_best_correct']}"
         rows.append(("*" if e["best"] else str(i + 1), os.path.basename(e["weights"]) or e["weights"],
                      f"{e['top1']:.2f} [{t1[0]:.2f}, {t1[1]:.2f}]", f"{e['top5']:.2f} [{t5[0]:.2f}, {t5[1]:.2f}]",
-                     f"{e['loss']:.5f}", "(best)" if e["best"] else f"{vs['only_this_correct']}/{vs['only_best_correct']}",
-                     "" if e["best"] else _p(vs["p_value"])))
+                     f"{e['loss']:.5f}", paired, "" if e["best"] else _p(vs["p_value"])))
     widths = [max(len(r[c]) for r in rows) for c in range(len(rows[0]))]
     title = f"fasteval eval: {len(report['checkpoints'])} checkpoints on {report['samples']} samples"
     lines = [title, "-" * len(title)] + ["  ".join(v.ljust(w) for v, w in zip(r, widths)).rstrip() for r in rows]
