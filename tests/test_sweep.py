@@ -273,3 +273,25 @@ def test_redecode_when_nothing_holds_it(small_data, small_spec, checkpoints, tmp
     assert not report["checkpoints"][0]["loader"].startswith("decoded store")
     with open(tmp_path / "checkpoints.png", "rb") as f:
         assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+
+
+def test_best_and_paired_counts_by_hand():
+    """Ties on top-1 go to top-5, then to the lower loss, then to the first given; the discordant counts
+    and the exact p-value of a hand-made case (only-this 1, only-best 5: p = 2 x (1 + 6) / 2**6)."""
+    from fasteval.evaluation.metrics import EvalResult
+    from fasteval.evaluation.sweep import best_index, paired_test
+
+    def result(top1, top5, loss, predictions=None):
+        return EvalResult(samples=10, correct_top1=top1, correct_top5=top5, loss_sum=loss,
+                          predictions=None if predictions is None else torch.tensor(predictions))
+
+    assert best_index([result(5, 8, 3.0), result(6, 7, 9.0)]) == 1
+    assert best_index([result(6, 7, 3.0), result(6, 8, 9.0)]) == 1
+    assert best_index([result(6, 8, 3.0), result(6, 8, 2.0)]) == 1
+    assert best_index([result(6, 8, 2.0), result(6, 8, 2.0)]) == 0
+    labels = torch.tensor([0, 1, 2, 0, 1, 2, 0, 1])
+    best = result(7, 8, 1.0, [0, 1, 2, 0, 1, 2, 0, 0])  # 7 right
+    other = result(3, 8, 1.0, [0, 1, 0, 1, 2, 0, 1, 1])  # right at 0, 1 and 7 (only it: 7; only best: 2-6)
+    assert paired_test(labels, other, best) == {"only_this_correct": 1, "only_best_correct": 5,
+                                                "p_value": pytest.approx(2 * 7 / 64)}
+    assert paired_test(labels, best, best) == {"only_this_correct": 0, "only_best_correct": 0, "p_value": 1.0}

@@ -49,6 +49,7 @@ def available_host_memory() -> int | None:
 
 
 def free_device_memory(device: torch.device) -> int:
+    """Bytes of free memory on a CUDA device, as the driver reports it."""
     return torch.cuda.mem_get_info(device)[0]
 
 
@@ -98,6 +99,7 @@ def loader_name(kind: str, device: torch.device) -> str:
 
 
 def decoder_versions() -> dict[str, str | None]:
+    """The versions of the packages whose code makes the pixels (part of the cache key)."""
     from fasteval.output.report import package_version
 
     return {name: package_version(name) for name in ("pillow", "torchvision", "nvidia-dali-cuda130",
@@ -138,6 +140,7 @@ class DiskCache:
 
     @property
     def nbytes(self) -> int:
+        """The data file's expected size: one byte per pixel and channel."""
         return int(np.prod(self.shape))
 
     def lookup(self) -> torch.Tensor | None:

@@ -147,6 +147,7 @@ def run_sweep(evaluator, arch: str, paths: list[str], progress: bool = True) -> 
 
 def build_sweep_report(paths: list[str], results: list[EvalResult], seconds: list[float], labels: torch.Tensor,
                        config: dict, device, decoded: dict, setup_seconds: float) -> dict:
+    """The sweep's ``--json`` content: ``checkpoints`` in the order given, the best, how the images were kept."""
     from fasteval.output.report import environment
 
     best = best_index(results)
