@@ -8,7 +8,7 @@
 # paths ran (DALI or not, the Triton kernel or its PyTorch twin), naming every path it could not
 # run. Meant to finish in under 10 minutes. GPU_CHECK_CLASSES/GPU_CHECK_PER_CLASS shrink the
 # dataset for a dry run of the plumbing on a CPU machine. GPU_CHECK_STEPS picks the steps (default
-# "cuda kernel bench"; also "device"), GPU_CHECK_REPEATS the bench repeats (default 1: each cold command
+# "cuda kernel bench sweep"; also "device"), GPU_CHECK_REPEATS the bench repeats (default 1: each cold command
 # compiles from nothing). Works on Python 3.10 (no `python -P`).
 set -uo pipefail
 OUT_DIR="$(mkdir -p "${1:?usage: benchmarks/gpu_check.sh OUT_DIR}" && cd "$1" && pwd)"
@@ -26,7 +26,7 @@ export FASTEVAL_CACHE="$WORK/cache"
 py() { (cd "$WORK" && "$PY" "$@"); }
 tpy() { local limit=$1; shift; (cd "$WORK" && timeout "$limit" "$PY" "$@"); }
 PYTEST=(-m pytest -c "$REPO/pyproject.toml" --rootdir "$REPO" -p no:cacheprovider)
-STEPS=" ${GPU_CHECK_STEPS:-cuda kernel bench} "
+STEPS=" ${GPU_CHECK_STEPS:-cuda kernel bench sweep} "
 step() { [[ "$STEPS" == *" $1 "* ]]; }
 # Tests in 4 processes where pytest-xdist is installed (the GPU has room; the host has the cores).
 XDIST=()
@@ -117,6 +117,43 @@ if step bench; then
     done
 fi
 
+# 4b. A checkpoint sweep: 3 ResNet-18 checkpoints on one decoded set (GPU_CHECK_SWEEP_COPIES x 1,000
+#     256x256 JPEGs, default 20,000; GPU_CHECK_SWEEP_PER_CLASS shrinks the 1,000 for a dry run: copies of one generated set, so the decoding work is real), batch 256,
+#     bf16, compiled once, --exact off so that the passes time the model. Reports images/s per checkpoint;
+#     the 2nd and 3rd read the decoded set from the GPU's memory (target: > 20,000 images/s on an H100-class GPU).
+if step sweep; then
+    SWEEP="$WORK/sweep"
+    COPIES="${GPU_CHECK_SWEEP_COPIES:-20}"
+    py -m fasteval synth "$SWEEP/base" --classes 10 --per-class "${GPU_CHECK_SWEEP_PER_CLASS:-100}" --size 256x256 \
+        > "$OUT_DIR/sweep_synth.log" 2>&1
+    mkdir -p "$SWEEP/data"
+    for c in $(seq 1 "$COPIES"); do
+        for d in "$SWEEP"/base/*/; do cp -r "$d" "$SWEEP/data/$(basename "$d")_$c"; done
+    done
+    py - "$SWEEP" "$(( COPIES * 10 ))" <<'PY'
+import sys, torch, torchvision
+for seed in (1, 2, 3):
+    torch.manual_seed(seed)
+    torch.save(torchvision.models.resnet18(num_classes=int(sys.argv[2])).state_dict(), f"{sys.argv[1]}/ckpt{seed}.pt")
+PY
+    tpy 240 -m fasteval eval "$SWEEP/data" --weights "$SWEEP"/ckpt1.pt "$SWEEP"/ckpt2.pt "$SWEEP"/ckpt3.pt \
+        --batch-size 256 --workers "$(( $(nproc) < 16 ? $(nproc) : 16 ))" --compile on --exact off --no-progress \
+        --json "$OUT_DIR/sweep.json" > "$OUT_DIR/sweep.txt" 2>&1
+    log "sweep exit code $?"
+    py - "$OUT_DIR/sweep.json" <<'PY' | tee -a "$LOG"
+import json, sys
+try:
+    s = json.load(open(sys.argv[1]))
+except Exception as exc:
+    print(f"sweep: no result ({exc})")
+    raise SystemExit(0)
+rates = [round(c["images_per_sec"]) for c in s["checkpoints"]]
+print(f"sweep: {s['samples']} samples, decoded {s['decoded']['placement']} ({s['decoded']['reason']}), loader "
+      f"{s['checkpoints'][0]['loader']}, {s['checkpoints'][0]['precision']}, setup {s['setup_seconds']:.1f} s; "
+      f"images/s per checkpoint {rates}; after the first: {min(rates[1:])} (target > 20000)")
+PY
+fi
+
 # 5. One summary, with the paths that ran.
 py - "$OUT_DIR" "$DALI" "$(( $(date +%s) - START ))" > "$OUT_DIR/summary.json" <<'PY'
 import json, os, re, sys
@@ -178,6 +215,14 @@ for loader in (["dali"] if dali else []) + ["torchvision"]:
     if f"bench_{loader}" not in summary:
         summary["not_run"].append(f"bench --loader {loader} (failed: see bench_{loader}.txt)")
 summary["paths"] = paths
+try:
+    sw = json.load(open(os.path.join(out, "sweep.json")))
+    summary["sweep"] = {"samples": sw["samples"], "decoded": sw["decoded"], "setup_seconds": sw["setup_seconds"],
+                        "images_per_sec": [c["images_per_sec"] for c in sw["checkpoints"]],
+                        "loader": sw["checkpoints"][0]["loader"], "precision": sw["checkpoints"][0]["precision"],
+                        "compile": sw["checkpoints"][0]["compile"]}
+except Exception as exc:
+    summary["not_run"].append(f"sweep ({exc})")
 print(json.dumps(summary, indent=2))
 PY
 py - "$OUT_DIR/summary.json" <<'PY' | tee -a "$LOG"

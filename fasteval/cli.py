@@ -28,12 +28,15 @@ _positive_int = _int_at_least(1)
 _non_negative_int = _int_at_least(0)
 
 
-def _add_run_options(p: argparse.ArgumentParser) -> None:
+def _add_run_options(p: argparse.ArgumentParser, sweep: bool = False) -> None:
     p.add_argument("data", nargs="?", metavar="DATA",
                    help="ImageFolder root (ROOT/CLASS/IMAGE); omitted: the built-in demo dataset and model")
     p.add_argument("--arch", default="resnet18", help="torchvision classification model name (default resnet18)")
     p.add_argument("--weights", help="checkpoint file (state_dict or a dict holding one), or DEFAULT for "
-                                     "torchvision's pretrained weights; omitted: random init (demo: its fitted model)")
+                                     "torchvision's pretrained weights; omitted: random init (demo: its fitted model)"
+                                     + ("; several files, a folder of *.pt/*.pth or a glob: a sweep, decoded and "
+                                        "compiled once, ranked with paired statistics" if sweep else ""),
+                   nargs="+" if sweep else None)
     p.add_argument("--preset", default="imagenet", help="preprocessing preset: imagenet (default) or seed")
     p.add_argument("--resize", type=_positive_int, help="override the preset's shorter-side resize")
     p.add_argument("--crop", type=_positive_int, help="override the preset's center crop")
@@ -64,7 +67,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     ev = sub.add_parser("eval", help="evaluate a classifier on an ImageFolder dataset")
-    _add_run_options(ev)
+    _add_run_options(ev, sweep=True)
     _add_fast_options(ev)
     mode = ev.add_mutually_exclusive_group()
     mode.add_argument("--reference", action="store_true",
@@ -74,6 +77,10 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--predictions", metavar="PATH",
                     help="write per sample: path, label, prediction, loss, top-5 classes, confidence, margin, "
                          "rechecked (CSV)")
+    ev.add_argument("--cache", metavar="DIR", help="keep the decoded images in DIR (memory-mapped, keyed by content): "
+                                                   "a later run skips decoding")
+    ev.add_argument("--plot", metavar="PNG", help="a sweep's top-1 per checkpoint with its 95%% interval (a folder: "
+                                                  "DIR/checkpoints.png)")
 
     be = sub.add_parser("bench", help="the reference loop and the fast path side by side, with a stage breakdown")
     _add_run_options(be)
@@ -188,6 +195,14 @@ def fast_options(args):
 
 def cmd_eval(args) -> int:
     _check_names(args)
+    from fasteval.evaluation.sweep import cmd_sweep, split_sweep
+
+    if split_sweep(args):
+        return cmd_sweep(args, _prepare)
+    if args.cache:
+        from fasteval.data.decoded import check_cache_dir
+
+        check_cache_dir(args.cache)
     from fasteval.evaluation.fast import evaluate_fast
     from fasteval.evaluation.reference import REFERENCE_SETTINGS, evaluate_reference
     from fasteval.output.report import build_report, format_table, write_json, write_predictions
@@ -200,7 +215,8 @@ def cmd_eval(args) -> int:
         reference = evaluate_reference(samples, model, spec, batch_size=args.batch_size, workers=args.workers,
                                        device=device, progress=progress)
     if not args.reference:
-        fast = evaluate_fast(samples, model, spec, device=device, options=fast_options(args), progress=progress)
+        fast = evaluate_fast(samples, model, spec, device=device, options=fast_options(args), progress=progress,
+                             **_decoded_source(args))
     main_result = fast if fast is not None else reference
     report = build_report(main_result, {**config, **(REFERENCE_SETTINGS if fast is None else {})}, device)
     print(format_table(report, "fasteval eval" + (" --reference" if fast is None else "")))
@@ -215,6 +231,15 @@ def cmd_eval(args) -> int:
     if args.predictions:
         write_predictions(args.predictions, samples, main_result)
     return 0
+
+
+def _decoded_source(args) -> dict:
+    """``--cache DIR`` on a single eval: the batches from the decoded store (fasteval/data/decoded.py)."""
+    if not args.cache:
+        return {}
+    from fasteval.data.decoded import DecodedSource
+
+    return {"batch_source": DecodedSource(args.cache)}
 
 
 def cmd_bench(args) -> int:

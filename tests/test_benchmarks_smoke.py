@@ -68,3 +68,17 @@ def test_end_to_end_benchmarks(small_data, weights_3cls):
     for variant in ("reference", "fast"):
         bench = _run(mod.bench_end_to_end_cpu, variant, small_data, weights_3cls, batch_size=8, workers=1)
         assert bench.extra_info["images"] == 21
+
+
+
+def test_sweep_benchmarks(small_data, monkeypatch):
+    """The commands each variant runs (the subprocesses themselves are the CLI's, tested in test_sweep.py)."""
+    mod = _module("bench_sweep")
+    paths = ["a.pt", "b.pt", "c.pt"]
+    for variant, expected in (("separate", [[p] for p in paths]), ("sweep", [paths])):
+        calls = []
+        monkeypatch.setattr(mod, "_fasteval", lambda *args: calls.append(list(args)))
+        bench = _run(mod.bench_sweep_cpu, variant, small_data, paths)
+        assert bench.extra_info["checkpoints"] == 3
+        weights = [c[c.index("--weights") + 1:] for c in calls]
+        assert weights == [["a.pt"], *expected]  # the compile-cache warm-up, then the timed commands

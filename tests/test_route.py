@@ -13,6 +13,15 @@ from fasteval.evaluation.route import DEFAULTS, Rates, choose_route, load_rates,
 CPU = torch.device("cpu")
 
 
+@pytest.fixture
+def fresh_cache(tmp_path, monkeypatch):
+    """An empty FASTEVAL_CACHE; an Inductor cache folder an earlier test's compile pointed torch at (it
+    sets TORCHINDUCTOR_CACHE_DIR in this process) would otherwise hold that test's profiles and rates."""
+    monkeypatch.setenv("FASTEVAL_CACHE", str(tmp_path / "cache"))
+    monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR", raising=False)
+    return tmp_path / "cache"
+
+
 def test_choose_route_hand_computed():
     rates = Rates(reference_image_seconds=0.03, fast_image_seconds=0.01, fast_setup_seconds=1.0, recheck_share=0.1)
     # 20 samples, 2 PIL-only, 8 calibration: 1 + 18 x 0.01 + (2 + 8 + 1.8) x 0.03 = 1.534 s vs 20 x 0.03 = 0.6 s.
@@ -36,8 +45,7 @@ def test_choose_route_defaults_until_measured():
     assert choose_route(Rates(), "mps", 100, 0, 8, exact=True).fast_seconds == pytest.approx(expected)
 
 
-def test_record_keeps_the_best_per_image_cost_and_persists(tmp_path, monkeypatch):
-    monkeypatch.setenv("FASTEVAL_CACHE", str(tmp_path))
+def test_record_keeps_the_best_per_image_cost_and_persists(fresh_cache):
     import torchvision
 
     key = rates_key(torchvision.models.resnet18(num_classes=3), CPU, "bf16", (32, 32))
@@ -59,11 +67,10 @@ def _eval_json(path, data, weights, *extra):
 
 
 def test_small_dataset_goes_to_the_reference_then_fast_once_it_pays(small_data, weights_3cls, tmp_path,
-                                                                    monkeypatch, model_3cls):
+                                                                    fresh_cache, model_3cls):
     """21 samples with the assumed rates: the fast path's setup alone exceeds the reference's whole run, so
     every sample is the reference's (equal to --reference, no loader built). With rates saying the fast
     path pays, the same command runs it, and its counts are still the reference's (the recheck)."""
-    monkeypatch.setenv("FASTEVAL_CACHE", str(tmp_path / "cache"))
     reference = _eval_json(tmp_path / "r.json", small_data, weights_3cls, "--reference")
     routed = _eval_json(tmp_path / "a.json", small_data, weights_3cls)
     assert "would not pay" in routed["route"] and routed["loader"] == "none"
@@ -84,7 +91,6 @@ def test_small_dataset_goes_to_the_reference_then_fast_once_it_pays(small_data, 
         assert fast[key_] == reference[key_]
 
 
-def test_explicit_compile_mode_always_runs_the_fast_path(small_data, weights_3cls, tmp_path, monkeypatch):
-    monkeypatch.setenv("FASTEVAL_CACHE", str(tmp_path / "cache"))
+def test_explicit_compile_mode_always_runs_the_fast_path(small_data, weights_3cls, tmp_path, fresh_cache):
     report = _eval_json(tmp_path / "o.json", small_data, weights_3cls, "--compile", "off")
     assert report["route"] is None and report["loader"] != "none"

@@ -55,8 +55,9 @@ def _centre_crop_position(n, fn, types, dmath):
 
 
 def build_pipeline(samples: SampleList, spec: PreprocessSpec, batch_size: int, threads: int,
-                   device: torch.device, half: bool):
-    """The DALI pipeline (not built yet); outputs NHWC float images (fp16 if ``half``) and int32 labels."""
+                   device: torch.device, half: bool, raw: bool = False):
+    """The DALI pipeline (not built yet); outputs NHWC float images (fp16 if ``half``) and int32 labels;
+    ``raw``: NHWC uint8 images, resized and cropped but not normalised (fasteval/data/decoded.py keeps them)."""
     import nvidia.dali.fn as fn
     import nvidia.dali.math as dmath
     import nvidia.dali.types as types
@@ -81,6 +82,8 @@ def build_pipeline(samples: SampleList, spec: PreprocessSpec, batch_size: int, t
                            interp_type=types.INTERP_LINEAR, antialias=spec.antialias)
         norm = dict(mean=[m * 255 for m in spec.mean], std=[s * 255 for s in spec.std],
                     dtype=types.FLOAT16 if half else types.FLOAT, output_layout="HWC")
+        if raw:
+            norm.update(mean=[0.0], std=[1.0], dtype=types.UINT8)
         if spec.crop is not None:
             c = spec.crop
             norm.update(crop=(c, c), crop_pos_x=_centre_crop_position(rw - c, fn, types, dmath),
@@ -97,7 +100,7 @@ class DaliLoader:
     """Batches of channels-last images on ``device``; the last batch is filled to the static size."""
 
     def __init__(self, samples: SampleList, spec: PreprocessSpec, batch_size: int, threads: int,
-                 device: torch.device, half: bool = False) -> None:
+                 device: torch.device, half: bool = False, raw: bool = False) -> None:
         from nvidia.dali.plugin.pytorch import DALIGenericIterator, LastBatchPolicy
 
         self.samples, self.batch_size = samples, batch_size
@@ -105,7 +108,7 @@ class DaliLoader:
         self.name = "dali-gpu" if device.type == "cuda" else "dali-cpu"
         self._pipe = None
         try:
-            self._pipe = build_pipeline(samples, spec, batch_size, threads, device, half)
+            self._pipe = build_pipeline(samples, spec, batch_size, threads, device, half, raw)
             self._pipe.build()
             # FILL + pad_last_batch: every sample once, in order; the last batch repeats its last
             # sample up to the static size, and those rows are marked ignored downstream.

@@ -68,9 +68,13 @@ class FastEvaluator:
     """
 
     def __init__(self, samples: SampleList, model: torch.nn.Module, spec: PreprocessSpec, device: torch.device,
-                 options: FastOptions) -> None:
+                 options: FastOptions, batch_source=make_loader, passes: int = 1) -> None:
+        """``batch_source``: makes the batches (``make_loader``'s signature); the checkpoint sweep passes
+        fasteval/data/decoded.py's store, decoded once for every checkpoint. ``passes``: how many times
+        ``run()`` will be called (the sweep's checkpoints), for ``--compile auto``'s decision."""
         start = time.perf_counter()
         self.route_summary: str | None = None
+        self.passes = passes
         # A static batch larger than the dataset would be mostly padding: clamp it.
         options = replace(options, batch_size=min(options.batch_size, len(samples)))
         check_batchable(spec, samples.paths)
@@ -99,7 +103,8 @@ class FastEvaluator:
             fast_model = copy.deepcopy(model)
             self.logits_dtype = torch.float32 if keep_head_fp32(fast_model) or self.precision == "fp32" else \
                 DTYPES[self.precision]
-            self.model = FastModel(fast_model, device, self.precision, options.compile, num_samples=len(self.main))
+            self.model = FastModel(fast_model, device, self.precision, options.compile,
+                                   num_samples=len(self.main) * passes)
         self.calibration = [self.main[p] for p in calibration_positions(len(self.main))] if self.exact else []
         self.loader = None
         self.metrics_backend = resolve_backend(options.metrics_backend, device)
@@ -108,7 +113,7 @@ class FastEvaluator:
             # Built in inference mode, so that loaders that preallocate their outputs (DALI) hand out
             # inference tensors, like the warm-up example: one compiled graph serves every batch.
             with torch.inference_mode():
-                self.loader = make_loader(kind, part, spec, batch_size=options.batch_size, workers=options.workers,
+                self.loader = batch_source(kind, part, spec, batch_size=options.batch_size, workers=options.workers,
                                           device=device, half=half)
             h, w = spec.output_hw(*image_size(part.paths[0]))
             with torch.inference_mode():  # an inference tensor, like the loader's: no recompile on the first batch
@@ -128,9 +133,24 @@ class FastEvaluator:
         hw = self.spec.output_hw(*image_size(self.samples.paths[0]))
         rates = load_rates(self.device, rates_key(model, self.device, self.precision, hw))
         route = choose_route(rates, self.device.type, len(self.samples), pil_files,
-                             min(CALIBRATION_SAMPLES, len(self.samples)), self.exact)
+                             min(CALIBRATION_SAMPLES, len(self.samples)), self.exact, passes=self.passes)
         self.route_summary = route.reason
         return rates, None if route.fast else route.reason
+
+    def load_weights(self, model: nn.Module) -> None:
+        """Copy ``model``'s weights (same architecture) into the fast model and the reference's model, in
+        place: the compiled graph reads the same tensors, so nothing is recompiled. The fast model's
+        state has the same entries in the same order (``keep_head_fp32`` only renames the head's)."""
+        source = list(model.state_dict().values())
+        targets = [list(self.model.model.state_dict().values())] if self.model is not None else []
+        if self.reference_model is not None:
+            targets.append(list(self.reference_model.state_dict().values()))
+        with torch.no_grad():
+            for target in targets:
+                if len(target) != len(source) or any(t.shape != s.shape for t, s in zip(target, source)):
+                    raise ValueError("load_weights: the model's entries differ from the evaluator's")
+                for t, s in zip(target, source):
+                    t.copy_(s)
 
     def _warm_up_metrics(self, example: torch.Tensor) -> None:
         """Run the metrics once on the warm-up logits (Triton compiles and builds its launcher here,
@@ -223,6 +243,7 @@ class FastEvaluator:
                 "pil_fallback_files": 0 if self.all_by_reference else len(self.reference_only),
                 "exact": exact,
                 "route": self.route_summary,
+                **({"decoded": dict(self.loader.info)} if hasattr(self.loader, "info") else {}),
             },
         )
 
@@ -264,6 +285,6 @@ def empty_outputs(num_samples: int) -> dict[str, torch.Tensor]:
 
 def evaluate_fast(samples: SampleList, model: torch.nn.Module, spec: PreprocessSpec, *,
                   device: torch.device | str = "cpu", options: FastOptions = FastOptions(),
-                  progress: bool = True) -> EvalResult:
+                  progress: bool = True, batch_source=make_loader) -> EvalResult:
     """Evaluate once with the fast path."""
-    return FastEvaluator(samples, model, spec, torch.device(device), options).run(progress)
+    return FastEvaluator(samples, model, spec, torch.device(device), options, batch_source).run(progress)

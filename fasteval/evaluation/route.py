@@ -87,8 +87,9 @@ def save_rates(device: torch.device, rates: Rates) -> None:
 
 
 def choose_route(rates: Rates, device_kind: str, num_samples: int, pil_files: int, calibration: int,
-                 exact: bool) -> Route:
-    """Fast or reference for the whole run: the smaller expected time (module docstring)."""
+                 exact: bool, passes: int = 1) -> Route:
+    """Fast or reference for the whole run: the smaller expected time (module docstring); ``passes``
+    runs (a checkpoint sweep's) share one setup."""
     d = DEFAULTS.get(device_kind, DEFAULTS["cpu"])
     t_ref = rates.reference_image_seconds or d.reference_image
     t_fast = rates.fast_image_seconds or d.fast_image
@@ -96,12 +97,13 @@ def choose_route(rates: Rates, device_kind: str, num_samples: int, pil_files: in
     share = (rates.recheck_share if rates.recheck_share is not None else d.recheck_share) if exact else 0.0
     main = num_samples - pil_files
     by_reference = pil_files + (calibration + share * main if exact else 0.0)
-    fast = setup + main * t_fast + by_reference * t_ref
-    reference = num_samples * t_ref
+    fast = setup + passes * (main * t_fast + by_reference * t_ref)
+    reference = passes * num_samples * t_ref
     source = "measured" if rates.reference_image_seconds and rates.fast_image_seconds else "assumed"
-    figures = (f"expected {fast:.1f} s fast ({setup:.1f} s setup + {main} x {1e3 * t_fast:.1f} ms + "
+    runs = f"{passes} x " if passes > 1 else ""
+    figures = (f"expected {fast:.1f} s fast ({setup:.1f} s setup + {runs}{main} x {1e3 * t_fast:.1f} ms + "
                f"{by_reference:.0f} x {1e3 * t_ref:.1f} ms by the reference's code) vs {reference:.1f} s "
-               f"({num_samples} x {1e3 * t_ref:.1f} ms) all by the reference's code; rates {source}")
+               f"({runs}{num_samples} x {1e3 * t_ref:.1f} ms) all by the reference's code; rates {source}")
     if fast < reference:
         return Route(True, f"fast path: {figures}", fast, reference)
     return Route(False, f"every sample by the reference's code, the fast path would not pay: {figures}",

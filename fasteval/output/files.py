@@ -226,3 +226,29 @@ def replace_folder(new: str, target: str) -> None:
         raise
     finally:
         shutil.rmtree(holder, ignore_errors=True)
+
+
+def atomic_write_bytes(path: str, data: bytes) -> None:
+    """Write ``data`` to ``path`` as ``atomic_write`` writes text (beside it, then renamed): for images."""
+    try:
+        if _is_device(path):
+            with open(path, "ab") as f:
+                f.write(data)
+            return
+        target = os.path.realpath(path)
+        folder = os.path.dirname(target)
+        os.makedirs(folder, exist_ok=True)
+        mode = stat.S_IMODE(os.stat(target).st_mode) if os.path.exists(target) else _default_mode(0o666)
+        fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{os.path.basename(target)}.", suffix=".tmp")
+        try:
+            with os.fdopen(fd, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+            os.chmod(tmp, mode)
+            os.replace(tmp, target)
+        except BaseException:
+            _remove_quietly(tmp)
+            raise
+    except OSError as exc:
+        raise FastevalError(f"cannot write {path}: {_reason(exc)}") from None

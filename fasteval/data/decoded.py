@@ -1,0 +1,323 @@
+"""The decoded set: every sample's preprocessed uint8 image, decoded once and kept for many passes.
+
+The images are kept as the loaders make them before normalising: uint8 after resize and crop (the
+reference rounds to uint8 after resizing too), so a pass over the store feeds the model what the
+loader would have fed it. Where they are kept is decided from their size (N x 3 x H x W bytes):
+on the GPU when they fit in its free memory with a margin, else in pinned host memory, else (on
+the CPU: in RAM when they fit) decoded again per pass. ``--cache DIR`` also keeps them on disk,
+memory-mapped, keyed by content: the sample list with each file's size and modification time, the
+preprocessing spec, the loader and the decoders' versions. An entry whose key no longer matches is
+stale: it is rebuilt, never used. Files are written beside their final name and renamed (atomic).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+from collections.abc import Iterator
+from dataclasses import asdict
+
+import numpy as np
+import torch
+
+from fasteval.data.loaders import Batch, make_loader, resolve_loader
+from fasteval.data.preprocess import PreprocessSpec, image_size
+from fasteval.data.samples import SampleList
+from fasteval.errors import FastevalError
+
+FORMAT = 1  # bump when the file layout or what the images hold changes
+FIT_FRACTION = 0.5  # the decoded set may take at most this share of the free (device or host) memory
+DEVICE_RESERVE = 2 * 2**30  # bytes of GPU memory left for the model, its activations and the metrics
+PLACEMENTS = ("device", "pinned", "host", "mapped", "redecode")
+
+
+def available_host_memory() -> int | None:
+    """Bytes of host memory available without swapping (/proc/meminfo's MemAvailable, else free pages)."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def free_device_memory(device: torch.device) -> int:
+    """Bytes of free memory on a CUDA device, as the driver reports it."""
+    return torch.cuda.mem_get_info(device)[0]
+
+
+def choose_placement(nbytes: int, device: torch.device, cached: bool) -> tuple[str, str]:
+    """Where ``nbytes`` of decoded images go, and why: ``device`` (CUDA, fits in free GPU memory with
+    a margin), ``pinned`` (CUDA, fits in host memory), ``host`` (CPU, fits in host memory),
+    ``mapped`` (read from the memory-mapped ``--cache`` file, which the OS pages in and out) or
+    ``redecode`` (nothing holds it: decoded again per pass)."""
+    size = f"{nbytes / 2**20:,.1f} MiB"
+    host = available_host_memory()
+    host_fits = host is not None and nbytes <= FIT_FRACTION * host
+    host_text = f"{host / 2**30:.1f} GiB available host memory" if host is not None else "unknown host memory"
+    if device.type == "cuda":
+        free = free_device_memory(device)
+        if nbytes <= FIT_FRACTION * max(0, free - DEVICE_RESERVE):
+            return "device", f"{size} fit in the GPU's {free / 2**30:.1f} GiB free memory"
+        if host_fits:
+            return "pinned", f"{size} do not fit in the GPU's {free / 2**30:.1f} GiB free memory; {host_text}"
+    elif host_fits:
+        return "host", f"{size} fit in {host_text}"
+    if cached:
+        return "mapped", f"{size} do not fit in memory ({host_text}): read from the memory-mapped --cache file"
+    return "redecode", f"{size} do not fit in memory ({host_text}): decoded again for every checkpoint"
+
+
+def keep_uint8(images: torch.Tensor) -> torch.Tensor:
+    """The loaders' normalising step replaced by the identity: their uint8 NCHW images as they are."""
+    return images
+
+
+def raw_loader(kind: str, samples: SampleList, spec: PreprocessSpec, *, batch_size: int, workers: int,
+               device: torch.device):
+    """A loader of the fast path (``kind``) yielding uint8 NCHW batches, resized and cropped, not normalised."""
+    kind = resolve_loader(kind)
+    if kind == "dali":
+        from fasteval.data.loader_dali import DaliLoader
+
+        return DaliLoader(samples, spec, batch_size, workers, device, raw=True)
+    loader = make_loader(kind, samples, spec, batch_size=batch_size, workers=workers, device=device)
+    loader.normalize = keep_uint8
+    return loader
+
+
+def loader_name(kind: str, device: torch.device) -> str:
+    """The decoder that makes the pixels (the pixels differ between DALI/PIL and nvJPEG, CPU and GPU)."""
+    return f"{resolve_loader(kind)}-{'gpu' if device.type == 'cuda' else 'cpu'}"
+
+
+def decoder_versions() -> dict[str, str | None]:
+    """The versions of the packages whose code makes the pixels (part of the cache key)."""
+    from fasteval.output.report import package_version
+
+    return {name: package_version(name) for name in ("pillow", "torchvision", "nvidia-dali-cuda130",
+                                                     "nvidia-dali-cuda120")}
+
+
+def files_key(samples: SampleList) -> str:
+    """A digest of the sample list with every file's size and modification time (ns)."""
+    h = hashlib.sha256()
+    for path, label in samples.samples:
+        try:
+            st = os.stat(path)
+        except OSError as exc:
+            raise FastevalError(f"cannot read image {path}: {exc.strerror or exc}") from None
+        h.update(f"{path}\0{label}\0{st.st_size}\0{st.st_mtime_ns}\n".encode("utf-8", "surrogateescape"))
+    return h.hexdigest()
+
+
+def _digest(value) -> str:
+    return hashlib.sha256(json.dumps(value, sort_keys=True).encode()).hexdigest()
+
+
+class DiskCache:
+    """One entry of the ``--cache DIR`` store: ``decoded-<slot>.u8`` (the images, raw uint8 N x 3 x H x W)
+    and ``decoded-<slot>.json`` (what they were made from). The slot names the dataset folder,
+    spec and loader; the content key inside the JSON decides whether the entry may be used."""
+
+    def __init__(self, folder: str, samples: SampleList, spec: PreprocessSpec, loader: str,
+                 shape: tuple[int, int, int, int]) -> None:
+        self.folder, self.shape = folder, shape
+        self.parts = {"format": FORMAT, "files": files_key(samples), "spec": _digest(asdict(spec)),
+                      "loader": loader, "decoders": _digest(decoder_versions()), "shape": list(shape)}
+        self.key = _digest(self.parts)
+        slot = _digest([os.path.abspath(samples.root), asdict(spec), loader])[:20]
+        self.data = os.path.join(folder, f"decoded-{slot}.u8")
+        self.meta = os.path.join(folder, f"decoded-{slot}.json")
+        self.status = "miss"
+
+    @property
+    def nbytes(self) -> int:
+        """The data file's expected size: one byte per pixel and channel."""
+        return int(np.prod(self.shape))
+
+    def lookup(self) -> torch.Tensor | None:
+        """The stored images, memory-mapped, when the entry is complete and its key matches; else None,
+        with ``status`` saying why (``miss``, or ``stale: ...`` naming what changed)."""
+        try:
+            with open(self.meta) as f:
+                meta = json.load(f)
+        except (OSError, ValueError):
+            self.status = "miss" if not os.path.exists(self.data) else "stale: its description is missing or damaged"
+            return None
+        if meta.get("key") != self.key:
+            old = meta.get("parts", {})
+            changed = [name for name in self.parts if old.get(name) != self.parts[name]]
+            what = {"files": "the files (sizes or modification times) or the sample list", "spec": "the preprocessing",
+                    "loader": "the loader", "decoders": "the decoders' versions", "shape": "the image size",
+                    "format": "the cache format"}
+            self.status = "stale: " + ", ".join(what[c] for c in changed) + " changed"
+            return None
+        try:
+            size = os.path.getsize(self.data)
+        except OSError:
+            size = -1
+        if size != self.nbytes:
+            self.status = f"stale: the data file holds {size} bytes, not {self.nbytes}"
+            return None
+        self.status = "hit"
+        return torch.from_file(self.data, shared=False, size=self.nbytes, dtype=torch.uint8).view(self.shape)
+
+    def create(self) -> tuple[np.memmap, str]:
+        """A writable memory-mapped temporary file of the entry's size (temporaries left by killed runs
+        are removed first); fill it, then ``commit``."""
+        os.makedirs(self.folder, exist_ok=True)
+        self._remove_dead_temps()
+        tmp = os.path.join(self.folder, f".{os.path.basename(self.data)}.tmp-{os.getpid()}-{time.time_ns()}")
+        return np.memmap(tmp, dtype=np.uint8, mode="w+", shape=self.shape), tmp
+
+    def commit(self, array: np.memmap, tmp: str) -> None:
+        """Flush the images to disk, then rename them and their description into place: the old
+        description goes first, so a crash in between leaves an entry that reads as stale."""
+        from fasteval.output.files import atomic_write
+
+        array.flush()
+        fd = os.open(tmp, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        if os.path.exists(self.meta):
+            os.unlink(self.meta)
+        os.replace(tmp, self.data)
+        with atomic_write(self.meta) as f:
+            json.dump({"key": self.key, "parts": self.parts, "created": time.time()}, f)
+
+    def _remove_dead_temps(self) -> None:
+        from fasteval.procs import alive
+
+        for entry in os.scandir(self.folder):
+            name = entry.name
+            if name.startswith(".decoded-") and ".tmp-" in name:
+                pid = name.rsplit(".tmp-", 1)[1].split("-", 1)[0]
+                if pid.isdigit() and int(pid) != os.getpid() and not alive(int(pid)):
+                    try:
+                        os.unlink(entry.path)
+                    except OSError:
+                        pass
+
+
+def check_cache_dir(path: str) -> None:
+    """Refuse a ``--cache`` path that is a file or cannot be written, before any work."""
+    from fasteval.output.files import _check_folder_path
+
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise FastevalError(f"--cache {path} is a file, not a folder")
+    _check_folder_path(os.path.join(os.path.abspath(path), "x"), f"--cache {path}")
+
+
+class DecodedStore:
+    """The decoded images of a sample list in one place (see ``choose_placement``), yielded as the
+    fast path's batches: a slice, on the device, padded to the static batch size, normalised."""
+
+    def __init__(self, images: torch.Tensor, labels: list[int], spec: PreprocessSpec, *, batch_size: int,
+                 device: torch.device, half: bool, placement: str, info: dict) -> None:
+        from fasteval.data.loader_torch import Normalizer
+
+        self.images, self.batch_size, self.device, self.placement = images, batch_size, device, placement
+        self.labels = torch.tensor(labels, dtype=torch.int64, device=device)
+        self.normalize = Normalizer(spec, device, half)
+        self.info = info
+        self.name = f"decoded store ({info['loader']}, {placement})"
+
+    def __len__(self) -> int:
+        return self.images.shape[0]
+
+    def __iter__(self) -> Iterator[Batch]:
+        n, b = len(self), self.batch_size
+        non_blocking = self.placement == "pinned"
+        for start in range(0, n, b):
+            images = self.images[start:start + b].to(self.device, non_blocking=non_blocking)
+            labels = self.labels[start:start + b]
+            real = images.shape[0]
+            if real < b:
+                images = torch.cat([images, images.new_zeros((b - real, *images.shape[1:]))])
+                labels = torch.cat([labels, labels.new_zeros(b - real)])
+            yield Batch(self.normalize(images), labels, real)
+
+
+def decode_into(loader, out: torch.Tensor) -> None:
+    """Every batch of a raw loader into ``out`` (N x 3 x H x W uint8), in sample order."""
+    seen = 0
+    for images, _, real in loader:
+        out[seen:seen + real].copy_(images[:real], non_blocking=out.device.type == "cuda")
+        seen += real
+    if seen != out.shape[0]:
+        raise FastevalError(f"the loader yielded {seen} images, not {out.shape[0]}")
+
+
+class DecodedSource:
+    """A batch source for ``FastEvaluator`` (the signature of ``make_loader``): builds the decoded
+    store of the samples it is given (from the ``--cache`` entry when it is valid), or, when nothing
+    can hold it and there is no cache, the plain loader. ``info`` says what it did (for reports)."""
+
+    def __init__(self, cache_dir: str | None = None) -> None:
+        self.cache_dir = cache_dir
+        self.info: dict = {}
+
+    def __call__(self, kind: str, samples: SampleList, spec: PreprocessSpec, *, batch_size: int, workers: int,
+                 device: torch.device, half: bool = False):
+        start = time.perf_counter()
+        h, w = spec.output_hw(*image_size(samples.paths[0]))
+        shape = (len(samples), 3, h, w)
+        nbytes = int(np.prod(shape))
+        name = loader_name(kind, device)
+        cache = DiskCache(self.cache_dir, samples, spec, name, shape) if self.cache_dir else None
+        placement, reason = choose_placement(nbytes, device, cached=cache is not None)
+        self.info = {"placement": placement, "reason": reason, "bytes": nbytes, "loader": name,
+                     "cache": "off" if cache is None else None, "decoded": False}
+        if placement == "redecode":
+            self.info["seconds"] = time.perf_counter() - start
+            return make_loader(kind, samples, spec, batch_size=batch_size, workers=workers, device=device, half=half)
+        images = cache.lookup() if cache is not None else None
+        if cache is not None:
+            self.info.update(cache=cache.status, cache_file=cache.data)
+        if images is None:
+            images = self._decode(kind, samples, spec, batch_size, workers, device, placement, cache, shape)
+        elif placement in ("device", "pinned"):
+            images = self._place(images, device, placement)
+        self.info["seconds"] = time.perf_counter() - start
+        return DecodedStore(images, samples.labels, spec, batch_size=batch_size, device=device, half=half,
+                            placement=placement, info=self.info)
+
+    def _decode(self, kind, samples, spec, batch_size, workers, device, placement, cache, shape) -> torch.Tensor:
+        loader = raw_loader(kind, samples, spec, batch_size=batch_size, workers=workers, device=device)
+        self.info["decoded"] = True
+        if cache is None:
+            if placement == "device":
+                out = torch.empty(shape, dtype=torch.uint8, device=device)
+            else:
+                out = torch.empty(shape, dtype=torch.uint8, pin_memory=placement == "pinned")
+            with torch.inference_mode():
+                decode_into(loader, out)
+            return out
+        array, tmp = cache.create()
+        out = torch.from_numpy(array)
+        try:
+            with torch.inference_mode():
+                decode_into(loader, out)
+            cache.commit(array, tmp)
+        except BaseException:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+            raise
+        self.info["cache"] = "written" if cache.status == "miss" else f"{cache.status}: rebuilt"
+        return self._place(out, device, placement) if placement in ("device", "pinned") else out
+
+    @staticmethod
+    def _place(images: torch.Tensor, device: torch.device, placement: str) -> torch.Tensor:
+        if placement == "device":
+            return images.to(device)
+        return images.pin_memory()
