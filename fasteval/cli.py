@@ -73,6 +73,8 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--predictions", metavar="PATH",
                     help="write per sample: path, label, prediction, loss, top-5 classes, confidence, margin, "
                          "rechecked (CSV)")
+    ev.add_argument("--plot", metavar="DIR", help="write PNGs: confusion matrix, recall by class with intervals, "
+                                                  "reliability diagram (needs matplotlib)")
 
     be = sub.add_parser("bench", help="the reference loop and the fast path side by side, with a stage breakdown")
     _add_run_options(be)
@@ -126,6 +128,10 @@ def _check_options(args) -> None:
                for option, name in (("--json", "json"), ("--predictions", "predictions"), ("--plot", "plot"))}
     inputs = {"--weights": args.weights} if args.weights and os.path.isfile(args.weights) else {}
     check_distinct({**inputs, **outputs})
+    if args.command == "eval" and args.plot:  # a folder of PNGs, unlike bench's --plot file
+        from fasteval.output.plots import check_plot_folder
+
+        check_plot_folder(outputs.pop("--plot"))
     for option, path in outputs.items():
         if path:
             check_output_file(path, option)
@@ -200,11 +206,11 @@ def cmd_eval(args) -> int:
     if not args.reference:
         fast = evaluate_fast(samples, model, spec, device=device, options=fast_options(args), progress=progress)
     main_result = fast if fast is not None else reference
-    report = build_report(main_result, {**config, **(REFERENCE_SETTINGS if fast is None else {})}, device)
+    report = build_report(main_result, {**config, **(REFERENCE_SETTINGS if fast is None else {})}, device, samples)
     print(format_table(report, "fasteval eval" + (" --reference" if fast is None else "")))
     if args.validate:
         cmp = compare(samples, reference, fast)
-        report = {**report, "reference": build_report(reference, {**config, **REFERENCE_SETTINGS}, device),
+        report = {**report, "reference": build_report(reference, {**config, **REFERENCE_SETTINGS}, device, samples),
                   "validation": cmp}
         print()
         print(format_comparison(cmp))
@@ -212,6 +218,10 @@ def cmd_eval(args) -> int:
         write_json(report, args.json)
     if args.predictions:
         write_predictions(args.predictions, samples, main_result)
+    if args.plot:
+        from fasteval.output.plots import write_plots
+
+        write_plots(report, args.plot)
     return 0
 
 
