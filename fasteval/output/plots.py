@@ -123,7 +123,7 @@ def plot_recall(report: dict):
     size = 9 if n <= 25 else 7
     ax.set_yticks(range(n), [f"{_short(per_class[i]['class'])} ({per_class[i]['correct_top1']}/"
                              f"{per_class[i]['samples']})" for i in order], fontsize=size)
-    ax.invert_yaxis()
+    ax.set_ylim(n - 0.5, -0.5)  # worst at the top, no empty margin
     ax.set_xlim(0, 100)
     ax.set_xlabel("recall (%), 95 % Wilson interval")
     ax.axvline(report["top1"], color="tab:red", linestyle="--", linewidth=1, label=f"top-1 {report['top1']:.1f} %")
@@ -164,10 +164,10 @@ def plot_reliability(report: dict):
     ax.set_xlim(0, 1)
     ax.set_ylim(0, 1)
     ax.set_ylabel("accuracy (top-1)")
-    ax.legend(loc="upper left", fontsize=8)
     ece, brier = cal.get("ece"), cal.get("brier")
     fmt = lambda v: "n/a" if v is None or v != v else f"{v:.4f}"  # noqa: E731
     ax.set_title(f"reliability ({cal['bins']} bins): ECE {fmt(ece)}, Brier {fmt(brier)}")
+    fig.legend(loc="outside lower center", ncol=3, fontsize=8, frameon=False)  # clear of the bars
     hist.bar([b["low"] for b in bins], [b["samples"] for b in bins], width=width, align="edge", color="0.5",
              edgecolor="white")
     hist.set_xlabel("confidence (softmax probability of the prediction)")
