@@ -142,8 +142,9 @@ def _metrics_core(x: torch.Tensor, labels: torch.Tensor, topk: int, ignore_index
     if num_classes < topk:
         top_idx = torch.cat([top_idx, top_idx.new_full((x.shape[0], topk - num_classes), -1)], dim=1)
     m1, mk = _margins(top, x_label[:, 0], hit, counted, has_nan, topk)
-    probs = torch.exp(x - lse[:, None])  # NaN on an all -inf row, as softmax is
-    prob_sq_sum = torch.where(has_nan | torch.isposinf(x).any(dim=1), float("nan"), (probs * probs).sum(dim=1))
+    # softmax is NaN on an all -inf row; the norm reads it once, without a squared copy
+    prob_sq_sum = torch.linalg.vector_norm(torch.softmax(x, dim=1), dim=1).square()
+    prob_sq_sum = torch.where(has_nan | torch.isposinf(x).any(dim=1), float("nan"), prob_sq_sum)
     return BatchMetrics(
         pred=pred,
         loss=loss,

@@ -9,6 +9,7 @@ import platform
 
 import torch
 
+from fasteval.evaluation.classes import Labelled, class_report
 from fasteval.evaluation.metrics import EvalResult
 from fasteval.output.class_table import class_rows
 from fasteval.output.files import atomic_write
@@ -57,11 +58,10 @@ def environment(device: torch.device | str | None = None) -> dict:
     return env
 
 
-def build_report(result: EvalResult, config: dict, device: torch.device | str | None = None, samples=None) -> dict:
+def build_report(result: EvalResult, config: dict, device: torch.device | str | None = None,
+                 samples: Labelled | None = None) -> dict:
     """Every figure of a run plus its configuration and environment (the ``--json`` content); given the
     run's ``samples``, the class report too (fasteval/evaluation/classes.py)."""
-    from fasteval.evaluation.classes import class_report
-
     classes = class_report(result, samples) if samples is not None and result.predictions is not None else {}
     return {**result.to_dict(), **classes, "config": config, "environment": environment(device)}
 
