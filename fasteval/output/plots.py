@@ -168,8 +168,10 @@ def plot_reliability(report: dict):
     fmt = lambda v: "n/a" if v is None or v != v else f"{v:.4f}"  # noqa: E731
     ax.set_title(f"reliability ({cal['bins']} bins): ECE {fmt(ece)}, Brier {fmt(brier)}")
     fig.legend(loc="outside lower center", ncol=3, fontsize=8, frameon=False)  # clear of the bars
-    hist.bar([b["low"] for b in bins], [b["samples"] for b in bins], width=width, align="edge", color="0.5",
-             edgecolor="white")
+    bars = hist.bar([b["low"] for b in bins], [b["samples"] for b in bins], width=width, align="edge", color="0.5",
+                    edgecolor="white")
+    hist.bar_label(bars, labels=[str(b["samples"]) if b["samples"] else "" for b in bins], fontsize=7)
+    hist.margins(y=0.25)  # room for the counts: a bin of 1 sample is as visible as its number
     hist.set_xlabel("confidence (softmax probability of the prediction)")
     hist.set_ylabel("samples")
     return fig
