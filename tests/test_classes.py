@@ -206,3 +206,33 @@ def test_class_report_on_cuda_tensors_equals_cpu():
     a, b = class_report(cpu, names(7, labels)), class_report(gpu, names(7, labels))
     assert a["confusion_matrix"] == b["confusion_matrix"] and a["per_class"] == b["per_class"]
     assert a["calibration"]["ece"] == pytest.approx(b["calibration"]["ece"], rel=1e-5)
+
+
+@pytest.mark.parametrize("backend", ["torch", pytest.param("triton", marks=needs_triton)])
+def test_prob_sq_sum_is_nan_where_softmax_is(backend):
+    inf = float("inf")
+    logits = torch.tensor([[0.0, inf, 1.0], [-inf, -inf, -inf], [-inf, 2.0, 2.0], [1.0, float("nan"), 0.0]])
+    labels = torch.tensor([0, 1, 0, 2])
+    run = metrics_triton if backend == "triton" else metrics_torch
+    m = run(logits.to(DEVICE), labels.to(DEVICE), check_labels=False)
+    want = torch.softmax(logits.double(), dim=1).pow(2).sum(dim=1)  # NaN, NaN, 0.5, NaN
+    assert want[2] == 0.5 and int(torch.isnan(want).sum()) == 3
+    torch.testing.assert_close(m.prob_sq_sum.cpu().double(), want, equal_nan=True)
+    # Per-sample Brier of the -inf label row: p_label = exp(-inf loss) = 0, so 0.5 + 1.
+    brier = class_report(result_from_logits(logits[2:3], labels[2:3]), names(3, [0]))["calibration"]["brier"]
+    assert brier == pytest.approx(1.5)
+
+
+def test_the_recheck_writes_the_reference_squared_sums():
+    from fasteval.data.samples import SampleList
+    from fasteval.evaluation.exact import apply_reference
+    from fasteval.evaluation.fast import empty_outputs
+
+    samples = SampleList(root="/x", classes=["a", "b", "c"], samples=[(f"/x/{i}.jpg", i % 3) for i in range(6)])
+    outputs = empty_outputs(6)
+    logits = torch.randn(2, 3)
+    apply_reference(outputs, samples, [1, 4], logits)
+    want = torch.softmax(logits.double(), dim=1).pow(2).sum(dim=1)
+    torch.testing.assert_close(outputs["prob_sq_sum"][[1, 4]].double(), want)
+    assert outputs["prob_sq_sum"][[0, 2, 3, 5]].tolist() == [0.0] * 4 and outputs["rechecked"].tolist() == \
+        [False, True, False, False, True, False]

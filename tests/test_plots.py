@@ -113,3 +113,8 @@ def test_plot_without_matplotlib_fails_before_work(small_data, tmp_path, capsys,
     monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib raises ImportError
     msg = _error(capsys, small_data, "--reference", "--plot", str(tmp_path / "plots"))
     assert "--plot needs matplotlib" in msg and not (tmp_path / "plots").exists()
+
+
+def test_plot_folder_and_json_naming_one_path_is_refused(small_data, tmp_path, capsys):
+    same = str(tmp_path / "out")
+    assert "name the same file" in _error(capsys, small_data, "--reference", "--json", same, "--plot", same)
