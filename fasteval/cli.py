@@ -79,8 +79,9 @@ def build_parser() -> argparse.ArgumentParser:
                          "rechecked (CSV)")
     ev.add_argument("--cache", metavar="DIR", help="keep the decoded images in DIR (memory-mapped, keyed by content): "
                                                    "a later run skips decoding")
-    ev.add_argument("--plot", metavar="PNG", help="a sweep's top-1 per checkpoint with its 95%% interval (a folder: "
-                                                  "DIR/checkpoints.png)")
+    ev.add_argument("--plot", metavar="DIR", help="write PNGs into DIR (needs matplotlib): the confusion matrix, recall by "
+                                                  "class with intervals, the reliability diagram; a sweep: top-1 per "
+                                                  "checkpoint with its 95%% interval (checkpoints.png)")
 
     be = sub.add_parser("bench", help="the reference loop and the fast path side by side, with a stage breakdown")
     _add_run_options(be)
@@ -135,6 +136,10 @@ def _check_options(args) -> None:
                for option, name in (("--json", "json"), ("--predictions", "predictions"), ("--plot", "plot"))}
     inputs = {"--weights": args.weights} if args.weights and os.path.isfile(args.weights) else {}
     check_distinct({**inputs, **outputs})
+    if args.command == "eval" and args.plot:  # a folder of PNGs, unlike bench's --plot file
+        from fasteval.output.plots import check_plot_folder
+
+        check_plot_folder(outputs.pop("--plot"))
     for option, path in outputs.items():
         if path:
             check_output_file(path, option)
@@ -218,11 +223,11 @@ def cmd_eval(args) -> int:
         fast = evaluate_fast(samples, model, spec, device=device, options=fast_options(args), progress=progress,
                              **_decoded_source(args))
     main_result = fast if fast is not None else reference
-    report = build_report(main_result, {**config, **(REFERENCE_SETTINGS if fast is None else {})}, device)
+    report = build_report(main_result, {**config, **(REFERENCE_SETTINGS if fast is None else {})}, device, samples)
     print(format_table(report, "fasteval eval" + (" --reference" if fast is None else "")))
     if args.validate:
         cmp = compare(samples, reference, fast)
-        report = {**report, "reference": build_report(reference, {**config, **REFERENCE_SETTINGS}, device),
+        report = {**report, "reference": build_report(reference, {**config, **REFERENCE_SETTINGS}, device, samples),
                   "validation": cmp}
         print()
         print(format_comparison(cmp))
@@ -230,6 +235,10 @@ def cmd_eval(args) -> int:
         write_json(report, args.json)
     if args.predictions:
         write_predictions(args.predictions, samples, main_result)
+    if args.plot:
+        from fasteval.output.plots import write_plots
+
+        write_plots(report, args.plot)
     return 0
 
 

@@ -1,7 +1,8 @@
 """A device-side accumulator of fused metrics over a whole run: no host sync until ``result()``.
 
 It keeps the running counts and loss sum, and every per-sample output of the fused metrics
-(predictions, losses, top-k hits and classes, confidences, decision margins) for the whole
+(predictions, losses, top-k hits and classes, confidences, decision margins, squared-probability
+sums) for the whole
 dataset, on the logits' device. Batches may be padded to a static shape: rows past
 ``num_real`` are marked ignored, so padding never counts.
 """
@@ -16,7 +17,7 @@ from .fused_metrics import fused_metrics, raise_on_bad_labels
 
 _CORRECT, _CORRECT_TOPK, _COUNT, _BAD, _NONFINITE = range(5)
 # BatchMetrics fields kept per sample; ``result()`` returns them under these names.
-PER_SAMPLE = ("pred", "loss", "topk_hit", "topk_idx", "confidence", "margin_top1", "margin_topk")
+PER_SAMPLE = ("pred", "loss", "topk_hit", "topk_idx", "confidence", "margin_top1", "margin_topk", "prob_sq_sum")
 
 
 class MetricsAccumulator:

@@ -15,6 +15,9 @@ Semantics, exactly those of PyTorch on ``logits.float()``:
 - ``topk_idx``: the k classes with the largest logits, in descending order, ties toward the lower
   index (as a stable descending sort); a NaN ranks as -inf there; -1 fills rows when C < k.
 - ``confidence``: the softmax probability of the largest logit, exp(max - logsumexp).
+- ``prob_sq_sum``: the sum over classes of the squared softmax probabilities (the multiclass Brier
+  score of a row is prob_sq_sum - 2 p_label + 1); NaN where the softmax is (NaN or +inf logits, a
+  row of -inf).
 - ``margin_top1``: the top-1 decision margin, largest logit minus the runner-up (+inf when C = 1).
 - ``margin_topk``: how far the label's logit is from changing its top-k membership: for a hit,
   x_label minus the k-th largest of the other logits; for a miss, that value minus x_label
@@ -61,6 +64,7 @@ class BatchMetrics(NamedTuple):
     confidence: torch.Tensor  # float32 [B]: softmax probability of the largest logit
     margin_top1: torch.Tensor  # float32 [B]: largest logit minus the runner-up
     margin_topk: torch.Tensor  # float32 [B]: distance of the label's logit to its top-k boundary
+    prob_sq_sum: torch.Tensor  # float32 [B]: sum over classes of softmax(x)_c ** 2
 
 
 def _check_inputs(logits: torch.Tensor, labels: torch.Tensor, topk: int) -> None:
@@ -138,6 +142,9 @@ def _metrics_core(x: torch.Tensor, labels: torch.Tensor, topk: int, ignore_index
     if num_classes < topk:
         top_idx = torch.cat([top_idx, top_idx.new_full((x.shape[0], topk - num_classes), -1)], dim=1)
     m1, mk = _margins(top, x_label[:, 0], hit, counted, has_nan, topk)
+    # softmax is NaN on an all -inf row; the norm reads it once, without a squared copy
+    prob_sq_sum = torch.linalg.vector_norm(torch.softmax(x, dim=1), dim=1).square()
+    prob_sq_sum = torch.where(has_nan | torch.isposinf(x).any(dim=1), float("nan"), prob_sq_sum)
     return BatchMetrics(
         pred=pred,
         loss=loss,
@@ -152,6 +159,7 @@ def _metrics_core(x: torch.Tensor, labels: torch.Tensor, topk: int, ignore_index
         confidence=torch.exp(torch.amax(x, dim=1) - lse),
         margin_top1=m1,
         margin_topk=mk,
+        prob_sq_sum=prob_sq_sum,
     )
 
 
@@ -191,7 +199,7 @@ if HAS_TRITON:
     @triton.jit
     def _fused_metrics_kernel(
         logits_ptr, labels_ptr, pred_ptr, loss_ptr, hit_ptr, counts_ptr, loss_part_ptr,
-        topk_idx_ptr, conf_ptr, margin1_ptr, margink_ptr,
+        topk_idx_ptr, conf_ptr, margin1_ptr, margink_ptr, psq_ptr,
         B, C, stride_b, stride_c, stride_l, ignore_index, topk, topk_out,
         BLOCK_B: tl.constexpr, BLOCK_C: tl.constexpr, K: tl.constexpr, KPAD: tl.constexpr,
     ):
@@ -210,6 +218,7 @@ if HAS_TRITON:
         big = 2147483647
         run_max = tl.full([BLOCK_B], float("-inf"), tl.float32)
         run_sum = tl.zeros([BLOCK_B], tl.float32)
+        run_sq = tl.zeros([BLOCK_B], tl.float32)  # sum of exp(2 (x - run_max)): the squared probabilities' sum
         best_idx = tl.zeros([BLOCK_B], tl.int64)
         nan_idx = tl.full([BLOCK_B], big, tl.int64)
         rank = tl.zeros([BLOCK_B], tl.int64)
@@ -238,7 +247,10 @@ if HAS_TRITON:
             # Online softmax: running max, rescaled running sum (guarding an all -inf prefix and +inf).
             new_max = tl.maximum(run_max, blk_max)
             shift = tl.where((new_max == float("-inf")) | (new_max == float("inf")), 0.0, new_max)
-            run_sum = run_sum * tl.exp(run_max - shift) + tl.sum(tl.exp(xc - shift[:, None]), axis=1)
+            scale = tl.exp(run_max - shift)
+            e = tl.exp(xc - shift[:, None])
+            run_sum = run_sum * scale + tl.sum(e, axis=1)
+            run_sq = run_sq * (scale * scale) + tl.sum(e * e, axis=1)
             run_max = new_max
             # Rank of the label: strictly greater values, plus equal values at lower indices.
             ahead = (x > x_label[:, None]) | ((x == x_label[:, None]) & (cols[None, :] < safe[:, None]))
@@ -291,6 +303,9 @@ if HAS_TRITON:
         m1 = tl.where(bounded, m1, 0.0)
         mk = tl.where(counted, tl.where(bounded & label_ok, mk, 0.0), inf)
         conf = tl.where(has_nan, float("nan"), tl.exp(run_max - lse))
+        # run_sq / run_sum^2; an all -inf row gives 0/0 = NaN, as torch's softmax does.
+        psq = tl.where(has_nan | (run_max == float("inf")), float("nan"), run_sq / (run_sum * run_sum))
+        tl.store(psq_ptr + rows, psq, mask=row_ok)
         tl.store(margin1_ptr + rows, m1, mask=row_ok)
         tl.store(margink_ptr + rows, mk, mask=row_ok)
         tl.store(conf_ptr + rows, conf, mask=row_ok)
@@ -359,11 +374,12 @@ def metrics_triton(
     conf = torch.empty(batch, dtype=torch.float32, device=device)
     margin1 = torch.empty(batch, dtype=torch.float32, device=device)
     margink = torch.empty(batch, dtype=torch.float32, device=device)
+    prob_sq_sum = torch.empty(batch, dtype=torch.float32, device=device)
     # Launch under the tensors' device: the current device may be another GPU.
     guard = torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
     with guard:
         _fused_metrics_kernel[(programs,)](
-            logits, labels, pred, loss, hit, counts, loss_part, topk_idx, conf, margin1, margink,
+            logits, labels, pred, loss, hit, counts, loss_part, topk_idx, conf, margin1, margink, prob_sq_sum,
             batch, num_classes, logits.stride(0), logits.stride(1), labels.stride(0), ignore_index,
             min(topk, num_classes + 1), topk,
             BLOCK_B=block_b, BLOCK_C=block_c, K=listed, KPAD=_next_pow2(listed + 1),
@@ -385,6 +401,7 @@ def metrics_triton(
         confidence=conf,
         margin_top1=margin1,
         margin_topk=margink,
+        prob_sq_sum=prob_sq_sum,
     )
 
 

@@ -50,6 +50,10 @@ def check(m, logits, labels, topk=5, ignore_index=-100):
     assert m.loss_sum.dtype == torch.float64 and m.correct.dim() == 0
     torch.testing.assert_close(m.loss_sum.cpu(), expected[valid].double().sum(), rtol=1e-5, atol=1e-5,
                                equal_nan=True)
+    # The squared probabilities' sum against a float64 softmax (NaN where the softmax is NaN).
+    psq = torch.softmax(x.double(), dim=1).pow(2).sum(dim=1)
+    assert m.prob_sq_sum.dtype == torch.float32
+    torch.testing.assert_close(m.prob_sq_sum.cpu().double(), psq, rtol=1e-5, atol=1e-6, equal_nan=True)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

@@ -187,7 +187,7 @@ def test_refused_before_any_work(small_data, checkpoints, tmp_path, capsys):
              ([checkpoints[0], str(r34)], [], "do not fit --arch resnet18"),
              (checkpoints[:2], ["--reference"], "--reference evaluates one checkpoint"),
              (checkpoints[:2], ["--predictions", str(tmp_path / "p.csv")], "--predictions evaluates one"),
-             ([checkpoints[0]], ["--plot", str(tmp_path / "x.png")], "give several --weights"),
+             (checkpoints[:2], ["--plot", str(four)], "--plot"),
              (checkpoints[:2], ["--cache", checkpoints[2]], "is a file, not a folder"),
              ([str(tmp_path / "nothing*.pt")], [], "matches no file")]
     for weights, extra, message in cases:

@@ -10,7 +10,8 @@ margin (kernels/fused_metrics.py) is below 2e. So, after the fast pass:
 2. tau = SAFETY x 2e: a measured bound with a safety multiple, not a proof;
 3. every sample whose margin is <= tau goes through the reference's code as well, batched;
 4. those samples (and the calibration samples) take the reference's prediction, top-k hit,
-   classes and fp32 loss; the counts are then recomputed from the per-sample values.
+   classes, fp32 loss, confidence and squared-probability sum; the counts are then recomputed
+   from the per-sample values.
 
 Non-finite logits have no error bound: their margin is 0 (always rechecked), and a non-finite
 difference on a calibration sample makes tau infinite (every sample is rechecked).
@@ -71,6 +72,7 @@ def apply_reference(outputs: dict[str, torch.Tensor], samples: SampleList, indic
     outputs["loss"][indices] = score.losses
     outputs["confidence"][indices] = score.confidences
     outputs["margin"][indices] = score.margins
+    outputs["prob_sq_sum"][indices] = score.prob_sq_sums
     outputs["rechecked"][indices] = True
     return score
 

@@ -182,7 +182,7 @@ class FastEvaluator:
         totals = acc.result()  # the one read back of the run
         totals["margin"] = torch.minimum(totals["margin_top1"], totals["margin_topk"])
         at = torch.tensor(self.main)
-        for key in ("pred", "loss", "topk_hit", "topk_idx", "confidence", "margin"):
+        for key in ("pred", "loss", "topk_hit", "topk_idx", "confidence", "margin", "prob_sq_sum"):
             outputs[key][at] = totals[key]
         return totals["kept_logits"], totals["nonfinite"]
 
@@ -232,6 +232,7 @@ class FastEvaluator:
             confidences=outputs["confidence"],
             margins=outputs["margin"],
             rechecked=outputs["rechecked"],
+            prob_sq_sums=outputs["prob_sq_sum"],
             warmup_seconds=self.warmup_seconds,
             extra={
                 "loader": self.loader.name if self.loader else "none",
@@ -280,6 +281,7 @@ def empty_outputs(num_samples: int) -> dict[str, torch.Tensor]:
             "topk_hit": torch.zeros(num_samples, dtype=torch.bool),
             "topk_idx": torch.full((num_samples, TOPK), -1, dtype=torch.int64),
             "confidence": torch.zeros(num_samples), "margin": torch.zeros(num_samples),
+            "prob_sq_sum": torch.zeros(num_samples),
             "rechecked": torch.zeros(num_samples, dtype=torch.bool)}
 
 

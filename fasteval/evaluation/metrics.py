@@ -15,7 +15,8 @@ import torch
 TOPK = 5
 # EvalResult's per-sample tensors, in sample order: whatever gathers, slices or stores a run's
 # per-sample outputs (shards, checkpoints, files) iterates over this one list.
-PER_SAMPLE_FIELDS = ("predictions", "losses", "topk_hits", "topk_classes", "confidences", "margins", "rechecked")
+PER_SAMPLE_FIELDS = ("predictions", "losses", "topk_hits", "topk_classes", "confidences", "margins", "rechecked",
+                     "prob_sq_sums")
 
 
 @dataclass
@@ -37,6 +38,7 @@ class EvalResult:
     confidences: torch.Tensor | None = None
     margins: torch.Tensor | None = None  # the decision margin: min(top-1 margin, top-k boundary margin)
     rechecked: torch.Tensor | None = None  # bool: values computed by the reference's own code
+    prob_sq_sums: torch.Tensor | None = None  # sum over classes of the squared softmax probabilities (Brier)
 
     def per_sample(self) -> dict[str, torch.Tensor]:
         """The per-sample tensors this run holds, by field name (those left None are omitted)."""

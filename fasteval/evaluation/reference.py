@@ -80,6 +80,7 @@ class BatchScore(NamedTuple):
     topk_classes: torch.Tensor  # [B, 5] torch.topk's classes; -1 where there are fewer than 5
     confidences: torch.Tensor  # softmax probability of the largest logit
     margins: torch.Tensor  # the decision margin (fasteval's definition, kernels/fused_metrics.py)
+    prob_sq_sums: torch.Tensor  # sum over classes of the squared softmax probabilities (the Brier score's)
 
 
 _CRITERION = nn.CrossEntropyLoss()
@@ -107,6 +108,7 @@ def score_batch(outputs: torch.Tensor, labels: torch.Tensor) -> BatchScore:
         topk_classes=nn.functional.pad(top, (0, missing), value=-1).cpu(),
         confidences=twin.confidence.cpu(),
         margins=torch.minimum(twin.margin_top1, twin.margin_topk).cpu(),
+        prob_sq_sums=torch.softmax(outputs, 1).pow(2).sum(1).cpu(),
     )
 
 
@@ -195,5 +197,6 @@ def evaluate_reference(
 def per_sample(scores: list[BatchScore]) -> dict[str, torch.Tensor]:
     """The per-sample fields of batch scores, concatenated, under EvalResult's names."""
     fields = {"predictions": "predicted", "losses": "losses", "topk_hits": "topk_hits",
-              "topk_classes": "topk_classes", "confidences": "confidences", "margins": "margins"}
+              "topk_classes": "topk_classes", "confidences": "confidences", "margins": "margins",
+              "prob_sq_sums": "prob_sq_sums"}
     return {name: torch.cat([getattr(s, field) for s in scores]) for name, field in fields.items()}

@@ -49,14 +49,6 @@ def expand_weights(values: list[str]) -> list[str]:
     return paths
 
 
-def plot_path(plot: str) -> str:
-    """Where a sweep's ``--plot`` goes: ``DIR/checkpoints.png`` when it names a folder (or ends with
-    a separator), else the file itself."""
-    if os.path.isdir(plot) or plot.endswith(os.sep):
-        return os.path.join(plot, PLOT_NAME)
-    return plot
-
-
 def split_sweep(args) -> bool:
     """Expand ``args.weights`` (eval's list) in place: one checkpoint leaves ``args.weights`` that path
     (``eval`` as it always was) and returns False; several set ``args.checkpoints`` and
@@ -66,8 +58,6 @@ def split_sweep(args) -> bool:
     args.checkpoints = paths
     if len(paths) <= 1:
         args.weights = paths[0] if paths else None
-        if getattr(args, "plot", None):
-            raise FastevalError("--plot on eval draws a checkpoint sweep: give several --weights")
         return False
     for option, on in (("--reference", args.reference), ("--validate", args.validate),
                        ("--predictions", args.predictions)):
@@ -76,8 +66,6 @@ def split_sweep(args) -> bool:
     if args.data is None:
         raise FastevalError("the built-in demo uses its own model: give DATA to evaluate several --weights")
     args.weights = paths[0]
-    if args.plot:
-        args.plot = plot_path(args.plot)
     return True
 
 
@@ -118,12 +106,12 @@ def paired_test(labels: torch.Tensor, result: EvalResult, best: EvalResult) -> d
 
 
 def checkpoint_entry(path: str, result: EvalResult, config: dict, device, labels: torch.Tensor,
-                     best: EvalResult, is_best: bool) -> dict:
+                     best: EvalResult, is_best: bool, samples=None) -> dict:
     """One checkpoint's JSON object: ``weights``, the keys a single ``eval`` writes, the 95 % Wilson
     intervals of top-1/top-5 (percent) and the paired test against the best."""
     from fasteval.output.report import build_report
 
-    report = build_report(result, {**config, "weights": path}, device)
+    report = build_report(result, {**config, "weights": path}, device, samples)
     return {"weights": path, **report, "best": is_best,
             "top1_interval": percent_interval(result.correct_top1, result.samples),
             "top5_interval": percent_interval(result.correct_top5, result.samples),
@@ -146,12 +134,13 @@ def run_sweep(evaluator, arch: str, paths: list[str], progress: bool = True) -> 
 
 
 def build_sweep_report(paths: list[str], results: list[EvalResult], seconds: list[float], labels: torch.Tensor,
-                       config: dict, device, decoded: dict, setup_seconds: float) -> dict:
-    """The sweep's ``--json`` content: ``checkpoints`` in the order given, the best, how the images were kept."""
+                       config: dict, device, decoded: dict, setup_seconds: float, samples=None) -> dict:
+    """The sweep's ``--json`` content: ``checkpoints`` in the order given (each with its class report when
+    ``samples`` are given, as a single ``eval``), the best, how the images were kept."""
     from fasteval.output.report import environment
 
     best = best_index(results)
-    entries = [checkpoint_entry(p, r, config, device, labels, results[best], i == best)
+    entries = [checkpoint_entry(p, r, config, device, labels, results[best], i == best, samples)
                for i, (p, r) in enumerate(zip(paths, results))]
     for entry, s in zip(entries, seconds):
         entry["pass_seconds"] = s
@@ -227,11 +216,10 @@ def cmd_sweep(args, prepare) -> int:
     from fasteval.output.files import check_distinct
     from fasteval.output.report import write_json
 
-    if args.plot:
-        try:
-            import matplotlib  # noqa: F401
-        except ImportError:
-            raise FastevalError("--plot needs matplotlib: pip install 'fasteval[plot]'") from None
+    if args.plot:  # a folder, as for one checkpoint's pictures
+        from fasteval.output.plots import check_plot_folder
+
+        check_plot_folder(args.plot)
     if args.cache:
         check_cache_dir(args.cache)
     check_distinct({**{f"--weights {p}": p for p in args.checkpoints if os.path.isfile(p)},
@@ -247,11 +235,11 @@ def cmd_sweep(args, prepare) -> int:
     labels = torch.tensor(samples.labels)
     decoded = dict(source.info) if source.info else {"placement": "none", "reason": "every sample by the reference's "
                                                                                      "code", "cache": "off"}
-    report = build_sweep_report(args.checkpoints, results, seconds, labels, config, device, decoded, setup)
+    report = build_sweep_report(args.checkpoints, results, seconds, labels, config, device, decoded, setup, samples)
     print(format_sweep(report))
     if args.json:
         write_json(report, args.json)
     if args.plot:
-        plot_sweep(report, args.plot)
+        plot_sweep(report, os.path.join(args.plot, PLOT_NAME))
     print(f"fasteval: {len(args.checkpoints)} checkpoints in {report['seconds']:.1f} s", file=sys.stderr)
     return 0

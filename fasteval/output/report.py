@@ -9,7 +9,9 @@ import platform
 
 import torch
 
+from fasteval.evaluation.classes import Labelled, class_report
 from fasteval.evaluation.metrics import EvalResult
+from fasteval.output.class_table import class_rows
 from fasteval.output.files import atomic_write
 
 
@@ -56,9 +58,12 @@ def environment(device: torch.device | str | None = None) -> dict:
     return env
 
 
-def build_report(result: EvalResult, config: dict, device: torch.device | str | None = None) -> dict:
-    """Every figure of a run plus its configuration and environment (the ``--json`` content)."""
-    return {**result.to_dict(), "config": config, "environment": environment(device)}
+def build_report(result: EvalResult, config: dict, device: torch.device | str | None = None,
+                 samples: Labelled | None = None) -> dict:
+    """Every figure of a run plus its configuration and environment (the ``--json`` content); given the
+    run's ``samples``, the class report too (fasteval/evaluation/classes.py)."""
+    classes = class_report(result, samples) if samples is not None and result.predictions is not None else {}
+    return {**result.to_dict(), **classes, "config": config, "environment": environment(device)}
 
 
 def _fmt(value: float, digits: int = 4) -> str:
@@ -77,6 +82,7 @@ def format_table(report: dict, title: str = "fasteval") -> str:
         ("images/s", _fmt(report["images_per_sec"], 1)),
         ("seconds", _fmt(report["seconds"], 2)),
     ]
+    rows += class_rows(report)
     cfg = report.get("config", {})
     for key in ("path", "arch", "weights", "device", "loader", "precision", "compile", "batch_size", "workers"):
         if key in report:
