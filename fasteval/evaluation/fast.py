@@ -18,7 +18,7 @@ from tqdm import tqdm
 
 from fasteval.devices import synchronize, use_device
 from fasteval.errors import first_line
-from fasteval.evaluation.exact import CALIBRATION_SAMPLES, apply_reference, calibration_positions, recheck, resolve_exact
+from fasteval.evaluation.exact import CALIBRATION_SAMPLES, WholeRun, apply_reference, recheck, resolve_exact
 from fasteval.model.inference import DTYPES, FastModel, resolve_precision
 from fasteval.kernels.accumulator import MetricsAccumulator
 from fasteval.kernels.fused_metrics import resolve_backend
@@ -60,13 +60,18 @@ class FastEvaluator:
     Samples the fast loader would decode differently from the reference (``needs_pil``) are
     evaluated by the reference's own code, batched, at a cost in proportion to their number.
     With ``--exact`` on (the default), near-tie samples are rechecked the same way (fasteval/evaluation/exact.py).
+    ``scope``: where ``samples`` are one shard of a run (fasteval/distributed.py), the run-wide decisions
+    (static batch, small-dataset rule, calibration, tau) are the one-process ones over the whole run.
     """
 
     def __init__(self, samples: SampleList, model: torch.nn.Module, spec: PreprocessSpec, device: torch.device,
-                 options: FastOptions) -> None:
+                 options: FastOptions, scope: WholeRun | None = None) -> None:
         start = time.perf_counter()
-        # A static batch larger than the dataset would be mostly padding: clamp it.
-        options = replace(options, batch_size=min(options.batch_size, len(samples)))
+        self.scope = scope or WholeRun()
+        total = self.scope.total(len(samples))
+        # A static batch larger than the dataset would be mostly padding: clamp it (to the whole run's
+        # size, so that every shard runs the one-process batch shape).
+        options = replace(options, batch_size=min(options.batch_size, total))
         check_batchable(spec, samples.paths)
         check_headers(samples)  # a bad file fails here, in seconds, not after the fast pass (cached per file)
         device = use_device(device)  # work not given a device (Triton, nvJPEG, pinning) runs on it
@@ -77,7 +82,8 @@ class FastEvaluator:
         kind = resolve_loader(options.loader)
         # The torchvision loaders decode with PIL already; DALI hands those files to the reference.
         self.reference_only = needs_pil(samples) if kind == "dali" else []
-        self.all_by_reference = self.exact and len(samples) <= SMALL_DATASET
+        self.total_samples = total
+        self.all_by_reference = self.exact and total <= SMALL_DATASET
         if self.all_by_reference:  # the calibration alone would be most of it: the reference is exact, as fast
             self.reference_only = list(range(len(samples)))
         excluded = set(self.reference_only)
@@ -89,7 +95,7 @@ class FastEvaluator:
         self.logits_dtype = torch.float32 if keep_head_fp32(fast_model) or self.precision == "fp32" else \
             DTYPES[self.precision]
         self.model = FastModel(fast_model, device, self.precision, options.compile, num_samples=len(self.main))
-        self.calibration = [self.main[p] for p in calibration_positions(len(self.main))] if self.exact else []
+        self.calibration, self.calibration_total = self.scope.calibration(self.main) if self.exact else ([], 0)
         self.loader = None
         self.metrics_backend = resolve_backend(options.metrics_backend, device)
         if self.main:
@@ -157,14 +163,14 @@ class FastEvaluator:
         exact = {"enabled": False, "mode": self.options.exact, "reason": self.exact_reason}
         if self.all_by_reference:
             exact.update(enabled=True, rechecked=len(self.samples), all_by_reference=True,
-                         reason=f"{len(self.samples)} samples (<= {SMALL_DATASET}, the calibration's size): every sample "
+                         reason=f"{self.total_samples} samples (<= {SMALL_DATASET}, the calibration's size): every sample "
                                 f"evaluated by the reference's code")
-        elif self.exact and self.calibration:
+        elif self.exact and self.calibration_total:
             exact.update(recheck(self.samples, outputs, self.calibration, kept, self.reference_model, self.spec,
-                                 **run))
+                                 **run, scope=self.scope))
         seconds = time.perf_counter() - start
         bar.close()
-        labels = torch.tensor(self.samples.labels)
+        labels = torch.tensor(self.samples.labels, dtype=torch.int64)
         totals = totals_from_samples(labels, outputs["pred"], outputs["topk_hit"], outputs["loss"],
                                      self.options.batch_size)
         return EvalResult(
@@ -228,6 +234,6 @@ def empty_outputs(num_samples: int) -> dict[str, torch.Tensor]:
 
 def evaluate_fast(samples: SampleList, model: torch.nn.Module, spec: PreprocessSpec, *,
                   device: torch.device | str = "cpu", options: FastOptions = FastOptions(),
-                  progress: bool = True) -> EvalResult:
-    """Evaluate once with the fast path."""
-    return FastEvaluator(samples, model, spec, torch.device(device), options).run(progress)
+                  progress: bool = True, scope: WholeRun | None = None) -> EvalResult:
+    """Evaluate once with the fast path (``scope``: see FastEvaluator)."""
+    return FastEvaluator(samples, model, spec, torch.device(device), options, scope).run(progress)

@@ -83,6 +83,10 @@ def format_table(report: dict, title: str = "fasteval") -> str:
             rows.append((key, str(report[key])))
         elif key in cfg:
             rows.append((key, str(cfg[key])))
+    if report.get("distributed"):
+        d = report["distributed"]
+        rows.append(("ranks", f"{d['world_size']} ({d['backend']}), samples per rank "
+                              f"{' '.join(str(n) for n in d['samples_per_rank'])}"))
     if report.get("compile_reason"):
         rows.append(("compile reason", report["compile_reason"]))
     if report.get("warmup_seconds"):
