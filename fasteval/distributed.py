@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import sys
 import traceback
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
@@ -107,6 +108,11 @@ def calibration_share(counts: list[int], rank: int) -> tuple[list[int], int]:
     whole = calibration_positions(sum(counts))
     before = sum(counts[:rank])
     return [p - before for p in whole if before <= p < before + counts[rank]], len(whole)
+
+
+def _short(exc: BaseException) -> str:
+    """The first sentence of a collective's error (gloo and NCCL append paragraphs of advice)."""
+    return first_line(exc).split(". ")[0][:200]
 
 
 class RankFailed(FastevalError):
@@ -213,12 +219,16 @@ class TorchrunRanks(Ranks):
         except Exception as exc:
             raise CommunicationFailed(f"rank {self.rank}: the other ranks stopped answering (one failed or did "
                                       f"not answer within {TIMEOUT_ENV}={timeout_seconds():g} s): "
-                                      f"{first_line(exc)[:300]}") from None
+                                      f"{_short(exc)}") from None
         errors = [(rank, message) for rank, (message, _) in enumerate(gathered) if message is not None]
         if errors:
             rank, message = errors[0]
             everywhere = len(errors) == self.world_size and len({m for _, m in errors}) == 1
-            raise RankFailed(message if everywhere else f"rank {rank}: {message}")
+            failed = RankFailed(message if everywhere else f"rank {rank}: {message}")
+            if self.is_main:  # at once: torchrun stops every rank as soon as one exits with an error
+                print(f"fasteval: error: {describe_error(failed)}", file=sys.stderr, flush=True)
+                failed.fasteval_reported = True
+            raise failed
         return [p for _, p in gathered]
 
     def step(self, fn, *args, **kwargs):
@@ -288,8 +298,7 @@ class TorchrunRanks(Ranks):
             try:
                 dist.all_gather(parts, padded)
             except Exception as exc:
-                raise CommunicationFailed(f"rank {self.rank}: gathering {name} failed: {first_line(exc)[:300]}") \
-                    from None
+                raise CommunicationFailed(f"rank {self.rank}: gathering {name} failed: {_short(exc)}") from None
             fields[name] = torch.cat([p[:n] for p, n in zip(parts, counts)]).cpu().to(dtype)
         totals = totals_from_samples(torch.tensor(samples.labels, dtype=torch.int64), fields["predictions"],
                                      fields["topk_hits"], fields["losses"], batch_size)
@@ -372,6 +381,8 @@ def start_ranks(device: str, *, debug: bool = False, environ: Mapping[str, str] 
 def reports_error(exc: BaseException, environ: Mapping[str, str] = os.environ) -> bool:
     """Whether this process prints ``exc``: one process always; under torchrun rank 0 (every rank has
     the failing rank's line), or a failing rank that could not tell rank 0."""
+    if getattr(exc, "fasteval_reported", False):
+        return False
     if getattr(exc, "fasteval_report", False):
         return True
     return environ.get("RANK", "0") == "0"
