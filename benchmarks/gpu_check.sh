@@ -7,8 +7,9 @@
 # every loader that can run. Writes logs, JSON and summary.json into OUT_DIR, and prints which
 # paths ran (DALI or not, the Triton kernel or its PyTorch twin), naming every path it could not
 # run. Meant to finish in under 10 minutes. GPU_CHECK_CLASSES/GPU_CHECK_PER_CLASS shrink the
-# dataset for a dry run of the plumbing on a CPU machine; GPU_CHECK_STEPS (default "tests kernel bench")
-# picks the steps, GPU_CHECK_REPEATS the bench repeats (default 1: each cold command compiles from
+# dataset for a dry run of the plumbing on a CPU machine; GPU_CHECK_STEPS (default "tests kernel bench
+# distributed") picks the steps (distributed: `fasteval bench` and `eval` under torchrun on every local GPU
+# against one GPU, where nvidia-smi -L lists several; skipped, saying why, with one), GPU_CHECK_REPEATS the bench repeats (default 1: each cold command compiles from
 # nothing). Works on Python 3.10 (no `python -P`).
 set -uo pipefail
 OUT_DIR="$(mkdir -p "${1:?usage: benchmarks/gpu_check.sh OUT_DIR}" && cd "$1" && pwd)"
@@ -26,7 +27,7 @@ export FASTEVAL_CACHE="$WORK/cache"
 py() { (cd "$WORK" && "$PY" "$@"); }
 tpy() { local limit=$1; shift; (cd "$WORK" && timeout "$limit" "$PY" "$@"); }
 PYTEST=(-m pytest -c "$REPO/pyproject.toml" --rootdir "$REPO" -p no:cacheprovider)
-STEPS=" ${GPU_CHECK_STEPS:-tests kernel bench} "
+STEPS=" ${GPU_CHECK_STEPS:-tests kernel bench distributed} "
 step() { [[ "$STEPS" == *" $1 "* ]]; }
 # Tests in 4 processes where pytest-xdist is installed (the GPU has room; the host has the cores).
 XDIST=()
@@ -88,11 +89,15 @@ if step kernel; then
 fi
 
 # 4. fasteval bench on 5,000 ImageNet-like JPEGs with every loader that can run here.
-if step bench; then
-    DATA="$WORK/imagenet_like"
+DATA="$WORK/imagenet_like"
+synth_once() {
+    [ -d "$DATA" ] && return
     py -m fasteval synth "$DATA" --classes "${GPU_CHECK_CLASSES:-50}" --per-class "${GPU_CHECK_PER_CLASS:-100}" \
         > "$OUT_DIR/synth.log" 2>&1
     log "synth: $(tail -1 "$OUT_DIR/synth.log")"
+}
+if step bench; then
+    synth_once
     # The reference's DataLoader keeps about 2 float32 batches per worker in /dev/shm (154 MB per batch
     # of 256 at 224x224): 16 workers need about 5 GB. Use no more workers than /dev/shm holds.
     WORKERS=$(( $(nproc) < 16 ? $(nproc) : 16 ))
@@ -113,7 +118,29 @@ if step bench; then
     done
 fi
 
-# 5. One summary, with the paths that ran.
+# 5. Under torchrun (NCCL, one rank per GPU): bench on 1 GPU against every local GPU, and eval on both, whose
+#    counts must be equal (the JSON's `distributed` says how the samples were split).
+if step distributed; then
+    NGPU=$(nvidia-smi -L 2>/dev/null | grep -c "^GPU " || true)
+    if [ "${NGPU:-0}" -gt 1 ]; then
+        synth_once
+        for n in 1 "$NGPU"; do
+            RUN=(-m torch.distributed.run --standalone --nproc-per-node "$n" -m fasteval)
+            W=$(( $(nproc) / n > 8 ? 8 : ($(nproc) / n > 0 ? $(nproc) / n : 1) ))
+            tpy 240 "${RUN[@]}" bench "$DATA" --batch-size 256 --workers "$W" --repeats 1 --no-progress \
+                --json "$OUT_DIR/ranks${n}_bench.json" > "$OUT_DIR/ranks${n}_bench.txt" 2>&1
+            log "torchrun --nproc-per-node $n fasteval bench exit code $?"
+            tpy 180 "${RUN[@]}" eval "$DATA" --batch-size 256 --workers "$W" --no-progress \
+                --json "$OUT_DIR/ranks${n}_eval.json" --predictions "$OUT_DIR/ranks${n}_eval.csv" \
+                > "$OUT_DIR/ranks${n}_eval.txt" 2>&1
+            log "torchrun --nproc-per-node $n fasteval eval exit code $?"
+        done
+    else
+        log "SKIPPED: distributed (nvidia-smi -L lists ${NGPU:-0} GPU(s): one GPU against several needs at least 2)"
+    fi
+fi
+
+# 6. One summary, with the paths that ran.
 py - "$OUT_DIR" "$DALI" "$(( $(date +%s) - START ))" > "$OUT_DIR/summary.json" <<'PY'
 import json, os, re, sys
 out, dali, seconds = sys.argv[1], sys.argv[2] == "1", int(sys.argv[3])
@@ -174,6 +201,31 @@ for loader in (["dali"] if dali else []) + ["torchvision"]:
     if f"bench_{loader}" not in summary:
         summary["not_run"].append(f"bench --loader {loader} (failed: see bench_{loader}.txt)")
 summary["paths"] = paths
+ranks = sorted(int(m.group(1)) for m in (re.fullmatch(r"ranks(\d+)_bench\.json", n) for n in os.listdir(out)) if m)
+if ranks:
+    dist = {}
+    for n in ranks:
+        b = json.load(open(os.path.join(out, f"ranks{n}_bench.json")))["distributed"]
+        dist[f"ranks_{n}"] = {"samples_per_rank": b["samples_per_rank"],
+                              "fast_images_per_sec_total": b["fast"]["images_per_sec_total"],
+                              "fast_images_per_sec_per_rank": b["fast"]["images_per_sec_per_rank"],
+                              "reference_images_per_sec_total": b["reference"]["images_per_sec_total"]}
+    evals = {}
+    for n in ranks:
+        try:
+            e = json.load(open(os.path.join(out, f"ranks{n}_eval.json")))
+            evals[n] = {k: e[k] for k in ("samples", "correct_top1", "correct_top5", "loss_sum")}
+        except Exception as exc:
+            summary["not_run"].append(f"eval under torchrun on {n} GPU(s) ({exc})")
+    if len(evals) == 2:
+        one, many = evals[ranks[0]], evals[ranks[-1]]
+        dist["eval"] = {"one_gpu": one, "all_gpus": many,
+                        "counts_equal": all(one[k] == many[k] for k in ("samples", "correct_top1", "correct_top5")),
+                        "loss_sum_bitwise_equal": one["loss_sum"] == many["loss_sum"],
+                        "predictions_csv_equal": open(os.path.join(out, f"ranks{ranks[0]}_eval.csv")).read()
+                        == open(os.path.join(out, f"ranks{ranks[-1]}_eval.csv")).read()}
+    summary["distributed"] = dist
+    paths.append(f"torchrun on {ranks[-1]} GPUs: {json.dumps(dist.get('eval', {}))}")
 print(json.dumps(summary, indent=2))
 PY
 py - "$OUT_DIR/summary.json" <<'PY' | tee -a "$LOG"

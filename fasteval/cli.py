@@ -236,13 +236,23 @@ def cmd_bench(args) -> int:
             import matplotlib  # noqa: F401
         except ImportError:
             raise FastevalError("--plot needs matplotlib: pip install 'fasteval[plot]'") from None
-    samples, spec, device, model, config = _prepare(args)
-    result = run_bench(samples, model, spec, device, fast_options(args), repeats=args.repeats,
-                       progress=not args.no_progress, eval_config=config,
-                       measure_time_to_result=not args.no_time_to_result)
+    from fasteval.distributed import format_ranks_bench, start_ranks
+
+    with start_ranks(args.device, debug=args.debug) as ranks:  # under torchrun: each rank benches its shard
+        samples, spec, device, model, config = ranks.step(_prepare, args, ranks)
+        if len(samples) < ranks.world_size:
+            raise FastevalError(f"bench under torchrun needs a sample per rank: {len(samples)} samples, "
+                                f"{ranks.world_size} ranks")
+        result = ranks.step(run_bench, ranks.shard(samples), model, spec, device, fast_options(args),
+                            repeats=args.repeats, progress=not args.no_progress and ranks.is_main, eval_config=config,
+                            measure_time_to_result=not args.no_time_to_result and not ranks.launched,
+                            scope=ranks.scope(samples))
+        result.update(ranks.bench_summary(result))
+    if not ranks.is_main:
+        return 0
     result["config"].update(arch=config["arch"], weights=config["weights"], preset=spec.name,
                             batch_size=config["batch_size"], batch_size_requested=config["batch_size_requested"])
-    print(format_bench(result))
+    print(format_bench(result) + format_ranks_bench(result))
     if args.json:
         write_json(result, args.json)
     if args.plot:

@@ -166,6 +166,7 @@ class Ranks:
     world_size = 1
     backend: str | None = None
     is_main = True
+    launched = False  # by torchrun
 
     def device_name(self, name: str) -> str:
         return name
@@ -192,6 +193,10 @@ class Ranks:
         """The whole run's result from every rank's result of its shard (on every rank)."""
         return result
 
+    def bench_summary(self, bench: dict) -> dict:
+        """``fasteval bench``'s figures across ranks (``distributed``), from each rank's bench of its shard."""
+        return {}
+
 
 class TorchrunRanks(Ranks):
     """One rank of a torchrun job, in an initialised process group."""
@@ -200,7 +205,7 @@ class TorchrunRanks(Ranks):
         import torch
 
         self.rank, self.world_size, self.backend = launch.rank, launch.world_size, backend
-        self.is_main = launch.rank == 0
+        self.is_main, self.launched = launch.rank == 0, True
         self.device, self.debug = device, debug
         # Where tensors travel: NCCL moves CUDA tensors only, gloo CPU ones.
         self.comm_device = torch.device(device) if backend == "nccl" else torch.device("cpu")
@@ -311,6 +316,40 @@ class TorchrunRanks(Ranks):
         }
         return replace(result, **totals, **fields, seconds=max(seconds),
                        warmup_seconds=max(i["warmup"] for i in info), extra=extra)
+
+
+    def bench_summary(self, bench: dict) -> dict:
+        """Each rank's loop images/s (its median run) and the job's: every sample over the slowest rank's
+        loop seconds (the ranks run at once; their starts are not synchronised, so this is approximate)."""
+        mine = {path: (bench[path]["samples"], bench[path]["seconds"]) for path in ("reference", "fast")}
+        ranks = self.exchange(mine)
+        summary = {"world_size": self.world_size, "backend": self.backend,
+                   "samples_per_rank": [r["fast"][0] for r in ranks]}
+        for path in ("reference", "fast"):
+            runs = [r[path] for r in ranks]
+            slowest = max(seconds for _, seconds in runs)
+            summary[path] = {"images_per_sec_per_rank": [n / s if s > 0 else None for n, s in runs],
+                             "images_per_sec_total": sum(n for n, _ in runs) / slowest if slowest > 0 else None}
+        return {"distributed": summary}
+
+
+def format_ranks_bench(bench: dict) -> str:
+    """The lines ``fasteval bench`` adds under torchrun (nothing for one process)."""
+    d = bench.get("distributed")
+    if not d:
+        return ""
+
+    def rates(values):
+        return " ".join("-" if v is None else f"{v:,.1f}" for v in values)
+
+    lines = [f"torchrun: {d['world_size']} ranks ({d['backend']}), samples per rank "
+             f"{' '.join(str(n) for n in d['samples_per_rank'])}; the table above is rank 0's shard",
+             "time to result: not measured under torchrun"]
+    for path in ("reference", "fast"):
+        total = d[path]["images_per_sec_total"]
+        lines.append(f"{path} loop images/s: per rank {rates(d[path]['images_per_sec_per_rank'])}; total "
+                     f"{'-' if total is None else f'{total:,.1f}'} (every sample / the slowest rank's seconds)")
+    return "\n" + "\n".join(lines)
 
 
 class RankScope:

@@ -1,8 +1,8 @@
 """One torchrun rank of ``fasteval``, with a fault injected on one rank (tests/test_distributed.py only).
 
-``FASTEVAL_TEST_FAULT``: ``raise`` (the fast evaluation raises an unexpected error), ``exit`` (the
-process dies without a word during it) or ``data`` (the rank evaluates the folder
-``FASTEVAL_TEST_OTHER_DATA`` instead of DATA: another copy of the dataset), on rank
+``FASTEVAL_TEST_FAULT``: ``exit`` (the process dies without a word during the fast evaluation) or
+``data`` (the rank evaluates the folder ``FASTEVAL_TEST_OTHER_DATA`` instead of DATA: another copy
+of the dataset), on rank
 ``FASTEVAL_TEST_FAULT_RANK`` (default 1). Run as ``torchrun ... tests/distributed_rank.py eval DATA ...``.
 """
 
@@ -23,8 +23,6 @@ def inject(fault: str) -> None:
     def run(self, progress=True):
         if fault == "exit":
             os._exit(3)
-        if fault == "raise":
-            raise RuntimeError("injected failure")
         return original(self, progress)
 
     fast.FastEvaluator.run = run
