@@ -17,6 +17,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
 from fasteval import cli
 from fasteval.data.samples import discover
@@ -24,7 +25,9 @@ from fasteval.data.synth import synth_dataset
 from fasteval.distributed import (Launch, calibration_share, dataset_entries, detect_launch, first_difference,
                                   rank_device, shard_bounds, timeout_seconds)
 from fasteval.errors import FastevalError
-from fasteval.evaluation.exact import calibration_positions, merge_reports
+from fasteval.evaluation.exact import WholeRun, calibration_positions, merge_reports
+from fasteval.evaluation.fast import FastOptions, evaluate_fast
+from fasteval.evaluation.reference import evaluate_reference
 
 RANK_SCRIPT = str(Path(__file__).with_name("distributed_rank.py"))
 SMALL = ["--resize", "40", "--crop", "32", "--workers", "0", "--compile", "off", "--device", "cpu", "--no-progress"]
@@ -112,8 +115,6 @@ def test_each_rank_takes_its_local_device():
     assert rank_device("cpu", launch) == "cpu"
     with pytest.raises(FastevalError, match="cuda:LOCAL_RANK"):
         rank_device("cuda:0", launch)
-    import torch
-
     if not torch.cuda.is_available():
         assert rank_device("auto", launch) == "cpu"
         with pytest.raises(FastevalError, match="CUDA is not available"):
@@ -131,6 +132,49 @@ def test_the_reference_evaluates_a_shard_as_a_block_of_imagefolder(small_data, s
     assert len(reference_dataset(samples.subset([]), small_spec)) == 0
     with pytest.raises(FastevalError, match="list different samples"):
         reference_dataset(samples.subset([1, 3]), small_spec)
+
+
+class ShardScope(WholeRun):
+    """A shard of a 21-sample run, as RankScope decides it, without a process group: the run's size,
+    the first and last of this shard's samples as its calibration share out of 8, and the run's error."""
+
+    def __init__(self, run_error: float) -> None:
+        self.run_error, self.errors = run_error, []
+
+    def total(self, local: int) -> int:
+        return 21
+
+    def calibration(self, main: list[int]) -> tuple[list[int], int]:
+        return sorted({main[0], main[-1]}) if main else [], 8
+
+    def max_error(self, error: float) -> float:
+        self.errors.append(error)
+        return max(error, self.run_error)
+
+
+FAST = FastOptions(loader="torchvision", precision="fp32", compile=False, batch_size=4, workers=0)
+
+
+def test_a_shard_rechecks_with_the_whole_runs_tau(small_data, model_3cls, small_spec):
+    shard = discover(small_data).subset(list(range(5, 12)))  # 7 samples: alone, the reference would take them all
+    scope = ShardScope(run_error=1e3)  # another rank saw a huge logit error: every margin here is below tau
+    result = evaluate_fast(shard, model_3cls, small_spec, options=FAST, progress=False, scope=scope)
+    exact = result.extra["exact"]
+    assert not exact.get("all_by_reference") and exact["tau"] == 6e3 and exact["calibration_samples"] == 2
+    assert len(scope.errors) == 1 and 0 <= scope.errors[0] < 1e-3  # its own error, fp32 against fp32
+    assert result.rechecked.all() and exact["gated"] == 5 and result.samples == 7
+
+
+def test_an_empty_shard_joins_the_recheck_and_returns_typed_empty_outputs(small_data, model_3cls, small_spec):
+    empty = discover(small_data).subset([])
+    scope = ShardScope(run_error=0.1)
+    fast = evaluate_fast(empty, model_3cls, small_spec, options=FAST, progress=False, scope=scope)
+    assert scope.errors == [0.0] and fast.samples == 0 and fast.extra["exact"]["rechecked"] == 0
+    reference = evaluate_reference(empty, model_3cls, small_spec, batch_size=4, workers=0, progress=False)
+    for result in (fast, reference):
+        outputs = result.per_sample()
+        assert outputs["topk_classes"].shape == (0, 5) and outputs["predictions"].dtype == torch.int64
+        assert outputs["topk_hits"].dtype == torch.bool and outputs["losses"].dtype == torch.float32
 
 
 # --- the whole command under torchrun (gloo, CPU) ----------------------------------------------------------
