@@ -124,13 +124,17 @@ if step distributed; then
     NGPU=$(nvidia-smi -L 2>/dev/null | grep -c "^GPU " || true)
     if [ "${NGPU:-0}" -gt 1 ]; then
         synth_once
+        # One seeded model for both runs (no --weights would be a random model per command).
+        CKPT="$WORK/resnet18_seeded.pt"
+        py -c "import sys, torch, torchvision; torch.manual_seed(0); torch.save(torchvision.models.resnet18(
+num_classes=int(sys.argv[2])).state_dict(), sys.argv[1])" "$CKPT" "${GPU_CHECK_CLASSES:-50}"
         for n in 1 "$NGPU"; do
             RUN=(-m torch.distributed.run --standalone --nproc-per-node "$n" -m fasteval)
             W=$(( $(nproc) / n > 8 ? 8 : ($(nproc) / n > 0 ? $(nproc) / n : 1) ))
-            tpy 240 "${RUN[@]}" bench "$DATA" --batch-size 256 --workers "$W" --repeats 1 --no-progress \
+            tpy 240 "${RUN[@]}" bench "$DATA" --weights "$CKPT" --batch-size 256 --workers "$W" --repeats 1 --no-progress \
                 --json "$OUT_DIR/ranks${n}_bench.json" > "$OUT_DIR/ranks${n}_bench.txt" 2>&1
             log "torchrun --nproc-per-node $n fasteval bench exit code $?"
-            tpy 180 "${RUN[@]}" eval "$DATA" --batch-size 256 --workers "$W" --no-progress \
+            tpy 180 "${RUN[@]}" eval "$DATA" --weights "$CKPT" --batch-size 256 --workers "$W" --no-progress \
                 --json "$OUT_DIR/ranks${n}_eval.json" --predictions "$OUT_DIR/ranks${n}_eval.csv" \
                 > "$OUT_DIR/ranks${n}_eval.txt" 2>&1
             log "torchrun --nproc-per-node $n fasteval eval exit code $?"
@@ -225,7 +229,6 @@ if ranks:
                         "predictions_csv_equal": open(os.path.join(out, f"ranks{ranks[0]}_eval.csv")).read()
                         == open(os.path.join(out, f"ranks{ranks[-1]}_eval.csv")).read()}
     summary["distributed"] = dist
-    paths.append(f"torchrun on {ranks[-1]} GPUs: {json.dumps(dist.get('eval', {}))}")
 print(json.dumps(summary, indent=2))
 PY
 py - "$OUT_DIR/summary.json" <<'PY' | tee -a "$LOG"
@@ -240,6 +243,8 @@ for name in ("cuda_tests", "device_tests"):
         print(f"    {path}: {', '.join(f'{k} {v}' for k, v in sorted(counts.items()))}")
 for line in s["paths"]:
     print(f"  bench {line}")
+for name, run in s.get("distributed", {}).items():
+    print(f"  torchrun {name}: {json.dumps(run)}")
 for item in s["not_run"]:
     print(f"  NOT RUN: {item}")
 PY

@@ -161,6 +161,8 @@ def _prepare(args, ranks=None):
     spec = get_spec(args.preset, args.resize, args.crop)
     device = resolve_device(ranks.device_name(args.device), make_current=True)
     model = build_model(args.arch, weights, samples.num_classes)
+    if weights is None:
+        ranks.share_random_init(model)
     first = probe(samples.paths[0])
     if first.size is not None:
         image_hw = (first.size[1], first.size[0])

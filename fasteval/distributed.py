@@ -189,6 +189,9 @@ class Ranks:
     def check_same_data(self, samples: SampleList) -> None:
         """Stop every rank if one lists a different dataset from rank 0's."""
 
+    def share_random_init(self, model) -> None:
+        """Give every rank rank 0's randomly initialised weights (no ``--weights``), in place."""
+
     def gather(self, result: EvalResult, samples: SampleList, batch_size: int) -> EvalResult:
         """The whole run's result from every rank's result of its shard (on every rank)."""
         return result
@@ -273,6 +276,11 @@ class TorchrunRanks(Ranks):
         if digest != digests[0]:
             raise FastevalError(f"this rank sees a different dataset under {printable(samples.root)} from rank 0's: "
                                 f"{first_difference(mine, theirs)}; every rank must see the same files")
+
+    def share_random_init(self, model) -> None:
+        state = self.exchange(model.state_dict() if self.is_main else None)[0]
+        if not self.is_main:
+            model.load_state_dict(state)
 
     def gather(self, result: EvalResult, samples: SampleList, batch_size: int) -> EvalResult:
         """Every rank's per-sample tensors (EvalResult's PER_SAMPLE_FIELDS, whichever it holds) by a padded
