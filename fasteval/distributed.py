@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 import sys
 import traceback
 from collections.abc import Iterator, Mapping
@@ -111,8 +112,9 @@ def calibration_share(counts: list[int], rank: int) -> tuple[list[int], int]:
 
 
 def _short(exc: BaseException) -> str:
-    """The first sentence of a collective's error (gloo and NCCL append paragraphs of advice)."""
-    return first_line(exc).split(". ")[0][:200]
+    """The first sentence of a collective's error, without gloo's source location (gloo and NCCL append
+    paragraphs of advice)."""
+    return re.sub(r"^\[[^\]]*\]\s*", "", first_line(exc)).split(". ")[0][:200]
 
 
 class RankFailed(FastevalError):

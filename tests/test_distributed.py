@@ -320,6 +320,20 @@ def test_a_rank_that_dies_ends_every_rank_promptly(tmp_path, weights_3cls):
 
 
 @pytest.mark.slow
+def test_a_rank_that_hangs_ends_every_rank_at_the_timeout(tmp_path, weights_3cls):
+    data = tree(tmp_path / "data", 3, 7)
+    proc, seconds = torchrun(2, "eval", data, "--weights", weights_3cls, *SMALL, "--json", str(tmp_path / "r.json"),
+                             script=RANK_SCRIPT, env={"FASTEVAL_TEST_FAULT": "stall", "FASTEVAL_DIST_TIMEOUT": "4"})
+    assert proc.returncode != 0 and seconds < 100  # the stalled rank sleeps an hour
+    lines = error_lines(proc)
+    assert len(lines) == 1 and lines[0].startswith("fasteval: error: rank 0: the other ranks stopped answering (one "
+                                                   "failed or did not answer within FASTEVAL_DIST_TIMEOUT=4 s): "
+                                                   "Timed out"), proc.stderr
+    assert_clean_failure(proc)
+    assert not (tmp_path / "r.json").exists()
+
+
+@pytest.mark.slow
 def test_bench_under_torchrun_reports_every_rank_and_the_total(tmp_path, weights_3cls):
     data = tree(tmp_path / "data", 3, 7)
     proc, _ = torchrun(2, "bench", data, "--weights", weights_3cls, "--batch-size", "4", "--repeats", "1",
