@@ -22,8 +22,9 @@ import torch
 from fasteval import cli
 from fasteval.data.samples import discover
 from fasteval.data.synth import synth_dataset
-from fasteval.distributed import (Launch, calibration_share, dataset_entries, detect_launch, first_difference,
-                                  rank_device, shard_bounds, timeout_seconds)
+from fasteval.distributed import (CommunicationFailed, Launch, RankFailed, TorchrunRanks, calibration_share,
+                                  dataset_entries, detect_launch, first_difference, rank_device, reports_error,
+                                  shard_bounds, timeout_seconds)
 from fasteval.errors import FastevalError
 from fasteval.evaluation.exact import WholeRun, calibration_positions, merge_reports
 from fasteval.evaluation.fast import FastOptions, evaluate_fast
@@ -132,6 +133,70 @@ def test_the_reference_evaluates_a_shard_as_a_block_of_imagefolder(small_data, s
     assert len(reference_dataset(samples.subset([]), small_spec)) == 0
     with pytest.raises(FastevalError, match="list different samples"):
         reference_dataset(samples.subset([1, 3]), small_spec)
+
+
+def fake_group(monkeypatch, others):
+    """torch.distributed.all_gather_object answering with ``others(mine)`` (every rank's entry): the
+    exchange protocol without a process group."""
+    import torch.distributed as dist
+
+    def all_gather_object(out, mine):
+        out[:] = others(mine)
+
+    monkeypatch.setattr(dist, "all_gather_object", all_gather_object)
+
+
+def ranks_at(rank: int) -> TorchrunRanks:
+    return TorchrunRanks(Launch(rank=rank, world_size=3, local_rank=rank), "gloo", "cpu")
+
+
+def test_exchange_returns_payloads_in_rank_order(monkeypatch):
+    fake_group(monkeypatch, lambda mine: [(None, "a"), mine, (None, "c")])
+    assert ranks_at(1).exchange("b") == ["a", "b", "c"]
+
+
+def test_a_failed_rank_raises_everywhere_and_rank_0_says_it_once(monkeypatch, capsys):
+    fake_group(monkeypatch, lambda mine: [mine, (None, None), ("cannot decode image x.jpg: truncated", None)])
+    with pytest.raises(RankFailed, match=r"^rank 2: cannot decode image x.jpg: truncated$") as failed:
+        ranks_at(0).exchange()
+    assert capsys.readouterr().err == "fasteval: error: rank 2: cannot decode image x.jpg: truncated\n"
+    assert not reports_error(failed.value, {"RANK": "0"})  # printed already: main() stays quiet
+    with pytest.raises(RankFailed) as failed:
+        ranks_at(1).exchange()
+    assert capsys.readouterr().err == "" and not reports_error(failed.value, {"RANK": "1"})
+
+
+def test_the_same_failure_on_every_rank_is_one_plain_line(monkeypatch):
+    fake_group(monkeypatch, lambda mine: [("weights file not found: w.pt", None)] * 3)
+    with pytest.raises(RankFailed, match=r"^weights file not found: w.pt$"):
+        ranks_at(1).exchange(error="weights file not found: w.pt")
+
+
+def test_a_failing_step_tells_the_others_or_says_it_itself(monkeypatch):
+    sent = []
+    fake_group(monkeypatch, lambda mine: sent.append(mine) or [(None, None), mine, (None, None)])
+
+    def bad():
+        raise FastevalError("cannot decode image y.jpg: truncated")
+
+    with pytest.raises(RankFailed, match="^rank 1: cannot decode image y.jpg"):
+        ranks_at(1).step(bad)
+    assert sent == [("cannot decode image y.jpg: truncated", None)]
+    assert ranks_at(1).step(lambda x: x + 1, 2) == 3  # success: an exchange with no error, then the value
+
+    def broken(out, mine):
+        raise RuntimeError("Connection closed by peer. Check the logs.")
+
+    import torch.distributed as dist
+
+    monkeypatch.setattr(dist, "all_gather_object", broken)
+    with pytest.raises(FastevalError, match="^cannot decode image y.jpg") as own:
+        ranks_at(1).step(bad)  # nobody to tell: the failing rank prints its own line
+    assert reports_error(own.value, {"RANK": "1"})
+    with pytest.raises(CommunicationFailed, match=r"rank 1: the other ranks stopped answering .*: "
+                                                  r"Connection closed by peer$") as lost:
+        ranks_at(1).exchange()
+    assert not reports_error(lost.value, {"RANK": "1"}) and reports_error(lost.value, {"RANK": "0"})
 
 
 class ShardScope(WholeRun):
