@@ -32,6 +32,7 @@ if TYPE_CHECKING:  # torch and the evaluators load when a rank starts: the CLI i
 
 TIMEOUT_ENV = "FASTEVAL_DIST_TIMEOUT"
 DEFAULT_TIMEOUT_S = 1800.0  # a collective waits this long for the slowest rank (its whole shard, at worst)
+_error_said = False  # rank 0 printed a failing rank's line (once per process)
 _SUMMED_EXTRA = ("nonfinite_rows", "pil_fallback_files")  # per-rank counts in EvalResult.extra
 
 
@@ -236,8 +237,9 @@ class TorchrunRanks(Ranks):
             everywhere = len(errors) == self.world_size and len({m for _, m in errors}) == 1
             failed = RankFailed(message if everywhere else f"rank {rank}: {message}")
             if self.is_main:  # at once: torchrun stops every rank as soon as one exits with an error
+                global _error_said
                 print(f"fasteval: error: {describe_error(failed)}", file=sys.stderr, flush=True)
-                failed.fasteval_reported = True
+                _error_said = True
             raise failed
         return [p for _, p in gathered]
 
@@ -430,8 +432,8 @@ def start_ranks(device: str, *, debug: bool = False, environ: Mapping[str, str] 
 def reports_error(exc: BaseException, environ: Mapping[str, str] = os.environ) -> bool:
     """Whether this process prints ``exc``: one process always; under torchrun rank 0 (every rank has
     the failing rank's line), or a failing rank that could not tell rank 0."""
-    if getattr(exc, "fasteval_reported", False):
-        return False
+    if _error_said:
+        return False  # the run's error was printed: torchrun's SIGTERM that may follow is no news
     if getattr(exc, "fasteval_report", False):
         return True
     return environ.get("RANK", "0") == "0"

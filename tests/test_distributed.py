@@ -19,13 +19,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from fasteval import cli
+from fasteval import cli, distributed
 from fasteval.data.samples import discover
 from fasteval.data.synth import synth_dataset
 from fasteval.distributed import (CommunicationFailed, Launch, RankFailed, TorchrunRanks, calibration_share,
                                   dataset_entries, detect_launch, first_difference, rank_device, reports_error,
                                   shard_bounds, timeout_seconds)
-from fasteval.errors import FastevalError
+from fasteval.errors import FastevalError, Terminated
 from fasteval.evaluation.exact import WholeRun, calibration_positions, merge_reports
 from fasteval.evaluation.fast import FastOptions, evaluate_fast
 from fasteval.evaluation.reference import evaluate_reference
@@ -156,11 +156,13 @@ def test_exchange_returns_payloads_in_rank_order(monkeypatch):
 
 
 def test_a_failed_rank_raises_everywhere_and_rank_0_says_it_once(monkeypatch, capsys):
+    monkeypatch.setattr(distributed, "_error_said", False)  # this process's flag, restored afterwards
     fake_group(monkeypatch, lambda mine: [mine, (None, None), ("cannot decode image x.jpg: truncated", None)])
     with pytest.raises(RankFailed, match=r"^rank 2: cannot decode image x.jpg: truncated$") as failed:
         ranks_at(0).exchange()
     assert capsys.readouterr().err == "fasteval: error: rank 2: cannot decode image x.jpg: truncated\n"
-    assert not reports_error(failed.value, {"RANK": "0"})  # printed already: main() stays quiet
+    assert not reports_error(failed.value, {"RANK": "0"})  # printed already: main() stays quiet,
+    assert not reports_error(Terminated(), {"RANK": "0"})  # and about torchrun's SIGTERM after it
     with pytest.raises(RankFailed) as failed:
         ranks_at(1).exchange()
     assert capsys.readouterr().err == "" and not reports_error(failed.value, {"RANK": "1"})
