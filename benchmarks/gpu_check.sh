@@ -8,8 +8,10 @@
 # paths ran (DALI or not, the Triton kernel or its PyTorch twin), naming every path it could not
 # run. Meant to finish in under 10 minutes. GPU_CHECK_CLASSES/GPU_CHECK_PER_CLASS shrink the
 # dataset for a dry run of the plumbing on a CPU machine. GPU_CHECK_STEPS picks the steps (default
-# "cuda kernel bench sweep"; also "device"), GPU_CHECK_REPEATS the bench repeats (default 1: each cold command
-# compiles from nothing). Works on Python 3.10 (no `python -P`).
+# "cuda kernel bench sweep distributed"; also "device"; distributed: `fasteval bench` and `eval` under
+# torchrun on every local GPU against one GPU where nvidia-smi -L lists several, skipped with the reason
+# where there is one), GPU_CHECK_REPEATS the bench repeats (default 1: each cold command compiles from
+# nothing). Works on Python 3.10 (no `python -P`).
 set -uo pipefail
 OUT_DIR="$(mkdir -p "${1:?usage: benchmarks/gpu_check.sh OUT_DIR}" && cd "$1" && pwd)"
 REPO="$(cd "$(dirname "$0")/.." && pwd)"
@@ -26,7 +28,7 @@ export FASTEVAL_CACHE="$WORK/cache"
 py() { (cd "$WORK" && "$PY" "$@"); }
 tpy() { local limit=$1; shift; (cd "$WORK" && timeout "$limit" "$PY" "$@"); }
 PYTEST=(-m pytest -c "$REPO/pyproject.toml" --rootdir "$REPO" -p no:cacheprovider)
-STEPS=" ${GPU_CHECK_STEPS:-cuda kernel bench sweep} "
+STEPS=" ${GPU_CHECK_STEPS:-cuda kernel bench sweep distributed} "
 step() { [[ "$STEPS" == *" $1 "* ]]; }
 # Tests in 4 processes where pytest-xdist is installed (the GPU has room; the host has the cores).
 XDIST=()
@@ -92,11 +94,15 @@ if step kernel; then
 fi
 
 # 4. fasteval bench on 5,000 ImageNet-like JPEGs with every loader that can run here.
-if step bench; then
-    DATA="$WORK/imagenet_like"
+DATA="$WORK/imagenet_like"
+synth_once() {
+    [ -d "$DATA" ] && return
     py -m fasteval synth "$DATA" --classes "${GPU_CHECK_CLASSES:-50}" --per-class "${GPU_CHECK_PER_CLASS:-100}" \
         > "$OUT_DIR/synth.log" 2>&1
     log "synth: $(tail -1 "$OUT_DIR/synth.log")"
+}
+if step bench; then
+    synth_once
     # The reference's DataLoader keeps about 2 float32 batches per worker in /dev/shm (154 MB per batch
     # of 256 at 224x224): 16 workers need about 5 GB. Use no more workers than /dev/shm holds.
     WORKERS=$(( $(nproc) < 16 ? $(nproc) : 16 ))
@@ -154,7 +160,33 @@ print(f"sweep: {s['samples']} samples, decoded {s['decoded']['placement']} ({s['
 PY
 fi
 
-# 5. One summary, with the paths that ran.
+# 5. Under torchrun (NCCL, one rank per GPU): bench on 1 GPU against every local GPU, and eval on both, whose
+#    counts must be equal (the JSON's `distributed` says how the samples were split).
+if step distributed; then
+    NGPU=$(nvidia-smi -L 2>/dev/null | grep -c "^GPU " || true)
+    if [ "${NGPU:-0}" -gt 1 ]; then
+        synth_once
+        # One seeded model for both runs (no --weights would be a random model per command).
+        CKPT="$WORK/resnet18_seeded.pt"
+        py -c "import sys, torch, torchvision; torch.manual_seed(0); torch.save(torchvision.models.resnet18(
+num_classes=int(sys.argv[2])).state_dict(), sys.argv[1])" "$CKPT" "${GPU_CHECK_CLASSES:-50}"
+        for n in 1 "$NGPU"; do
+            RUN=(-m torch.distributed.run --standalone --nproc-per-node "$n" -m fasteval)
+            W=$(( $(nproc) / n > 8 ? 8 : ($(nproc) / n > 0 ? $(nproc) / n : 1) ))
+            tpy 240 "${RUN[@]}" bench "$DATA" --weights "$CKPT" --batch-size 256 --workers "$W" --repeats 1 --no-progress \
+                --json "$OUT_DIR/ranks${n}_bench.json" > "$OUT_DIR/ranks${n}_bench.txt" 2>&1
+            log "torchrun --nproc-per-node $n fasteval bench exit code $?"
+            tpy 180 "${RUN[@]}" eval "$DATA" --weights "$CKPT" --batch-size 256 --workers "$W" --no-progress \
+                --json "$OUT_DIR/ranks${n}_eval.json" --predictions "$OUT_DIR/ranks${n}_eval.csv" \
+                > "$OUT_DIR/ranks${n}_eval.txt" 2>&1
+            log "torchrun --nproc-per-node $n fasteval eval exit code $?"
+        done
+    else
+        log "SKIPPED: distributed (nvidia-smi -L lists ${NGPU:-0} GPU(s): one GPU against several needs at least 2)"
+    fi
+fi
+
+# 6. One summary, with the paths that ran.
 py - "$OUT_DIR" "$DALI" "$(( $(date +%s) - START ))" > "$OUT_DIR/summary.json" <<'PY'
 import json, os, re, sys
 out, dali, seconds = sys.argv[1], sys.argv[2] == "1", int(sys.argv[3])
@@ -223,6 +255,30 @@ try:
                         "compile": sw["checkpoints"][0]["compile"]}
 except Exception as exc:
     summary["not_run"].append(f"sweep ({exc})")
+ranks = sorted(int(m.group(1)) for m in (re.fullmatch(r"ranks(\d+)_bench\.json", n) for n in os.listdir(out)) if m)
+if ranks:
+    dist = {}
+    for n in ranks:
+        b = json.load(open(os.path.join(out, f"ranks{n}_bench.json")))["distributed"]
+        dist[f"ranks_{n}"] = {"samples_per_rank": b["samples_per_rank"],
+                              "fast_images_per_sec_total": b["fast"]["images_per_sec_total"],
+                              "fast_images_per_sec_per_rank": b["fast"]["images_per_sec_per_rank"],
+                              "reference_images_per_sec_total": b["reference"]["images_per_sec_total"]}
+    evals = {}
+    for n in ranks:
+        try:
+            e = json.load(open(os.path.join(out, f"ranks{n}_eval.json")))
+            evals[n] = {k: e[k] for k in ("samples", "correct_top1", "correct_top5", "loss_sum")}
+        except Exception as exc:
+            summary["not_run"].append(f"eval under torchrun on {n} GPU(s) ({exc})")
+    if len(evals) == 2:
+        one, many = evals[ranks[0]], evals[ranks[-1]]
+        dist["eval"] = {"one_gpu": one, "all_gpus": many,
+                        "counts_equal": all(one[k] == many[k] for k in ("samples", "correct_top1", "correct_top5")),
+                        "loss_sum_bitwise_equal": one["loss_sum"] == many["loss_sum"],
+                        "predictions_csv_equal": open(os.path.join(out, f"ranks{ranks[0]}_eval.csv")).read()
+                        == open(os.path.join(out, f"ranks{ranks[-1]}_eval.csv")).read()}
+    summary["distributed"] = dist
 print(json.dumps(summary, indent=2))
 PY
 py - "$OUT_DIR/summary.json" <<'PY' | tee -a "$LOG"
@@ -237,6 +293,8 @@ for name in ("cuda_tests", "device_tests"):
         print(f"    {path}: {', '.join(f'{k} {v}' for k, v in sorted(counts.items()))}")
 for line in s["paths"]:
     print(f"  bench {line}")
+for name, run in s.get("distributed", {}).items():
+    print(f"  torchrun {name}: {json.dumps(run)}")
 for item in s["not_run"]:
     print(f"  NOT RUN: {item}")
 PY

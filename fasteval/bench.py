@@ -264,10 +264,10 @@ def time_to_result(config: dict, options: FastOptions, repeats: int = 3) -> dict
 
 def run_bench(samples: SampleList, model: nn.Module, spec: PreprocessSpec, device: torch.device,
               options: FastOptions, repeats: int = 3, progress: bool = True, eval_config: dict | None = None,
-              measure_time_to_result: bool = True) -> dict:
+              measure_time_to_result: bool = True, scope=None) -> dict:
     """Everything ``fasteval bench`` reports, as a dict (the ``--json`` content). ``eval_config`` (the
     eval command's ``config``: path, arch, weights, preset, sizes, batch size, workers, device) is needed
-    for the time to result."""
+    for the time to result. ``scope``: ``samples`` are one torchrun rank's shard (fasteval/distributed.py)."""
     ref_model = copy.deepcopy(model)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
@@ -285,7 +285,7 @@ def run_bench(samples: SampleList, model: nn.Module, spec: PreprocessSpec, devic
 
     # The fast loop itself, always (no route to the reference); compiled where auto would compile a long run.
     loop_options = replace(options, compile="on" if options.compile == "auto" else options.compile, route=False)
-    evaluator = FastEvaluator(samples, model, spec, device, loop_options)
+    evaluator = FastEvaluator(samples, model, spec, device, loop_options, scope=scope)
     fast_runs = [evaluator.run(progress) for _ in range(repeats)]
     ref, fast = _median_result(ref_runs), _median_result(fast_runs)
     fast_stages = _fast_stages(evaluator, fast)

@@ -119,9 +119,10 @@ def _check_names(args) -> None:
         raise FastevalError(f"--device must be auto, cpu, cuda or cuda:N, got {args.device!r}")
 
 
-def _check_options(args) -> None:
+def _check_options(args, outputs: bool = True) -> None:
     """Every option and output path, checked before any work whatever the mode (``--reference`` too);
-    the names of values were checked by ``_check_names``, what they mean here is checked now."""
+    the names of values were checked by ``_check_names``, what they mean here is checked now.
+    ``outputs=False``: a distributed rank that writes nothing (rank 0 checks them)."""
     from fasteval.devices import resolve_device
     from fasteval.model.inference import resolve_precision
     from fasteval.data.loaders import resolve_loader
@@ -132,11 +133,11 @@ def _check_options(args) -> None:
     resolve_precision(args.precision, resolve_device(args.device))
     if args.loader == "dali":  # "auto" needs no check, and importing DALI to find out costs a third of a second
         resolve_loader(args.loader)
-    outputs = {option: getattr(args, name, None)
+    outputs = {option: getattr(args, name, None) if outputs else None
                for option, name in (("--json", "json"), ("--predictions", "predictions"), ("--plot", "plot"))}
     inputs = {"--weights": args.weights} if args.weights and os.path.isfile(args.weights) else {}
     check_distinct({**inputs, **outputs})
-    if args.command == "eval" and args.plot:  # a folder of PNGs, unlike bench's --plot file
+    if args.command == "eval" and outputs.get("--plot"):  # a folder of PNGs, unlike bench's --plot file
         from fasteval.output.plots import check_plot_folder
 
         check_plot_folder(outputs.pop("--plot"))
@@ -145,36 +146,43 @@ def _check_options(args) -> None:
             check_output_file(path, option)
 
 
-def _prepare(args):
+def _prepare(args, ranks=None):
     """Resolve the dataset, model, spec and device shared by every run; refuse what cannot run
-    (options, outputs, a model that does not take the input size, undecodable files) before any work."""
+    (options, outputs, a model that does not take the input size, undecodable files) before any work.
+    ``ranks`` (fasteval/distributed.py): under torchrun, every rank checks that it sees rank 0's dataset
+    and the files of its own shard."""
     from fasteval.demo import ensure_demo
     from fasteval.devices import resolve_device
     from fasteval.model.models import build_model, check_input_fits
     from fasteval.data.preprocess import check_memory, get_spec
     from fasteval.data.probe import check_headers, probe
     from fasteval.data.samples import discover
+    from fasteval.distributed import Ranks
 
-    _check_options(args)
+    ranks = ranks or Ranks()
+    _check_options(args, outputs=ranks.is_main)
     weights = args.weights
     data = args.data
     if data is None:
         if args.arch != "resnet18" or args.weights:
             raise FastevalError("the built-in demo uses its own resnet18 model: give DATA to choose --arch/--weights")
         data, weights = ensure_demo()
-    samples = discover(data)
-    if weights is None:
+    samples = discover(data, quiet=not ranks.is_main)
+    ranks.check_same_data(samples)
+    if weights is None and ranks.is_main:
         print("fasteval: no --weights: the model is randomly initialised, its accuracy means nothing",
               file=sys.stderr)
     spec = get_spec(args.preset, args.resize, args.crop)
-    device = resolve_device(args.device, make_current=True)
+    device = resolve_device(ranks.device_name(args.device), make_current=True)
     model = build_model(args.arch, weights, samples.num_classes)
+    if weights is None:
+        ranks.share_random_init(model)
     first = probe(samples.paths[0])
     if first.size is not None:
         image_hw = (first.size[1], first.size[0])
         check_memory(spec, image_hw, min(args.batch_size, len(samples)), args.workers)
         check_input_fits(model, args.arch, spec, spec.output_hw(*image_hw))
-    check_headers(samples)
+    check_headers(ranks.shard(samples))
     config = {
         "path": os.path.abspath(data),
         "arch": args.arch,
@@ -212,16 +220,21 @@ def cmd_eval(args) -> int:
     from fasteval.evaluation.reference import REFERENCE_SETTINGS, evaluate_reference
     from fasteval.output.report import build_report, format_table, write_json, write_predictions
     from fasteval.evaluation.validate import compare, format_comparison
+    from fasteval.distributed import start_ranks
 
-    samples, spec, device, model, config = _prepare(args)
-    progress = not args.no_progress
-    reference = fast = None
-    if args.reference or args.validate:
-        reference = evaluate_reference(samples, model, spec, batch_size=args.batch_size, workers=args.workers,
-                                       device=device, progress=progress)
-    if not args.reference:
-        fast = evaluate_fast(samples, model, spec, device=device, options=fast_options(args), progress=progress,
-                             **_decoded_source(args))
+    with start_ranks(args.device, debug=args.debug) as ranks:  # one process, or one rank under torchrun
+        samples, spec, device, model, config = ranks.step(_prepare, args, ranks)
+        shard, batch, progress = ranks.shard(samples), config["batch_size"], not args.no_progress and ranks.is_main
+        reference = fast = None
+        if args.reference or args.validate:
+            reference = ranks.gather(ranks.step(evaluate_reference, shard, model, spec, batch_size=args.batch_size,
+                                                workers=args.workers, device=device, progress=progress), samples, batch)
+        if not args.reference:
+            fast = ranks.gather(ranks.step(evaluate_fast, shard, model, spec, device=device, options=fast_options(args),
+                                           progress=progress, scope=ranks.scope(samples),
+                                           **_decoded_source(args)), samples, batch)
+    if not ranks.is_main:
+        return 0  # rank 0 reports and writes
     main_result = fast if fast is not None else reference
     report = build_report(main_result, {**config, **(REFERENCE_SETTINGS if fast is None else {})}, device, samples)
     print(format_table(report, "fasteval eval" + (" --reference" if fast is None else "")))
@@ -261,13 +274,23 @@ def cmd_bench(args) -> int:
             import matplotlib  # noqa: F401
         except ImportError:
             raise FastevalError("--plot needs matplotlib: pip install 'fasteval[plot]'") from None
-    samples, spec, device, model, config = _prepare(args)
-    result = run_bench(samples, model, spec, device, fast_options(args), repeats=args.repeats,
-                       progress=not args.no_progress, eval_config=config,
-                       measure_time_to_result=not args.no_time_to_result)
+    from fasteval.distributed import format_ranks_bench, start_ranks
+
+    with start_ranks(args.device, debug=args.debug) as ranks:  # under torchrun: each rank benches its shard
+        samples, spec, device, model, config = ranks.step(_prepare, args, ranks)
+        if len(samples) < ranks.world_size:
+            raise FastevalError(f"bench under torchrun needs a sample per rank: {len(samples)} samples, "
+                                f"{ranks.world_size} ranks")
+        result = ranks.step(run_bench, ranks.shard(samples), model, spec, device, fast_options(args),
+                            repeats=args.repeats, progress=not args.no_progress and ranks.is_main, eval_config=config,
+                            measure_time_to_result=not args.no_time_to_result and not ranks.launched,
+                            scope=ranks.scope(samples))
+        result.update(ranks.bench_summary(result))
+    if not ranks.is_main:
+        return 0
     result["config"].update(arch=config["arch"], weights=config["weights"], preset=spec.name,
                             batch_size=config["batch_size"], batch_size_requested=config["batch_size_requested"])
-    print(format_bench(result))
+    print(format_bench(result) + format_ranks_bench(result))
     if args.json:
         write_json(result, args.json)
     if args.plot:
@@ -290,17 +313,20 @@ COMMANDS = {"eval": cmd_eval, "bench": cmd_bench, "synth": cmd_synth}
 def main(argv: list[str] | None = None) -> int:
     """Run a command. Any error is one line on stderr and exit code 2 (``--debug``: the traceback);
     Ctrl-C exits 130 and SIGTERM 143, both after cleaning up (temporary folders, worker processes)."""
+    from fasteval.distributed import reports_error
     from fasteval.procs import sigterm_raises
 
     args = build_parser().parse_args(argv)
     try:
         with sigterm_raises():
             return COMMANDS[args.command](args)
-    except KeyboardInterrupt:
-        print("fasteval: interrupted", file=sys.stderr)
+    except KeyboardInterrupt as exc:
+        if reports_error(exc):
+            print("fasteval: interrupted", file=sys.stderr)
         return 130
-    except Terminated:
-        print("fasteval: terminated (SIGTERM)", file=sys.stderr)
+    except Terminated as exc:
+        if reports_error(exc):
+            print("fasteval: terminated (SIGTERM)", file=sys.stderr)
         return 143
     except BrokenPipeError:  # stdout closed early (``| head``): no second error when Python flushes it at exit
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
@@ -309,5 +335,6 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as exc:
         if args.debug:
             raise
-        print(f"fasteval: error: {describe_error(exc)}", file=sys.stderr)
+        if reports_error(exc):  # under torchrun: once, by rank 0 (fasteval/distributed.py)
+            print(f"fasteval: error: {describe_error(exc)}", file=sys.stderr)
         return 2

@@ -53,6 +53,26 @@ def calibration_positions(num_samples: int, count: int = CALIBRATION_SAMPLES) ->
     return sorted({round(i * (num_samples - 1) / (count - 1)) for i in range(count)})
 
 
+class WholeRun:
+    """The run is this one evaluator's samples (one process). A sharded run (fasteval/distributed.py)
+    overrides these, so that each shard makes the one-process decisions over the whole dataset."""
+
+    sharded = False
+
+    def total(self, local: int) -> int:
+        """The whole run's sample count, given this evaluator's."""
+        return local
+
+    def calibration(self, main: list[int]) -> tuple[list[int], int]:
+        """The calibration samples among ``main`` (the fast-decoded samples, in order), and the whole run's count."""
+        picked = [main[p] for p in calibration_positions(len(main))]
+        return picked, len(picked)
+
+    def max_error(self, error: float) -> float:
+        """The whole run's largest logit error, given this evaluator's."""
+        return error
+
+
 def max_logit_error(fast: torch.Tensor, reference: torch.Tensor) -> float:
     """The largest |fast - reference| over all logits; inf where one side is not finite and they differ."""
     same = (fast == reference) | (torch.isnan(fast) & torch.isnan(reference))
@@ -78,25 +98,29 @@ def apply_reference(outputs: dict[str, torch.Tensor], samples: SampleList, indic
 
 
 def recheck(samples: SampleList, outputs: dict[str, torch.Tensor], calibration: list[int],
-            calibration_logits: torch.Tensor, model: nn.Module, spec: PreprocessSpec, *, batch_size: int,
-            workers: int, device: torch.device) -> dict:
+            calibration_logits: torch.Tensor | None, model: nn.Module, spec: PreprocessSpec, *, batch_size: int,
+            workers: int, device: torch.device, scope: WholeRun = WholeRun()) -> dict:
     """Replace, in place, the fast per-sample ``outputs`` (sample order, CPU) of the calibration and
     near-tie samples by the reference's. ``calibration_logits`` are the fast logits of the
-    ``calibration`` samples, kept during the pass. Returns the report of the recheck."""
+    ``calibration`` samples, kept during the pass. ``scope`` turns this evaluator's logit error into
+    the whole run's (a shard may hold no calibration sample). Returns the report of the recheck."""
     start = time.perf_counter()
     run = dict(batch_size=batch_size, workers=workers, device=device)
     ref_calibration = reference_logits(samples, calibration, model, spec, **run)
-    error = max_logit_error(calibration_logits, ref_calibration)
+    error = scope.max_error(max_logit_error(calibration_logits, ref_calibration) if calibration else 0.0)
     tau = SAFETY * 2 * error
     gated = (outputs["margin"] <= tau) & ~outputs["rechecked"]
     gated[calibration] = False
     more = gated.nonzero().flatten().tolist()
-    ref_more = reference_logits(samples, more, model, spec, **run) if more else ref_calibration[:0]
+    ref_more = reference_logits(samples, more, model, spec, **run)  # torch.empty(0) for no sample
     indices = calibration + more
-    ref_logits = torch.cat([ref_calibration, ref_more])
     before = {key: outputs[key][indices] for key in ("pred", "topk_hit", "loss")}  # copies (list indexing)
-    score = apply_reference(outputs, samples, indices, ref_logits)
-    loss_error = (before["loss"][:len(calibration)].double() - score.losses[:len(calibration)].double())
+    after = before  # nothing to recheck on this shard
+    if indices:
+        ref_logits = torch.cat([logits for logits in (ref_calibration, ref_more) if len(logits)])
+        score = apply_reference(outputs, samples, indices, ref_logits)
+        after = {"pred": score.predicted, "topk_hit": score.topk_hits, "loss": score.losses}
+    loss_error = (before["loss"][:len(calibration)].double() - after["loss"][:len(calibration)].double())
     report = {
         "enabled": True,
         "tau": tau,
@@ -105,10 +129,31 @@ def recheck(samples: SampleList, outputs: dict[str, torch.Tensor], calibration: 
         "max_logit_error": error,
         "gated": len(more),
         "rechecked": len(indices),
-        "changed_top1": int((before["pred"] != score.predicted).sum()),
-        "changed_top5": int((before["topk_hit"] != score.topk_hits).sum()),
+        "changed_top1": int((before["pred"] != after["pred"]).sum()),
+        "changed_top5": int((before["topk_hit"] != after["topk_hit"]).sum()),
         "calibration_loss_error_mean": float(loss_error.mean()) if len(loss_error) else 0.0,
         "calibration_loss_error_max": float(loss_error.abs().max()) if len(loss_error) else 0.0,
         "seconds": time.perf_counter() - start,
     }
     return report
+
+
+_SUMMED = ("calibration_samples", "gated", "rechecked", "changed_top1", "changed_top5")
+
+
+def merge_reports(reports: list[dict]) -> dict:
+    """One report of the recheck from the reports of shards of one run (same tau, each shard's own samples):
+    counts summed, the calibration loss error's mean weighted by each shard's calibration samples, its
+    maximum and the seconds the largest."""
+    merged = dict(reports[0])
+    for key in _SUMMED:
+        if key in merged:
+            merged[key] = sum(r.get(key, 0) for r in reports)
+    if "calibration_loss_error_mean" in merged:
+        n = merged["calibration_samples"]
+        merged["calibration_loss_error_mean"] = sum(r["calibration_loss_error_mean"] * r["calibration_samples"]
+                                                    for r in reports) / n if n else 0.0
+        merged["calibration_loss_error_max"] = max(r["calibration_loss_error_max"] for r in reports)
+    if "seconds" in merged:
+        merged["seconds"] = max(r["seconds"] for r in reports)
+    return merged

@@ -18,7 +18,7 @@ from tqdm import tqdm
 
 from fasteval.devices import synchronize, use_device
 from fasteval.errors import first_line
-from fasteval.evaluation.exact import CALIBRATION_SAMPLES, apply_reference, calibration_positions, recheck, resolve_exact
+from fasteval.evaluation.exact import CALIBRATION_SAMPLES, WholeRun, apply_reference, recheck, resolve_exact
 from fasteval.model.inference import DTYPES, FastModel, resolve_precision
 from fasteval.kernels.accumulator import MetricsAccumulator
 from fasteval.kernels.fused_metrics import resolve_backend
@@ -65,18 +65,24 @@ class FastEvaluator:
     Samples the fast loader would decode differently from the reference (``needs_pil``) are
     evaluated by the reference's own code, batched, at a cost in proportion to their number.
     With ``--exact`` on (the default), near-tie samples are rechecked the same way (fasteval/evaluation/exact.py).
+    ``scope``: where ``samples`` are one shard of a run (fasteval/distributed.py), the run-wide decisions
+    (static batch, small-dataset rule, calibration, tau) are the one-process ones over the whole run.
     """
 
     def __init__(self, samples: SampleList, model: torch.nn.Module, spec: PreprocessSpec, device: torch.device,
-                 options: FastOptions, batch_source=make_loader, passes: int = 1) -> None:
+                 options: FastOptions, batch_source=make_loader, passes: int = 1,
+                 scope: WholeRun | None = None) -> None:
         """``batch_source``: makes the batches (``make_loader``'s signature); the checkpoint sweep passes
         fasteval/data/decoded.py's store, decoded once for every checkpoint. ``passes``: how many times
         ``run()`` will be called (the sweep's checkpoints), for ``--compile auto``'s decision."""
         start = time.perf_counter()
         self.route_summary: str | None = None
         self.passes = passes
-        # A static batch larger than the dataset would be mostly padding: clamp it.
-        options = replace(options, batch_size=min(options.batch_size, len(samples)))
+        self.scope = scope or WholeRun()
+        total = self.scope.total(len(samples))
+        # A static batch larger than the dataset would be mostly padding: clamp it (to the whole run's
+        # size, so that every shard runs the one-process batch shape).
+        options = replace(options, batch_size=min(options.batch_size, total))
         check_batchable(spec, samples.paths)
         check_headers(samples)  # a bad file fails here, in seconds, not after the fast pass (cached per file)
         device = use_device(device)  # work not given a device (Triton, nvJPEG, pinning) runs on it
@@ -86,8 +92,9 @@ class FastEvaluator:
         half = self.precision == "fp16"
         # The torchvision loaders decode with PIL already; DALI hands those files to the reference.
         pil = needs_pil(samples) if options.loader in ("auto", "dali") else []
+        self.total_samples = total
         self.rates, self.route_reason = self._route(model, len(pil))
-        self.all_by_reference = (self.exact and len(samples) <= SMALL_DATASET) or self.route_reason is not None
+        self.all_by_reference = (self.exact and total <= SMALL_DATASET) or self.route_reason is not None
         if self.all_by_reference:  # the reference's code alone is exact, and here the quicker way
             self.reference_only = list(range(len(samples)))
         else:  # DALI is imported only when the fast path runs
@@ -105,7 +112,7 @@ class FastEvaluator:
                 DTYPES[self.precision]
             self.model = FastModel(fast_model, device, self.precision, options.compile,
                                    num_samples=len(self.main) * passes)
-        self.calibration = [self.main[p] for p in calibration_positions(len(self.main))] if self.exact else []
+        self.calibration, self.calibration_total = self.scope.calibration(self.main) if self.exact else ([], 0)
         self.loader = None
         self.metrics_backend = resolve_backend(options.metrics_backend, device)
         if self.main:
@@ -128,7 +135,8 @@ class FastEvaluator:
         """With ``options.route`` and ``--compile auto`` (where fasteval weighs every cost of the fast path):
         this configuration's measured rates, and the reason the whole run goes through the reference's
         code (None: the fast path pays). ``--compile on``/``off`` ask for the fast path itself."""
-        if not self.options.route or resolve_compile_mode(self.options.compile) != "auto" or not len(self.samples):
+        if (not self.options.route or resolve_compile_mode(self.options.compile) != "auto" or not len(self.samples)
+                or self.scope.sharded):  # every rank must take the same route: torchrun runs the fast path
             return None, None
         hw = self.spec.output_hw(*image_size(self.samples.paths[0]))
         rates = load_rates(self.device, rates_key(model, self.device, self.precision, hw))
@@ -204,12 +212,12 @@ class FastEvaluator:
         by_reference = (len(self.reference_only), time.perf_counter() - start - pass_seconds)
         exact = {"enabled": False, "mode": self.options.exact, "reason": self.exact_reason}
         if self.all_by_reference:
-            reason = self.route_reason or (f"{len(self.samples)} samples (<= {SMALL_DATASET}, the calibration's "
+            reason = self.route_reason or (f"{self.total_samples} samples (<= {SMALL_DATASET}, the calibration's "
                                            f"size): every sample evaluated by the reference's code")
             exact.update(enabled=True, rechecked=len(self.samples), all_by_reference=True, reason=reason)
-        elif self.exact and self.calibration:
+        elif self.exact and self.calibration_total:
             exact.update(recheck(self.samples, outputs, self.calibration, kept, self.reference_model, self.spec,
-                                 **run))
+                                 **run, scope=self.scope))
             by_reference = (by_reference[0] + exact["rechecked"], by_reference[1] + exact["seconds"])
         seconds = time.perf_counter() - start
         if self.rates is not None:  # this run's costs, for the next run's route
@@ -219,7 +227,7 @@ class FastEvaluator:
                    setup=None if self.all_by_reference else self.warmup_seconds,
                    recheck_share=exact["gated"] / main if main and "gated" in exact else None)
         bar.close()
-        labels = torch.tensor(self.samples.labels)
+        labels = torch.tensor(self.samples.labels, dtype=torch.int64)
         totals = totals_from_samples(labels, outputs["pred"], outputs["topk_hit"], outputs["loss"],
                                      self.options.batch_size)
         return EvalResult(
@@ -287,6 +295,7 @@ def empty_outputs(num_samples: int) -> dict[str, torch.Tensor]:
 
 def evaluate_fast(samples: SampleList, model: torch.nn.Module, spec: PreprocessSpec, *,
                   device: torch.device | str = "cpu", options: FastOptions = FastOptions(),
-                  progress: bool = True, batch_source=make_loader) -> EvalResult:
-    """Evaluate once with the fast path."""
-    return FastEvaluator(samples, model, spec, torch.device(device), options, batch_source).run(progress)
+                  progress: bool = True, batch_source=make_loader, scope: WholeRun | None = None) -> EvalResult:
+    """Evaluate once with the fast path (``scope``: see FastEvaluator)."""
+    return FastEvaluator(samples, model, spec, torch.device(device), options, batch_source,
+                         scope=scope).run(progress)

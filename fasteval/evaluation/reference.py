@@ -13,7 +13,7 @@ from typing import NamedTuple
 
 import torch
 from torch import nn
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, Subset
 from torchvision.datasets import ImageFolder
 from tqdm import tqdm
 
@@ -51,12 +51,23 @@ def _reason(path: str, exc: Exception) -> str:
     return str(exc) or type(exc).__name__
 
 
-def reference_dataset(samples: SampleList, spec: PreprocessSpec) -> ImageFolder:
-    """torchvision's ImageFolder over the dataset, checked against the shared sample list."""
+def reference_dataset(samples: SampleList, spec: PreprocessSpec) -> Dataset:
+    """torchvision's ImageFolder over the dataset, checked against the shared sample list; where that
+    list is one contiguous block of ImageFolder's (a distributed rank's shard), the Subset of that block."""
     dataset = ImageFolder(samples.root, transform=spec.torchvision_transform(), loader=load_rgb)
-    if dataset.samples != samples.samples or dataset.classes != samples.classes:
+    block = _block(dataset.samples, samples.samples) if dataset.classes == samples.classes else None
+    if block is None:
         raise FastevalError(f"ImageFolder and fasteval list different samples under {samples.root}")
-    return dataset
+    return dataset if len(block) == len(dataset) else Subset(dataset, block)
+
+
+def _block(full: list, part: list) -> range | None:
+    """The indices of ``part`` in ``full`` where it is one contiguous block of it, else None."""
+    try:
+        start = full.index(part[0]) if part else 0
+    except ValueError:
+        return None
+    return range(start, start + len(part)) if full[start:start + len(part)] == part else None
 
 
 REFERENCE_SETTINGS = {"loader": "torchvision DataLoader + PIL", "precision": "fp32", "compile": False}
@@ -195,8 +206,13 @@ def evaluate_reference(
 
 
 def per_sample(scores: list[BatchScore]) -> dict[str, torch.Tensor]:
-    """The per-sample fields of batch scores, concatenated, under EvalResult's names."""
+    """The per-sample fields of batch scores, concatenated, under EvalResult's names (typed empty tensors
+    for no batch: a distributed rank with no samples)."""
     fields = {"predictions": "predicted", "losses": "losses", "topk_hits": "topk_hits",
               "topk_classes": "topk_classes", "confidences": "confidences", "margins": "margins",
               "prob_sq_sums": "prob_sq_sums"}
+    if not scores:
+        return {"predictions": torch.empty(0, dtype=torch.int64), "losses": torch.empty(0),
+                "topk_hits": torch.empty(0, dtype=torch.bool), "topk_classes": torch.empty((0, TOPK), dtype=torch.int64),
+                "confidences": torch.empty(0), "margins": torch.empty(0), "prob_sq_sums": torch.empty(0)}
     return {name: torch.cat([getattr(s, field) for s in scores]) for name, field in fields.items()}

@@ -65,6 +65,9 @@ def split_sweep(args) -> bool:
             raise FastevalError(f"{option} evaluates one checkpoint; it cannot be combined with several --weights")
     if args.data is None:
         raise FastevalError("the built-in demo uses its own model: give DATA to evaluate several --weights")
+    if int(os.environ.get("WORLD_SIZE", "1") or 1) > 1:
+        raise FastevalError("a checkpoint sweep runs in one process: launch it without torchrun (or evaluate each "
+                            "checkpoint under torchrun)")
     args.weights = paths[0]
     return True
 

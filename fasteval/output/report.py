@@ -89,6 +89,10 @@ def format_table(report: dict, title: str = "fasteval") -> str:
             rows.append((key, str(report[key])))
         elif key in cfg:
             rows.append((key, str(cfg[key])))
+    if report.get("distributed"):
+        d = report["distributed"]
+        rows.append(("ranks", f"{d['world_size']} ({d['backend']}), samples per rank "
+                              f"{' '.join(str(n) for n in d['samples_per_rank'])}"))
     if report.get("route") and not report.get("exact", {}).get("all_by_reference"):
         rows.append(("route", report["route"]))  # (a run sent to the reference says why under exact counts)
     if report.get("compile_reason") and report.get("loader") != "none":
