@@ -131,7 +131,7 @@ def _locked(path: str) -> Iterator[None]:
         os.close(fd)
 
 
-def ensure_demo(log=sys.stderr) -> tuple[str, str]:
+def ensure_demo(log=None) -> tuple[str, str]:
     """(dataset folder, weights file) of the demo, building them on first use."""
     entry = cache_dir()
     data_dir, weights = _entry_files(entry)
@@ -141,7 +141,8 @@ def ensure_demo(log=sys.stderr) -> tuple[str, str]:
     with _locked(os.path.join(base, f".demo-{DEMO_VERSION}.lock")):
         if os.path.isdir(data_dir) and os.path.isfile(weights):  # built while this process waited
             return data_dir, weights
-        print(f"fasteval: building the demo dataset and model in {entry} (once)", file=log)
+        # sys.stderr read now, not when the module was imported (a test's captured stream may be closed by then)
+        print(f"fasteval: building the demo dataset and model in {entry} (once)", file=log or sys.stderr)
         try:
             with staged_folder(entry) as work:
                 _build(work)

@@ -163,7 +163,8 @@ def test_nan_rows_make_ece_and_brier_nan_and_json_null(tmp_path):
 
 
 def test_refuses_mismatched_labels():
-    result = result_from_logits(torch.randn(4, 3), torch.tensor([0, 1, 2, 0]))
+    # Predictions 0, 1, 2, 0 (one-hot logits): class 2 lies outside a 2-class dataset.
+    result = result_from_logits(torch.eye(3)[[0, 1, 2, 0]], torch.tensor([0, 1, 2, 0]))
     with pytest.raises(ValueError, match="4 per-sample"):
         class_report(result, names(3, [0, 1, 2]))
     with pytest.raises(ValueError, match=r"\[0, 2\)"):
