@@ -38,6 +38,7 @@ from fasteval.kernels.accumulator import MetricsAccumulator
 from fasteval.evaluation.metrics import TOPK, EvalResult
 from fasteval.data.preprocess import PreprocessSpec
 from fasteval.evaluation.reference import REFERENCE_SETTINGS, evaluate_reference, reference_loader, reference_logits, score_batch
+from fasteval.output.files import atomic_write
 from fasteval.output.report import build_report, environment
 from fasteval.data.samples import SampleList
 from fasteval.evaluation.validate import compare
@@ -433,5 +434,6 @@ def plot_bench(b: dict, path: str) -> None:
     ax.set_title(f"fasteval bench: {b['speedup']:.2f}x end to end ({b['config']['device']})")
     ax.legend()
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    with atomic_write(path, binary=True) as f:  # complete or not at all, like every output
+        fig.savefig(f, format="png", dpi=120)
     plt.close(fig)

@@ -126,15 +126,17 @@ def _default_mode(base: int) -> int:
 
 
 @contextmanager
-def atomic_write(path: str, newline: str | None = None) -> Iterator:
-    """A text file to write ``path`` with: written beside it, flushed to disk and renamed over it
-    on success; removed on failure (the old file stays intact). Errors are one FastevalError
-    line naming the path. Devices and pipes are written directly. UTF-8; file names that are not
-    UTF-8 (kept by Python as surrogate escapes) are written back as their original bytes."""
+def atomic_write(path: str, newline: str | None = None, binary: bool = False) -> Iterator:
+    """A file to write ``path`` with: written beside it, flushed to disk and renamed over it on
+    success; removed on failure (the old file stays intact). Errors are one FastevalError line
+    naming the path. Devices and pipes are written directly. Text is UTF-8; file names that are not
+    UTF-8 (kept by Python as surrogate escapes) are written back as their original bytes.
+    ``binary``: a bytes file (images)."""
+    text = {} if binary else {"newline": newline, "encoding": "utf-8", "errors": "surrogateescape"}
     try:
         if _is_device(path):  # appended, not truncated: /dev/stdout may be the shell's redirected file
             sys.stdout.flush()
-            with open(path, "a", newline=newline, encoding="utf-8", errors="surrogateescape") as f:
+            with open(path, "ab" if binary else "a", **text) as f:
                 yield f
             return
         target = os.path.realpath(path)  # a link's target is replaced, not the link
@@ -143,7 +145,7 @@ def atomic_write(path: str, newline: str | None = None) -> Iterator:
         mode = stat.S_IMODE(os.stat(target).st_mode) if os.path.exists(target) else _default_mode(0o666)
         fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{os.path.basename(target)}.", suffix=".tmp")
         try:
-            with os.fdopen(fd, "w", newline=newline, encoding="utf-8", errors="surrogateescape") as f:
+            with os.fdopen(fd, "wb" if binary else "w", **text) as f:
                 yield f
                 f.flush()
                 os.fsync(f.fileno())
@@ -230,25 +232,5 @@ def replace_folder(new: str, target: str) -> None:
 
 def atomic_write_bytes(path: str, data: bytes) -> None:
     """Write ``data`` to ``path`` as ``atomic_write`` writes text (beside it, then renamed): for images."""
-    try:
-        if _is_device(path):
-            with open(path, "ab") as f:
-                f.write(data)
-            return
-        target = os.path.realpath(path)
-        folder = os.path.dirname(target)
-        os.makedirs(folder, exist_ok=True)
-        mode = stat.S_IMODE(os.stat(target).st_mode) if os.path.exists(target) else _default_mode(0o666)
-        fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{os.path.basename(target)}.", suffix=".tmp")
-        try:
-            with os.fdopen(fd, "wb") as f:
-                f.write(data)
-                f.flush()
-                os.fsync(f.fileno())
-            os.chmod(tmp, mode)
-            os.replace(tmp, target)
-        except BaseException:
-            _remove_quietly(tmp)
-            raise
-    except OSError as exc:
-        raise FastevalError(f"cannot write {path}: {_reason(exc)}") from None
+    with atomic_write(path, binary=True) as f:
+        f.write(data)

@@ -10,10 +10,9 @@ shows a readable selection (the most confused classes, the worst recalls) and sa
 from __future__ import annotations
 
 import os
-import tempfile
 
 from fasteval.errors import FastevalError
-from fasteval.output.files import check_output_folder
+from fasteval.output.files import atomic_write, check_output_folder
 
 MAX_CLASSES = 50  # every class is drawn up to this many
 SHOWN_CONFUSED = 30  # beyond it, the confusion matrix of the most confused classes
@@ -49,25 +48,9 @@ def confusion_classes(matrix: list[list[int]], limit: int = MAX_CLASSES, shown: 
 def _save(fig, folder: str, name: str) -> str:
     """Write ``fig`` as ``folder/name`` atomically (temporary file in ``folder``, then rename)."""
     path = os.path.join(folder, name)
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            fig.savefig(f, format="png", dpi=110)
-        os.chmod(tmp, 0o666 & ~_umask())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
+    with atomic_write(path, binary=True) as f:
+        fig.savefig(f, format="png", dpi=110)
     return path
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
 
 
 def plot_confusion(report: dict):
