@@ -276,10 +276,14 @@ def rows(path) -> list[list[str]]:
 
 
 COUNTS = ("samples", "correct_top1", "correct_top5", "loss_sum", "loss_batch_mean")
+# The class report comes from the gathered per-sample outputs: the same as one process's, bit for bit.
+CLASS_REPORT = ("per_class", "confusion_matrix", "macro", "balanced_accuracy", "calibration", "intervals",
+                "worst_classes", "confused_pairs")
 
 
 def assert_same_run(one: dict, many: dict, world: int) -> None:
     assert {k: many[k] for k in COUNTS} == {k: one[k] for k in COUNTS}  # bitwise: == on floats
+    assert {k: many[k] for k in CLASS_REPORT} == {k: one[k] for k in CLASS_REPORT}
     assert many["distributed"]["world_size"] == world and many["distributed"]["backend"] == "gloo"
     assert sum(many["distributed"]["samples_per_rank"]) == one["samples"]
     assert "distributed" not in one
