@@ -1,0 +1,194 @@
+"""The epoch loop: train on shuffled, augmented batches; validate through the fast evaluator.
+
+Training metrics are exact and read once per epoch: the fused metrics' accumulator takes the
+detached training-mode logits of every batch on the device (no ``.item()``, no host sync in the
+batch loop), and gives at the epoch's end the per-sample mean loss, the exact top-1 count and the
+per-sample losses from which the tutorial's mean of per-batch means is computed beside it.
+Validation runs the one ``FastEvaluator`` built at the start (loader, fast model, warm-up) on the
+live weights, copied in place, so nothing is rebuilt or recompiled; its counts are exact as in
+``fasteval eval`` (the recheck).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import sys
+import time
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm import tqdm
+
+from fasteval.data.loader_torch import to_device
+from fasteval.data.preprocess import PreprocessSpec
+from fasteval.data.samples import SampleList
+from fasteval.evaluation.fast import FastEvaluator, FastOptions
+from fasteval.evaluation.metrics import TOPK, EvalResult
+from fasteval.kernels.accumulator import MetricsAccumulator
+from fasteval.kernels.fused_metrics import resolve_backend
+from fasteval.model.inference import DTYPES
+from fasteval.training import state
+from fasteval.training.data import TrainSet, epoch_loader
+from fasteval.training.history import best_epoch, epoch_record, format_epoch, write_history
+from fasteval.training.recipe import Recipe, optimizer_and_scheduler, train_transform, training_model
+
+
+@dataclass(frozen=True)
+class RunOptions:
+    """How the run executes (not part of the recipe): device, precision, loaders, output folder."""
+
+    out: str
+    device: torch.device
+    precision: str = "fp32"  # "fp32" or "bf16": the training forward's autocast, and validation's
+    loader: str = "auto"
+    compile: str = "auto"
+    exact: str = "auto"
+    workers: int = 2
+    progress: bool = True
+
+
+def load_live_weights(evaluator: FastEvaluator, model: nn.Module) -> None:
+    """Copy ``model``'s parameters and buffers in place into the evaluator's fast model (channels-last,
+    its last Linear wrapped in ``Fp32Head``: same order, one more name level) and its reference model,
+    so that the compiled graph is reused as it is."""
+    source = list(model.state_dict().values())
+    targets = [m for m in (evaluator.model.model if evaluator.model is not None else None,
+                           evaluator.reference_model) if m is not None]
+    with torch.no_grad():
+        for target in targets:
+            tensors = list(target.state_dict().values())
+            if len(tensors) != len(source) or any(t.shape != s.shape for t, s in zip(tensors, source)):
+                raise RuntimeError("the evaluator's model does not match the training model's state")
+            for t, s in zip(tensors, source):
+                t.copy_(s)
+
+
+class Trainer:
+    """One training run: the model, optimizer, scheduler and history, fresh or from ``last.pt``."""
+
+    def __init__(self, train_samples: SampleList, val_samples: SampleList, spec: PreprocessSpec, recipe: Recipe,
+                 options: RunOptions, resume: dict | None = None) -> None:
+        self.train_samples, self.val_samples, self.spec = train_samples, val_samples, spec
+        self.recipe, self.options, self.device = recipe, options, options.device
+        torch.manual_seed(recipe.seed)  # the random head (and a random init) are the seed's
+        weights = None if resume is not None else recipe.weights
+        self.model = training_model(recipe.arch, weights, train_samples.num_classes).to(self.device)
+        self.model = self.model.to(memory_format=torch.channels_last)
+        self.optimizer, self.scheduler = optimizer_and_scheduler(self.model, recipe)
+        self.history: list[dict] = []
+        self.start_epoch = 0
+        if resume is not None:
+            self.model.load_state_dict(resume["model_state_dict"])
+            self.optimizer.load_state_dict(resume["optimizer_state_dict"])
+            self.scheduler.load_state_dict(resume["scheduler_state_dict"])
+            self.history, self.start_epoch = list(resume["history"]), int(resume["epoch"])
+            state.set_rng_state(resume["rng"])
+        crop_hw = spec.output_hw(*_first_size(val_samples))
+        self.dataset = TrainSet(train_samples, train_transform(spec, crop_hw))
+        self.metrics_backend = resolve_backend("auto", self.device)
+        self.evaluator: FastEvaluator | None = None
+
+    def build_evaluator(self) -> FastEvaluator:
+        """The validation evaluator, built once, on a copy of the model (its reference model is that copy
+        itself, switched to eval mode: the training model's mode is never touched)."""
+        o = self.options
+        fast = FastOptions(loader=o.loader, precision=o.precision, compile=o.compile,
+                           batch_size=self.recipe.val_batch_size, workers=o.workers, exact=o.exact)
+        self.evaluator = FastEvaluator(self.val_samples, copy.deepcopy(self.model).eval(), self.spec, self.device,
+                                       fast)
+        return self.evaluator
+
+    def _autocast(self):
+        if self.options.precision == "fp32":
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=DTYPES[self.options.precision])
+
+    def batches(self, epoch: int):
+        """Host batches (images, labels) of one epoch, in its seeded order and augmentation."""
+        return epoch_loader(self.dataset, self.recipe.batch_size, self.options.workers, self.recipe.seed, epoch,
+                            self.device)
+
+    def train_epoch(self, epoch: int) -> EvalResult:
+        """One pass over the training set; the metrics are read back once, after the last batch."""
+        acc = MetricsAccumulator(len(self.train_samples), self.device, topk=TOPK, backend=self.metrics_backend)
+        bar = tqdm(total=len(self.train_samples), unit="img", desc=f"train {epoch}", file=sys.stderr,
+                   disable=not self.options.progress)
+        self.model.train()
+        start = time.perf_counter()
+        for images, labels in self.batches(epoch):
+            images = to_device(images, self.device).contiguous(memory_format=torch.channels_last)
+            labels = to_device(labels, self.device)
+            with self._autocast():
+                logits = self.model(images)
+            loss = F.cross_entropy(logits.float(), labels)
+            self.optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            self.optimizer.step()
+            acc.update(logits.detach(), labels)
+            bar.update(labels.shape[0])
+        totals = acc.result()  # the epoch's one read back
+        bar.close()
+        losses = totals["loss"]
+        return EvalResult(samples=totals["count"], correct_top1=totals["correct"], correct_top5=totals["correct_topk"],
+                          loss_sum=totals["loss_sum"], seconds=time.perf_counter() - start, losses=losses,
+                          predictions=totals["pred"],
+                          batch_losses=[float(c.double().mean()) for c in torch.split(losses, self.recipe.batch_size)])
+
+    def validate(self) -> EvalResult:
+        """The fast evaluator on the live weights."""
+        evaluator = self.evaluator or self.build_evaluator()
+        load_live_weights(evaluator, self.model)
+        return evaluator.run(progress=self.options.progress)
+
+    def run(self) -> list[dict]:
+        """Train from the epoch after ``start_epoch`` to ``recipe.epochs``; each finished epoch's files are
+        written before the next starts. Returns the whole history."""
+        if self.evaluator is None:
+            self.build_evaluator()
+        for epoch in range(self.start_epoch + 1, self.recipe.epochs + 1):
+            start = time.perf_counter()
+            lr = self.optimizer.param_groups[0]["lr"]
+            train = self.train_epoch(epoch)
+            self.scheduler.step()
+            val = self.validate()
+            record = epoch_record(epoch, train, val, lr, time.perf_counter() - start)
+            best = best_epoch(self.history)
+            improved = best is None or record["val_correct_top1"] > best["val_correct_top1"]
+            self.history.append(record)
+            with state.signals_held():
+                self.write_epoch(epoch, val, improved)
+            print(format_epoch(record, self.recipe.epochs), flush=True)
+        return self.history
+
+    def write_epoch(self, epoch: int, val: EvalResult, improved: bool) -> None:
+        """best.pt (and the best epoch's per-sample predictions) when this epoch is the new best, then
+        last.pt, history.json and the curves."""
+        import os
+
+        from fasteval.output.report import write_predictions
+
+        out = self.options.out
+        ckpt = state.checkpoint(self.model, self.optimizer, self.scheduler, epoch, self.recipe.to_dict(),
+                                self.train_samples.classes, self.history)
+        if improved:
+            state.save(ckpt, os.path.join(out, state.BEST))
+            write_predictions(os.path.join(out, state.PREDICTIONS), self.val_samples, val)
+        state.save(ckpt, os.path.join(out, state.LAST))
+        write_history(self.history, os.path.join(out, state.HISTORY))
+        from fasteval.output.curves import plot_curves
+
+        try:
+            plot_curves(self.history, os.path.join(out, state.CURVES))
+        except ImportError:  # matplotlib is an optional extra: the curves are skipped, said once
+            if epoch == self.start_epoch + 1:
+                print("fasteval: warning: no matplotlib, so no curves.png (pip install 'fasteval[plot]')",
+                      file=sys.stderr)
+
+
+def _first_size(samples: SampleList) -> tuple[int, int]:
+    from fasteval.data.preprocess import image_size
+
+    return image_size(samples.paths[0])

@@ -1,0 +1,97 @@
+"""Checkpoints, resume and the run folder's consistency under SIGINT/SIGTERM.
+
+``best.pt`` and ``last.pt`` are dicts whose ``model_state_dict`` ``fasteval eval --weights`` loads
+unchanged (fasteval/model/models.py read_state_dict); beside it: the optimizer, the scheduler, the
+epoch, the RNG states, the architecture, the class names, the recipe and the history so far. Every
+file is written to a temporary file and renamed over the old one; the files of one epoch are written
+with SIGINT/SIGTERM held back, so an interrupted run leaves the folder as its last finished epoch
+left it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import random
+import signal
+import tempfile
+import threading
+from collections.abc import Iterator
+
+import torch
+
+from fasteval.errors import FastevalError
+from fasteval.output.files import _default_mode
+
+BEST, LAST, HISTORY, CURVES, PREDICTIONS = "best.pt", "last.pt", "history.json", "curves.png", "best_predictions.csv"
+OUTPUTS = (BEST, LAST, HISTORY, CURVES, PREDICTIONS)
+
+
+def rng_state() -> dict:
+    """This process's RNG states (torch CPU, CUDA where present, Python's ``random``)."""
+    state = {"torch": torch.get_rng_state(), "python": list(random.getstate()[1])}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    random.setstate((3, tuple(state["python"]), None))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def checkpoint(model, optimizer, scheduler, epoch: int, recipe: dict, classes: list[str], history: list[dict]) -> dict:
+    """Everything a resumed run needs, with the model's weights where ``fasteval eval`` looks."""
+    return {"model_state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
+            "optimizer_state_dict": optimizer.state_dict(), "scheduler_state_dict": scheduler.state_dict(),
+            "epoch": epoch, "rng": rng_state(), "arch": recipe["arch"], "classes": list(classes),
+            "recipe": recipe, "history": history}
+
+
+def save(obj: dict, path: str) -> None:
+    """``torch.save`` to a temporary file beside ``path``, flushed, then renamed over it."""
+    folder = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{os.path.basename(path)}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, _default_mode(0o666))  # mkstemp's 0o600 is for the temporary file only
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+
+
+def load(path: str) -> dict:
+    """A run's checkpoint, read weights-only (a file can never run code)."""
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise FastevalError(f"cannot read {path} to resume: {exc.__class__.__name__}: "
+                            f"{str(exc).splitlines()[0] if str(exc) else ''}") from None
+    needed = ("model_state_dict", "optimizer_state_dict", "scheduler_state_dict", "epoch", "rng", "arch",
+              "classes", "recipe", "history")
+    missing = [k for k in needed if not isinstance(obj, dict) or k not in obj]
+    if missing:
+        raise FastevalError(f"{path} is not a fasteval train checkpoint (no {', '.join(missing)})")
+    return obj
+
+
+@contextlib.contextmanager
+def signals_held() -> Iterator[None]:
+    """Within: SIGINT and SIGTERM wait (the kernel keeps them pending) and are delivered on exit, so a
+    group of writes is never cut in the middle. Outside the main thread: no effect."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    held = {signal.SIGINT, signal.SIGTERM}
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, held)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
