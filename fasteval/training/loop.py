@@ -83,6 +83,7 @@ class Trainer:
         if resume is not None:
             self.model.load_state_dict(resume["model_state_dict"])
             self.optimizer.load_state_dict(resume["optimizer_state_dict"])
+            _match_layouts(self.optimizer)
             self.scheduler.load_state_dict(resume["scheduler_state_dict"])
             self.history, self.start_epoch = list(resume["history"]), int(resume["epoch"])
             state.set_rng_state(resume["rng"])
@@ -118,7 +119,19 @@ class Trainer:
                    disable=not self.options.progress)
         self.model.train()
         start = time.perf_counter()
-        for images, labels in self.batches(epoch):
+        self.train_steps(self.batches(epoch), acc, bar)
+        totals = acc.result()  # the epoch's one read back
+        bar.close()
+        losses = totals["loss"]
+        return EvalResult(samples=totals["count"], correct_top1=totals["correct"], correct_top5=totals["correct_topk"],
+                          loss_sum=totals["loss_sum"], seconds=time.perf_counter() - start, losses=losses,
+                          predictions=totals["pred"],
+                          batch_losses=[float(c.double().mean()) for c in torch.split(losses, self.recipe.batch_size)])
+
+    def train_steps(self, batches, acc: MetricsAccumulator, bar=None) -> None:
+        """The hot loop: forward under autocast, backward, step, metrics into the accumulator; nothing
+        is read back to the host (tests/test_train.py checks it in CUDA's sync-debug mode)."""
+        for images, labels in batches:
             images = to_device(images, self.device).contiguous(memory_format=torch.channels_last)
             labels = to_device(labels, self.device)
             with self._autocast():
@@ -128,14 +141,8 @@ class Trainer:
             loss.backward()
             self.optimizer.step()
             acc.update(logits.detach(), labels)
-            bar.update(labels.shape[0])
-        totals = acc.result()  # the epoch's one read back
-        bar.close()
-        losses = totals["loss"]
-        return EvalResult(samples=totals["count"], correct_top1=totals["correct"], correct_top5=totals["correct_topk"],
-                          loss_sum=totals["loss_sum"], seconds=time.perf_counter() - start, losses=losses,
-                          predictions=totals["pred"],
-                          batch_losses=[float(c.double().mean()) for c in torch.split(losses, self.recipe.batch_size)])
+            if bar is not None:
+                bar.update(labels.shape[0])
 
     def validate(self) -> EvalResult:
         """The fast evaluator on the live weights."""
@@ -173,8 +180,8 @@ class Trainer:
         out = self.options.out
         ckpt = state.checkpoint(self.model, self.optimizer, self.scheduler, epoch, self.recipe.to_dict(),
                                 self.train_samples.classes, self.history)
-        if improved:
-            state.save(ckpt, os.path.join(out, state.BEST))
+        if improved:  # the weights and what they are; the optimizer's state (2x the model's size) is last.pt's
+            state.save({k: v for k, v in ckpt.items() if k not in state.RESUME_ONLY}, os.path.join(out, state.BEST))
             write_predictions(os.path.join(out, state.PREDICTIONS), self.val_samples, val)
         state.save(ckpt, os.path.join(out, state.LAST))
         write_history(self.history, os.path.join(out, state.HISTORY))
@@ -186,6 +193,17 @@ class Trainer:
             if epoch == self.start_epoch + 1:
                 print("fasteval: warning: no matplotlib, so no curves.png (pip install 'fasteval[plot]')",
                       file=sys.stderr)
+
+
+def _match_layouts(optimizer: torch.optim.Optimizer) -> None:
+    """Loaded optimizer state in its parameters' layout (channels-last): elementwise updates mixing
+    layouts give the same values but take slow paths."""
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            for key, value in optimizer.state.get(p, {}).items():
+                if isinstance(value, torch.Tensor) and value.shape == p.shape and value.dim() == 4 and \
+                        p.is_contiguous(memory_format=torch.channels_last):
+                    optimizer.state[p][key] = value.contiguous(memory_format=torch.channels_last)
 
 
 def _first_size(samples: SampleList) -> tuple[int, int]:

@@ -1,8 +1,8 @@
 """Checkpoints, resume and the run folder's consistency under SIGINT/SIGTERM.
 
 ``best.pt`` and ``last.pt`` are dicts whose ``model_state_dict`` ``fasteval eval --weights`` loads
-unchanged (fasteval/model/models.py read_state_dict); beside it: the optimizer, the scheduler, the
-epoch, the RNG states, the architecture, the class names, the recipe and the history so far. Every
+unchanged (fasteval/model/models.py read_state_dict); beside it: the epoch, the architecture, the class
+names, the recipe and the history so far, and in last.pt the optimizer, the scheduler and the RNG states. Every
 file is written to a temporary file and renamed over the old one; the files of one epoch are written
 with SIGINT/SIGTERM held back, so an interrupted run leaves the folder as its last finished epoch
 left it.
@@ -25,6 +25,7 @@ from fasteval.output.files import _default_mode
 
 BEST, LAST, HISTORY, CURVES, PREDICTIONS = "best.pt", "last.pt", "history.json", "curves.png", "best_predictions.csv"
 OUTPUTS = (BEST, LAST, HISTORY, CURVES, PREDICTIONS)
+RESUME_ONLY = ("optimizer_state_dict", "scheduler_state_dict", "rng")  # in last.pt, not in best.pt
 
 
 def rng_state() -> dict:

@@ -1,0 +1,224 @@
+"""``fasteval train`` on tiny synthetic data: exact training metrics, validation equal to the reference's
+on best.pt, the true best epoch, resume equal to an uninterrupted run, refusals before any work, and a
+SIGTERM that leaves a consistent run folder."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from fasteval.cli import main
+from fasteval.data.synth import synth_dataset
+
+# Small inputs, batch 4 (18 training samples: the last batch is short), eager, fp32, PIL decode.
+COMMON = ["--resize", "40", "--crop", "32", "--batch-size", "4", "--val-batch-size", "4", "--workers", "0",
+          "--compile", "off", "--precision", "fp32", "--loader", "torchvision", "--no-progress"]
+
+
+@pytest.fixture(scope="module")
+def folders(tmp_path_factory):
+    root = tmp_path_factory.mktemp("train")
+    train = synth_dataset(root / "train", classes=3, per_class=6, size="64x64", seed=11)
+    val = synth_dataset(root / "val", classes=3, per_class=5, size="64x64", seed=12)
+    return str(train), str(val), root
+
+
+def _train(folders, out, *extra) -> int:
+    train, val, _ = folders
+    return main(["train", train, val, "--out", str(out), *COMMON, *extra])
+
+
+def _history(out) -> list[dict]:
+    with open(os.path.join(out, "history.json")) as f:
+        return json.load(f)
+
+
+@pytest.fixture(scope="module")
+def run_dir(folders):
+    """Two epochs, uninterrupted (shared by the tests that read a finished run)."""
+    out = folders[2] / "run"
+    assert _train(folders, out, "--epochs", "2", "--json", str(folders[2] / "run.json")) == 0
+    return str(out)
+
+
+def test_training_metrics_equal_per_sample_recomputation(folders):
+    """The epoch's loss, top-1 and mean of batch means equal plain torch ops on the training-mode logits of
+    every batch, captured independently by a forward hook (bf16 autocast: the logits are bf16)."""
+    from fasteval.data.preprocess import get_spec
+    from fasteval.data.samples import discover
+    from fasteval.evaluation.metrics import batch_mean_differs
+    from fasteval.training.loop import RunOptions, Trainer
+    from fasteval.training.recipe import Recipe
+
+    train, val, root = folders
+    trainer = Trainer(discover(train), discover(val), get_spec("imagenet", 40, 32), Recipe(batch_size=4),
+                      RunOptions(out=str(root), device=torch.device("cpu"), precision="bf16", workers=0,
+                                 progress=False))
+    logits, labels = [], []
+    trainer.model.register_forward_hook(lambda module, inputs, output: logits.append(output.detach().clone()))
+    batches = trainer.batches
+
+    def recorded(epoch):
+        for images, y in batches(epoch):
+            labels.append(y.clone())
+            yield images, y
+
+    trainer.batches = recorded
+    result = trainer.train_epoch(1)
+    assert logits[0].dtype == torch.bfloat16
+    per_sample = F.cross_entropy(torch.cat(logits).float(), torch.cat(labels), reduction="none").double()
+    assert [len(y) for y in labels] == [4, 4, 4, 4, 2]
+    assert result.samples == 18
+    assert result.correct_top1 == int((torch.cat(logits).float().argmax(1) == torch.cat(labels)).sum())
+    assert result.loss == pytest.approx(float(per_sample.mean()), rel=1e-6)
+    batch_means = [float(F.cross_entropy(x.float(), y)) for x, y in zip(logits, labels)]
+    assert result.loss_batch_mean == pytest.approx(sum(batch_means) / len(batch_means), rel=1e-6)
+    assert batch_mean_differs(result)  # the short last batch biases the tutorial's figure
+
+
+def test_run_folder_holds_the_history_and_the_true_best(run_dir, folders):
+    from fasteval.training.history import KEYS
+
+    history = _history(run_dir)
+    assert [r["epoch"] for r in history] == [1, 2]
+    for record in history:
+        assert list(record)[:len(KEYS)] == list(KEYS)
+        assert record["val_top1"] == pytest.approx(100 * record["val_correct_top1"] / 15)
+        assert record["train_top1"] == pytest.approx(100 * record["train_correct_top1"] / 18)
+    assert history[0]["lr"] == history[1]["lr"] == 1e-3  # StepLR(step_size=4): unchanged in 2 epochs
+    top = max(r["val_correct_top1"] for r in history)
+    expected = next(r["epoch"] for r in history if r["val_correct_top1"] == top)
+    best = torch.load(os.path.join(run_dir, "best.pt"), weights_only=True)
+    last = torch.load(os.path.join(run_dir, "last.pt"), weights_only=True)
+    assert best["epoch"] == expected and last["epoch"] == 2
+    assert last["history"] == history or [r["epoch"] for r in last["history"]] == [1, 2]
+    assert os.path.getsize(os.path.join(run_dir, "curves.png")) > 1000
+    assert not [n for n in os.listdir(run_dir) if n.startswith(".")]  # no temporary file left
+    with open(folders[2] / "run.json") as f:
+        summary = json.load(f)
+    assert summary["best"]["epoch"] == expected and len(summary["history"]) == 2
+
+
+def test_best_epoch_ties_go_to_the_earlier():
+    from fasteval.training.history import best_epoch
+
+    history = [{"epoch": e, "val_correct_top1": c} for e, c in ((1, 5), (2, 7), (3, 7), (4, 3))]
+    assert best_epoch(history)["epoch"] == 2
+    assert best_epoch([]) is None
+
+
+@pytest.mark.parametrize("name", ["best.pt", "last.pt"])
+def test_validation_equals_eval_reference_on_the_checkpoint(run_dir, folders, tmp_path, name):
+    """``fasteval eval --reference`` loads the checkpoint unchanged (its Sequential head included) and
+    finds the same counts as the epoch's validation; the loss to float rounding."""
+    _, val, _ = folders
+    ckpt = torch.load(os.path.join(run_dir, name), weights_only=True)
+    record = next(r for r in _history(run_dir) if r["epoch"] == ckpt["epoch"])
+    out = tmp_path / "ref.json"
+    assert main(["eval", val, "--weights", os.path.join(run_dir, name), "--reference", "--resize", "40", "--crop",
+                 "32", "--batch-size", "4", "--workers", "0", "--no-progress", "--json", str(out)]) == 0
+    ref = json.loads(out.read_text())
+    assert (ref["correct_top1"], ref["correct_top5"]) == (record["val_correct_top1"], record["val_correct_top5"])
+    assert ref["loss"] == pytest.approx(record["val_loss"], rel=1e-4)
+
+
+@pytest.mark.slow
+def test_resume_gives_the_uninterrupted_history(run_dir, folders):
+    """One epoch, then ``--resume`` to two: the same history as the two epochs straight (bar the times)."""
+    out = folders[2] / "resumed"
+    assert _train(folders, out, "--epochs", "1") == 0
+    assert len(_history(out)) == 1
+    assert _train(folders, out, "--epochs", "2", "--resume") == 0
+
+    def timeless(history):
+        return [{k: v for k, v in r.items() if k != "seconds"} for r in history]
+
+    assert timeless(_history(out)) == timeless(_history(run_dir))
+
+
+def test_refusals_come_before_any_work(folders, tmp_path, capsys):
+    train, val, root = folders
+    other = synth_dataset(tmp_path / "other", classes=2, per_class=2, size="64x64", seed=1)
+    full = tmp_path / "full"
+    full.mkdir()
+    (full / "notes.txt").write_text("mine")
+    cases = [
+        (["--out", str(full)], "not empty"),
+        (["--out", str(tmp_path / "new"), "--resume"], "no last.pt"),
+        (["--out", str(tmp_path / "new"), "--precision", "fp16"], "fp16"),
+        (["--out", str(tmp_path / "new"), "--weights", str(tmp_path / "missing.pt")], "not found"),
+    ]
+    for extra, words in cases:
+        assert main(["train", train, val, *extra]) == 2
+        err = capsys.readouterr().err.strip()
+        assert words in err and len(err.splitlines()) == 1, err
+    assert main(["train", train, str(other), "--out", str(tmp_path / "new")]) == 2
+    assert "different class folders" in capsys.readouterr().err
+    assert (full / "notes.txt").read_text() == "mine" and not (tmp_path / "new").exists()
+    with pytest.raises(SystemExit):
+        main(["train", train, val, "--out", str(tmp_path / "new"), "--lr", "nan"])
+
+
+@pytest.mark.slow
+def test_sigterm_leaves_a_consistent_run_folder(folders, tmp_path):
+    """SIGTERM after the first epoch: exit 143, and the folder holds whole epochs only (history.json,
+    last.pt and best.pt agree), no temporary file; ``--resume`` then continues from it."""
+    train, val, _ = folders
+    out = tmp_path / "run"
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "fasteval", "train", train, val, "--out", str(out), *COMMON,
+                             "--epochs", "40"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
+    deadline = time.monotonic() + 240
+    while not (out / "history.json").exists() and time.monotonic() < deadline and proc.poll() is None:
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 143, err.decode()
+    history = _history(out)
+    last = torch.load(out / "last.pt", weights_only=True)
+    best = torch.load(out / "best.pt", weights_only=True)
+    assert 1 <= len(history) < 40 and [r["epoch"] for r in history] == list(range(1, len(history) + 1))
+    assert last["epoch"] == len(history) and [r["epoch"] for r in last["history"]] == [r["epoch"] for r in history]
+    from fasteval.training.history import best_epoch
+    assert best["epoch"] == best_epoch(history)["epoch"]
+    assert not [n for n in os.listdir(out) if n.startswith(".")]
+    assert _train(folders, out, "--epochs", str(len(history) + 1), "--resume") == 0
+    assert len(_history(out)) == len(history) + 1
+
+
+@pytest.mark.cuda
+def test_training_loop_has_no_host_sync_on_cuda(folders):
+    """The batch loop (transfer, forward, backward, AdamW step, metrics) in CUDA's sync-debug mode:
+    any synchronising call raises."""
+    from fasteval.data.preprocess import get_spec
+    from fasteval.data.samples import discover
+    from fasteval.evaluation.metrics import TOPK
+    from fasteval.kernels.accumulator import MetricsAccumulator
+    from fasteval.training.loop import RunOptions, Trainer
+    from fasteval.training.recipe import Recipe
+
+    train, val, root = folders
+    device = torch.device("cuda")
+    trainer = Trainer(discover(train), discover(val), get_spec("imagenet", 40, 32), Recipe(batch_size=4),
+                      RunOptions(out=str(root), device=device, precision="bf16", workers=2, progress=False))
+    trainer.model.train()
+    batches = list(trainer.batches(1))  # decoded and pinned beforehand: the loader's threads are not on trial
+    warm = MetricsAccumulator(4, device, topk=TOPK, backend=trainer.metrics_backend)
+    trainer.train_steps(batches[:1], warm)  # first-call setup (cuDNN, Triton, optimizer state)
+    acc = MetricsAccumulator(len(trainer.train_samples), device, topk=TOPK, backend=trainer.metrics_backend)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        trainer.train_steps(batches, acc)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    totals = acc.result()
+    assert totals["count"] == 18 and 0 <= totals["correct"] <= 18
