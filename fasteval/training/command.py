@@ -105,15 +105,15 @@ def train_command(args) -> int:
     if recipe.weights is None and resume is None:
         print("fasteval: no --weights: training starts from a random initialisation", file=sys.stderr)
     precision = train_precision(args.precision, device)
-    os.makedirs(args.out, exist_ok=True)
-    if args.overwrite:
-        for name in state.OUTPUTS:  # an old run's files never mix with this one's
-            if os.path.exists(os.path.join(args.out, name)):
-                os.unlink(os.path.join(args.out, name))
     options = RunOptions(out=args.out, device=device, precision=precision, loader=args.loader,
                          compile=args.compile, exact=args.exact, workers=args.workers,
                          progress=not args.no_progress)
     trainer = Trainer(train, val, spec, recipe, options, resume)
+    os.makedirs(args.out, exist_ok=True)  # once the model is built (--weights DEFAULT may fail offline)
+    if args.overwrite:
+        for name in state.OUTPUTS:  # an old run's files never mix with this one's
+            if os.path.exists(os.path.join(args.out, name)):
+                os.unlink(os.path.join(args.out, name))
     if resume is not None:
         print(f"resuming {args.out} after epoch {resume['epoch']} (its recipe; --epochs {recipe.epochs})")
     history = trainer.run()
