@@ -18,9 +18,10 @@ import torch.nn.functional as F
 from fasteval.cli import main
 from fasteval.data.synth import synth_dataset
 
-# Small inputs, batch 4 (18 training samples: the last batch is short), eager, fp32, PIL decode.
+# Small inputs, batch 4 (18 training samples: the last batch is short), eager, fp32, PIL decode; the
+# learning rate steps every epoch, so that the scheduler's state matters to a resumed run.
 COMMON = ["--resize", "40", "--crop", "32", "--batch-size", "4", "--val-batch-size", "4", "--workers", "0",
-          "--compile", "off", "--precision", "fp32", "--loader", "torchvision", "--no-progress"]
+          "--compile", "off", "--precision", "fp32", "--loader", "torchvision", "--no-progress", "--step-size", "1"]
 
 
 @pytest.fixture(scope="module")
@@ -43,9 +44,9 @@ def _history(out) -> list[dict]:
 
 @pytest.fixture(scope="module")
 def run_dir(folders):
-    """Two epochs, uninterrupted (shared by the tests that read a finished run)."""
+    """Three epochs, uninterrupted (shared by the tests that read a finished run)."""
     out = folders[2] / "run"
-    assert _train(folders, out, "--epochs", "2", "--json", str(folders[2] / "run.json")) == 0
+    assert _train(folders, out, "--epochs", "3", "--json", str(folders[2] / "run.json")) == 0
     return str(out)
 
 
@@ -88,23 +89,24 @@ def test_run_folder_holds_the_history_and_the_true_best(run_dir, folders):
     from fasteval.training.history import KEYS
 
     history = _history(run_dir)
-    assert [r["epoch"] for r in history] == [1, 2]
+    assert [r["epoch"] for r in history] == [1, 2, 3]
     for record in history:
         assert list(record)[:len(KEYS)] == list(KEYS)
         assert record["val_top1"] == pytest.approx(100 * record["val_correct_top1"] / 15)
         assert record["train_top1"] == pytest.approx(100 * record["train_correct_top1"] / 18)
-    assert history[0]["lr"] == history[1]["lr"] == 1e-3  # StepLR(step_size=4): unchanged in 2 epochs
+    assert [r["lr"] for r in history] == pytest.approx([1e-3, 6e-4, 3.6e-4])  # StepLR(1, gamma 0.6)
     top = max(r["val_correct_top1"] for r in history)
     expected = next(r["epoch"] for r in history if r["val_correct_top1"] == top)
     best = torch.load(os.path.join(run_dir, "best.pt"), weights_only=True)
     last = torch.load(os.path.join(run_dir, "last.pt"), weights_only=True)
-    assert best["epoch"] == expected and last["epoch"] == 2
-    assert last["history"] == history or [r["epoch"] for r in last["history"]] == [1, 2]
+    assert best["epoch"] == expected and last["epoch"] == 3
+    assert [r["epoch"] for r in last["history"]] == [1, 2, 3] and "optimizer_state_dict" not in best
     assert os.path.getsize(os.path.join(run_dir, "curves.png")) > 1000
     assert not [n for n in os.listdir(run_dir) if n.startswith(".")]  # no temporary file left
     with open(folders[2] / "run.json") as f:
         summary = json.load(f)
-    assert summary["best"]["epoch"] == expected and len(summary["history"]) == 2
+    assert summary["best"]["epoch"] == expected and len(summary["history"]) == 3
+    assert summary["config"]["validation"]["loader"] == "torchvision-cpu"
 
 
 def test_best_epoch_ties_go_to_the_earlier():
@@ -122,26 +124,75 @@ def test_validation_equals_eval_reference_on_the_checkpoint(run_dir, folders, tm
     _, val, _ = folders
     ckpt = torch.load(os.path.join(run_dir, name), weights_only=True)
     record = next(r for r in _history(run_dir) if r["epoch"] == ckpt["epoch"])
-    out = tmp_path / "ref.json"
+    out, predictions = tmp_path / "ref.json", tmp_path / "ref.csv"
     assert main(["eval", val, "--weights", os.path.join(run_dir, name), "--reference", "--resize", "40", "--crop",
-                 "32", "--batch-size", "4", "--workers", "0", "--no-progress", "--json", str(out)]) == 0
+                 "32", "--batch-size", "4", "--workers", "0", "--no-progress", "--json", str(out),
+                 "--predictions", str(predictions)]) == 0
     ref = json.loads(out.read_text())
     assert (ref["correct_top1"], ref["correct_top5"]) == (record["val_correct_top1"], record["val_correct_top5"])
     assert ref["loss"] == pytest.approx(record["val_loss"], rel=1e-4)
+    if name == "best.pt":  # the best epoch's per-sample outputs, kept for the class report
+        import csv
+
+        def column(path, key):
+            with open(path, newline="") as f:
+                return [row[key] for row in csv.DictReader(f)]
+
+        kept = os.path.join(run_dir, "best_predictions.csv")
+        assert column(kept, "path") == column(predictions, "path")
+        assert column(kept, "prediction") == column(predictions, "prediction")
 
 
 @pytest.mark.slow
 def test_resume_gives_the_uninterrupted_history(run_dir, folders):
-    """One epoch, then ``--resume`` to two: the same history as the two epochs straight (bar the times)."""
+    """Two epochs, then ``--resume`` to three: the same history as three epochs straight (bar the times):
+    model, optimizer, scheduler (the rate steps every epoch here) and the seeded batches all continue."""
     out = folders[2] / "resumed"
-    assert _train(folders, out, "--epochs", "1") == 0
-    assert len(_history(out)) == 1
-    assert _train(folders, out, "--epochs", "2", "--resume") == 0
+    assert _train(folders, out, "--epochs", "2") == 0
+    assert len(_history(out)) == 2
+    assert _train(folders, out, "--epochs", "3", "--resume") == 0
 
     def timeless(history):
         return [{k: v for k, v in r.items() if k != "seconds"} for r in history]
 
     assert timeless(_history(out)) == timeless(_history(run_dir))
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+def test_signals_wait_for_the_epoch_files(signum):
+    """Within ``signals_held`` SIGTERM/SIGINT do not interrupt; each is delivered on leaving, to the handler
+    in place (Terminated, KeyboardInterrupt)."""
+    from fasteval.errors import Terminated
+    from fasteval.procs import sigterm_raises
+    from fasteval.training.state import signals_held
+
+    done = []
+    with pytest.raises(Terminated if signum == signal.SIGTERM else KeyboardInterrupt), sigterm_raises():
+        with signals_held():
+            os.kill(os.getpid(), signum)
+            time.sleep(0.05)
+            done.append("written")
+        done.append("after")  # never reached: the signal arrives as the block ends
+    assert done == ["written"]
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
+def test_starting_checkpoint_keeps_its_body_and_gets_the_recipe_head(tmp_path):
+    """A checkpoint with another number of classes: its body is loaded, its head replaced by
+    Sequential(Linear(512, n)); one with the dataset's classes keeps its head weights too."""
+    import torchvision
+
+    from fasteval.training.recipe import training_model
+
+    torch.manual_seed(1)
+    source = torchvision.models.resnet18(num_classes=5)
+    path = tmp_path / "five.pt"
+    torch.save({"model_state_dict": source.state_dict()}, path)
+    model = training_model("resnet18", str(path), 3)
+    assert isinstance(model.fc, torch.nn.Sequential) and model.fc[0].out_features == 3
+    assert torch.equal(model.conv1.weight, source.conv1.weight)
+    same = training_model("resnet18", str(path), 5)
+    assert torch.equal(same.fc[0].weight, source.fc.weight)
 
 
 def test_refusals_come_before_any_work(folders, tmp_path, capsys):

@@ -118,6 +118,11 @@ def train_command(args) -> int:
         print(f"resuming {args.out} after epoch {resume['epoch']} (its recipe; --epochs {recipe.epochs})")
     history = trainer.run()
     best = best_epoch(history)
+    v = trainer.validation
+    if v:
+        print(f"validation: {v['loader']} loader, {v['precision']}, "
+              f"{'compiled' if v['compile'] else 'eager'} ({v['compile_reason']}), exact counts "
+              f"{'on' if v['exact'].get('enabled') else 'off'}")
     print(f"best: epoch {best['epoch']}, validation top-1 {best['val_top1']:.3f} % ({best['val_correct_top1']}/"
           f"{best['val_samples']}), top-5 {best['val_top5']:.3f} %, loss {best['val_loss']:.4f}  ->  "
           f"{os.path.join(args.out, state.BEST)}")
@@ -125,7 +130,8 @@ def train_command(args) -> int:
         config = {"train": os.path.abspath(args.train), "val": os.path.abspath(args.val), "out": os.path.abspath(args.out),
                   "preset": spec.name, "resize": spec.resize, "crop": spec.crop, "precision": precision,
                   "device": str(device), "workers": args.workers, "classes": train.num_classes,
-                  "loader": args.loader, "compile": args.compile, "exact": args.exact}
+                  "loader": args.loader, "compile": args.compile, "exact": args.exact,
+                  "validation": trainer.validation}
         write_json({"recipe": recipe.to_dict(), "best": best, "history": history, "config": config,
                     "environment": environment(device)}, args.json)
     return 0

@@ -91,6 +91,7 @@ class Trainer:
         self.dataset = TrainSet(train_samples, train_transform(spec, crop_hw))
         self.metrics_backend = resolve_backend("auto", self.device)
         self.evaluator: FastEvaluator | None = None
+        self.validation: dict = {}  # how the last validation ran (loader, precision, compile, exact counts)
 
     def build_evaluator(self) -> FastEvaluator:
         """The validation evaluator, built once, on a copy of the model (its reference model is that copy
@@ -148,7 +149,10 @@ class Trainer:
         """The fast evaluator on the live weights."""
         evaluator = self.evaluator or self.build_evaluator()
         load_live_weights(evaluator, self.model)
-        return evaluator.run(progress=self.options.progress)
+        result = evaluator.run(progress=self.options.progress)
+        self.validation = {k: result.extra.get(k) for k in ("loader", "precision", "compile", "compile_reason",
+                                                             "metrics_backend", "exact")}
+        return result
 
     def run(self) -> list[dict]:
         """Train from the epoch after ``start_epoch`` to ``recipe.epochs``; each finished epoch's files are

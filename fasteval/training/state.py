@@ -85,14 +85,25 @@ def load(path: str) -> dict:
 
 @contextlib.contextmanager
 def signals_held() -> Iterator[None]:
-    """Within: SIGINT and SIGTERM wait (the kernel keeps them pending) and are delivered on exit, so a
-    group of writes is never cut in the middle. Outside the main thread: no effect."""
+    """Within: SIGINT and SIGTERM are noted, not acted on; on leaving, the first one noted is handed to
+    the handler that was in place (Ctrl-C's KeyboardInterrupt, ``sigterm_raises``' Terminated), so a
+    group of writes is never cut in the middle. (Masking the signals would not do: the kernel hands a
+    process's signal to any thread that does not mask it, and torch runs threads of its own.)
+    Outside the main thread: no effect."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
-    held = {signal.SIGINT, signal.SIGTERM}
-    previous = signal.pthread_sigmask(signal.SIG_BLOCK, held)
+    pending: list[int] = []
+    previous = {s: signal.signal(s, lambda signum, frame: pending.append(signum))
+                for s in (signal.SIGINT, signal.SIGTERM)}
     try:
         yield
     finally:
-        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+        if pending:
+            handler = previous[pending[0]]
+            if callable(handler):
+                handler(pending[0], None)
+            elif handler == signal.SIG_DFL:
+                os.kill(os.getpid(), pending[0])
