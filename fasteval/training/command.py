@@ -119,7 +119,9 @@ def train_command(args) -> int:
     history = trainer.run()
     best = best_epoch(history)
     v = trainer.validation
-    if v:
+    if v.get("loader") == "none":
+        print(f"validation: every sample by the reference's code ({v['exact'].get('reason')})")
+    elif v:
         print(f"validation: {v['loader']} loader, {v['precision']}, "
               f"{'compiled' if v['compile'] else 'eager'} ({v['compile_reason']}), exact counts "
               f"{'on' if v['exact'].get('enabled') else 'off'}")
@@ -127,7 +129,8 @@ def train_command(args) -> int:
           f"{best['val_samples']}), top-5 {best['val_top5']:.3f} %, loss {best['val_loss']:.4f}  ->  "
           f"{os.path.join(args.out, state.BEST)}")
     if args.json:
-        config = {"train": os.path.abspath(args.train), "val": os.path.abspath(args.val), "out": os.path.abspath(args.out),
+        config = {"train": os.path.abspath(args.train), "val": os.path.abspath(args.val),
+                  "out": os.path.abspath(args.out),
                   "preset": spec.name, "resize": spec.resize, "crop": spec.crop, "precision": precision,
                   "device": str(device), "workers": args.workers, "classes": train.num_classes,
                   "loader": args.loader, "compile": args.compile, "exact": args.exact,

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import os
 import sys
 import time
 from dataclasses import dataclass
@@ -177,8 +178,6 @@ class Trainer:
     def write_epoch(self, epoch: int, val: EvalResult, improved: bool) -> None:
         """best.pt (and the best epoch's per-sample predictions) when this epoch is the new best, then
         last.pt, history.json and the curves."""
-        import os
-
         from fasteval.output.report import write_predictions
 
         out = self.options.out
