@@ -19,9 +19,9 @@ from fasteval.cli import main
 from fasteval.data.synth import synth_dataset
 
 # Small inputs, batch 4 (18 training samples: the last batch is short), eager, fp32, PIL decode; the
-# learning rate steps every epoch, so that the scheduler's state matters to a resumed run.
+# learning rate steps every second epoch, so that a resumed run needs the scheduler's own state.
 COMMON = ["--resize", "40", "--crop", "32", "--batch-size", "4", "--val-batch-size", "4", "--workers", "0",
-          "--compile", "off", "--precision", "fp32", "--loader", "torchvision", "--no-progress", "--step-size", "1"]
+          "--compile", "off", "--precision", "fp32", "--loader", "torchvision", "--no-progress", "--step-size", "2"]
 
 
 @pytest.fixture(scope="module")
@@ -94,7 +94,7 @@ def test_run_folder_holds_the_history_and_the_true_best(run_dir, folders):
         assert list(record)[:len(KEYS)] == list(KEYS)
         assert record["val_top1"] == pytest.approx(100 * record["val_correct_top1"] / 15)
         assert record["train_top1"] == pytest.approx(100 * record["train_correct_top1"] / 18)
-    assert [r["lr"] for r in history] == pytest.approx([1e-3, 6e-4, 3.6e-4])  # StepLR(1, gamma 0.6)
+    assert [r["lr"] for r in history] == pytest.approx([1e-3, 1e-3, 6e-4])  # StepLR(2, gamma 0.6)
     top = max(r["val_correct_top1"] for r in history)
     expected = next(r["epoch"] for r in history if r["val_correct_top1"] == top)
     best = torch.load(os.path.join(run_dir, "best.pt"), weights_only=True)
@@ -143,19 +143,48 @@ def test_validation_equals_eval_reference_on_the_checkpoint(run_dir, folders, tm
         assert column(kept, "prediction") == column(predictions, "prediction")
 
 
-@pytest.mark.slow
 def test_resume_gives_the_uninterrupted_history(run_dir, folders):
-    """Two epochs, then ``--resume`` to three: the same history as three epochs straight (bar the times):
-    model, optimizer, scheduler (the rate steps every epoch here) and the seeded batches all continue."""
+    """One epoch, then ``--resume`` to three: the same history as three epochs straight (bar the times):
+    model, optimizer, scheduler (its step count decides the third epoch's rate) and the seeded batches
+    all continue."""
     out = folders[2] / "resumed"
-    assert _train(folders, out, "--epochs", "2") == 0
-    assert len(_history(out)) == 2
+    assert _train(folders, out, "--epochs", "1") == 0
+    assert len(_history(out)) == 1
     assert _train(folders, out, "--epochs", "3", "--resume") == 0
 
     def timeless(history):
         return [{k: v for k, v in r.items() if k != "seconds"} for r in history]
 
     assert timeless(_history(out)) == timeless(_history(run_dir))
+
+
+def test_live_weights_reach_both_evaluator_models(folders):
+    """``load_live_weights`` maps the training model (Sequential head) onto the evaluator's channels-last
+    fast model (Fp32Head around the Linear) and its reference model: parameters and BatchNorm buffers."""
+    import copy
+
+    from fasteval.data.preprocess import get_spec
+    from fasteval.data.samples import discover
+    from fasteval.evaluation.fast import FastEvaluator, FastOptions
+    from fasteval.training.loop import load_live_weights
+    from fasteval.training.recipe import training_model
+
+    _, val, _ = folders
+    torch.manual_seed(0)
+    first = training_model("resnet18", None, 3)
+    evaluator = FastEvaluator(discover(val), copy.deepcopy(first).eval(), get_spec("imagenet", 40, 32),
+                              torch.device("cpu"), FastOptions(loader="torchvision", precision="fp32", compile="off",
+                                                               batch_size=4, workers=0))
+    torch.manual_seed(1)
+    second = training_model("resnet18", None, 3).train()
+    second(torch.randn(8, 3, 32, 32))  # BatchNorm running statistics that differ from the first model's
+    load_live_weights(evaluator, second)
+    x = torch.randn(4, 3, 32, 32)
+    with torch.no_grad():
+        expected = copy.deepcopy(second).eval()(x)
+        assert torch.allclose(evaluator.model(x.contiguous(memory_format=torch.channels_last)), expected, atol=1e-5)
+        assert torch.allclose(evaluator.reference_model(x), expected, atol=1e-6)
+    assert second.training  # the training model's mode is left alone
 
 
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
