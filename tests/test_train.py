@@ -101,7 +101,11 @@ def test_run_folder_holds_the_history_and_the_true_best(run_dir, folders):
     last = torch.load(os.path.join(run_dir, "last.pt"), weights_only=True)
     assert best["epoch"] == expected and last["epoch"] == 3
     assert [r["epoch"] for r in last["history"]] == [1, 2, 3] and "optimizer_state_dict" not in best
-    assert os.path.getsize(os.path.join(run_dir, "curves.png")) > 1000
+    try:
+        import matplotlib  # noqa: F401  (an optional extra: without it, no curves and one warning)
+        assert os.path.getsize(os.path.join(run_dir, "curves.png")) > 1000
+    except ImportError:
+        assert not os.path.exists(os.path.join(run_dir, "curves.png"))
     assert not [n for n in os.listdir(run_dir) if n.startswith(".")]  # no temporary file left
     with open(folders[2] / "run.json") as f:
         summary = json.load(f)

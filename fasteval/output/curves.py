@@ -9,8 +9,9 @@ import tempfile
 from fasteval.output.files import _default_mode
 
 
-def plot_curves(history: list[dict], path: str) -> None:
-    """Two panels (per-sample mean loss; top-1 %), written to a temporary file and renamed over ``path``."""
+def plot_curves(history: list[dict], path: str, best: int | None = None) -> None:
+    """Two panels (per-sample mean loss; top-1 %), the ``best`` epoch marked, written to a temporary file
+    and renamed over ``path``."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -27,6 +28,8 @@ def plot_curves(history: list[dict], path: str) -> None:
         acc_ax.plot(epochs, [r["val_top5"] for r in history], "^--", label="validation top-5")
         acc_ax.set(xlabel="epoch", ylabel="%", title="accuracy")
         for ax in (loss_ax, acc_ax):
+            if best is not None:
+                ax.axvline(best, color="gray", linestyle=":", label=f"best (epoch {best})")
             ax.legend()
             ax.grid(alpha=0.3)
             ax.xaxis.get_major_locator().set_params(integer=True)

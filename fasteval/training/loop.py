@@ -191,7 +191,7 @@ class Trainer:
         from fasteval.output.curves import plot_curves
 
         try:
-            plot_curves(self.history, os.path.join(out, state.CURVES))
+            plot_curves(self.history, os.path.join(out, state.CURVES), best_epoch(self.history)["epoch"])
         except ImportError:  # matplotlib is an optional extra: the curves are skipped, said once
             if epoch == self.start_epoch + 1:
                 print("fasteval: warning: no matplotlib, so no curves.png (pip install 'fasteval[plot]')",
