@@ -252,9 +252,10 @@ def test_refusals_come_before_any_work(folders, tmp_path, capsys):
 
 
 @pytest.mark.slow
-def test_sigterm_leaves_a_consistent_run_folder(folders, tmp_path):
-    """SIGTERM after the first epoch: exit 143, and the folder holds whole epochs only (history.json,
-    last.pt and best.pt agree), no temporary file; ``--resume`` then continues from it."""
+@pytest.mark.parametrize("signum, code", [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
+def test_interrupt_leaves_a_consistent_run_folder(folders, tmp_path, signum, code):
+    """SIGTERM or Ctrl-C after the first epoch: exit 143/130, and the folder holds whole epochs only
+    (history.json, last.pt and best.pt agree), no temporary file; ``--resume`` then continues from it."""
     train, val, _ = folders
     out = tmp_path / "run"
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
@@ -263,9 +264,10 @@ def test_sigterm_leaves_a_consistent_run_folder(folders, tmp_path):
     deadline = time.monotonic() + 240
     while not (out / "history.json").exists() and time.monotonic() < deadline and proc.poll() is None:
         time.sleep(0.2)
-    proc.send_signal(signal.SIGTERM)
+    proc.send_signal(signum)
     _, err = proc.communicate(timeout=120)
-    assert proc.returncode == 143, err.decode()
+    assert proc.returncode == code, err.decode()
+    assert "Traceback" not in err.decode()
     history = _history(out)
     last = torch.load(out / "last.pt", weights_only=True)
     best = torch.load(out / "best.pt", weights_only=True)
