@@ -244,6 +244,10 @@ def test_refusals_come_before_any_work(folders, tmp_path, capsys):
         assert main(["train", train, val, *extra]) == 2
         err = capsys.readouterr().err.strip()
         assert words in err and len(err.splitlines()) == 1, err
+    # 18 samples in batches of 17: a last batch of one, which BatchNorm cannot train on at 32x32.
+    assert main(["train", train, val, "--out", str(tmp_path / "new"), *COMMON, "--batch-size", "17"]) == 2
+    err = capsys.readouterr().err
+    assert "last training batch would hold 1 sample" in err and "Traceback" not in err
     assert main(["train", train, str(other), "--out", str(tmp_path / "new")]) == 2
     assert "different class folders" in capsys.readouterr().err
     assert (full / "notes.txt").read_text() == "mine" and not (tmp_path / "new").exists()

@@ -34,7 +34,8 @@ from fasteval.model.inference import DTYPES
 from fasteval.training import state
 from fasteval.training.data import TrainSet, epoch_loader
 from fasteval.training.history import best_epoch, epoch_record, format_epoch, write_history
-from fasteval.training.recipe import Recipe, optimizer_and_scheduler, train_transform, training_model
+from fasteval.training.recipe import (Recipe, check_last_batch, optimizer_and_scheduler, train_transform,
+                                      training_model)
 
 
 @dataclass(frozen=True)
@@ -89,6 +90,7 @@ class Trainer:
             self.history, self.start_epoch = list(resume["history"]), int(resume["epoch"])
             state.set_rng_state(resume["rng"])
         crop_hw = spec.output_hw(*_first_size(val_samples))
+        check_last_batch(self.model, recipe.arch, len(train_samples), recipe.batch_size, crop_hw)
         self.dataset = TrainSet(train_samples, train_transform(spec, crop_hw))
         self.metrics_backend = resolve_backend("auto", self.device)
         self.evaluator: FastEvaluator | None = None

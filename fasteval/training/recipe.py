@@ -77,6 +77,28 @@ def training_model(arch: str, weights: str | None, num_classes: int) -> nn.Modul
     return model
 
 
+def check_last_batch(model: nn.Module, arch: str, num_samples: int, batch_size: int, hw: tuple[int, int]) -> None:
+    """Refuse, before any work, a training set whose last batch holds one sample where the model cannot
+    train on one (BatchNorm needs more than one value per channel: a 1x1 feature map at small inputs).
+    Checked on the meta device: shapes only, the model's own tensors untouched."""
+    if (num_samples % batch_size or batch_size) != 1:  # the last batch's size
+        return
+    from torch.func import functional_call
+
+    tensors = {**dict(model.named_parameters()), **dict(model.named_buffers())}
+    meta = {name: torch.empty_like(t, device="meta") for name, t in tensors.items()}
+    was_training = model.training
+    model.train()
+    try:
+        functional_call(model, meta, (torch.zeros(1, 3, *hw, device="meta"),))
+    except ValueError as exc:
+        raise FastevalError(f"the last training batch would hold 1 sample ({num_samples} samples, --batch-size "
+                            f"{batch_size}) and --arch {arch} cannot train on one sample at {hw[0]}x{hw[1]} "
+                            f"({str(exc).splitlines()[0]}); choose another --batch-size") from None
+    finally:
+        model.train(was_training)
+
+
 def optimizer_and_scheduler(model: nn.Module, recipe: Recipe):
     """AdamW over every parameter and StepLR stepped once per epoch, as the classic script has them."""
     optimizer = torch.optim.AdamW(model.parameters(), lr=recipe.lr, weight_decay=recipe.weight_decay)
