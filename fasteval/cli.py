@@ -1,4 +1,4 @@
-"""The ``fasteval`` command: ``eval``, ``bench`` and ``synth``."""
+"""The ``fasteval`` command: ``eval``, ``bench``, ``train`` and ``synth``."""
 
 from __future__ import annotations
 
@@ -91,6 +91,12 @@ def build_parser() -> argparse.ArgumentParser:
     be.add_argument("--plot", metavar="PNG", help="bar chart of images/s per stage (needs matplotlib)")
     be.add_argument("--no-time-to-result", action="store_true",
                     help="skip timing the whole eval commands (each path cold, then --repeats times warm)")
+
+    from fasteval.training.options import add_train_options  # light: argparse only
+
+    tr = sub.add_parser("train", help="fine-tune a classifier, with exact per-epoch train and validation metrics")
+    add_train_options(tr)
+    _add_fast_options(tr)
 
     sy = sub.add_parser("synth", help="write a deterministic synthetic ImageFolder of JPEGs")
     sy.add_argument("out", metavar="OUT", help="output folder")
@@ -298,6 +304,13 @@ def cmd_bench(args) -> int:
     return 0
 
 
+def cmd_train(args) -> int:
+    _check_names(args)
+    from fasteval.training.command import train_command
+
+    return train_command(args)
+
+
 def cmd_synth(args) -> int:
     from fasteval.data.synth import synth_dataset
 
@@ -307,7 +320,7 @@ def cmd_synth(args) -> int:
     return 0
 
 
-COMMANDS = {"eval": cmd_eval, "bench": cmd_bench, "synth": cmd_synth}
+COMMANDS = {"eval": cmd_eval, "bench": cmd_bench, "train": cmd_train, "synth": cmd_synth}
 
 
 def main(argv: list[str] | None = None) -> int:

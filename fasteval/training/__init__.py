@@ -1,0 +1,1 @@
+"""``fasteval train``: the classic fine-tuning loop with exact, sync-free per-epoch metrics."""

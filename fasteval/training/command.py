@@ -1,0 +1,140 @@
+"""``fasteval train``: options checked before any work, then the run, its report and its files."""
+
+from __future__ import annotations
+
+import os
+import sys
+
+from fasteval.errors import FastevalError
+from fasteval.training import state
+
+
+def check_run_folder(out: str, resume: bool, overwrite: bool) -> None:
+    """A new or empty RUN_DIR; a non-empty one only with ``--overwrite``; ``--resume`` needs its last.pt."""
+    from fasteval.output.files import check_output_folder
+
+    if resume:
+        if overwrite:
+            raise FastevalError("--resume and --overwrite contradict each other: choose one")
+        last = os.path.join(out, state.LAST)
+        if not os.path.isfile(last):
+            raise FastevalError(f"--resume: {out} holds no {state.LAST} to resume from")
+        check_output_folder(out, "--out", overwrite=True)
+        return
+    check_output_folder(out, "--out", overwrite)
+
+
+def check_options(args) -> None:
+    """Every option of ``train``, before anything heavy runs."""
+    from fasteval.data.preprocess import get_spec
+    from fasteval.devices import resolve_device
+    from fasteval.model.inference import resolve_precision
+    from fasteval.output.files import check_distinct, check_output_file
+
+    if args.precision == "fp16":
+        raise FastevalError("--precision fp16 is not supported by fasteval train (it would need loss scaling); "
+                            "use bf16 or fp32")
+    get_spec(args.preset, args.resize, args.crop)
+    resolve_precision(args.precision, resolve_device(args.device))
+    check_run_folder(args.out, args.resume, args.overwrite)
+    if args.json:
+        check_output_file(args.json, "--json")
+        check_distinct({"--json": args.json, **{f"RUN_DIR/{name}": os.path.join(args.out, name)
+                                                for name in state.OUTPUTS}})
+    if args.weights and args.weights != "DEFAULT":
+        from fasteval.model.models import read_state_dict
+
+        read_state_dict(args.weights)  # a missing or unreadable file answers now
+
+
+def train_precision(requested: str, device) -> str:
+    """bf16 where it is native and fast (autocast), else fp32; fp16 (auto on older GPUs) becomes fp32."""
+    from fasteval.model.inference import resolve_precision
+
+    resolved = resolve_precision(requested, device)
+    return "fp32" if resolved == "fp16" else resolved
+
+
+def prepare(args):
+    """The two sample lists (the same classes), the validation spec and the device, all checked."""
+    from fasteval.data.preprocess import check_batchable, get_spec
+    from fasteval.data.probe import check_headers
+    from fasteval.data.samples import discover
+    from fasteval.devices import resolve_device
+
+    train, val = discover(args.train), discover(args.val)
+    if train.classes != val.classes:
+        only = sorted(set(train.classes) ^ set(val.classes))
+        detail = f"e.g. {only[0]!r} is in one only" if only else "in another order"
+        raise FastevalError(f"TRAIN_DIR {args.train} and VAL_DIR {args.val} have different class folders ({detail})")
+    spec = get_spec(args.preset, args.resize, args.crop)
+    check_batchable(spec, val.paths)  # the seed preset (no crop) refuses mixed aspect ratios, as eval does
+    check_headers(train)
+    check_headers(val)
+    device = resolve_device(args.device, make_current=True)
+    return train, val, spec, device
+
+
+def recipe_from(args, resume: dict | None):
+    """The recipe from the flags; when resuming, the checkpoint's recipe, with the flags' --epochs."""
+    from dataclasses import replace
+
+    from fasteval.training.recipe import Recipe
+
+    if resume is not None:
+        return replace(Recipe(**resume["recipe"]), epochs=args.epochs)
+    return Recipe(arch=args.arch, weights=args.weights, epochs=args.epochs, lr=args.lr,
+                  weight_decay=args.weight_decay, batch_size=args.batch_size, val_batch_size=args.val_batch_size,
+                  step_size=args.step_size, gamma=args.gamma, seed=args.seed)
+
+
+def train_command(args) -> int:
+    check_options(args)
+    from fasteval.output.report import environment, write_json
+    from fasteval.training.history import best_epoch
+    from fasteval.training.loop import RunOptions, Trainer
+
+    train, val, spec, device = prepare(args)
+    resume = state.load(os.path.join(args.out, state.LAST)) if args.resume else None
+    if resume is not None and resume["classes"] != train.classes:
+        raise FastevalError(f"--resume: {args.out}/{state.LAST} was trained on other classes than {args.train}")
+    recipe = recipe_from(args, resume)
+    if resume is not None and resume["epoch"] >= recipe.epochs:
+        raise FastevalError(f"--resume: {args.out}/{state.LAST} has finished {resume['epoch']} epochs already; "
+                            f"give --epochs above {resume['epoch']} to train more")
+    if recipe.weights is None and resume is None:
+        print("fasteval: no --weights: training starts from a random initialisation", file=sys.stderr)
+    precision = train_precision(args.precision, device)
+    options = RunOptions(out=args.out, device=device, precision=precision, loader=args.loader,
+                         compile=args.compile, exact=args.exact, workers=args.workers,
+                         progress=not args.no_progress)
+    trainer = Trainer(train, val, spec, recipe, options, resume)
+    os.makedirs(args.out, exist_ok=True)  # once the model is built (--weights DEFAULT may fail offline)
+    if args.overwrite:
+        for name in state.OUTPUTS:  # an old run's files never mix with this one's
+            if os.path.exists(os.path.join(args.out, name)):
+                os.unlink(os.path.join(args.out, name))
+    if resume is not None:
+        print(f"resuming {args.out} after epoch {resume['epoch']} (its recipe; --epochs {recipe.epochs})")
+    history = trainer.run()
+    best = best_epoch(history)
+    v = trainer.validation
+    if v.get("loader") == "none":
+        print(f"validation: every sample by the reference's code ({v['exact'].get('reason')})")
+    elif v:
+        print(f"validation: {v['loader']} loader, {v['precision']}, "
+              f"{'compiled' if v['compile'] else 'eager'} ({v['compile_reason']}), exact counts "
+              f"{'on' if v['exact'].get('enabled') else 'off'}")
+    print(f"best: epoch {best['epoch']}, validation top-1 {best['val_top1']:.3f} % ({best['val_correct_top1']}/"
+          f"{best['val_samples']}), top-5 {best['val_top5']:.3f} %, loss {best['val_loss']:.4f}  ->  "
+          f"{os.path.join(args.out, state.BEST)}")
+    if args.json:
+        config = {"train": os.path.abspath(args.train), "val": os.path.abspath(args.val),
+                  "out": os.path.abspath(args.out),
+                  "preset": spec.name, "resize": spec.resize, "crop": spec.crop, "precision": precision,
+                  "device": str(device), "workers": args.workers, "classes": train.num_classes,
+                  "loader": args.loader, "compile": args.compile, "exact": args.exact,
+                  "validation": trainer.validation}
+        write_json({"recipe": recipe.to_dict(), "best": best, "history": history, "config": config,
+                    "environment": environment(device)}, args.json)
+    return 0
