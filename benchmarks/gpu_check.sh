@@ -8,7 +8,7 @@
 # paths ran (DALI or not, the Triton kernel or its PyTorch twin), naming every path it could not
 # run. Meant to finish in under 10 minutes. GPU_CHECK_CLASSES/GPU_CHECK_PER_CLASS shrink the
 # dataset for a dry run of the plumbing on a CPU machine. GPU_CHECK_STEPS picks the steps (default
-# "cuda kernel bench sweep distributed"; also "device"; distributed: `fasteval bench` and `eval` under
+# "cuda kernel bench sweep distributed train"; also "device"; distributed: `fasteval bench` and `eval` under
 # torchrun on every local GPU against one GPU where nvidia-smi -L lists several, skipped with the reason
 # where there is one), GPU_CHECK_REPEATS the bench repeats (default 1: each cold command compiles from
 # nothing). Works on Python 3.10 (no `python -P`).
@@ -28,7 +28,7 @@ export FASTEVAL_CACHE="$WORK/cache"
 py() { (cd "$WORK" && "$PY" "$@"); }
 tpy() { local limit=$1; shift; (cd "$WORK" && timeout "$limit" "$PY" "$@"); }
 PYTEST=(-m pytest -c "$REPO/pyproject.toml" --rootdir "$REPO" -p no:cacheprovider)
-STEPS=" ${GPU_CHECK_STEPS:-cuda kernel bench sweep distributed} "
+STEPS=" ${GPU_CHECK_STEPS:-cuda kernel bench sweep distributed train} "
 step() { [[ "$STEPS" == *" $1 "* ]]; }
 # Tests in 4 processes where pytest-xdist is installed (the GPU has room; the host has the cores).
 XDIST=()
@@ -184,6 +184,16 @@ num_classes=int(sys.argv[2])).state_dict(), sys.argv[1])" "$CKPT" "${GPU_CHECK_C
     else
         log "SKIPPED: distributed (nvidia-smi -L lists ${NGPU:-0} GPU(s): one GPU against several needs at least 2)"
     fi
+fi
+
+# 5b. `fasteval train` end to end on the GPU: 3 short epochs (its no-sync batch loop test is a `cuda` test).
+if step train; then
+    py -m fasteval synth "$WORK/tr" --classes 10 --per-class 64 --size 100x100 > /dev/null 2>&1
+    py -m fasteval synth "$WORK/va" --classes 10 --per-class 20 --size 100x100 --seed 1 > /dev/null 2>&1
+    START_TRAIN=$(date +%s)
+    tpy 240 -m fasteval train "$WORK/tr" "$WORK/va" --out "$WORK/run" --epochs 3 --device cuda --no-progress \
+        --workers 8 --json "$OUT_DIR/train.json" > "$OUT_DIR/train.txt" 2>&1
+    log "train exit code $? in $(( $(date +%s) - START_TRAIN )) s ($(tail -1 "$OUT_DIR/train.txt"))"
 fi
 
 # 6. One summary, with the paths that ran.
