@@ -149,14 +149,18 @@ def reference_logits(samples: SampleList, indices: list[int], model: nn.Module, 
     """Float32 logits of the samples at ``indices`` (on the CPU, in that order), computed by the
     reference's own code: PIL decode, the torchvision transform, the eager fp32 model.
 
-    The recheck's samples are few and scattered, so decoding them one after another in this process
-    bounded it (14.5 ms a sample against the reference loop's 1.5 ms with 16 workers, H200 machine,
-    2026-11-28): from ``PARALLEL_FROM`` samples per worker up, workers decode them, in batches split so
-    every worker gets a share. ``always_workers``: the reference's own loop (its batch size, its workers)."""
+    With the model on a GPU, decoding the recheck's few scattered samples one after another in this
+    process bounded it (14.5 ms a sample against the reference loop's 1.5 ms with 16 workers, H200
+    machine, 2026-11-28): there, from ``PARALLEL_FROM`` samples per worker up, workers decode them, in
+    batches split so every worker gets a share. With the model on the CPU the cores are the model's:
+    workers only for more than a batch (their start-up cost the photo tree's recheck 0.5 s more here).
+    ``always_workers``: the reference's own loop (its batch size, its workers)."""
     if not indices:
         return torch.empty(0)
     if always_workers:
         parallel, batch = True, batch_size
+    elif device.type == "cpu":
+        parallel, batch = len(indices) > batch_size, batch_size
     else:
         parallel = workers > 0 and len(indices) >= PARALLEL_FROM * workers
         batch = min(batch_size, math.ceil(len(indices) / workers)) if parallel else batch_size
