@@ -141,8 +141,8 @@ def write_predictions(path: str, samples, result: EvalResult) -> None:
                              " ".join(str(c) for c in top if c >= 0), f"{conf:.6g}", f"{margin:.6g}", int(again)])
 
 
-def write_json(report: dict, path: str) -> None:
-    """Write a report; NaN becomes null so the file is strict JSON."""
+def write_json(report: dict | list, path: str) -> None:
+    """Write a report (or a list of them); NaN becomes null so the file is strict JSON."""
 
     def clean(value):
         if isinstance(value, float) and not math.isfinite(value):

@@ -6,9 +6,6 @@ best epoch is the one with the most validation top-1 hits (exact counts), ties t
 
 from __future__ import annotations
 
-import json
-import math
-
 from fasteval.evaluation.metrics import EvalResult, batch_mean_differs
 
 # The issue's keys, in order; the counts and the batch-mean loss follow them.
@@ -48,24 +45,11 @@ def best_epoch(history: list[dict]) -> dict | None:
     return best
 
 
-def clean(value):
-    """NaN and infinities become null, so that the file is strict JSON."""
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if isinstance(value, dict):
-        return {k: clean(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [clean(v) for v in value]
-    return value
-
-
 def write_history(history: list[dict], path: str) -> None:
-    """``history.json``: the list of epoch records, written atomically."""
-    from fasteval.output.files import atomic_write
+    """``history.json``: the list of epoch records, written atomically, NaN as null (strict JSON)."""
+    from fasteval.output.report import write_json
 
-    with atomic_write(path) as f:
-        json.dump(clean(history), f, indent=2)
-        f.write("\n")
+    write_json(history, path)
 
 
 def format_epoch(record: dict, epochs: int) -> str:
