@@ -27,7 +27,7 @@ from fasteval.evaluation.metrics import TOPK, EvalResult, totals_from_samples
 from fasteval.data.preprocess import PreprocessSpec, check_batchable, image_size
 from fasteval.data.probe import check_headers
 from fasteval.evaluation.reference import reference_logits
-from fasteval.evaluation.route import Rates, choose_route, load_rates, rates_key, record
+from fasteval.evaluation.route import Rates, Route, choose_route, load_rates, rates_key, record
 from fasteval.model.compile_cache import resolve_compile_mode
 from fasteval.data.samples import SampleList
 
@@ -76,7 +76,6 @@ class FastEvaluator:
         fasteval/data/decoded.py's store, decoded once for every checkpoint. ``passes``: how many times
         ``run()`` will be called (the sweep's checkpoints), for ``--compile auto``'s decision."""
         start = time.perf_counter()
-        self.route_summary: str | None = None
         self.passes = passes
         self.scope = scope or WholeRun()
         total = self.scope.total(len(samples))
@@ -92,9 +91,8 @@ class FastEvaluator:
         half = self.precision == "fp16"
         # The torchvision loaders decode with PIL already; DALI hands those files to the reference.
         pil = needs_pil(samples) if options.loader in ("auto", "dali") else []
-        self.total_samples = total
-        self.rates, self.route_reason = self._route(model, len(pil))
-        self.all_by_reference = (self.exact and total <= SMALL_DATASET) or self.route_reason is not None
+        self.rates, self.route = self._route(model, len(pil))
+        self.all_by_reference = (self.exact and total <= SMALL_DATASET) or (self.route is not None and not self.route.fast)
         if self.all_by_reference:  # the reference's code alone is exact, and here the quicker way
             self.reference_only = list(range(len(samples)))
         else:  # DALI is imported only when the fast path runs
@@ -131,19 +129,17 @@ class FastEvaluator:
             self._warm_up_metrics(example)
         self.warmup_seconds = time.perf_counter() - start
 
-    def _route(self, model: torch.nn.Module, pil_files: int) -> tuple[Rates | None, str | None]:
+    def _route(self, model: torch.nn.Module, pil_files: int) -> tuple[Rates | None, Route | None]:
         """With ``options.route`` and ``--compile auto`` (where fasteval weighs every cost of the fast path):
-        this configuration's measured rates, and the reason the whole run goes through the reference's
-        code (None: the fast path pays). ``--compile on``/``off`` ask for the fast path itself."""
+        this configuration's measured rates and the route chosen from them (None, None: no route, the fast
+        path). ``--compile on``/``off`` ask for the fast path itself."""
         if (not self.options.route or resolve_compile_mode(self.options.compile) != "auto" or not len(self.samples)
                 or self.scope.sharded):  # every rank must take the same route: torchrun runs the fast path
             return None, None
         hw = self.spec.output_hw(*image_size(self.samples.paths[0]))
         rates = load_rates(self.device, rates_key(model, self.device, self.precision, hw))
-        route = choose_route(rates, self.device.type, len(self.samples), pil_files,
-                             min(CALIBRATION_SAMPLES, len(self.samples)), self.exact, passes=self.passes)
-        self.route_summary = route.reason
-        return rates, None if route.fast else route.reason
+        return rates, choose_route(rates, self.device.type, len(self.samples), pil_files,
+                                   min(CALIBRATION_SAMPLES, len(self.samples)), self.exact, passes=self.passes)
 
     def load_weights(self, model: nn.Module) -> None:
         """Copy ``model``'s weights (same architecture) into the fast model and the reference's model, in
@@ -212,8 +208,10 @@ class FastEvaluator:
         by_reference = (len(self.reference_only), time.perf_counter() - start - pass_seconds)
         exact = {"enabled": False, "mode": self.options.exact, "reason": self.exact_reason}
         if self.all_by_reference:
-            reason = self.route_reason or (f"{self.total_samples} samples (<= {SMALL_DATASET}, the calibration's "
-                                           f"size): every sample evaluated by the reference's code")
+            routed = self.route is not None and not self.route.fast
+            reason = self.route.reason if routed else (f"{self.scope.total(len(self.samples))} samples (<= "
+                                                       f"{SMALL_DATASET}, the calibration's size): every sample "
+                                                       f"evaluated by the reference's code")
             exact.update(enabled=True, rechecked=len(self.samples), all_by_reference=True, reason=reason)
         elif self.exact and self.calibration_total:
             exact.update(recheck(self.samples, outputs, self.calibration, kept, self.reference_model, self.spec,
@@ -251,7 +249,7 @@ class FastEvaluator:
                 "nonfinite_rows": nonfinite,
                 "pil_fallback_files": 0 if self.all_by_reference else len(self.reference_only),
                 "exact": exact,
-                "route": self.route_summary,
+                "route": self.route.reason if self.route else None,
                 **({"decoded": dict(self.loader.info)} if hasattr(self.loader, "info") else {}),
             },
         )
