@@ -189,13 +189,18 @@ def run_command(argv: list[str], env: dict[str, str]) -> dict:
         start = time.perf_counter()
         proc = subprocess.Popen(argv, env=env, stdout=subprocess.DEVNULL, stderr=err)
         main = workers = 0.0
-        while True:
-            pid, status, usage = os.wait4(proc.pid, os.WNOHANG)
-            if pid:
-                break
-            main = max(main, _hwm_mb(proc.pid))
-            workers = max([workers] + [_hwm_mb(child) for child in _descendants(proc.pid)])
-            time.sleep(POLL_SECONDS)
+        try:
+            while True:
+                pid, status, usage = os.wait4(proc.pid, os.WNOHANG)
+                if pid:
+                    break
+                main = max(main, _hwm_mb(proc.pid))
+                workers = max([workers] + [_hwm_mb(child) for child in _descendants(proc.pid)])
+                time.sleep(POLL_SECONDS)
+        except BaseException:  # Ctrl-C or SIGTERM in bench: no eval left running behind it
+            proc.kill()
+            proc.wait()
+            raise
         wall = time.perf_counter() - start
         proc.returncode = os.waitstatus_to_exitcode(status)
         err.seek(0)
@@ -421,7 +426,7 @@ def plot_bench(b: dict, path: str) -> None:
     import matplotlib.pyplot as plt
 
     stages = ["decode", "model", "metrics", "end_to_end"]
-    labels = ["decode+preprocess", "model", "metrics", "end to end"]
+    labels = [STAGES.get(s, "end to end") for s in stages]
     fig, ax = plt.subplots(figsize=(8, 4.5))
     width = 0.38
     for offset, key, colour in ((-width / 2, "reference", "#999999"), (width / 2, "fast", "#1f77b4")):

@@ -26,12 +26,15 @@ class MetricsAccumulator:
     ``update`` never reads a value back to the host, on any device; bad labels are counted
     and raised by ``result()``. ``keep_logits`` lists sample positions (arrival order) whose
     float32 logit rows are copied aside on the device (``kept_logits``, in sorted position
-    order), e.g. to compare them with another run.
+    order), e.g. to compare them with another run. ``per_sample``: the per-sample outputs kept (all
+    of ``PER_SAMPLE`` by default; a training epoch needs only the losses).
     """
 
     def __init__(self, num_samples: int, device: torch.device | str, *, topk: int = 5,
-                 ignore_index: int = -100, backend: str = "auto", keep_logits: list[int] = ()) -> None:
+                 ignore_index: int = -100, backend: str = "auto", keep_logits: list[int] = (),
+                 per_sample: tuple[str, ...] = PER_SAMPLE) -> None:
         self.num_samples = num_samples
+        self.per_sample = per_sample  # the per-sample outputs kept (a subset of PER_SAMPLE)
         self.topk = topk
         self.ignore_index = ignore_index
         self.backend = backend
@@ -61,10 +64,10 @@ class MetricsAccumulator:
         if not self.buffers:
             self.buffers = {name: torch.empty((self.num_samples, *getattr(m, name).shape[1:]),
                                               dtype=getattr(m, name).dtype, device=self.device)
-                            for name in PER_SAMPLE}
+                            for name in self.per_sample}
             self.kept_logits = torch.empty((len(self.keep_logits), logits.shape[1]), device=self.device)
         window = slice(self.filled, self.filled + n)
-        for name in PER_SAMPLE:
+        for name in self.per_sample:
             self.buffers[name][window] = getattr(m, name)[:n]
         first = bisect.bisect_left(self.keep_logits, self.filled)
         last = bisect.bisect_left(self.keep_logits, self.filled + n)

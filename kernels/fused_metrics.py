@@ -129,7 +129,8 @@ def _metrics_core(x: torch.Tensor, labels: torch.Tensor, topk: int, ignore_index
     x_label = x.gather(1, safe[:, None])
     lse = torch.logsumexp(x, dim=1)
     # A +inf logit (fp16 overflow) makes F.cross_entropy's log_softmax NaN on every column.
-    loss = torch.where(torch.isposinf(x).any(dim=1), float("nan"), lse - x_label[:, 0])
+    has_posinf = torch.isposinf(x).any(dim=1)
+    loss = torch.where(has_posinf, float("nan"), lse - x_label[:, 0])
     loss = torch.where(counted, loss, 0.0)
     cols = torch.arange(num_classes, device=x.device)
     ahead = (x > x_label) | ((x == x_label) & (cols[None, :] < safe[:, None]))
@@ -144,7 +145,7 @@ def _metrics_core(x: torch.Tensor, labels: torch.Tensor, topk: int, ignore_index
     m1, mk = _margins(top, x_label[:, 0], hit, counted, has_nan, topk)
     # softmax is NaN on an all -inf row; the norm reads it once, without a squared copy
     prob_sq_sum = torch.linalg.vector_norm(torch.softmax(x, dim=1), dim=1).square()
-    prob_sq_sum = torch.where(has_nan | torch.isposinf(x).any(dim=1), float("nan"), prob_sq_sum)
+    prob_sq_sum = torch.where(has_nan | has_posinf, float("nan"), prob_sq_sum)
     return BatchMetrics(
         pred=pred,
         loss=loss,

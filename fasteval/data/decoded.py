@@ -211,11 +211,9 @@ class DiskCache:
 
 def check_cache_dir(path: str) -> None:
     """Refuse a ``--cache`` path that is a file or cannot be written, before any work."""
-    from fasteval.output.files import _check_folder_path
+    from fasteval.output.files import check_output_folder
 
-    if os.path.exists(path) and not os.path.isdir(path):
-        raise FastevalError(f"--cache {path} is a file, not a folder")
-    _check_folder_path(os.path.join(os.path.abspath(path), "x"), f"--cache {path}")
+    check_output_folder(path, "--cache", overwrite=True)
 
 
 class DecodedStore:
@@ -236,15 +234,14 @@ class DecodedStore:
         return self.images.shape[0]
 
     def __iter__(self) -> Iterator[Batch]:
+        from fasteval.data.loader_torch import _pad
+
         n, b = len(self), self.batch_size
         non_blocking = self.placement == "pinned"
         for start in range(0, n, b):
             images = self.images[start:start + b].to(self.device, non_blocking=non_blocking)
-            labels = self.labels[start:start + b]
             real = images.shape[0]
-            if real < b:
-                images = torch.cat([images, images.new_zeros((b - real, *images.shape[1:]))])
-                labels = torch.cat([labels, labels.new_zeros(b - real)])
+            images, labels = _pad(images, self.labels[start:start + b], b)
             yield Batch(self.normalize(images), labels, real)
 
 

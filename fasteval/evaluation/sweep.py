@@ -65,7 +65,10 @@ def split_sweep(args) -> bool:
             raise FastevalError(f"{option} evaluates one checkpoint; it cannot be combined with several --weights")
     if args.data is None:
         raise FastevalError("the built-in demo uses its own model: give DATA to evaluate several --weights")
-    if int(os.environ.get("WORLD_SIZE", "1") or 1) > 1:
+    from fasteval.distributed import detect_launch
+
+    launch = detect_launch()
+    if launch is not None and launch.world_size > 1:
         raise FastevalError("a checkpoint sweep runs in one process: launch it without torchrun (or evaluate each "
                             "checkpoint under torchrun)")
     args.weights = paths[0]
@@ -219,10 +222,6 @@ def cmd_sweep(args, prepare) -> int:
     from fasteval.output.files import check_distinct
     from fasteval.output.report import write_json
 
-    if args.plot:  # a folder, as for one checkpoint's pictures
-        from fasteval.output.plots import check_plot_folder
-
-        check_plot_folder(args.plot)
     if args.cache:
         check_cache_dir(args.cache)
     check_distinct({**{f"--weights {p}": p for p in args.checkpoints if os.path.isfile(p)},

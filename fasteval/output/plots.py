@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 
 from fasteval.errors import FastevalError
+from fasteval.evaluation.classes import worst_classes
 from fasteval.output.files import atomic_write, check_output_folder
 
 MAX_CLASSES = 50  # every class is drawn up to this many
@@ -92,8 +93,7 @@ def plot_recall(report: dict):
     from matplotlib.figure import Figure
 
     per_class = report["per_class"]
-    order = sorted((i for i, c in enumerate(per_class) if c["samples"]),
-                   key=lambda i: (per_class[i]["recall"], -per_class[i]["samples"], i))
+    order = worst_classes(per_class, count=len(per_class))
     total = len(order)
     order = order[:SHOWN_WORST] if total > MAX_CLASSES else order
     n = len(order)

@@ -103,7 +103,8 @@ class Trainer:
 
     def train_epoch(self, epoch: int) -> EvalResult:
         """One pass over the training set; the metrics are read back once, after the last batch."""
-        acc = MetricsAccumulator(len(self.train_samples), self.device, topk=TOPK, backend=self.metrics_backend)
+        acc = MetricsAccumulator(len(self.train_samples), self.device, topk=TOPK, backend=self.metrics_backend,
+                                 per_sample=("loss",))  # the batch means need the losses; nothing else is read
         bar = tqdm(total=len(self.train_samples), unit="img", desc=f"train {epoch}", file=sys.stderr,
                    disable=not self.options.progress)
         self.model.train()
@@ -111,10 +112,10 @@ class Trainer:
         self.train_steps(self.batches(epoch), acc, bar)
         totals = acc.result()  # the epoch's one read back
         bar.close()
+        # In arrival (shuffled) order: the batch means come from them; they are not kept as sample-order outputs.
         losses = totals["loss"]
         return EvalResult(samples=totals["count"], correct_top1=totals["correct"], correct_top5=totals["correct_topk"],
-                          loss_sum=totals["loss_sum"], seconds=time.perf_counter() - start, losses=losses,
-                          predictions=totals["pred"],
+                          loss_sum=totals["loss_sum"], seconds=time.perf_counter() - start,
                           batch_losses=[float(c.double().mean()) for c in torch.split(losses, self.recipe.batch_size)])
 
     def train_steps(self, batches, acc: MetricsAccumulator, bar=None) -> None:
@@ -125,7 +126,8 @@ class Trainer:
             labels = to_device(labels, self.device)
             with self._autocast():
                 logits = self.model(images)
-            loss = F.cross_entropy(logits.float(), labels)
+            logits = logits.float()  # one fp32 copy for the loss and the metrics (defined on logits.float())
+            loss = F.cross_entropy(logits, labels)
             self.optimizer.zero_grad(set_to_none=True)
             loss.backward()
             self.optimizer.step()
