@@ -234,6 +234,6 @@ def test_the_recheck_writes_the_reference_squared_sums():
     logits = torch.randn(2, 3)
     apply_reference(outputs, samples, [1, 4], logits)
     want = torch.softmax(logits.double(), dim=1).pow(2).sum(dim=1)
-    torch.testing.assert_close(outputs["prob_sq_sum"][[1, 4]].double(), want)
-    assert outputs["prob_sq_sum"][[0, 2, 3, 5]].tolist() == [0.0] * 4 and outputs["rechecked"].tolist() == \
+    torch.testing.assert_close(outputs["prob_sq_sums"][[1, 4]].double(), want)
+    assert outputs["prob_sq_sums"][[0, 2, 3, 5]].tolist() == [0.0] * 4 and outputs["rechecked"].tolist() == \
         [False, True, False, False, True, False]

@@ -28,7 +28,7 @@ from torch import nn
 from fasteval.choices import EXACT_MODES
 from fasteval.errors import FastevalError
 from fasteval.data.preprocess import PreprocessSpec
-from fasteval.evaluation.reference import reference_logits, score_batch
+from fasteval.evaluation.reference import per_sample, reference_logits, score_batch
 from fasteval.data.samples import SampleList
 
 CALIBRATION_SAMPLES = 8  # reference-evaluated samples that measure the fast path's logit error
@@ -86,13 +86,8 @@ def apply_reference(outputs: dict[str, torch.Tensor], samples: SampleList, indic
     """Write the reference's per-sample values (``score_batch`` on its ``logits`` of the samples at
     ``indices``) into ``outputs`` in place, marking them rechecked; returns the score."""
     score = score_batch(logits, torch.tensor(samples.labels)[indices])
-    outputs["pred"][indices] = score.predicted
-    outputs["topk_hit"][indices] = score.topk_hits
-    outputs["topk_idx"][indices] = score.topk_classes
-    outputs["loss"][indices] = score.losses
-    outputs["confidence"][indices] = score.confidences
-    outputs["margin"][indices] = score.margins
-    outputs["prob_sq_sum"][indices] = score.prob_sq_sums
+    for name, values in per_sample([score]).items():
+        outputs[name][indices] = values
     outputs["rechecked"][indices] = True
     return score
 
@@ -109,18 +104,18 @@ def recheck(samples: SampleList, outputs: dict[str, torch.Tensor], calibration: 
     ref_calibration = reference_logits(samples, calibration, model, spec, **run)
     error = scope.max_error(max_logit_error(calibration_logits, ref_calibration) if calibration else 0.0)
     tau = SAFETY * 2 * error
-    gated = (outputs["margin"] <= tau) & ~outputs["rechecked"]
+    gated = (outputs["margins"] <= tau) & ~outputs["rechecked"]
     gated[calibration] = False
     more = gated.nonzero().flatten().tolist()
     ref_more = reference_logits(samples, more, model, spec, **run)  # torch.empty(0) for no sample
     indices = calibration + more
-    before = {key: outputs[key][indices] for key in ("pred", "topk_hit", "loss")}  # copies (list indexing)
+    before = {key: outputs[key][indices] for key in ("predictions", "topk_hits", "losses")}  # copies
     after = before  # nothing to recheck on this shard
     if indices:
         ref_logits = torch.cat([logits for logits in (ref_calibration, ref_more) if len(logits)])
         score = apply_reference(outputs, samples, indices, ref_logits)
-        after = {"pred": score.predicted, "topk_hit": score.topk_hits, "loss": score.losses}
-    loss_error = (before["loss"][:len(calibration)].double() - after["loss"][:len(calibration)].double())
+        after = {"predictions": score.predicted, "topk_hits": score.topk_hits, "losses": score.losses}
+    loss_error = (before["losses"][:len(calibration)].double() - after["losses"][:len(calibration)].double())
     report = {
         "enabled": True,
         "tau": tau,
@@ -129,8 +124,8 @@ def recheck(samples: SampleList, outputs: dict[str, torch.Tensor], calibration: 
         "max_logit_error": error,
         "gated": len(more),
         "rechecked": len(indices),
-        "changed_top1": int((before["pred"] != after["pred"]).sum()),
-        "changed_top5": int((before["topk_hit"] != after["topk_hit"]).sum()),
+        "changed_top1": int((before["predictions"] != after["predictions"]).sum()),
+        "changed_top5": int((before["topk_hits"] != after["topk_hits"]).sum()),
         "calibration_loss_error_mean": float(loss_error.mean()) if len(loss_error) else 0.0,
         "calibration_loss_error_max": float(loss_error.abs().max()) if len(loss_error) else 0.0,
         "seconds": time.perf_counter() - start,

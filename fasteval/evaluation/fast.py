@@ -184,10 +184,10 @@ class FastEvaluator:
                                  keep_logits=[position[i] for i in self.calibration])
         run_loop(self.loader, self.model, acc, bar)
         totals = acc.result()  # the one read back of the run
-        totals["margin"] = torch.minimum(totals["margin_top1"], totals["margin_topk"])
         at = torch.tensor(self.main)
-        for key in ("pred", "loss", "topk_hit", "topk_idx", "confidence", "margin", "prob_sq_sum"):
-            outputs[key][at] = totals[key]
+        for name, key in ACCUMULATED.items():
+            outputs[name][at] = totals[key]
+        outputs["margins"][at] = torch.minimum(totals["margin_top1"], totals["margin_topk"])
         return totals["kept_logits"], totals["nonfinite"]
 
     def run(self, progress: bool = True) -> EvalResult:
@@ -226,19 +226,12 @@ class FastEvaluator:
                    recheck_share=exact["gated"] / main if main and "gated" in exact else None)
         bar.close()
         labels = torch.tensor(self.samples.labels, dtype=torch.int64)
-        totals = totals_from_samples(labels, outputs["pred"], outputs["topk_hit"], outputs["loss"],
+        totals = totals_from_samples(labels, outputs["predictions"], outputs["topk_hits"], outputs["losses"],
                                      self.options.batch_size)
         return EvalResult(
             **totals,
+            **outputs,
             seconds=seconds,
-            predictions=outputs["pred"],
-            losses=outputs["loss"],
-            topk_hits=outputs["topk_hit"],
-            topk_classes=outputs["topk_idx"],
-            confidences=outputs["confidence"],
-            margins=outputs["margin"],
-            rechecked=outputs["rechecked"],
-            prob_sq_sums=outputs["prob_sq_sum"],
             warmup_seconds=self.warmup_seconds,
             extra={
                 "loader": self.loader.name if self.loader else "none",
@@ -282,13 +275,18 @@ def keep_head_fp32(model: nn.Module) -> bool:
 
 
 def empty_outputs(num_samples: int) -> dict[str, torch.Tensor]:
-    """Per-sample output buffers in sample order, filled by the fast pass and the reference."""
-    return {"pred": torch.zeros(num_samples, dtype=torch.int64), "loss": torch.zeros(num_samples),
-            "topk_hit": torch.zeros(num_samples, dtype=torch.bool),
-            "topk_idx": torch.full((num_samples, TOPK), -1, dtype=torch.int64),
-            "confidence": torch.zeros(num_samples), "margin": torch.zeros(num_samples),
-            "prob_sq_sum": torch.zeros(num_samples),
-            "rechecked": torch.zeros(num_samples, dtype=torch.bool)}
+    """Per-sample output buffers in sample order, under EvalResult's names (``PER_SAMPLE_FIELDS``),
+    filled by the fast pass and the reference."""
+    return {"predictions": torch.zeros(num_samples, dtype=torch.int64), "losses": torch.zeros(num_samples),
+            "topk_hits": torch.zeros(num_samples, dtype=torch.bool),
+            "topk_classes": torch.full((num_samples, TOPK), -1, dtype=torch.int64),
+            "confidences": torch.zeros(num_samples), "margins": torch.zeros(num_samples),
+            "rechecked": torch.zeros(num_samples, dtype=torch.bool), "prob_sq_sums": torch.zeros(num_samples)}
+
+
+# The accumulator's per-sample outputs under EvalResult's names (the margin is derived from two of them).
+ACCUMULATED = {"predictions": "pred", "losses": "loss", "topk_hits": "topk_hit", "topk_classes": "topk_idx",
+               "confidences": "confidence", "prob_sq_sums": "prob_sq_sum"}
 
 
 def evaluate_fast(samples: SampleList, model: torch.nn.Module, spec: PreprocessSpec, *,
