@@ -156,15 +156,14 @@ class Trainer:
             self.scheduler.step()
             val = self.validate()
             record = epoch_record(epoch, train, val, lr, time.perf_counter() - start)
-            best = best_epoch(self.history)
-            improved = best is None or record["val_correct_top1"] > best["val_correct_top1"]
             self.history.append(record)
+            best = best_epoch(self.history)  # ties go to the earlier epoch
             with state.signals_held():
-                self.write_epoch(epoch, val, improved)
+                self.write_epoch(epoch, val, best["epoch"])
             print(format_epoch(record, self.recipe.epochs), flush=True)
         return self.history
 
-    def write_epoch(self, epoch: int, val: EvalResult, improved: bool) -> None:
+    def write_epoch(self, epoch: int, val: EvalResult, best: int) -> None:
         """best.pt (and the best epoch's per-sample predictions and class report) when this epoch is the
         new best, then last.pt, history.json and the curves."""
         from fasteval.evaluation.classes import class_report
@@ -173,7 +172,7 @@ class Trainer:
         out = self.options.out
         ckpt = state.checkpoint(self.model, self.optimizer, self.scheduler, epoch, self.recipe.to_dict(),
                                 self.train_samples.classes, self.history)
-        if improved:  # the weights and what they are; the optimizer's state (2x the model's size) is last.pt's
+        if best == epoch:  # the weights and what they are; the optimizer's state (2x the model's size) is last.pt's
             state.save({k: v for k, v in ckpt.items() if k not in state.RESUME_ONLY}, os.path.join(out, state.BEST))
             write_predictions(os.path.join(out, state.PREDICTIONS), self.val_samples, val)
             write_json({"epoch": epoch, **class_report(val, self.val_samples)}, os.path.join(out, state.CLASSES))
@@ -182,7 +181,7 @@ class Trainer:
         from fasteval.output.curves import plot_curves
 
         try:
-            plot_curves(self.history, os.path.join(out, state.CURVES), best_epoch(self.history)["epoch"])
+            plot_curves(self.history, os.path.join(out, state.CURVES), best)
         except ImportError:  # matplotlib is an optional extra: the curves are skipped, said once
             if epoch == self.start_epoch + 1:
                 print("fasteval: warning: no matplotlib, so no curves.png (pip install 'fasteval[plot]')",
