@@ -56,8 +56,27 @@ def test_record_keeps_the_best_per_image_cost_and_persists(fresh_cache):
     again = load_rates(CPU, key)
     assert again.reference_image_seconds == pytest.approx(0.05) and again.fast_image_seconds == pytest.approx(0.02)
     assert again.fast_setup_seconds == pytest.approx(0.7) and again.recheck_share == pytest.approx(0.2)
+    assert again.fast_to_reference == pytest.approx(0.02 / 0.05)  # the first call measured both; the second one
     # Another precision or input size is another configuration.
     assert load_rates(CPU, rates_key(torchvision.models.resnet18(num_classes=3), CPU, "fp32", (32, 32))).key != key
+
+
+def test_fast_cost_follows_the_reference_measured_beside_it():
+    """A fast run on a busy machine measures both per-image costs slow; their ratio still holds, so the
+    fast cost is the ratio x the best reference cost, and a later quiet reference run lowers both: a
+    route is not stuck on the reference's code by one slow fast run (it would never be re-measured)."""
+    rates = Rates(reference_image_seconds=0.3, fast_image_seconds=0.12, fast_to_reference=0.4,
+                  fast_setup_seconds=0.5, recheck_share=0.1)  # one fast run, 10x slowed by other load
+    busy_route = choose_route(rates, "cpu", 100, 0, 8, exact=True)
+    # 0.5 + 100 x (0.4 x 0.3) + (8 + 10) x 0.3 = 17.9 s vs 30 s.
+    assert busy_route.fast_seconds == pytest.approx(17.9) and "0.40 x the reference's" in busy_route.reason
+    rates.reference_image_seconds = 0.03  # a quiet reference run
+    quiet = choose_route(rates, "cpu", 100, 0, 8, exact=True)
+    # 0.5 + 100 x 0.012 + 18 x 0.03 = 2.24 s vs 3 s: fast, though the fast pass itself was measured at 0.12 s.
+    assert quiet.fast and quiet.fast_seconds == pytest.approx(2.24)
+    # Without a ratio (a fast run with no sample by the reference's code), the direct best is used.
+    rates.fast_to_reference = None
+    assert choose_route(rates, "cpu", 100, 0, 8, exact=True).fast_seconds == pytest.approx(0.5 + 12 + 0.54)
 
 
 def _eval_json(path, data, weights, *extra):

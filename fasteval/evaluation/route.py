@@ -11,6 +11,12 @@ beside the compile profiles), or from ``DEFAULTS`` until they have:
     reference = N x t_reference
     fast      = setup + N_fast x t_fast + (PIL-only files + calibration + recheck share x N_fast) x t_reference
 
+Per-image costs keep the best seen (other load on the machine only adds time). The fast path's is
+taken relative to the reference's: a run of the fast path measures both (its pass, and the samples the
+reference's code evaluates within it) under the same load, and t_fast = that ratio x the best
+t_reference. A single fast run on a busy machine would otherwise leave a fast cost too high to ever
+be chosen again, and so never re-measured.
+
 Like the compile profiles, the rates only steer the choice: a stale figure can make a run slower,
 never its result different (both routes give the reference's counts).
 """
@@ -25,7 +31,7 @@ from torch import nn
 
 from fasteval.model.compile_cache import device_tag, load_profile, model_signature, profile_dir, save_profile
 
-RATES_VERSION = 1
+RATES_VERSION = 2
 
 
 @dataclass(frozen=True)
@@ -58,6 +64,8 @@ class Rates:
     fast_image_seconds: float | None = None
     fast_setup_seconds: float | None = None
     recheck_share: float | None = None
+    # The fast path's per-image cost over the reference's code's, both measured in one run (the latest).
+    fast_to_reference: float | None = None
 
 
 @dataclass(frozen=True)
@@ -92,7 +100,10 @@ def choose_route(rates: Rates, device_kind: str, num_samples: int, pil_files: in
     runs (a checkpoint sweep's) share one setup."""
     d = DEFAULTS.get(device_kind, DEFAULTS["cpu"])
     t_ref = rates.reference_image_seconds or d.reference_image
-    t_fast = rates.fast_image_seconds or d.fast_image
+    if rates.fast_to_reference and rates.reference_image_seconds:
+        t_fast = rates.fast_to_reference * t_ref
+    else:
+        t_fast = rates.fast_image_seconds or d.fast_image
     setup = rates.fast_setup_seconds if rates.fast_setup_seconds is not None else d.fast_setup
     share = (rates.recheck_share if rates.recheck_share is not None else d.recheck_share) if exact else 0.0
     main = num_samples - pil_files
@@ -100,6 +111,8 @@ def choose_route(rates: Rates, device_kind: str, num_samples: int, pil_files: in
     fast = setup + passes * (main * t_fast + by_reference * t_ref)
     reference = passes * num_samples * t_ref
     source = "measured" if rates.reference_image_seconds and rates.fast_image_seconds else "assumed"
+    if rates.fast_to_reference and rates.reference_image_seconds:
+        source += f", the fast path's per image {rates.fast_to_reference:.2f} x the reference's (one run)"
     runs = f"{passes} x " if passes > 1 else ""
     figures = (f"expected {fast:.1f} s fast ({setup:.1f} s setup + {runs}{main} x {1e3 * t_fast:.1f} ms + "
                f"{by_reference:.0f} x {1e3 * t_ref:.1f} ms by the reference's code) vs {reference:.1f} s "
@@ -114,15 +127,21 @@ def record(rates: Rates, device: torch.device, *, reference: tuple[int, float] |
            fast: tuple[int, float] | None = None, setup: float | None = None,
            recheck_share: float | None = None) -> None:
     """Fold one run's measurements in (``(images, seconds)`` pairs) and save. Per-image costs keep the
-    best seen (other load on the machine only adds time); the setup and recheck share the latest."""
-    def best(old: float | None, pair: tuple[int, float] | None) -> float | None:
-        if not pair or pair[0] <= 0 or not math.isfinite(pair[1]):
-            return old
-        new = pair[1] / pair[0]
-        return new if old is None else min(old, new)
+    best seen; where one run measured both, their ratio (module docstring); the setup and recheck share
+    the latest."""
+    def per_image(pair: tuple[int, float] | None) -> float | None:
+        if not pair or pair[0] <= 0 or not math.isfinite(pair[1]) or pair[1] <= 0:
+            return None
+        return pair[1] / pair[0]
 
-    rates.reference_image_seconds = best(rates.reference_image_seconds, reference)
-    rates.fast_image_seconds = best(rates.fast_image_seconds, fast)
+    def best(old: float | None, new: float | None) -> float | None:
+        return old if new is None else new if old is None else min(old, new)
+
+    t_ref, t_fast = per_image(reference), per_image(fast)
+    rates.reference_image_seconds = best(rates.reference_image_seconds, t_ref)
+    rates.fast_image_seconds = best(rates.fast_image_seconds, t_fast)
+    if t_ref is not None and t_fast is not None:
+        rates.fast_to_reference = t_fast / t_ref
     if setup is not None:
         rates.fast_setup_seconds = setup
     if recheck_share is not None:
