@@ -8,7 +8,8 @@
 # paths ran (DALI or not, the Triton kernel or its PyTorch twin), naming every path it could not
 # run. Meant to finish in under 10 minutes. GPU_CHECK_CLASSES/GPU_CHECK_PER_CLASS shrink the
 # dataset for a dry run of the plumbing on a CPU machine. GPU_CHECK_STEPS picks the steps (default
-# "cuda kernel bench sweep distributed train"; also "device"; distributed: `fasteval bench` and `eval` under
+# "cuda kernel bench sweep distributed train"; also "device" and "precision" (bf16 against fp32 whole
+# commands with their exact recheck); distributed: `fasteval bench` and `eval` under
 # torchrun on every local GPU against one GPU where nvidia-smi -L lists several, skipped with the reason
 # where there is one), GPU_CHECK_REPEATS the bench repeats (default 1: each cold command compiles from
 # nothing). Works on Python 3.10 (no `python -P`).
@@ -184,6 +185,38 @@ num_classes=int(sys.argv[2])).state_dict(), sys.argv[1])" "$CKPT" "${GPU_CHECK_C
     else
         log "SKIPPED: distributed (nvidia-smi -L lists ${NGPU:-0} GPU(s): one GPU against several needs at least 2)"
     fi
+fi
+
+# 5a. Precision against the exact recheck (optional step "precision"): the default command's wall time
+#     with --precision bf16 and fp32 (warm caches: each after one untimed run), and the reference's, on
+#     the bench set with one seeded model. On a GPU whose loop is bound by decoding, fp32 may cost the
+#     loop little while its smaller logit error gates fewer near-ties: this measures whether it does.
+if step precision; then
+    synth_once
+    CKPT="$WORK/resnet18_seeded.pt"
+    [ -f "$CKPT" ] || py -c "import sys, torch, torchvision; torch.manual_seed(0); torch.save(torchvision.models.resnet18(
+num_classes=int(sys.argv[2])).state_dict(), sys.argv[1])" "$CKPT" "${GPU_CHECK_CLASSES:-50}"
+    W=$(( $(nproc) < 16 ? $(nproc) : 16 ))
+    for run in bf16 fp32 reference; do
+        OPT=(--precision "$run"); [ "$run" = reference ] && OPT=(--reference)
+        ARGS=(-m fasteval eval "$DATA" --weights "$CKPT" --batch-size 256 --workers "$W" --no-progress "${OPT[@]}")
+        tpy 120 "${ARGS[@]}" > /dev/null 2>&1  # warms the compile cache and the measured rates
+        T0=$(date +%s.%N)
+        tpy 120 "${ARGS[@]}" --json "$OUT_DIR/precision_$run.json" > "$OUT_DIR/precision_$run.txt" 2>&1
+        log "eval --precision $run: exit code $?, $(py -c "print(round($(date +%s.%N) - $T0, 2))") s whole command"
+    done
+    py - "$OUT_DIR" <<'PY' | tee -a "$LOG"
+import json, os, sys
+for run in ("bf16", "fp32", "reference"):
+    try:
+        r = json.load(open(os.path.join(sys.argv[1], f"precision_{run}.json")))
+    except Exception as exc:
+        print(f"precision {run}: no result ({exc})")
+        continue
+    ex = r.get("exact") or {}
+    print(f"precision {run}: top-1 {r['correct_top1']}, route {str(r.get('route'))[:60]}, compile {r.get('compile')}, "
+          f"rechecked {ex.get('rechecked')} (gated {ex.get('gated')}, tau {ex.get('tau')}), run {r['seconds']:.2f} s")
+PY
 fi
 
 # 5b. `fasteval train` end to end on the GPU: 3 short epochs (its no-sync batch loop test is a `cuda` test).
