@@ -42,6 +42,30 @@ def test_checkpoint_formats_load_the_same_model(net, tmp_path, wrap):
         assert torch.equal(model(X), net(X))
 
 
+def test_loaded_model_is_the_plain_load_bitwise(net, tmp_path):
+    """The model built without initialising weights (meta device + assign) is the tutorial's
+    ``model = resnet18(...); model.load_state_dict(torch.load(f))``: every tensor equal, fp32,
+    contiguous, ``requires_grad`` as a fresh model's, for fp16 and channels-last checkpoints too."""
+    plain = torchvision.models.resnet18(num_classes=7)
+    sd = net.state_dict()
+    variants = {"fp32": sd, "fp16": {k: v.half() if v.is_floating_point() else v for k, v in sd.items()},
+                "channels_last": {k: v.contiguous(memory_format=torch.channels_last) if v.dim() == 4 else v
+                                  for k, v in sd.items()}}
+    for name, state in variants.items():
+        plain.load_state_dict(state)
+        model = build_model("resnet18", _save(state, tmp_path / f"{name}.pt"), num_classes=7)
+        ours, theirs = model.state_dict(), plain.state_dict()
+        assert list(ours) == list(theirs)
+        for key, value in theirs.items():
+            assert ours[key].dtype == value.dtype and ours[key].is_contiguous() and not ours[key].is_meta, key
+            assert torch.equal(ours[key], value), (name, key)
+        assert all(p.requires_grad for p in model.parameters())
+        with torch.no_grad():
+            assert torch.equal(model(X), plain.eval()(X))
+    checked = build_model("resnet18", _save(sd, tmp_path / "c.pt"), num_classes=7, check_only=True)
+    assert all(t.is_meta for t in checked.parameters())  # a check reads no weights
+
+
 def test_sequential_head_as_saved_by_finetuning_scripts(net, tmp_path):
     finetuned = torchvision.models.resnet18(num_classes=1000)
     finetuned.load_state_dict({k: v for k, v in net.state_dict().items() if not k.startswith("fc.")}, strict=False)

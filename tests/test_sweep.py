@@ -182,8 +182,11 @@ def test_refused_before_any_work(small_data, checkpoints, tmp_path, capsys):
     torch.save(_resnet(4, classes=4).state_dict(), four)
     r34 = tmp_path / "r34.pt"
     torch.save(torchvision.models.resnet34(num_classes=3).state_dict(), r34)
+    truncated = tmp_path / "truncated.pt"  # a checkpoint cut short while it was being written
+    truncated.write_bytes(open(checkpoints[1], "rb").read()[:100_000])
     out, cache = tmp_path / "o.json", tmp_path / "cache"
     cases = [([checkpoints[0], str(four)], [], "4-class head but the first checkpoint"),
+             ([checkpoints[0], str(truncated)], [], "damaged or truncated"),
              ([checkpoints[0], str(r34)], [], "do not fit --arch resnet18"),
              (checkpoints[:2], ["--reference"], "--reference evaluates one checkpoint"),
              (checkpoints[:2], ["--predictions", str(tmp_path / "p.csv")], "--predictions evaluates one"),

@@ -75,15 +75,16 @@ def split_sweep(args) -> bool:
     return True
 
 
-def load_checkpoints(arch: str, paths: list[str], num_classes: int) -> None:
-    """Load every checkpoint once, before any work: each must fit ``arch`` and the first checkpoint's
-    class count (the dataset's), whatever format a training script saved it in."""
+def check_checkpoints(arch: str, paths: list[str], num_classes: int) -> None:
+    """Check every checkpoint before any work (mapped, not read: each is read once, in its turn): each
+    must fit ``arch`` and the first checkpoint's class count (the dataset's), whatever format a training
+    script saved it in."""
     from fasteval.model.models import build_model, head_name
 
     head = head_name(arch)
     first = None
     for path in paths:
-        model = build_model(arch, path, None)
+        model = build_model(arch, path, None, check_only=True)
         classes = model.get_submodule(head)
         classes = getattr(classes, "out_features", None) or getattr(classes, "out_channels")
         if first is None:
@@ -227,7 +228,7 @@ def cmd_sweep(args, prepare) -> int:
     check_distinct({**{f"--weights {p}": p for p in args.checkpoints if os.path.isfile(p)},
                     "--json": args.json, "--plot": args.plot})
     samples, spec, device, model, config = prepare(args)
-    load_checkpoints(args.arch, args.checkpoints, samples.num_classes)
+    check_checkpoints(args.arch, args.checkpoints, samples.num_classes)
     start = time.perf_counter()
     source = DecodedSource(args.cache)
     evaluator = FastEvaluator(samples, model, spec, device, fast_options(args), batch_source=source,
