@@ -28,11 +28,18 @@ _positive_int = _int_at_least(1)
 _non_negative_int = _int_at_least(0)
 
 
+def _path(text: str) -> str:
+    """An argparse type: a non-empty path (an empty one would resolve to the current folder)."""
+    if not text.strip():
+        raise argparse.ArgumentTypeError("expected a path, got an empty string")
+    return text
+
+
 def _add_run_options(p: argparse.ArgumentParser, sweep: bool = False) -> None:
-    p.add_argument("data", nargs="?", metavar="DATA",
+    p.add_argument("data", nargs="?", metavar="DATA", type=_path,
                    help="ImageFolder root (ROOT/CLASS/IMAGE); omitted: the built-in demo dataset and model")
     p.add_argument("--arch", default="resnet18", help="torchvision classification model name (default resnet18)")
-    p.add_argument("--weights", help="checkpoint file (state_dict or a dict holding one), or DEFAULT for "
+    p.add_argument("--weights", type=_path, help="checkpoint file (state_dict or a dict holding one), or DEFAULT for "
                                      "torchvision's pretrained weights; omitted: random init (demo: its fitted model)"
                                      + ("; several files, a folder of *.pt/*.pth or a glob: a sweep, decoded and "
                                         "compiled once, ranked with paired statistics" if sweep else ""),
@@ -44,7 +51,7 @@ def _add_run_options(p: argparse.ArgumentParser, sweep: bool = False) -> None:
     p.add_argument("--workers", type=_non_negative_int, default=min(8, os.cpu_count() or 1),
                    help="decoding workers/threads (default: min(8, cores))")
     p.add_argument("--device", default="auto", help="auto (default), cpu, cuda or cuda:N")
-    p.add_argument("--json", metavar="PATH", help="write every figure, the configuration and the environment")
+    p.add_argument("--json", metavar="PATH", type=_path, help="write every figure, the configuration and the environment")
     p.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
     p.add_argument("--debug", action="store_true", help="show tracebacks")
 
@@ -74,12 +81,12 @@ def build_parser() -> argparse.ArgumentParser:
                       help="run the plain PyTorch reference loop (torchvision + PIL + eager fp32)")
     mode.add_argument("--validate", action="store_true",
                       help="run the fast path and the reference, and compare them sample by sample")
-    ev.add_argument("--predictions", metavar="PATH",
+    ev.add_argument("--predictions", metavar="PATH", type=_path,
                     help="write per sample: path, label, prediction, loss, top-5 classes, confidence, margin, "
                          "rechecked (CSV)")
-    ev.add_argument("--cache", metavar="DIR", help="keep the decoded images in DIR (memory-mapped, keyed by content): "
+    ev.add_argument("--cache", metavar="DIR", type=_path, help="keep the decoded images in DIR (memory-mapped, keyed by content): "
                                                    "a later run skips decoding")
-    ev.add_argument("--plot", metavar="DIR", help="write PNGs into DIR (needs matplotlib): the confusion matrix, recall by "
+    ev.add_argument("--plot", metavar="DIR", type=_path, help="write PNGs into DIR (needs matplotlib): the confusion matrix, recall by "
                                                   "class with intervals, the reliability diagram; a sweep: top-1 per "
                                                   "checkpoint with its 95%% interval (checkpoints.png)")
 
@@ -88,7 +95,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_fast_options(be)
     be.add_argument("--repeats", type=_positive_int, default=3, help="end-to-end runs per path; the median is "
                                                                      "reported (default 3)")
-    be.add_argument("--plot", metavar="PNG", help="bar chart of images/s per stage (needs matplotlib)")
+    be.add_argument("--plot", metavar="PNG", type=_path, help="bar chart of images/s per stage (needs matplotlib)")
     be.add_argument("--no-time-to-result", action="store_true",
                     help="skip timing the whole eval commands (each path cold, then --repeats times warm)")
 
@@ -99,11 +106,11 @@ def build_parser() -> argparse.ArgumentParser:
     _add_fast_options(tr)
 
     sy = sub.add_parser("synth", help="write a deterministic synthetic ImageFolder of JPEGs")
-    sy.add_argument("out", metavar="OUT", help="output folder")
+    sy.add_argument("out", metavar="OUT", type=_path, help="output folder")
     sy.add_argument("--classes", type=_positive_int, default=10)
     sy.add_argument("--per-class", type=_positive_int, default=20)
     sy.add_argument("--size", default="imagenet", help="imagenet (varied, around 500x375) or WxH, e.g. 100x100")
-    sy.add_argument("--seed", type=int, default=0)
+    sy.add_argument("--seed", type=_non_negative_int, default=0)
     sy.add_argument("--quality", type=_positive_int, default=90, help="JPEG quality (default 90)")
     sy.add_argument("--overwrite", action="store_true", help="replace the contents of a non-empty OUT")
     sy.add_argument("--debug", action="store_true", help="show tracebacks")

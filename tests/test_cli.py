@@ -12,6 +12,7 @@ import torch
 from PIL import Image
 
 from fasteval.cli import main
+from fasteval.errors import FastevalError
 
 JSON_KEYS = {"samples", "correct_top1", "correct_top5", "top1", "top5", "loss", "loss_sum", "images_per_sec",
              "seconds", "loss_batch_mean", "config", "environment"}
@@ -92,6 +93,32 @@ def test_bad_argument_values():
     with pytest.raises(SystemExit) as exc:
         main(["eval", "--batch-size", "0"])
     assert exc.value.code == 2
+
+
+@pytest.mark.parametrize("argv", [["synth", ""], ["synth", "  "], ["eval", "x", "--json", ""],
+                                  ["eval", "x", "--predictions", ""], ["eval", "x", "--plot", ""],
+                                  ["eval", "x", "--cache", ""], ["eval", ""], ["eval", "x", "--weights", "a.pt", ""],
+                                  ["bench", "--plot", ""], ["train", "a", "b", "--out", ""],
+                                  ["synth", "x", "--seed", "-1"]])
+def test_empty_paths_and_negative_seed_refused(argv, tmp_path, monkeypatch, capsys):
+    """An empty path is the current folder to os.path.abspath: `synth ''` replaced it (its files lost).
+    Every path option refuses it in one line, exit 2, before anything is touched."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "keep.txt").write_text("precious")
+    with pytest.raises(SystemExit) as exc:
+        main(argv)
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert ("expected a path, got an empty string" in err or "expected an integer >= 0" in err) and "Traceback" not in err
+    assert sorted(os.listdir(tmp_path)) == ["keep.txt"]
+
+
+def test_output_checks_refuse_an_empty_path():
+    from fasteval.output.files import check_output_file, check_output_folder
+
+    for check in (lambda: check_output_file("", "--json"), lambda: check_output_folder("", "OUT", overwrite=True)):
+        with pytest.raises(FastevalError, match="empty string"):
+            check()
 
 
 def test_debug_shows_traceback(tmp_path):

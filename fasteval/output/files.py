@@ -78,6 +78,7 @@ def _check_device(path: str, what: str) -> None:
 def check_output_file(path: str, option: str) -> None:
     """Refuse an output file that cannot be written: a folder, a path under a file, a folder that
     cannot be written, a full disk, a device that refuses writes."""
+    _check_not_empty(path, option)
     what = f"{option} {path}"
     if os.path.lexists(path) and not os.path.exists(path):
         target = os.path.realpath(path)
@@ -92,6 +93,12 @@ def check_output_file(path: str, option: str) -> None:
         if not os.access(path, os.W_OK):
             raise FastevalError(f"{what} is read-only")
     _check_folder_path(os.path.realpath(path), what)
+
+
+def _check_not_empty(path: str, option: str) -> None:
+    """An empty path names the current folder to ``os.path.abspath``: never an output."""
+    if not path.strip():
+        raise FastevalError(f"{option}: expected a path, got an empty string")
 
 
 def check_distinct(paths: dict[str, str | None]) -> None:
@@ -167,6 +174,7 @@ def _remove_quietly(path: str) -> None:
 
 def check_output_folder(path: str, option: str, overwrite: bool) -> None:
     """Refuse an output folder that is a file, is not empty (unless ``overwrite``), or cannot be made."""
+    _check_not_empty(path, option)
     what = f"{option} {path}"
     if os.path.exists(path):
         if not os.path.isdir(path):
@@ -199,6 +207,7 @@ def staged_folder(path: str) -> Iterator[str]:
     """A temporary folder beside ``path`` to fill; on success it replaces ``path`` (an existing
     ``path`` is moved aside first, then removed), on any failure it is removed. ``path`` is never
     seen half-written. Temporary folders left by killed runs are removed first."""
+    _check_not_empty(path, "output folder")
     target = os.path.abspath(path)
     parent = os.path.dirname(target)
     os.makedirs(parent, exist_ok=True)

@@ -24,14 +24,14 @@ def _float_above(minimum: float, inclusive: bool):
 
 def add_train_options(p: argparse.ArgumentParser) -> None:
     """``train``: the classic fine-tuning recipe's values as defaults (fasteval/training/recipe.py)."""
-    from fasteval.cli import _non_negative_int, _positive_int
+    from fasteval.cli import _non_negative_int, _path, _positive_int
 
-    p.add_argument("train", metavar="TRAIN_DIR", help="training ImageFolder root")
-    p.add_argument("val", metavar="VAL_DIR", help="validation ImageFolder root (the same class folders)")
-    p.add_argument("--out", required=True, metavar="RUN_DIR", help="run folder: best.pt, last.pt, history.json, "
+    p.add_argument("train", metavar="TRAIN_DIR", type=_path, help="training ImageFolder root")
+    p.add_argument("val", metavar="VAL_DIR", type=_path, help="validation ImageFolder root (the same class folders)")
+    p.add_argument("--out", required=True, metavar="RUN_DIR", type=_path, help="run folder: best.pt, last.pt, history.json, "
                                                                    "curves.png, best_predictions.csv")
     p.add_argument("--arch", default="resnet18", help="torchvision classification model name (default resnet18)")
-    p.add_argument("--weights", help="starting checkpoint, or DEFAULT for torchvision's pretrained weights; the "
+    p.add_argument("--weights", type=_path, help="starting checkpoint, or DEFAULT for torchvision's pretrained weights; the "
                                      "head becomes Sequential(Linear(features, classes)); omitted: random init")
     p.add_argument("--epochs", type=_positive_int, default=10, help="epochs in all (default 10)")
     p.add_argument("--lr", type=_float_above(0, False), default=1e-3, help="AdamW learning rate (default 1e-3)")
@@ -50,7 +50,7 @@ def add_train_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="auto", help="auto (default), cpu, cuda or cuda:N")
     p.add_argument("--resume", action="store_true", help="continue RUN_DIR from its last.pt (to --epochs)")
     p.add_argument("--overwrite", action="store_true", help="replace the run files of a non-empty RUN_DIR")
-    p.add_argument("--json", metavar="PATH", help="write the history, the best epoch, the configuration and the "
+    p.add_argument("--json", metavar="PATH", type=_path, help="write the history, the best epoch, the configuration and the "
                                                   "environment")
     p.add_argument("--no-progress", action="store_true", help="no progress bars on stderr")
     p.add_argument("--debug", action="store_true", help="show tracebacks")
