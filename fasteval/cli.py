@@ -169,7 +169,7 @@ def _prepare(args, ranks=None):
     from fasteval.model.models import build_model, check_input_fits
     from fasteval.data.preprocess import check_memory, get_spec
     from fasteval.data.probe import check_headers, probe
-    from fasteval.data.samples import discover
+    from fasteval.data.samples import check_not_samples, discover
     from fasteval.distributed import Ranks
 
     ranks = ranks or Ranks()
@@ -182,6 +182,9 @@ def _prepare(args, ranks=None):
         data, weights = ensure_demo()
     samples = discover(data, quiet=not ranks.is_main)
     ranks.check_same_data(samples)
+    if ranks.is_main:
+        check_not_samples(samples, {"--json": args.json, "--predictions": getattr(args, "predictions", None),
+                                    "--plot": args.plot if args.command == "bench" else None})
     if weights is None and ranks.is_main:
         print("fasteval: no --weights: the model is randomly initialised, its accuracy means nothing",
               file=sys.stderr)

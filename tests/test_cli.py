@@ -113,6 +113,22 @@ def test_empty_paths_and_negative_seed_refused(argv, tmp_path, monkeypatch, caps
     assert sorted(os.listdir(tmp_path)) == ["keep.txt"]
 
 
+@pytest.mark.parametrize("option", ["--predictions", "--json"])
+def test_output_naming_a_sample_is_refused(option, small_data, weights_3cls, tmp_path, capsys):
+    """An output that is one of the dataset's images (directly or through a link) would destroy it."""
+    from fasteval.data.samples import discover
+
+    sample = discover(small_data).paths[5]
+    before = open(sample, "rb").read()
+    link = tmp_path / "out.csv"
+    link.symlink_to(sample)
+    for target in (sample, str(link)):
+        rc = main(["eval", small_data, "--weights", weights_3cls, "--reference", "--workers", "0", option, target])
+        err = capsys.readouterr().err.strip().splitlines()
+        assert rc == 2 and "is an image of the dataset" in err[-1] and "Traceback" not in "\n".join(err)
+        assert open(sample, "rb").read() == before
+
+
 def test_output_checks_refuse_an_empty_path():
     from fasteval.output.files import check_output_file, check_output_folder
 

@@ -50,6 +50,21 @@ class SampleList:
         return SampleList(root=self.root, classes=self.classes, samples=[self.samples[i] for i in indices])
 
 
+def check_not_samples(samples: SampleList, outputs: dict[str, str | None]) -> None:
+    """Refuse an output file (``{option: path}``) that is one of the dataset's files: writing it would
+    destroy a sample. Only samples named like the output (its name, or its target's) are resolved, so
+    the check costs a pass over the names, not a system call per sample."""
+    for option, path in outputs.items():
+        if not path or not os.path.isfile(path):
+            continue
+        real = os.path.realpath(path)
+        names = {os.path.basename(path), os.path.basename(real)}
+        for sample in samples.paths:
+            if os.path.basename(sample) in names and os.path.realpath(sample) == real:
+                raise FastevalError(f"{option} {printable(path)} is an image of the dataset ({printable(sample)}): "
+                                    f"writing it would destroy that sample; choose another file")
+
+
 def is_image_file(path: str) -> bool:
     """ImageFolder's filter: a known image extension, compared case-insensitively."""
     return path.lower().endswith(IMG_EXTENSIONS)
