@@ -1,3 +1,3 @@
-from fasteval.cli import main
+from fasteval.cli import console_main
 
-raise SystemExit(main())
+console_main()

@@ -333,6 +333,18 @@ def cmd_synth(args) -> int:
 COMMANDS = {"eval": cmd_eval, "bench": cmd_bench, "train": cmd_train, "synth": cmd_synth}
 
 
+def console_main() -> None:
+    """The ``fasteval`` command (and ``python -m fasteval``): ``main``, then exit with its code, with
+    Ctrl-C ignored from then on. The run has finished (or reported its interruption) and its outputs are
+    written; an interrupt during the interpreter's teardown (DALI's unload, DataLoader finalizers)
+    would only print a traceback."""
+    import signal
+
+    code = main()
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    sys.exit(code)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run a command. Any error is one line on stderr and exit code 2 (``--debug``: the traceback);
     Ctrl-C exits 130 and SIGTERM 143, both after cleaning up (temporary folders, worker processes)."""

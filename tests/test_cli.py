@@ -137,6 +137,17 @@ def test_output_checks_refuse_an_empty_path():
             check()
 
 
+def test_ctrl_c_during_teardown_prints_no_traceback():
+    """An interrupt that lands after the run (here from an atexit callback, where DALI's unload runs)
+    is ignored: exit code of the run, no traceback."""
+    code = ("import atexit, os, signal, time, fasteval.cli as cli\n"
+            "atexit.register(lambda: (os.kill(os.getpid(), signal.SIGINT), time.sleep(0.2)))\n"
+            "cli.main = lambda: 0\n"
+            "cli.console_main()\n")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0 and "KeyboardInterrupt" not in proc.stderr and "Traceback" not in proc.stderr
+
+
 def test_debug_shows_traceback(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "fasteval", "eval", str(tmp_path / "x"), "--reference", "--debug"],
                           capture_output=True, text=True)
