@@ -164,6 +164,8 @@ def _prepare(args, ranks=None):
     (options, outputs, a model that does not take the input size, undecodable files) before any work.
     ``ranks`` (fasteval/distributed.py): under torchrun, every rank checks that it sees rank 0's dataset
     and the files of its own shard."""
+    import torch
+
     from fasteval.demo import ensure_demo
     from fasteval.devices import resolve_device
     from fasteval.model.models import build_model, check_input_fits
@@ -186,11 +188,14 @@ def _prepare(args, ranks=None):
         check_not_samples(samples, {"--json": args.json, "--predictions": getattr(args, "predictions", None),
                                     "--plot": args.plot if args.command == "bench" else None})
     if weights is None and ranks.is_main:
-        print("fasteval: no --weights: the model is randomly initialised, its accuracy means nothing",
-              file=sys.stderr)
+        print("fasteval: no --weights: the model is randomly initialised (seed 0, the same in every run), "
+              "its accuracy means nothing", file=sys.stderr)
     spec = get_spec(args.preset, args.resize, args.crop)
     device = resolve_device(ranks.device_name(args.device), make_current=True)
-    model = build_model(args.arch, weights, samples.num_classes)
+    with torch.random.fork_rng(devices=[]):  # a random init is seed 0's: `eval` and `--reference` see one model
+        if weights is None:
+            torch.manual_seed(0)
+        model = build_model(args.arch, weights, samples.num_classes)
     if weights is None:
         ranks.share_random_init(model)
     first = probe(samples.paths[0])

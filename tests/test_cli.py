@@ -148,6 +148,21 @@ def test_ctrl_c_during_teardown_prints_no_traceback():
     assert proc.returncode == 0 and "KeyboardInterrupt" not in proc.stderr and "Traceback" not in proc.stderr
 
 
+def test_random_init_is_the_same_model_in_every_run(small_data, tmp_path, capsys):
+    """Without --weights, `eval` and `eval --reference` evaluate one model (seed 0), so their counts agree
+    (before, each run drew its own random model)."""
+    reports = []
+    for mode in ([], ["--reference"]):
+        path = tmp_path / f"r{len(reports)}.json"
+        assert main(["eval", small_data, "--workers", "0", "--batch-size", "4", "--resize", "40", "--crop", "32",
+                     "--no-progress", "--json", str(path), *mode]) == 0
+        reports.append(json.loads(path.read_text()))
+    assert "seed 0" in capsys.readouterr().err
+    fast, reference = reports
+    assert (fast["correct_top1"], fast["correct_top5"]) == (reference["correct_top1"], reference["correct_top5"])
+    assert fast["loss_sum"] == pytest.approx(reference["loss_sum"], rel=1e-3)
+
+
 def test_debug_shows_traceback(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "fasteval", "eval", str(tmp_path / "x"), "--reference", "--debug"],
                           capture_output=True, text=True)
