@@ -79,6 +79,21 @@ def test_fast_cost_follows_the_reference_measured_beside_it():
     assert choose_route(rates, "cpu", 100, 0, 8, exact=True).fast_seconds == pytest.approx(0.5 + 12 + 0.54)
 
 
+def test_unwritable_cache_warns_once_and_runs(small_data, weights_3cls, tmp_path, monkeypatch, capsys):
+    """FASTEVAL_CACHE naming a file: the run goes on (the cache only speeds later decisions up), with one
+    warning line naming it, however many profiles the run tried to save."""
+    import fasteval.model.compile_cache as compile_cache
+
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    monkeypatch.setenv("FASTEVAL_CACHE", str(blocker))
+    monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR", raising=False)
+    monkeypatch.setattr(compile_cache, "_UNWRITABLE", set())
+    report = _eval_json(tmp_path / "r.json", small_data, weights_3cls)
+    warnings = [line for line in capsys.readouterr().err.splitlines() if "cannot write the cache" in line]
+    assert len(warnings) == 1 and str(blocker) in warnings[0] and report["samples"] > 0
+
+
 def _eval_json(path, data, weights, *extra):
     assert main(["eval", data, "--weights", weights, "--no-progress", "--resize", "40", "--crop", "32",
                  "--workers", "0", "--batch-size", "4", "--json", str(path), *extra]) == 0

@@ -30,6 +30,7 @@ import json
 import math
 import os
 import re
+import sys
 import tempfile
 from dataclasses import asdict, dataclass, field
 
@@ -210,10 +211,13 @@ def load_profile(folder: str, key: dict, kind: type = Profile):
     return kind(key=key)
 
 
+_UNWRITABLE: set[str] = set()  # cache folders already reported as unwritable by this process
+
+
 def save_profile(folder: str, profile) -> None:
-    """Write atomically (a temporary file renamed); a cache that cannot be written is skipped silently:
-    profiles only speed later decisions up."""
-    with contextlib.suppress(OSError):
+    """Write atomically (a temporary file renamed). A cache that cannot be written does not stop the run
+    (profiles only speed later decisions up), but says so once, in one line naming the folder."""
+    try:
         os.makedirs(folder, exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=folder, prefix=".profile-", suffix=".tmp")
         try:
@@ -221,7 +225,14 @@ def save_profile(folder: str, profile) -> None:
                 json.dump(asdict(profile), f, indent=1, sort_keys=True)
             os.replace(tmp, os.path.join(folder, key_hash(profile.key) + ".json"))
         except OSError:
-            os.unlink(tmp)
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+            raise
+    except OSError as exc:
+        if folder not in _UNWRITABLE:
+            _UNWRITABLE.add(folder)
+            print(f"fasteval: warning: cannot write the cache {folder} (FASTEVAL_CACHE): {exc.strerror or exc}; "
+                  f"this run's measured costs are not kept, so later runs decide from assumed ones", file=sys.stderr)
 
 
 @dataclass(frozen=True)
