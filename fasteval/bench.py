@@ -66,9 +66,9 @@ def _plan(reals: list[int]) -> list[int]:
 
 
 def _in_process_memory() -> dict:
-    """This process's peak RSS and its largest finished child's (DataLoader workers), MB, apart."""
-    return {"main_peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-            "largest_worker_peak_rss_mb": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024}
+    """This process's peak RSS, MB. (The kernel's figure for its children is not a worker's: it also
+    counts every fork that ran a helper, ``ldconfig -p`` say, at its parent's size.)"""
+    return {"main_peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
 
 
 def _reference_stages(samples: SampleList, model: nn.Module, spec: PreprocessSpec, batch_size: int, workers: int,
@@ -186,19 +186,25 @@ def _descendants(pid: int) -> list[int]:
 
 def run_command(argv: list[str], env: dict[str, str]) -> dict:
     """Run a command to its exit: wall seconds, exit code, stderr's tail, and the peak RSS of its main
-    process and of its largest descendant (sampled every POLL_SECONDS; ``tree_peak_rss_mb``, from the
-    kernel's accounting at exit, is the largest single process's exact peak)."""
+    process and of its largest worker (sampled every POLL_SECONDS; ``tree_peak_rss_mb``, from the
+    kernel's accounting at exit, is the largest single process's exact peak, helpers included).
+    A worker is a descendant seen in two consecutive samples: a fork that runs a helper (``ldconfig -p``
+    from ``ctypes.util.find_library``, ``uname -p``) holds its parent's pages for the milliseconds before
+    its exec, and would otherwise read as a worker as large as the main process."""
     with tempfile.TemporaryFile() as err:
         start = time.perf_counter()
         proc = subprocess.Popen(argv, env=env, stdout=subprocess.DEVNULL, stderr=err)
         main = workers = 0.0
+        previous: set[int] = set()
         try:
             while True:
                 pid, status, usage = os.wait4(proc.pid, os.WNOHANG)
                 if pid:
                     break
                 main = max(main, _hwm_mb(proc.pid))
-                workers = max([workers] + [_hwm_mb(child) for child in _descendants(proc.pid)])
+                current = set(_descendants(proc.pid))
+                workers = max([workers] + [_hwm_mb(child) for child in current & previous])
+                previous = current
                 time.sleep(POLL_SECONDS)
         except BaseException:  # Ctrl-C or SIGTERM in bench: no eval left running behind it
             proc.kill()
@@ -374,12 +380,10 @@ def format_bench(b: dict) -> str:
         ("warm-up s (excluded)", "0.0", _n(fast["warmup_seconds"], 1), ""),
     ]
     mem = b["memory"]
-    if "time_to_result" not in b:
+    if "time_to_result" not in b:  # no per-process sampling: the kernel's figure for this process only
         inproc = mem["in_process"]
         rows += [("peak RSS MB, this process", _n(inproc["after_reference"]["main_peak_rss_mb"], 0),
-                  _n(inproc["after_fast"]["main_peak_rss_mb"], 0), "cumulative: fast includes the reference's"),
-                 ("peak RSS MB, largest worker", _n(inproc["after_reference"]["largest_worker_peak_rss_mb"], 0),
-                  _n(inproc["after_fast"]["largest_worker_peak_rss_mb"], 0), "cumulative")]
+                  _n(inproc["after_fast"]["main_peak_rss_mb"], 0), "cumulative: fast includes the reference's")]
     if "fast_peak_gpu_mb" in mem:
         rows.append(("peak GPU MB", _n(mem["reference_peak_gpu_mb"], 0), _n(mem["fast_peak_gpu_mb"], 0), ""))
     loop_compile = _yes(fast["compile"]) + (" (steady state)" if cfg.get("compile") == "auto" else "")

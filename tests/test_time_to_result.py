@@ -289,6 +289,29 @@ def test_run_command_reports_main_and_worker_peaks_apart(tmp_path):
     assert run["tree_peak_rss_mb"] >= run["main_peak_rss_mb"] - 1
 
 
+_HELPER_CHILD = textwrap.dedent("""
+    import os, time
+    block = b"m" * (300 * 2**20)
+    for _ in range(60):  # forks that exec a helper within milliseconds, as ctypes.util.find_library's ldconfig -p
+        pid = os.fork()
+        if pid == 0:
+            time.sleep(0.002)
+            os.execv("/bin/true", ["true"])
+        os.waitpid(pid, 0)
+    time.sleep(0.2)
+""")
+
+
+def test_helper_processes_are_not_workers(tmp_path):
+    """A fork that execs a helper holds the parent's 300 MB for a moment before its exec: it is no
+    worker, so the run has none (the kernel's tree peak still sees it)."""
+    script = tmp_path / "helpers.py"
+    script.write_text(_HELPER_CHILD)
+    run = run_command([sys.executable, str(script)], dict(os.environ))
+    assert run["returncode"] == 0 and run["main_peak_rss_mb"] >= 300
+    assert run["largest_worker_peak_rss_mb"] < 50
+
+
 def test_eval_argv_repeats_the_benchs_settings():
     config = {"path": "/data", "arch": "resnet18", "weights": "/w.pt", "preset": "imagenet", "resize": 256,
               "crop": 224, "batch_size": 21, "batch_size_requested": 64, "workers": 2, "device": "cpu"}
