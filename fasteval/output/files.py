@@ -133,12 +133,12 @@ def _default_mode(base: int) -> int:
 
 
 @contextmanager
-def atomic_write(path: str, newline: str | None = None, binary: bool = False) -> Iterator:
+def atomic_write(path: str, newline: str | None = None, binary: bool = False, option: str = "") -> Iterator:
     """A file to write ``path`` with: written beside it, flushed to disk and renamed over it on
     success; removed on failure (the old file stays intact). Errors are one FastevalError line
-    naming the path. Devices and pipes are written directly. Text is UTF-8; file names that are not
-    UTF-8 (kept by Python as surrogate escapes) are written back as their original bytes.
-    ``binary``: a bytes file (images)."""
+    naming the path (and the ``option`` that gave it). Devices and pipes are written directly. Text is
+    UTF-8; file names that are not UTF-8 (kept by Python as surrogate escapes) are written back as their
+    original bytes. ``binary``: a bytes file (images)."""
     text = {} if binary else {"newline": newline, "encoding": "utf-8", "errors": "surrogateescape"}
     try:
         if _is_device(path):  # appended, not truncated: /dev/stdout may be the shell's redirected file
@@ -162,7 +162,7 @@ def atomic_write(path: str, newline: str | None = None, binary: bool = False) ->
             _remove_quietly(tmp)
             raise
     except OSError as exc:
-        raise FastevalError(f"cannot write {path}: {_reason(exc)}") from None
+        raise FastevalError(f"{option + ': ' if option else ''}cannot write {path}: {_reason(exc)}") from None
 
 
 def _remove_quietly(path: str) -> None:

@@ -133,7 +133,7 @@ def write_predictions(path: str, samples, result: EvalResult) -> None:
     columns = zip(samples.samples, result.predictions.tolist(), result.losses.tolist(),
                   result.topk_classes.tolist(), result.confidences.tolist(), result.margins.tolist(),
                   rechecked.tolist())
-    with atomic_write(path, newline="") as f:  # complete or not at all: the old file stays on failure
+    with atomic_write(path, newline="", option="--predictions") as f:  # complete or not at all: the old file stays
         writer = csv.writer(f)
         writer.writerow(["path", "label", "prediction", "loss", "top5", "confidence", "margin", "rechecked"])
         for (file, label), pred, loss, top, conf, margin, again in columns:
@@ -153,6 +153,6 @@ def write_json(report: dict | list, path: str) -> None:
             return [clean(v) for v in value]
         return value
 
-    with atomic_write(path) as f:
+    with atomic_write(path, option="--json") as f:
         json.dump(clean(report), f, indent=2, sort_keys=False)
         f.write("\n")
