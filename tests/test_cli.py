@@ -129,6 +129,13 @@ def test_output_naming_a_sample_is_refused(option, small_data, weights_3cls, tmp
         assert open(sample, "rb").read() == before
 
 
+@pytest.mark.parametrize("size, message", [("100000x100000", "at most 65535 pixels a side"),
+                                           ("20000x20000", "decompression bomb"), ("4x4", "at least 8x8")])
+def test_synth_refuses_sizes_it_cannot_write_or_read_back(size, message, tmp_path, capsys):
+    assert main(["synth", str(tmp_path / "s"), "--size", size]) == 2
+    assert message in capsys.readouterr().err and not (tmp_path / "s").exists()
+
+
 def test_output_checks_refuse_an_empty_path():
     from fasteval.output.files import check_output_file, check_output_folder
 

@@ -32,6 +32,11 @@ def parse_size(size: str) -> tuple[int, int] | None:
         raise FastevalError(f"--size must be 'imagenet' or WxH like 100x100, got {size!r}") from None
     if w < 8 or h < 8:
         raise FastevalError(f"--size must be at least 8x8, got {size!r}")
+    if max(w, h) > 65535:
+        raise FastevalError(f"--size {size}: a JPEG holds at most 65535 pixels a side")
+    if w * h > Image.MAX_IMAGE_PIXELS:  # beyond it PIL, the reference's decoder, refuses to read them back
+        raise FastevalError(f"--size {size}: {w * h:,} pixels an image, more than PIL reads without treating "
+                            f"it as a decompression bomb ({Image.MAX_IMAGE_PIXELS:,})")
     return w, h
 
 
