@@ -143,6 +143,12 @@ def _check_options(args, outputs: bool = True) -> None:
     from fasteval.data.preprocess import get_spec
 
     get_spec(args.preset, args.resize, args.crop)
+    if outputs and getattr(args, "reference", False):  # once under torchrun: by the rank that writes
+        ignored = [f"--{name} {getattr(args, name)}" for name in ("loader", "precision", "compile", "exact")
+                   if getattr(args, name) != "auto"]
+        if ignored:
+            print(f"fasteval: warning: --reference runs the plain PyTorch loop; ignored: {', '.join(ignored)}",
+                  file=sys.stderr)
     resolve_precision(args.precision, resolve_device(args.device))
     if args.loader == "dali":  # "auto" needs no check, and importing DALI to find out costs a third of a second
         resolve_loader(args.loader)

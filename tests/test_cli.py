@@ -136,6 +136,14 @@ def test_synth_refuses_sizes_it_cannot_write_or_read_back(size, message, tmp_pat
     assert message in capsys.readouterr().err and not (tmp_path / "s").exists()
 
 
+def test_reference_names_the_fast_options_it_ignores(small_data, weights_3cls, capsys):
+    assert main(["eval", small_data, "--weights", weights_3cls, "--reference", "--workers", "0", "--no-progress",
+                 "--compile", "on", "--precision", "fp32"]) == 0
+    warning = [line for line in capsys.readouterr().err.splitlines() if "ignored" in line]
+    assert warning == ["fasteval: warning: --reference runs the plain PyTorch loop; ignored: --precision fp32, "
+                       "--compile on"]
+
+
 def test_output_checks_refuse_an_empty_path():
     from fasteval.output.files import check_output_file, check_output_folder
 
