@@ -19,8 +19,7 @@ from fasteval.data.preprocess import PreprocessSpec
 from fasteval.errors import FastevalError
 from fasteval.model.footprint import activation_bytes, parameter_bytes
 
-LOWER_EVAL = "--batch-size or --resize/--crop"
-LOWER_TRAIN = "--batch-size or --resize/--crop"
+LOWER = "--batch-size or --resize/--crop"
 LOWER_VAL = "--val-batch-size or --resize/--crop"
 TRAIN_PREFETCH = 4  # batches in flight per DataLoader worker (fasteval/training/data.py's prefetch_factor)
 CGROUP_LIMITS = ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory/memory.limit_in_bytes")
@@ -118,7 +117,7 @@ def check_eval_memory(model: nn.Module, arch: str, spec: PreprocessSpec, image_h
     activations, note = _activations(model, arch, batch_size, input_hw)
     check_fits(f"{_sizes(spec)} --batch-size {batch_size}", input_bytes(spec, image_hw, batch_size, workers),
                batch_bytes(batch_size, input_hw), {**activations, "weights": parameter_bytes(model)}, device,
-               LOWER_EVAL, note)
+               LOWER, note)
 
 
 def check_train_memory(model: nn.Module, arch: str, spec: PreprocessSpec, image_hw: tuple[int, int],
@@ -131,7 +130,7 @@ def check_train_memory(model: nn.Module, arch: str, spec: PreprocessSpec, image_
     activations, note = _activations(model, arch, batch_size, input_hw, training=True)
     check_fits(f"fasteval train {_sizes(spec)} --batch-size {batch_size}: a training step",
                input_bytes(spec, image_hw, batch_size, workers, batches=max(1, TRAIN_PREFETCH * workers)),
-               batch_bytes(batch_size, input_hw), {**activations, **state}, device, LOWER_TRAIN, note)
+               batch_bytes(batch_size, input_hw), {**activations, **state}, device, LOWER, note)
     activations, note = _activations(model, arch, val_batch_size, input_hw)
     check_fits(f"fasteval train {_sizes(spec)} --val-batch-size {val_batch_size}: validation",
                input_bytes(spec, image_hw, val_batch_size, workers), batch_bytes(val_batch_size, input_hw),
