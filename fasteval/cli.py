@@ -175,7 +175,8 @@ def _prepare(args, ranks=None):
     from fasteval.demo import ensure_demo
     from fasteval.devices import resolve_device
     from fasteval.model.models import build_model, check_input_fits
-    from fasteval.data.preprocess import check_memory, get_spec
+    from fasteval.data.preprocess import get_spec
+    from fasteval.memory import check_eval_memory
     from fasteval.data.probe import check_headers, probe
     from fasteval.data.samples import check_not_samples, discover
     from fasteval.distributed import Ranks
@@ -207,7 +208,7 @@ def _prepare(args, ranks=None):
     first = probe(samples.paths[0])
     if first.size is not None:
         image_hw = (first.size[1], first.size[0])
-        check_memory(spec, image_hw, min(args.batch_size, len(samples)), args.workers)
+        check_eval_memory(model, args.arch, spec, image_hw, min(args.batch_size, len(samples)), args.workers, device)
         check_input_fits(model, args.arch, spec, spec.output_hw(*image_hw))
     check_headers(ranks.shard(samples))
     config = {

@@ -525,7 +525,7 @@ def test_inputs_larger_than_the_machine_are_refused_before_any_work(small_data, 
                "--no-progress"])
     out, err = capfd.readouterr()
     assert rc == 2 and "Traceback" not in err and "fasteval eval" not in out
-    assert "--resize 100000 --crop 100000 with --batch-size 21: the inputs alone need" in err
+    assert "--resize 100000 --crop 100000 --batch-size 21 needs" in err and "activations" in err
 
 
 # --- 8. messages that are true -------------------------------------------------------------------------

@@ -259,6 +259,53 @@ def test_refusals_come_before_any_work(folders, tmp_path, capsys):
         main(["train", train, val, "--out", str(tmp_path / "new"), "--lr", "nan"])
 
 
+def test_input_size_and_memory_refusals_create_no_run_folder(folders, tmp_path, capsys, monkeypatch):
+    """As eval refuses them, in one line, before RUN_DIR exists: a model that does not take the input
+    size (ViT-B/16 at 32x32), a training step or a validation pass that does not fit the memory."""
+    from fasteval import memory
+    from fasteval.model.footprint import parameter_bytes
+    from fasteval.training.recipe import training_model
+
+    train, val, _ = folders
+    out = tmp_path / "rv"
+
+    def refused(*extra) -> str:
+        assert main(["train", train, val, "--out", str(out), *COMMON, *extra]) == 2
+        err = capsys.readouterr().err
+        assert "Traceback" not in err and not out.exists()
+        return err.strip().splitlines()[-1]
+
+    assert "--arch vit_b_16 does not accept 32x32 inputs (--resize 40 --crop 32)" in refused("--arch", "vit_b_16")
+    line = refused("--resize", "8000", "--crop", "8000")  # meta only: nothing of that size is allocated
+    assert line.startswith("fasteval: error: fasteval train --resize 8000 --crop 8000 --batch-size 4: a training "
+                           "step needs") and line.endswith("lower --batch-size or --resize/--crop")
+    # At 224x224, 15 validation images in one batch need more than a training step of 2: the stem's conv and
+    # batch norm outputs alone are 2 x 15 x 64 x 112 x 112 float32 (91.9 MiB); a training step of 2 peaks near
+    # 50 MiB (what it keeps for its backward pass, gradients in flight). Beside the model's tensors (weights, gradients, AdamW's moments, the
+    # validation copy: 5 x its parameters), 75 MiB more refuses validation only.
+    model_bytes = 5 * parameter_bytes(training_model("resnet18", None, 3))
+    monkeypatch.setattr(memory, "host_memory", lambda: model_bytes + 75 * 2**20)
+    line = refused("--resize", "256", "--crop", "224", "--batch-size", "2", "--val-batch-size", "15")
+    assert "--resize 256 --crop 224 --val-batch-size 15: validation needs" in line, line
+    assert f"more than this machine's {(model_bytes + 75 * 2**20) / 2**20:.1f} MiB" in line
+    assert line.endswith("lower --val-batch-size or --resize/--crop")
+
+
+def test_a_failure_before_the_first_epoch_leaves_no_empty_run_folder(folders, tmp_path, capsys, monkeypatch):
+    from fasteval.training.loop import Trainer
+
+    def fail(self):
+        raise RuntimeError("out of memory")
+
+    monkeypatch.setattr(Trainer, "run", fail)
+    out = tmp_path / "rv"
+    assert _train(folders, out, "--epochs", "1") == 2
+    assert "out of memory" in capsys.readouterr().err and not out.exists()
+    out.mkdir()  # a folder the user made is kept
+    assert _train(folders, out, "--epochs", "1") == 2
+    assert out.is_dir()
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("signum, code", [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
 def test_interrupt_leaves_a_consistent_run_folder(folders, tmp_path, signum, code):

@@ -7,7 +7,6 @@ longer side floored) and ``CenterCrop`` (offset rounded half to even, as Python'
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass, replace
 
 from PIL import Image
@@ -118,27 +117,3 @@ def check_batchable(spec: PreprocessSpec, paths: list[str]) -> None:
                 f"ratio: {path} becomes {got[1]}x{got[0]} but {first} becomes {expected[1]}x{expected[0]}; "
                 f"use --preset imagenet or --crop N"
             )
-
-
-def physical_memory() -> int | None:
-    """Bytes of physical memory, where the OS says."""
-    try:
-        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    except (ValueError, OSError, AttributeError):
-        return None
-
-
-def check_memory(spec: PreprocessSpec, image_hw: tuple[int, int], batch_size: int, workers: int) -> None:
-    """Refuse sizes whose inputs alone cannot fit in this machine's memory (``--resize 100000``):
-    one batch of float32 model inputs plus one resized uint8 image per decoding worker. Without
-    this the run would be killed by the OS, with no message."""
-    total = physical_memory()
-    if total is None:
-        return
-    rh, rw = spec.resized_hw(*image_hw)
-    oh, ow = spec.output_hw(*image_hw)
-    need = batch_size * 3 * oh * ow * 4 + max(1, workers) * 3 * rh * rw
-    if need > total:
-        sizes = f"--resize {spec.resize}" + (f" --crop {spec.crop}" if spec.crop is not None else "")
-        raise FastevalError(f"{sizes} with --batch-size {batch_size}: the inputs alone need {need / 2**30:.1f} GiB, "
-                            f"more than this machine's {total / 2**30:.1f} GiB")

@@ -255,9 +255,13 @@ def check_input_fits(model: nn.Module, arch: str, spec, input_hw: tuple[int, int
         return
     except Exception:
         pass
+    device = next(itertools.chain(model.parameters(), model.buffers()), torch.empty(0)).device
+    was_training = model.training
     try:
         with torch.no_grad():
-            model.eval()(torch.zeros(1, 3, h, w))
+            model.eval()(torch.zeros(1, 3, h, w, device=device))
     except Exception as exc:
         sizes = f"--resize {spec.resize} --crop {spec.crop}" if spec.crop is not None else f"--resize {spec.resize}"
         raise FastevalError(f"--arch {arch} does not accept {h}x{w} inputs ({sizes}): {first_line(exc)}") from None
+    finally:
+        model.train(was_training)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 
@@ -108,7 +109,8 @@ def train_command(args) -> int:
     options = RunOptions(out=args.out, device=device, precision=precision, loader=args.loader,
                          compile=args.compile, exact=args.exact, workers=args.workers,
                          progress=not args.no_progress)
-    trainer = Trainer(train, val, spec, recipe, options, resume)
+    trainer = Trainer(train, val, spec, recipe, options, resume)  # the model built, sizes and memory checked
+    created = not os.path.exists(args.out)
     os.makedirs(args.out, exist_ok=True)  # once the model is built (--weights DEFAULT may fail offline)
     if args.overwrite:
         for name in state.OUTPUTS:  # an old run's files never mix with this one's
@@ -116,7 +118,13 @@ def train_command(args) -> int:
                 os.unlink(os.path.join(args.out, name))
     if resume is not None:
         print(f"resuming {args.out} after epoch {resume['epoch']} (its recipe; --epochs {recipe.epochs})")
-    history = trainer.run()
+    try:
+        history = trainer.run()
+    except BaseException:
+        if created:  # failed before its first epoch's files: no empty RUN_DIR left (rmdir keeps a non-empty one)
+            with contextlib.suppress(OSError):
+                os.rmdir(args.out)
+        raise
     best = best_epoch(history)
     v = trainer.validation
     if v.get("loader") == "none":

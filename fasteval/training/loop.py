@@ -30,7 +30,9 @@ from fasteval.evaluation.fast import FastEvaluator, FastOptions
 from fasteval.evaluation.metrics import TOPK, EvalResult
 from fasteval.kernels.accumulator import MetricsAccumulator
 from fasteval.kernels.fused_metrics import resolve_backend
+from fasteval.memory import check_train_memory
 from fasteval.model.inference import DTYPES
+from fasteval.model.models import check_input_fits
 from fasteval.training import state
 from fasteval.training.data import TrainSet, epoch_loader
 from fasteval.training.history import best_epoch, epoch_record, format_epoch, write_history
@@ -73,7 +75,12 @@ class Trainer:
             self.scheduler.load_state_dict(resume["scheduler_state_dict"])
             self.history, self.start_epoch = list(resume["history"]), int(resume["epoch"])
             state.set_rng_state(resume["rng"])
-        crop_hw = spec.output_hw(*_first_size(val_samples))
+        first_hw = _first_size(val_samples)
+        crop_hw = spec.output_hw(*first_hw)
+        # Before any work, as eval checks them: memory first (the input-size check may run one real forward).
+        check_train_memory(self.model, recipe.arch, spec, first_hw, min(recipe.batch_size, len(train_samples)),
+                           min(recipe.val_batch_size, len(val_samples)), options.workers, self.device)
+        check_input_fits(self.model, recipe.arch, spec, crop_hw)
         check_last_batch(self.model, recipe.arch, len(train_samples), recipe.batch_size, crop_hw)
         self.dataset = TrainSet(train_samples, train_transform(spec, crop_hw))
         self.metrics_backend = resolve_backend("auto", self.device)
