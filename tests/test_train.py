@@ -152,14 +152,17 @@ def test_validation_equals_eval_reference_on_the_checkpoint(run_dir, folders, tm
             assert classes[key] == ref[key], key
 
 
-def test_resume_gives_the_uninterrupted_history(run_dir, folders):
+def test_resume_gives_the_uninterrupted_history(run_dir, folders, capsys):
     """One epoch, then ``--resume`` to three: the same history as three epochs straight (bar the times):
     model, optimizer, scheduler (its step count decides the third epoch's rate) and the seeded batches
-    all continue."""
+    all continue. Recipe flags given to a resume are ignored, and named in one warning line."""
     out = folders[2] / "resumed"
     assert _train(folders, out, "--epochs", "1") == 0
     assert len(_history(out)) == 1
-    assert _train(folders, out, "--epochs", "3", "--resume") == 0
+    capsys.readouterr()
+    assert _train(folders, out, "--epochs", "3", "--resume", "--lr", "5", "--seed", "7") == 0
+    warnings = [line for line in capsys.readouterr().err.splitlines() if "ignored" in line]
+    assert warnings == ["fasteval: warning: --resume continues with the run's own recipe; ignored: --lr 5.0, --seed 7"]
 
     def timeless(history):
         return [{k: v for k, v in r.items() if k != "seconds"} for r in history]

@@ -60,10 +60,12 @@ def prepare(args):
     """The two sample lists (the same classes), the validation spec and the device, all checked."""
     from fasteval.data.preprocess import check_batchable, get_spec
     from fasteval.data.probe import check_headers
-    from fasteval.data.samples import discover
+    from fasteval.data.samples import check_not_samples, discover
     from fasteval.devices import resolve_device
 
     train, val = discover(args.train), discover(args.val)
+    for samples in (train, val):
+        check_not_samples(samples, {"--json": args.json})
     if train.classes != val.classes:
         only = sorted(set(train.classes) ^ set(val.classes))
         detail = f"e.g. {only[0]!r} is in one only" if only else "in another order"
@@ -83,7 +85,14 @@ def recipe_from(args, resume: dict | None):
     from fasteval.training.recipe import Recipe
 
     if resume is not None:
-        return replace(Recipe(**resume["recipe"]), epochs=args.epochs)
+        kept = Recipe(**resume["recipe"])
+        ignored = [f"--{name.replace('_', '-')} {getattr(args, name)}" for name in Recipe.__dataclass_fields__
+                   if name != "epochs" and getattr(args, name) != getattr(Recipe(), name)
+                   and getattr(args, name) != getattr(kept, name)]
+        if ignored:
+            print(f"fasteval: warning: --resume continues with the run's own recipe; ignored: {', '.join(ignored)}",
+                  file=sys.stderr)
+        return replace(kept, epochs=args.epochs)
     return Recipe(arch=args.arch, weights=args.weights, epochs=args.epochs, lr=args.lr,
                   weight_decay=args.weight_decay, batch_size=args.batch_size, val_batch_size=args.val_batch_size,
                   step_size=args.step_size, gamma=args.gamma, seed=args.seed)
