@@ -82,3 +82,17 @@ def test_sweep_benchmarks(small_data, monkeypatch):
         assert bench.extra_info["checkpoints"] == 3
         weights = [c[c.index("--weights") + 1:] for c in calls]
         assert weights == [["a.pt"], *expected]  # the compile-cache warm-up, then the timed commands
+
+
+def test_cache_benchmarks(small_data, small_spec, tmp_path, monkeypatch):
+    """Each variant reads a 21-sample store as a hit; ``unverified`` skips the checksums, ``verified`` runs them."""
+    mod = _module("bench_cache")
+    store = mod.build_store(small_data, str(tmp_path), 1, small_spec)
+    for variant in ("unverified", "verified"):
+        for pages in ("warm", "cold"):
+            with monkeypatch.context() as m:
+                calls = []
+                real = mod.decoded.checksums
+                m.setattr(mod.decoded, "checksums", lambda images: calls.append(1) or real(images))
+                _run(mod.bench_cache_hit, store, m, variant, pages)
+                assert calls == ([1] if variant == "verified" else [])

