@@ -121,18 +121,15 @@ def _fast_loop_stages(evaluator: FastEvaluator) -> dict:
         synchronize(device)
         decode = _rate(len(evaluator.samples), time.perf_counter() - start)
         per_dataset = len(evaluator.samples) / sum(reals)
-        plan = _plan(reals)
-        # Compiled, every batch runs the static shape (a short one costs a full one); eager, as run_loop
-        # does, a short batch runs its real rows only.
-        rows = [None if evaluator.model.compiled else real for real in plan]
+        plan = _plan(reals)  # every batch is padded to the static shape: a short one costs a full one
         start = time.perf_counter()
-        logits = [evaluator.model(kept[i % len(kept)][0][:n]) for i, n in enumerate(rows)]
+        logits = [evaluator.model(kept[i % len(kept)][0]) for i in range(len(plan))]
         synchronize(device)
         model_rate = _rate(sum(plan), time.perf_counter() - start) * per_dataset
         acc = MetricsAccumulator(sum(plan), device, topk=TOPK, backend=evaluator.metrics_backend)
         start = time.perf_counter()
         for i, (out, real) in enumerate(zip(logits, plan)):
-            acc.update(out, kept[i % len(kept)][1][:out.shape[0]], num_real=real)
+            acc.update(out, kept[i % len(kept)][1], num_real=real)
         acc.result()
         metrics = _rate(sum(plan), time.perf_counter() - start) * per_dataset
     return {"decode": decode, "model": model_rate, "metrics": metrics}

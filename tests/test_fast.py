@@ -118,33 +118,6 @@ def test_batch_loop_never_reads_back_to_the_host(small_data, weights_3cls, small
     assert acc.result()["count"] == 21
 
 
-def test_eager_loop_cuts_padding_rows_and_counts_the_same(small_data, weights_3cls, small_spec):
-    """Eager (static=False), the padded last batch reaches the model with its real rows only, and every
-    per-sample output equals the static-shape loop's, where the padding rows are computed and ignored."""
-    samples = discover(small_data)
-    batches = list(make_loader("torchvision", samples, small_spec, batch_size=4, workers=0, device=CPU))
-    model = FastModel(build_model("resnet18", weights_3cls, 3), CPU, "fp32", compile=False)
-    seen = []
-
-    def forward(images):
-        seen.append(images.shape[0])
-        return model(images)
-
-    results = []
-    for static in (True, False):
-        acc = MetricsAccumulator(len(samples), CPU)
-        with torch.inference_mode():
-            run_loop(batches, forward, acc, static=static)
-        results.append(acc.result())
-    assert seen == [4] * 6 + [4, 4, 4, 4, 4, 1]
-    static, eager = results
-    assert static["count"] == eager["count"] == 21
-    for key in ("pred", "topk_hit", "topk_idx"):
-        assert torch.equal(static[key], eager[key]), key
-    assert (static["correct"], static["correct_topk"]) == (eager["correct"], eager["correct_topk"])
-    torch.testing.assert_close(eager["loss"], static["loss"], rtol=1e-5, atol=1e-5)
-
-
 @pytest.mark.cuda
 def test_cuda_batch_loop_has_no_sync(small_data, weights_3cls, small_spec):
     device = torch.device("cuda")

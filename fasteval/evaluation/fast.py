@@ -51,14 +51,11 @@ class FastOptions:
 SMALL_DATASET = CALIBRATION_SAMPLES
 
 
-def run_loop(batches: Iterable[Batch], forward, accumulator: MetricsAccumulator, bar=None,
-             static: bool = True) -> None:
-    """The hot loop: no host sync (the loader's ``real`` is a host integer). ``static``: the model runs
-    one batch shape (compiled), so the last batch keeps its padding rows; eager, they are cut off
-    before the model rather than computed and ignored (up to a whole batch's work)."""
+def run_loop(batches: Iterable[Batch], forward, accumulator: MetricsAccumulator, bar=None) -> None:
+    """The hot loop: no host sync (the loader's ``real`` is a host integer). Eager too, the padded last
+    batch runs whole: a sample's logits depend in their last bits on the batch size the kernels see,
+    and one batch shape for every sample is what makes a torchrun run equal to one process, bit for bit."""
     for images, labels, real in batches:
-        if not static and real < images.shape[0]:
-            images, labels = images[:real], labels[:real]
         accumulator.update(forward(images), labels, num_real=real)
         if bar is not None:
             bar.update(real)
@@ -187,7 +184,7 @@ class FastEvaluator:
         position = {index: p for p, index in enumerate(self.main)}
         acc = MetricsAccumulator(len(self.main), self.device, topk=TOPK, backend=self.metrics_backend,
                                  keep_logits=[position[i] for i in self.calibration])
-        run_loop(self.loader, self.model, acc, bar, static=self.model.compiled)
+        run_loop(self.loader, self.model, acc, bar)
         totals = acc.result()  # the one read back of the run
         at = torch.tensor(self.main)
         for name, key in ACCUMULATED.items():
