@@ -22,6 +22,7 @@ LOG="$OUT_DIR/gpu_check.log"
 log() { echo "[gpu_check $(date +%T)] $*" | tee -a "$LOG"; }
 START=$(date +%s)
 WORK="$(mktemp -d)"
+trap 'rm -rf "$WORK" ${SITE:+"$SITE"}' EXIT  # generated data, checkpoints, a hand-made site; results are in OUT_DIR
 export FASTEVAL_CACHE="$WORK/cache"
 # Python runs from an empty folder, so that the source folder (whose fasteval/ has no kernels/)
 # is never imported in place of the installed package: what `python -P` does on 3.11+.
