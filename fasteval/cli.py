@@ -132,6 +132,19 @@ def _check_names(args) -> None:
         raise FastevalError(f"--device must be auto, cpu, cuda or cuda:N, got {args.device!r}")
 
 
+def warn_many_workers(workers: int) -> None:
+    """More workers than cores only adds memory and start-up time: one line of ours, in place of
+    torch's DataLoader warning (several lines with a source path, once per loader)."""
+    import warnings
+
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    if workers > cores:
+        print(f"fasteval: warning: --workers {workers} is more than the {cores} cores this process may use: each "
+              f"worker is a process (PIL) or a thread (DALI), and more than the cores only add memory and start-up "
+              f"time", file=sys.stderr)
+        warnings.filterwarnings("ignore", message="This DataLoader will create")
+
+
 def _check_options(args, outputs: bool = True) -> None:
     """Every option and output path, checked before any work whatever the mode (``--reference`` too);
     the names of values were checked by ``_check_names``, what they mean here is checked now.
@@ -143,6 +156,8 @@ def _check_options(args, outputs: bool = True) -> None:
     from fasteval.data.preprocess import get_spec
 
     get_spec(args.preset, args.resize, args.crop)
+    if outputs:
+        warn_many_workers(args.workers)
     if outputs and getattr(args, "reference", False):  # once under torchrun: by the rank that writes
         ignored = [f"--{name} {getattr(args, name)}" for name in ("loader", "precision", "compile", "exact")
                    if getattr(args, name) != "auto"]

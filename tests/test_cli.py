@@ -144,6 +144,17 @@ def test_reference_names_the_fast_options_it_ignores(small_data, weights_3cls, c
                        "--compile on"]
 
 
+def test_more_workers_than_cores_is_one_line_of_ours(small_data, weights_3cls):
+    """In a process of its own: pytest would capture torch's warning and hide whether it is printed."""
+    cores = len(os.sched_getaffinity(0))
+    proc = subprocess.run([sys.executable, "-m", "fasteval", "eval", small_data, "--weights", weights_3cls,
+                           "--reference", "--workers", str(cores + 1), "--batch-size", "8", "--no-progress"],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert f"--workers {cores + 1} is more than the {cores} cores" in proc.stderr
+    assert "This DataLoader will create" not in proc.stderr and "UserWarning" not in proc.stderr
+
+
 def test_output_checks_refuse_an_empty_path():
     from fasteval.output.files import check_output_file, check_output_folder
 

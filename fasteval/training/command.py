@@ -27,6 +27,7 @@ def check_run_folder(out: str, resume: bool, overwrite: bool) -> None:
 
 def check_options(args) -> None:
     """Every option of ``train``, before anything heavy runs."""
+    from fasteval.cli import warn_many_workers
     from fasteval.data.preprocess import get_spec
     from fasteval.devices import resolve_device
     from fasteval.model.inference import resolve_precision
@@ -37,6 +38,7 @@ def check_options(args) -> None:
                             "use bf16 or fp32")
     get_spec(args.preset, args.resize, args.crop)
     resolve_precision(args.precision, resolve_device(args.device))
+    warn_many_workers(args.workers)
     check_run_folder(args.out, args.resume, args.overwrite)
     if args.json:
         check_output_file(args.json, "--json")
