@@ -66,6 +66,17 @@ def test_loaded_model_is_the_plain_load_bitwise(net, tmp_path):
     assert all(t.is_meta for t in checked.parameters())  # a check reads no weights
 
 
+def test_default_weights_of_another_class_count_refused_before_any_download(monkeypatch):
+    """The DEFAULT weights' class count comes from their metadata: a 7-class dataset is refused without
+    fetching 45 MB (the download itself is made to fail loudly here)."""
+    def no_download(*args, **kwargs):
+        raise AssertionError("downloaded")
+
+    monkeypatch.setattr(torchvision.models, "get_model", no_download)
+    with pytest.raises(FastevalError, match="DEFAULT weights have a 1000-class head but the dataset has 7 classes"):
+        build_model("resnet18", "DEFAULT", num_classes=7)
+
+
 def test_sequential_head_as_saved_by_finetuning_scripts(net, tmp_path):
     finetuned = torchvision.models.resnet18(num_classes=1000)
     finetuned.load_state_dict({k: v for k, v in net.state_dict().items() if not k.startswith("fc.")}, strict=False)

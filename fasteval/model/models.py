@@ -160,6 +160,10 @@ def build_model(arch: str, weights: str | None = None, num_classes: int | None =
     if weights == "DEFAULT":
         import torchvision
 
+        # The class count is in the weights' metadata: a dataset it cannot fit is refused before any download.
+        categories = torchvision.models.get_model_weights(arch).DEFAULT.meta.get("categories")
+        if categories:
+            _check_classes(len(categories), num_classes, "torchvision's DEFAULT weights")
         try:
             model = torchvision.models.get_model(arch, weights="DEFAULT")
         except Exception as exc:
