@@ -7,6 +7,7 @@ import os
 import sys
 
 from fasteval.errors import FastevalError, Terminated, describe_error
+from fasteval.procs import usable_cores
 
 
 def _int_at_least(minimum: int):
@@ -48,7 +49,7 @@ def _add_run_options(p: argparse.ArgumentParser, sweep: bool = False) -> None:
     p.add_argument("--resize", type=_positive_int, help="override the preset's shorter-side resize")
     p.add_argument("--crop", type=_positive_int, help="override the preset's center crop")
     p.add_argument("--batch-size", type=_positive_int, default=64, help="batch size (default 64)")
-    p.add_argument("--workers", type=_non_negative_int, default=min(8, os.cpu_count() or 1),
+    p.add_argument("--workers", type=_non_negative_int, default=min(8, usable_cores()),
                    help="decoding workers/threads (default: min(8, cores))")
     p.add_argument("--device", default="auto", help="auto (default), cpu, cuda or cuda:N")
     p.add_argument("--json", metavar="PATH", type=_path, help="write every figure, the configuration and the environment")
@@ -137,7 +138,7 @@ def warn_many_workers(workers: int) -> None:
     torch's DataLoader warning (several lines with a source path, once per loader)."""
     import warnings
 
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    cores = usable_cores()
     if workers > cores:
         print(f"fasteval: warning: --workers {workers} is more than the {cores} cores this process may use: each "
               f"worker is a process (PIL) or a thread (DALI), and more than the cores only add memory and start-up "

@@ -22,6 +22,13 @@ from fasteval.errors import Terminated
 PR_SET_PDEATHSIG = 1  # linux/prctl.h
 
 
+def usable_cores() -> int:
+    """The cores this process may run on (its affinity: a container's or taskset's share, not the machine's)."""
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
+
+
 def alive(pid: int) -> bool:
     """Whether a process with this pid exists."""
     try:

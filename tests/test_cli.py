@@ -155,6 +155,18 @@ def test_more_workers_than_cores_is_one_line_of_ours(small_data, weights_3cls):
     assert "This DataLoader will create" not in proc.stderr and "UserWarning" not in proc.stderr
 
 
+def test_default_workers_fit_the_usable_cores(monkeypatch):
+    """The default never draws the warning: it counts the cores this process may use (a container's or
+    taskset's share), not the machine's."""
+    import fasteval.cli as cli
+    import fasteval.procs as procs
+
+    monkeypatch.setattr(procs.os, "sched_getaffinity", lambda pid: {0, 1, 2}, raising=False)
+    monkeypatch.setattr(cli, "usable_cores", procs.usable_cores)
+    assert procs.usable_cores() == 3
+    assert cli.build_parser().parse_args(["eval", "x"]).workers == 3
+
+
 def test_output_checks_refuse_an_empty_path():
     from fasteval.output.files import check_output_file, check_output_folder
 

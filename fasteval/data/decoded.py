@@ -137,14 +137,15 @@ def checksums(data: torch.Tensor) -> list[str]:
     hash would add no protection, since whoever can rewrite the data can rewrite its description."""
     from concurrent.futures import ThreadPoolExecutor
 
+    from fasteval.procs import usable_cores
+
     flat = data.reshape(-1).numpy()
     starts = range(0, flat.shape[0], CHUNK)
 
     def crc(start: int) -> str:
         return f"{zlib.crc32(memoryview(flat[start:start + CHUNK])):08x}"
 
-    threads = min(HASH_THREADS, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else 1,
-                  len(starts))
+    threads = min(HASH_THREADS, usable_cores(), len(starts))
     if threads <= 1:
         return [crc(start) for start in starts]
     with ThreadPoolExecutor(threads) as pool:

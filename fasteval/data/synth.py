@@ -17,7 +17,7 @@ from PIL import Image, ImageDraw
 
 from fasteval.errors import FastevalError
 from fasteval.output.files import check_output_folder, staged_folder
-from fasteval.procs import pool_map
+from fasteval.procs import pool_map, usable_cores
 
 IMAGENET_LIKE = "imagenet"
 
@@ -117,7 +117,7 @@ def synth_dataset(
     dims = parse_size(size)
     out = os.fspath(out)
     check_output_folder(out, "OUT", overwrite)
-    workers = min(workers or os.cpu_count() or 1, classes)
+    workers = min(workers or usable_cores(), classes)
     with staged_folder(out) as work:
         tasks = [(work, k, per_class, classes, seed, dims, quality) for k in range(classes)]
         if workers <= 1:
