@@ -329,7 +329,6 @@ class TorchrunRanks(Ranks):
         return replace(result, **totals, **fields, seconds=max(seconds),
                        warmup_seconds=max(i["warmup"] for i in info), extra=extra)
 
-
     def bench_summary(self, bench: dict) -> dict:
         """Each rank's loop images/s (its median run) and the job's: every sample over the slowest rank's
         loop seconds (the ranks run at once; their starts are not synchronised, so this is approximate)."""

@@ -227,8 +227,10 @@ class DiskCache:
     def create(self) -> tuple[np.memmap, str]:
         """A writable memory-mapped temporary file of the entry's size (temporaries left by killed runs
         are removed first); fill it, then ``commit``."""
+        from fasteval.output.files import remove_stale_temps
+
         os.makedirs(self.folder, exist_ok=True)
-        self._remove_dead_temps()
+        remove_stale_temps(self.folder, ".decoded-")  # any entry's, left by a killed run
         tmp = os.path.join(self.folder, f".{os.path.basename(self.data)}.tmp-{os.getpid()}-{time.time_ns()}")
         return np.memmap(tmp, dtype=np.uint8, mode="w+", shape=self.shape), tmp
 
@@ -251,19 +253,6 @@ class DiskCache:
         with atomic_write(self.meta) as f:
             json.dump({"key": self.key, "parts": self.parts, "created": time.time(),
                        "checksum": {"algorithm": CHECKSUM, "chunk": CHUNK, "values": crcs}}, f)
-
-    def _remove_dead_temps(self) -> None:
-        from fasteval.procs import alive
-
-        for entry in os.scandir(self.folder):
-            name = entry.name
-            if name.startswith(".decoded-") and ".tmp-" in name:
-                pid = name.rsplit(".tmp-", 1)[1].split("-", 1)[0]
-                if pid.isdigit() and int(pid) != os.getpid() and not alive(int(pid)):
-                    try:
-                        os.unlink(entry.path)
-                    except OSError:
-                        pass
 
 
 def check_cache_dir(path: str) -> None:

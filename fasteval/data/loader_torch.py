@@ -20,7 +20,7 @@ from fasteval.errors import FastevalError
 from fasteval.data.loaders import Batch
 from fasteval.data.preprocess import PreprocessSpec
 from fasteval.data.probe import probe
-from fasteval.evaluation.reference import load_rgb
+from fasteval.evaluation.reference import ImageDataset, load_rgb
 from fasteval.data.samples import SampleList
 
 
@@ -56,21 +56,11 @@ def _pad(images: torch.Tensor, labels: torch.Tensor, size: int) -> tuple[torch.T
     return images, labels
 
 
-class _PilUint8(Dataset):
+def _pil_uint8(samples: SampleList, spec: PreprocessSpec) -> ImageDataset:
     """PIL decode + torchvision resize/crop, kept as uint8 (normalised later, on the device)."""
+    from torchvision import transforms as T
 
-    def __init__(self, samples: SampleList, spec: PreprocessSpec) -> None:
-        from torchvision import transforms as T
-
-        self.samples = samples.samples
-        self.transform = T.Compose([*spec.pil_geometry(), T.PILToTensor()])
-
-    def __len__(self) -> int:
-        return len(self.samples)
-
-    def __getitem__(self, index: int):
-        path, label = self.samples[index]
-        return self.transform(load_rgb(path)), label
+    return ImageDataset(samples, T.Compose([*spec.pil_geometry(), T.PILToTensor()]))
 
 
 class TorchvisionLoader:
@@ -82,7 +72,7 @@ class TorchvisionLoader:
                  device: torch.device, half: bool = False) -> None:
         self.batch_size, self.device = batch_size, device
         self.normalize = Normalizer(spec, device, half)
-        self.loader = DataLoader(_PilUint8(samples, spec), batch_size=batch_size, num_workers=workers,
+        self.loader = DataLoader(_pil_uint8(samples, spec), batch_size=batch_size, num_workers=workers,
                                  pin_memory=device.type == "cuda", persistent_workers=workers > 0,
                                  prefetch_factor=4 if workers > 0 else None)
 

@@ -221,7 +221,7 @@ class FastEvaluator:
             by_reference = (by_reference[0] + exact["rechecked"], by_reference[1] + exact["seconds"])
         seconds = time.perf_counter() - start
         if self.rates is not None:  # this run's costs, for the next run's route
-            main = len(self.samples) - len(self.reference_only)
+            main = len(self.main)
             record(self.rates, self.device, reference=by_reference,
                    fast=(main, pass_seconds) if main else None,
                    setup=None if self.all_by_reference else self.warmup_seconds,

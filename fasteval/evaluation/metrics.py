@@ -95,8 +95,13 @@ def totals_from_samples(labels: torch.Tensor, predictions: torch.Tensor, topk_hi
         "correct_top1": int((predictions == labels).sum()),
         "correct_top5": int(topk_hits.sum()),
         "loss_sum": float(losses.double().sum()),
-        "batch_losses": [float(chunk.double().mean()) for chunk in torch.split(losses, batch_size)],
+        "batch_losses": batch_means(losses, batch_size),
     }
+
+
+def batch_means(losses: torch.Tensor, batch_size: int) -> list[float]:
+    """The tutorial's per-batch mean losses: ``losses`` cut into batches of ``batch_size`` in their order."""
+    return [float(chunk.double().mean()) for chunk in torch.split(losses, batch_size)]
 
 
 def batch_mean_differs(result: EvalResult) -> bool:

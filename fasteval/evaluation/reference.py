@@ -125,11 +125,12 @@ def score_batch(outputs: torch.Tensor, labels: torch.Tensor) -> BatchScore:
     )
 
 
-class _Images(Dataset):
-    """The reference's decode and transform (ImageFolder's ``__getitem__``) for chosen samples."""
+class ImageDataset(Dataset):
+    """``(transform(image), label)`` per sample of the list, the image decoded by ``load_rgb``: ImageFolder's
+    ``__getitem__`` over fasteval's sample list (the recheck, the PIL loader and training all read through it)."""
 
-    def __init__(self, samples: SampleList, spec: PreprocessSpec) -> None:
-        self.samples, self.transform = samples.samples, spec.torchvision_transform()
+    def __init__(self, samples: SampleList, transform) -> None:
+        self.samples, self.transform = samples.samples, transform
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -164,7 +165,8 @@ def reference_logits(samples: SampleList, indices: list[int], model: nn.Module, 
     else:
         parallel = workers > 0 and len(indices) >= PARALLEL_FROM * workers
         batch = min(batch_size, math.ceil(len(indices) / workers)) if parallel else batch_size
-    loader = DataLoader(_Images(samples.subset(indices), spec), batch_size=batch, shuffle=False,
+    loader = DataLoader(ImageDataset(samples.subset(indices), spec.torchvision_transform()), batch_size=batch,
+                        shuffle=False,
                         num_workers=workers if parallel else 0, pin_memory=device.type == "cuda")
     model = model.to(device).eval()
     with torch.no_grad():

@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from fasteval.model.compile_cache import device_tag, load_profile, model_signature, profile_dir, save_profile
+from fasteval.model.compile_cache import configuration, load_profile, profile_dir, save_profile
 
 RATES_VERSION = 2
 
@@ -77,13 +77,9 @@ class Route:
 
 
 def rates_key(model: nn.Module, device: torch.device, precision: str, input_hw: tuple[int, int]) -> dict:
-    """What per-image costs depend on: torch, the device model, precision, architecture, input size."""
-    key = {"rates_version": RATES_VERSION, "torch": torch.__version__, "device": device_tag(device),
-           "precision": precision, "model": f"{type(model).__qualname__}/{model_signature(model)}",
-           "input_hw": list(input_hw)}
-    if device.type == "cpu":
-        key["threads"] = torch.get_num_threads()
-    return key
+    """What per-image costs depend on: the configuration (torch, the device model, precision, architecture,
+    threads) and the input size."""
+    return {"rates_version": RATES_VERSION, **configuration(model, device, precision), "input_hw": list(input_hw)}
 
 
 def load_rates(device: torch.device, key: dict) -> Rates:

@@ -165,22 +165,22 @@ def leaf_modules(model: nn.Module) -> int:
     return sum(1 for m in model.modules() if next(m.children(), None) is None)
 
 
-def config_key(model: nn.Module, device: torch.device, precision: str, example: torch.Tensor) -> dict:
-    """Everything a compiled artifact depends on that fasteval chooses: torch, device, precision,
-    architecture, batch shape and layout, and (on the CPU) the thread count Inductor's code is built for."""
-    key = {
-        "profile_version": PROFILE_VERSION,
-        "torch": torch.__version__,
-        "device": device_tag(device),
-        "precision": precision,
-        "model": f"{type(model).__qualname__}/{model_signature(model)}",
-        "input_shape": list(example.shape),
-        "input_dtype": str(example.dtype).removeprefix("torch."),
-        "channels_last": example.is_contiguous(memory_format=torch.channels_last),
-    }
+def configuration(model: nn.Module, device: torch.device, precision: str) -> dict:
+    """What every measurement of a model here depends on: torch, the device model, precision, architecture
+    and (on the CPU) the thread count. Compile profiles and the route's rates add their own parts."""
+    key = {"torch": torch.__version__, "device": device_tag(device), "precision": precision,
+           "model": f"{type(model).__qualname__}/{model_signature(model)}"}
     if device.type == "cpu":
         key["threads"] = torch.get_num_threads()
     return key
+
+
+def config_key(model: nn.Module, device: torch.device, precision: str, example: torch.Tensor) -> dict:
+    """Everything a compiled artifact depends on that fasteval chooses: the configuration, the batch shape
+    and layout (on the CPU the thread count is the one Inductor's code is built for)."""
+    return {"profile_version": PROFILE_VERSION, **configuration(model, device, precision),
+            "input_shape": list(example.shape), "input_dtype": str(example.dtype).removeprefix("torch."),
+            "channels_last": example.is_contiguous(memory_format=torch.channels_last)}
 
 
 def key_hash(key: dict) -> str:

@@ -190,16 +190,21 @@ def temp_prefix(target: str) -> str:
 
 
 def remove_stale_temps(parent: str, prefix: str) -> None:
-    """Remove the temporary folders ``{prefix}{pid}-*`` in ``parent`` whose owner process is gone
-    (killed before it could clean up)."""
+    """Remove the temporary files and folders ``{prefix}*.tmp-{pid}-*`` in ``parent`` whose owner process
+    is gone (killed before it could clean up)."""
     try:
         entries = list(os.scandir(parent))
     except OSError:
         return
     for entry in entries:
-        pid = entry.name[len(prefix):].split("-", 1)[0] if entry.name.startswith(prefix) else ""
+        if not entry.name.startswith(prefix) or ".tmp-" not in entry.name:
+            continue
+        pid = entry.name.rsplit(".tmp-", 1)[1].split("-", 1)[0]
         if pid.isdigit() and int(pid) != os.getpid() and not alive(int(pid)):
-            shutil.rmtree(entry.path, ignore_errors=True)
+            if entry.is_dir(follow_symlinks=False):
+                shutil.rmtree(entry.path, ignore_errors=True)
+            else:
+                _remove_quietly(entry.path)
 
 
 @contextmanager

@@ -10,25 +10,9 @@ from __future__ import annotations
 import random
 
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader
 
-from fasteval.data.samples import SampleList
-from fasteval.evaluation.reference import load_rgb
-
-
-class TrainSet(Dataset):
-    """(augmented image, label) per sample of the list, decoded by ImageFolder's PIL loader."""
-
-    def __init__(self, samples: SampleList, transform) -> None:
-        self.samples = samples.samples
-        self.transform = transform
-
-    def __len__(self) -> int:
-        return len(self.samples)
-
-    def __getitem__(self, index: int):
-        path, label = self.samples[index]
-        return self.transform(load_rgb(path)), label
+from fasteval.evaluation.reference import ImageDataset
 
 
 def epoch_seed(seed: int, epoch: int) -> int:
@@ -41,7 +25,7 @@ def _seed_worker(worker_id: int) -> None:
     random.seed(torch.initial_seed() % 2**32)
 
 
-def epoch_loader(dataset: TrainSet, batch_size: int, workers: int, seed: int, epoch: int,
+def epoch_loader(dataset: ImageDataset, batch_size: int, workers: int, seed: int, epoch: int,
                  device: torch.device) -> DataLoader:
     """One epoch's shuffled loader; with no workers the augmentation draws from this process's torch
     RNG, which is seeded here too."""

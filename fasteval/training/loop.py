@@ -27,14 +27,15 @@ from fasteval.data.loader_torch import to_device
 from fasteval.data.preprocess import PreprocessSpec
 from fasteval.data.samples import SampleList
 from fasteval.evaluation.fast import FastEvaluator, FastOptions
-from fasteval.evaluation.metrics import TOPK, EvalResult
+from fasteval.evaluation.metrics import TOPK, EvalResult, batch_means
+from fasteval.evaluation.reference import ImageDataset
 from fasteval.kernels.accumulator import MetricsAccumulator
 from fasteval.kernels.fused_metrics import resolve_backend
 from fasteval.memory import check_train_memory
 from fasteval.model.inference import DTYPES
 from fasteval.model.models import check_input_fits
 from fasteval.training import state
-from fasteval.training.data import TrainSet, epoch_loader
+from fasteval.training.data import epoch_loader
 from fasteval.training.history import best_epoch, epoch_record, format_epoch, write_history
 from fasteval.training.recipe import (Recipe, check_last_batch, optimizer_and_scheduler, train_transform,
                                       training_model)
@@ -82,7 +83,7 @@ class Trainer:
                            min(recipe.val_batch_size, len(val_samples)), options.workers, self.device)
         check_input_fits(self.model, recipe.arch, spec, crop_hw)
         check_last_batch(self.model, recipe.arch, len(train_samples), recipe.batch_size, crop_hw)
-        self.dataset = TrainSet(train_samples, train_transform(spec, crop_hw))
+        self.dataset = ImageDataset(train_samples, train_transform(spec, crop_hw))
         self.metrics_backend = resolve_backend("auto", self.device)
         self.evaluator: FastEvaluator | None = None
         self.validation: dict = {}  # how the last validation ran (loader, precision, compile, exact counts)
@@ -123,7 +124,7 @@ class Trainer:
         losses = totals["loss"]
         return EvalResult(samples=totals["count"], correct_top1=totals["correct"], correct_top5=totals["correct_topk"],
                           loss_sum=totals["loss_sum"], seconds=time.perf_counter() - start,
-                          batch_losses=[float(c.double().mean()) for c in torch.split(losses, self.recipe.batch_size)])
+                          batch_losses=batch_means(losses, self.recipe.batch_size))
 
     def train_steps(self, batches, acc: MetricsAccumulator, bar=None) -> None:
         """The hot loop: forward under autocast, backward, step, metrics into the accumulator; nothing
@@ -174,6 +175,7 @@ class Trainer:
         """best.pt (and the best epoch's per-sample predictions and class report) when this epoch is the
         new best, then last.pt, history.json and the curves."""
         from fasteval.evaluation.classes import class_report
+        from fasteval.output.curves import plot_curves
         from fasteval.output.report import write_json, write_predictions
 
         out = self.options.out
@@ -185,8 +187,6 @@ class Trainer:
             write_json({"epoch": epoch, **class_report(val, self.val_samples)}, os.path.join(out, state.CLASSES))
         state.save(ckpt, os.path.join(out, state.LAST))
         write_history(self.history, os.path.join(out, state.HISTORY))
-        from fasteval.output.curves import plot_curves
-
         try:
             plot_curves(self.history, os.path.join(out, state.CURVES), best)
         except ImportError:  # matplotlib is an optional extra: the curves are skipped, said once
