@@ -7,7 +7,7 @@ import os
 import sys
 
 from fasteval.errors import FastevalError, Terminated, describe_error
-from fasteval.procs import usable_cores
+from fasteval.procs import exit_promptly, usable_cores
 
 
 def _int_at_least(minimum: int):
@@ -364,13 +364,13 @@ COMMANDS = {"eval": cmd_eval, "bench": cmd_bench, "train": cmd_train, "synth": c
 def console_main() -> None:
     """The ``fasteval`` command (and ``python -m fasteval``): ``main``, then exit with its code, with
     Ctrl-C ignored from then on. The run has finished (or reported its interruption) and its outputs are
-    written; an interrupt during the interpreter's teardown (DALI's unload, DataLoader finalizers)
-    would only print a traceback."""
+    written; an interrupt during the exit (DALI's unload, DataLoader finalizers) would only print a
+    traceback. The exit skips the interpreter's teardown (``procs.exit_promptly``)."""
     import signal
 
     code = main()
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    sys.exit(code)
+    exit_promptly(code)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -88,3 +88,36 @@ def sigterm_raises() -> Iterator[None]:
         yield
     finally:
         signal.signal(signal.SIGTERM, previous)
+
+
+def exit_promptly(code: int) -> None:
+    """End the process with ``code`` once its work is done, without the interpreter's teardown.
+
+    Tearing down the modules of torch, torchvision and DALI (clearing their namespaces, collecting
+    hundreds of thousands of objects) took 0.8-1.3 s of a 156-image run's 8 s on a 2-core machine, and
+    nothing in it is fasteval's work: every output was written (atomically) and closed before. The
+    registered exit handlers still run (``multiprocessing`` ends its children, ``tempfile`` removes
+    its folders, DALI unloads, logging flushes), then the standard streams are flushed. Where anything
+    else would still run at a normal exit (a live non-daemon thread, a child process), the normal
+    exit is taken."""
+    import atexit
+
+    atexit._run_exitfuncs()
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):  # a closed pipe: nothing more can be shown there
+            pass
+    others = [t for t in threading.enumerate() if t is not threading.current_thread() and not t.daemon]
+    if others or multiprocessing.active_children() or _children(os.getpid()):
+        sys.exit(code)
+    os._exit(code)
+
+
+def _children(pid: int) -> list[int]:
+    """This process's live child processes (Linux ``/proc``; elsewhere none are seen)."""
+    try:
+        with open(f"/proc/{pid}/task/{pid}/children") as f:
+            return [int(p) for p in f.read().split()]
+    except OSError:
+        return []
