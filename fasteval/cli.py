@@ -181,11 +181,11 @@ def _check_options(args, outputs: bool = True) -> None:
             check_output_file(path, option)
 
 
-def _prepare(args, ranks=None):
+def _prepare(args, ranks=None, samples=None):
     """Resolve the dataset, model, spec and device shared by every run; refuse what cannot run
     (options, outputs, a model that does not take the input size, undecodable files) before any work.
     ``ranks`` (fasteval/distributed.py): under torchrun, every rank checks that it sees rank 0's dataset
-    and the files of its own shard."""
+    and the files of its own shard. ``samples``: DATA's sample list, when the command listed it already."""
     import torch
 
     from fasteval.demo import ensure_demo
@@ -205,7 +205,7 @@ def _prepare(args, ranks=None):
         if args.arch != "resnet18" or args.weights:
             raise FastevalError("the built-in demo uses its own resnet18 model: give DATA to choose --arch/--weights")
         data, weights = ensure_demo()
-    samples = discover(data, quiet=not ranks.is_main)
+    samples = samples if samples is not None else discover(data, quiet=not ranks.is_main)
     ranks.check_same_data(samples)
     if ranks.is_main:
         check_not_samples(samples, {"--json": args.json, "--predictions": getattr(args, "predictions", None),
@@ -250,8 +250,39 @@ def fast_options(args):
                        batch_size=args.batch_size, workers=args.workers, exact=args.exact, route=True)
 
 
+# Device nodes whose presence means torch may find a GPU (NVIDIA's driver, ROCm's): with --device auto
+# there, the command does not decode at start-up (a GPU run would not read the pixels).
+GPU_NODES = ("/dev/nvidiactl", "/dev/kfd")
+
+
+def _start_prefetch(args):
+    """Before torch is imported: for a single fast eval of a small dataset on the CPU, list DATA and
+    start decoding it as the reference does (fasteval/data/prefetch.py); else None. Any problem with
+    DATA or the options is left to the checks that report it (None here)."""
+    if (args.reference or args.validate or args.cache or args.data is None or args.loader not in ("auto", "torchvision")
+            or len(args.weights or []) > 1 or "RANK" in os.environ or "WORLD_SIZE" in os.environ):
+        return None
+    if args.device != "cpu" and not (args.device == "auto" and not any(map(os.path.exists, GPU_NODES))):
+        return None
+    if args.weights and args.weights[0] != "DEFAULT" and not os.path.isfile(args.weights[0]):  # a folder or a glob
+        return None
+    from fasteval.data import prefetch
+    from fasteval.data.preprocess import get_spec, image_size
+    from fasteval.data.samples import discover
+
+    try:
+        spec = get_spec(args.preset, args.resize, args.crop)
+        samples = discover(args.data)
+        if not samples.paths or not prefetch.fits(samples, spec.output_hw(*image_size(samples.paths[0]))):
+            return None
+    except FastevalError:
+        return None
+    return prefetch.Prefetch(samples, spec)
+
+
 def cmd_eval(args) -> int:
     _check_names(args)
+    pixels = _start_prefetch(args)
     from fasteval.evaluation.sweep import cmd_sweep, split_sweep
 
     if split_sweep(args):
@@ -267,7 +298,8 @@ def cmd_eval(args) -> int:
     from fasteval.distributed import start_ranks
 
     with start_ranks(args.device, debug=args.debug) as ranks:  # one process, or one rank under torchrun
-        samples, spec, device, model, config = ranks.step(_prepare, args, ranks)
+        samples, spec, device, model, config = ranks.step(_prepare, args, ranks,
+                                                          pixels.samples if pixels is not None else None)
         shard, batch, progress = ranks.shard(samples), config["batch_size"], not args.no_progress and ranks.is_main
         reference = fast = None
         if args.reference or args.validate:
@@ -275,7 +307,7 @@ def cmd_eval(args) -> int:
                                                 workers=args.workers, device=device, progress=progress), samples, batch)
         if not args.reference:
             fast = ranks.gather(ranks.step(evaluate_fast, shard, model, spec, device=device, options=fast_options(args),
-                                           progress=progress, scope=ranks.scope(samples),
+                                           progress=progress, scope=ranks.scope(samples), pixels=pixels,
                                            **_decoded_source(args)), samples, batch)
     if not ranks.is_main:
         return 0  # rank 0 reports and writes
@@ -321,7 +353,8 @@ def cmd_bench(args) -> int:
     from fasteval.distributed import format_ranks_bench, start_ranks
 
     with start_ranks(args.device, debug=args.debug) as ranks:  # under torchrun: each rank benches its shard
-        samples, spec, device, model, config = ranks.step(_prepare, args, ranks)
+        samples, spec, device, model, config = ranks.step(_prepare, args, ranks,
+                                                          pixels.samples if pixels is not None else None)
         if len(samples) < ranks.world_size:
             raise FastevalError(f"bench under torchrun needs a sample per rank: {len(samples)} samples, "
                                 f"{ranks.world_size} ranks")

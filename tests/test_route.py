@@ -112,8 +112,9 @@ def test_small_dataset_goes_to_the_reference_then_fast_once_it_pays(small_data, 
     for key in ("correct_top1", "correct_top5", "samples"):
         assert routed[key] == reference[key]
     assert routed["loss_sum"] == pytest.approx(reference["loss_sum"], rel=1e-6)
-    # The run recorded the reference's per-image cost for the next decision.
-    key = rates_key(model_3cls, CPU, routed["precision"], (32, 32))
+    # The run recorded the reference's per-image cost for the next decision (under the key of runs whose
+    # images the command decoded at start-up: 21 samples on the CPU).
+    key = rates_key(model_3cls, CPU, routed["precision"], (32, 32), decoded_at_start=True)
     rates = load_rates(CPU, key)
     assert rates.reference_image_seconds and rates.reference_image_seconds > 0
     save_rates(CPU, Rates(key=key, reference_image_seconds=1.0, fast_image_seconds=1e-4, fast_setup_seconds=0.0,

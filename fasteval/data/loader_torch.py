@@ -20,7 +20,8 @@ from fasteval.errors import FastevalError
 from fasteval.data.loaders import Batch
 from fasteval.data.preprocess import PreprocessSpec
 from fasteval.data.probe import probe
-from fasteval.evaluation.reference import ImageDataset, load_rgb
+from fasteval.data.pixels import load_rgb
+from fasteval.evaluation.reference import ImageDataset
 from fasteval.data.samples import SampleList
 
 
@@ -86,6 +87,30 @@ class TorchvisionLoader:
     def __iter__(self) -> Iterator[Batch]:
         for images, labels in self.loader:
             yield self.to_batch(images, labels)
+
+
+class PixelLoader:
+    """Batches of the pixels decoded at start-up (fasteval/data/prefetch.py) for the samples at
+    ``indices``, made in this process: the reference's own uint8 pixels, normalised and padded as
+    the other loaders' batches are (NHWC memory, so a channels-last view)."""
+
+    name = "pil-cpu, decoded at start-up"
+
+    def __init__(self, pixels, indices: list[int], batch_size: int, spec: PreprocessSpec, device: torch.device,
+                 half: bool = False) -> None:
+        self.pixels, self.indices, self.batch_size, self.device = pixels, indices, batch_size, device
+        self.labels = torch.tensor([pixels.samples.labels[i] for i in indices], dtype=torch.int64)
+        self.normalize = Normalizer(spec, device, half)
+
+    def __iter__(self) -> Iterator[Batch]:
+        import numpy as np
+
+        b = self.batch_size
+        for start in range(0, len(self.indices), b):
+            chunk = self.indices[start:start + b]
+            images = torch.from_numpy(np.stack([self.pixels.get(i) for i in chunk])).permute(0, 3, 1, 2)
+            images, labels = _pad(to_device(images, self.device), to_device(self.labels[start:start + b], self.device), b)
+            yield Batch(self.normalize(images), labels, len(chunk))
 
 
 def _pil_rgb(path: str):

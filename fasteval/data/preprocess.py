@@ -60,11 +60,17 @@ class PreprocessSpec:
             steps.append(T.CenterCrop(self.crop))
         return steps
 
+    def tensor_steps(self) -> list:
+        """The reference transform's steps after the geometry: ToTensor + Normalize."""
+        from torchvision import transforms as T
+
+        return [T.ToTensor(), T.Normalize(self.mean, self.std)]
+
     def torchvision_transform(self):
         """The reference transform: PIL resize + center crop + ToTensor + Normalize."""
         from torchvision import transforms as T
 
-        return T.Compose([*self.pil_geometry(), T.ToTensor(), T.Normalize(self.mean, self.std)])
+        return T.Compose([*self.pil_geometry(), *self.tensor_steps()])
 
 
 PRESETS = {

@@ -13,9 +13,13 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from torchvision.datasets.folder import IMG_EXTENSIONS
 
 from fasteval.errors import FastevalError, printable
+
+# torchvision's ImageFolder extensions (``torchvision.datasets.folder.IMG_EXTENSIONS``; a test keeps them
+# equal), held here so that listing a dataset imports neither torch nor torchvision: the command scans
+# DATA and starts decoding while they import (fasteval/data/prefetch.py).
+IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
 
 
 @dataclass(frozen=True)

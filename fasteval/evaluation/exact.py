@@ -94,13 +94,14 @@ def apply_reference(outputs: dict[str, torch.Tensor], samples: SampleList, indic
 
 def recheck(samples: SampleList, outputs: dict[str, torch.Tensor], calibration: list[int],
             calibration_logits: torch.Tensor | None, model: nn.Module, spec: PreprocessSpec, *, batch_size: int,
-            workers: int, device: torch.device, scope: WholeRun = WholeRun()) -> dict:
+            workers: int, device: torch.device, scope: WholeRun = WholeRun(), pixels=None) -> dict:
     """Replace, in place, the fast per-sample ``outputs`` (sample order, CPU) of the calibration and
     near-tie samples by the reference's. ``calibration_logits`` are the fast logits of the
     ``calibration`` samples, kept during the pass. ``scope`` turns this evaluator's logit error into
-    the whole run's (a shard may hold no calibration sample). Returns the report of the recheck."""
+    the whole run's (a shard may hold no calibration sample). ``pixels``: the samples decoded at start-up
+    (``reference_logits``). Returns the report of the recheck."""
     start = time.perf_counter()
-    run = dict(batch_size=batch_size, workers=workers, device=device)
+    run = dict(batch_size=batch_size, workers=workers, device=device, pixels=pixels)
     ref_calibration = reference_logits(samples, calibration, model, spec, **run)
     error = scope.max_error(max_logit_error(calibration_logits, ref_calibration) if calibration else 0.0)
     tau = SAFETY * 2 * error

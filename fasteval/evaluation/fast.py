@@ -22,6 +22,7 @@ from fasteval.evaluation.exact import CALIBRATION_SAMPLES, WholeRun, apply_refer
 from fasteval.model.inference import DTYPES, FastModel, resolve_precision
 from fasteval.kernels.accumulator import MetricsAccumulator
 from fasteval.kernels.fused_metrics import resolve_backend
+from fasteval.data.loader_torch import PixelLoader
 from fasteval.data.loaders import Batch, make_loader, needs_pil, resolve_loader
 from fasteval.evaluation.metrics import TOPK, EvalResult, totals_from_samples
 from fasteval.data.preprocess import PreprocessSpec, check_batchable, image_size
@@ -73,11 +74,17 @@ class FastEvaluator:
 
     def __init__(self, samples: SampleList, model: torch.nn.Module, spec: PreprocessSpec, device: torch.device,
                  options: FastOptions, batch_source=make_loader, passes: int = 1,
-                 scope: WholeRun | None = None) -> None:
+                 scope: WholeRun | None = None, pixels=None) -> None:
         """``batch_source``: makes the batches (``make_loader``'s signature); the checkpoint sweep passes
         fasteval/data/decoded.py's store, decoded once for every checkpoint. ``passes``: how many times
-        ``run()`` will be called (the sweep's checkpoints), for ``--compile auto``'s decision."""
+        ``run()`` will be called (the sweep's checkpoints), for ``--compile auto``'s decision.
+        ``pixels``: ``samples`` being decoded as the reference decodes them since the command started
+        (fasteval/data/prefetch.py); read by the fast pass and the recheck on the CPU with the PIL or
+        the default loader, else stopped and dropped."""
         start = time.perf_counter()
+        self.pixels = pixels if _reads_pixels(pixels, samples, device, options.loader, batch_source) else None
+        if pixels is not None and self.pixels is None:
+            pixels.stop()
         self.passes = passes
         self.scope = scope or WholeRun()
         total = self.scope.total(len(samples))
@@ -92,11 +99,13 @@ class FastEvaluator:
         self.precision = resolve_precision(options.precision, device)
         half = self.precision == "fp16"
         # The torchvision loaders decode with PIL already; DALI hands those files to the reference.
-        pil = needs_pil(samples) if options.loader in ("auto", "dali") else []
+        pil = needs_pil(samples) if options.loader in ("auto", "dali") and self.pixels is None else []
         self.rates, self.route = self._route(model, len(pil))
         self.all_by_reference = (self.exact and total <= SMALL_DATASET) or (self.route is not None and not self.route.fast)
         if self.all_by_reference:  # the reference's code alone is exact, and here the quicker way
             self.reference_only = list(range(len(samples)))
+        elif self.pixels is not None:
+            self.reference_only = []
         else:  # DALI is imported only when the fast path runs
             self.reference_only = pil if resolve_loader(options.loader) == "dali" else []
         kind = options.loader
@@ -120,8 +129,11 @@ class FastEvaluator:
             # Built in inference mode, so that loaders that preallocate their outputs (DALI) hand out
             # inference tensors, like the warm-up example: one compiled graph serves every batch.
             with torch.inference_mode():
-                self.loader = batch_source(kind, part, spec, batch_size=options.batch_size, workers=options.workers,
-                                          device=device, half=half)
+                if self.pixels is not None:
+                    self.loader = PixelLoader(self.pixels, self.main, options.batch_size, spec, device, half)
+                else:
+                    self.loader = batch_source(kind, part, spec, batch_size=options.batch_size,
+                                              workers=options.workers, device=device, half=half)
             h, w = spec.output_hw(*image_size(part.paths[0]))
             with torch.inference_mode():  # an inference tensor, like the loader's: no recompile on the first batch
                 example = torch.zeros(options.batch_size, 3, h, w, device=device,
@@ -139,7 +151,8 @@ class FastEvaluator:
                 or self.scope.sharded):  # every rank must take the same route: torchrun runs the fast path
             return None, None
         hw = self.spec.output_hw(*image_size(self.samples.paths[0]))
-        rates = load_rates(self.device, rates_key(model, self.device, self.precision, hw))
+        rates = load_rates(self.device, rates_key(model, self.device, self.precision, hw,
+                                                  decoded_at_start=self.pixels is not None))
         return rates, choose_route(rates, self.device.type, len(self.samples), pil_files,
                                    min(CALIBRATION_SAMPLES, len(self.samples)), self.exact, passes=self.passes)
 
@@ -204,7 +217,7 @@ class FastEvaluator:
         if self.reference_only:
             # The whole dataset by the reference's code: its workers too, as the reference's loop has them.
             logits = reference_logits(self.samples, self.reference_only, self.reference_model, self.spec, **run,
-                                      always_workers=self.all_by_reference)
+                                      always_workers=self.all_by_reference, pixels=self.pixels)
             apply_reference(outputs, self.samples, self.reference_only, logits)
             bar.update(len(self.reference_only))
         by_reference = (len(self.reference_only), time.perf_counter() - start - pass_seconds)
@@ -217,7 +230,7 @@ class FastEvaluator:
             exact.update(enabled=True, rechecked=len(self.samples), all_by_reference=True, reason=reason)
         elif self.exact and self.calibration_total:
             exact.update(recheck(self.samples, outputs, self.calibration, kept, self.reference_model, self.spec,
-                                 **run, scope=self.scope))
+                                 **run, scope=self.scope, pixels=self.pixels))
             by_reference = (by_reference[0] + exact["rechecked"], by_reference[1] + exact["seconds"])
         seconds = time.perf_counter() - start
         if self.rates is not None:  # this run's costs, for the next run's route
@@ -248,6 +261,13 @@ class FastEvaluator:
                 **({"decoded": dict(self.loader.info)} if hasattr(self.loader, "info") else {}),
             },
         )
+
+
+def _reads_pixels(pixels, samples: SampleList, device: torch.device, loader: str, batch_source) -> bool:
+    """Whether the run reads the pixels decoded at start-up: the same sample list, on the CPU, with the
+    default or the PIL loader and batches made by the loaders (not a sweep's decoded store)."""
+    return (pixels is not None and pixels.samples is samples and device.type == "cpu"
+            and loader in ("auto", "torchvision") and batch_source is make_loader)
 
 
 class Fp32Head(nn.Module):
@@ -293,7 +313,8 @@ ACCUMULATED = {"predictions": "pred", "losses": "loss", "topk_hits": "topk_hit",
 
 def evaluate_fast(samples: SampleList, model: torch.nn.Module, spec: PreprocessSpec, *,
                   device: torch.device | str = "cpu", options: FastOptions = FastOptions(),
-                  progress: bool = True, batch_source=make_loader, scope: WholeRun | None = None) -> EvalResult:
-    """Evaluate once with the fast path (``scope``: see FastEvaluator)."""
+                  progress: bool = True, batch_source=make_loader, scope: WholeRun | None = None,
+                  pixels=None) -> EvalResult:
+    """Evaluate once with the fast path (``scope``, ``pixels``: see FastEvaluator)."""
     return FastEvaluator(samples, model, spec, torch.device(device), options, batch_source,
-                         scope=scope).run(progress)
+                         scope=scope, pixels=pixels).run(progress)

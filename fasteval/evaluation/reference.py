@@ -22,35 +22,9 @@ from tqdm import tqdm
 from fasteval.errors import FastevalError
 from fasteval.kernels.fused_metrics import metrics_torch
 from fasteval.evaluation.metrics import TOPK, EvalResult
+from fasteval.data.pixels import load_rgb
 from fasteval.data.preprocess import PreprocessSpec, check_batchable
 from fasteval.data.samples import SampleList
-
-
-def load_rgb(path: str):
-    """ImageFolder's PIL loader, with an error that names the file."""
-    from PIL import Image
-
-    try:
-        with open(path, "rb") as f:
-            image = Image.open(f)
-            return image.convert("RGB")
-    except Exception as exc:
-        raise FastevalError(f"cannot decode image {path}: {_reason(path, exc)}") from None
-
-
-def _reason(path: str, exc: Exception) -> str:
-    """PIL's message, or what the file is where PIL cannot even identify it."""
-    from PIL import UnidentifiedImageError
-
-    from fasteval.data.probe import describe_content
-
-    if isinstance(exc, UnidentifiedImageError):
-        try:
-            with open(path, "rb") as f:
-                return describe_content(f.read(64))
-        except OSError:
-            pass
-    return str(exc) or type(exc).__name__
 
 
 def reference_dataset(samples: SampleList, spec: PreprocessSpec) -> Dataset:
@@ -146,7 +120,8 @@ PARALLEL_FROM = 4
 
 
 def reference_logits(samples: SampleList, indices: list[int], model: nn.Module, spec: PreprocessSpec, *,
-                     batch_size: int, workers: int, device: torch.device, always_workers: bool = False) -> torch.Tensor:
+                     batch_size: int, workers: int, device: torch.device, always_workers: bool = False,
+                     pixels=None) -> torch.Tensor:
     """Float32 logits of the samples at ``indices`` (on the CPU, in that order), computed by the
     reference's own code: PIL decode, the torchvision transform, the eager fp32 model.
 
@@ -155,9 +130,13 @@ def reference_logits(samples: SampleList, indices: list[int], model: nn.Module, 
     machine, 2026-11-28): there, from ``PARALLEL_FROM`` samples per worker up, workers decode them, in
     batches split so every worker gets a share. With the model on the CPU the cores are the model's:
     workers only for more than a batch (their start-up cost the photo tree's recheck 0.5 s more here).
-    ``always_workers``: the reference's own loop (its batch size, its workers)."""
+    ``always_workers``: the reference's own loop (its batch size, its workers). ``pixels``: the
+    samples' pixels as the reference's transform makes them before ``ToTensor``, decoded at start-up
+    (fasteval/data/prefetch.py): the transform's remaining steps and the model, in this process."""
     if not indices:
         return torch.empty(0)
+    if pixels is not None:
+        return _logits_from_pixels(pixels, indices, model, spec, batch_size, device)
     if always_workers:
         parallel, batch = True, batch_size
     elif device.type == "cpu":
@@ -171,6 +150,22 @@ def reference_logits(samples: SampleList, indices: list[int], model: nn.Module, 
     model = model.to(device).eval()
     with torch.no_grad():
         return torch.cat([model(images.to(device)).float().cpu() for images, _ in loader])
+
+
+def _logits_from_pixels(pixels, indices: list[int], model: nn.Module, spec: PreprocessSpec, batch_size: int,
+                        device: torch.device) -> torch.Tensor:
+    """``reference_logits`` from decoded pixels: ToTensor + Normalize per sample, stacked as the
+    DataLoader's collate stacks them, the eager fp32 model."""
+    from torchvision import transforms as T
+
+    transform = T.Compose(spec.tensor_steps())
+    model = model.to(device).eval()
+    out = []
+    with torch.no_grad():
+        for start in range(0, len(indices), batch_size):
+            images = torch.stack([transform(pixels.get(i)) for i in indices[start:start + batch_size]])
+            out.append(model(images.to(device)).float().cpu())
+    return torch.cat(out)
 
 
 def evaluate_reference(

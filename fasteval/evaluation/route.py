@@ -76,10 +76,13 @@ class Route:
     reference_seconds: float
 
 
-def rates_key(model: nn.Module, device: torch.device, precision: str, input_hw: tuple[int, int]) -> dict:
+def rates_key(model: nn.Module, device: torch.device, precision: str, input_hw: tuple[int, int],
+              decoded_at_start: bool = False) -> dict:
     """What per-image costs depend on: the configuration (torch, the device model, precision, architecture,
-    threads) and the input size."""
-    return {"rates_version": RATES_VERSION, **configuration(model, device, precision), "input_hw": list(input_hw)}
+    threads), the input size, and whether the images were decoded at start-up (fasteval/data/prefetch.py:
+    then neither route decodes, and the fast path sets up no loader)."""
+    key = {"rates_version": RATES_VERSION, **configuration(model, device, precision), "input_hw": list(input_hw)}
+    return {**key, "decoded_at_start": True} if decoded_at_start else key
 
 
 def load_rates(device: torch.device, key: dict) -> Rates:

@@ -1,0 +1,173 @@
+"""Decoding at start-up (fasteval/data/prefetch.py, fasteval/data/pixels.py): the reference's pixels
+bit for bit, read by the fast pass and the recheck, and started only where the run will read them."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from dataclasses import replace
+
+import numpy as np
+import pytest
+import torch
+from torchvision import transforms as T
+
+from fasteval.cli import _start_prefetch, build_parser, main
+from fasteval.data import prefetch as prefetch_module
+from fasteval.data.pixels import load_rgb, reference_pixels
+from fasteval.data.prefetch import Prefetch
+from fasteval.data.preprocess import get_spec
+from fasteval.data.samples import IMG_EXTENSIONS, discover
+from fasteval.errors import FastevalError
+from fasteval.evaluation.fast import FastEvaluator, FastOptions
+from fasteval.evaluation.reference import evaluate_reference, reference_logits
+
+CPU = torch.device("cpu")
+
+
+def test_extensions_are_torchvisions():
+    from torchvision.datasets.folder import IMG_EXTENSIONS as torchvision_extensions
+
+    assert IMG_EXTENSIONS == torchvision_extensions
+
+
+@pytest.mark.parametrize("spec", [get_spec("imagenet"), get_spec("seed"), get_spec("imagenet", 97, 61),
+                                  replace(get_spec("imagenet", 41, 33), interpolation="bicubic"),
+                                  replace(get_spec("imagenet", 300, 290), interpolation="nearest")])
+def test_pixels_are_the_reference_transforms_bit_for_bit(kinds_data, spec):
+    """Every file kind (16-bit, CMYK, palette, EXIF-rotated...), upscaled and downscaled, odd crops:
+    the bytes ToTensor would read from torchvision's resize and crop of ImageFolder's image."""
+    geometry = T.Compose(spec.pil_geometry())
+    samples = discover(kinds_data, quiet=True)
+    for path in samples.paths:
+        ours, theirs = reference_pixels(path, spec), np.asarray(geometry(load_rgb(path)))
+        assert ours.dtype == np.uint8 and ours.shape == theirs.shape, path
+        assert np.array_equal(ours, theirs), path
+
+
+def test_logits_from_pixels_equal_the_decoding_path(kinds_data, model_3cls):
+    spec = get_spec("imagenet", 40, 32)
+    samples = discover(kinds_data, quiet=True)
+    model = torch.nn.Sequential(model_3cls, torch.nn.Linear(3, samples.num_classes)).eval()
+    pixels = Prefetch(samples, spec)
+    indices = [5, 0, 13, 2, 9, 14]
+    run = dict(batch_size=4, workers=0, device=CPU)
+    assert torch.equal(reference_logits(samples, indices, model, spec, **run, pixels=pixels),
+                       reference_logits(samples, indices, model, spec, **run))
+
+
+def _broken_copy(src: str, dst) -> str:
+    """``src``'s dataset with a middle file cut short (it decodes nowhere)."""
+    import shutil
+
+    shutil.copytree(src, dst)
+    samples = discover(str(dst), quiet=True)
+    bad = samples.paths[len(samples) // 2]
+    with open(bad, "r+b") as f:
+        f.truncate(40)
+    return bad
+
+
+def test_a_file_that_fails_raises_its_error_where_it_is_read_and_does_not_hold_up_the_others(small_data, tmp_path):
+    bad = _broken_copy(small_data, tmp_path / "data")
+    samples = discover(str(tmp_path / "data"), quiet=True)
+    pixels = Prefetch(samples, get_spec("imagenet", 40, 32))
+    last = pixels.get(len(samples) - 1)  # past the bad file: not kept waiting for it
+    assert last.shape == (32, 32, 3)
+    with pytest.raises(FastevalError, match="cannot decode image .*" + os.path.basename(bad)):
+        pixels.get(samples.paths.index(bad))
+    pixels.stop()
+    assert not pixels.running
+
+
+def test_a_stopped_prefetch_decodes_what_is_asked(small_data, small_spec):
+    samples = discover(small_data, quiet=True)
+    pixels = Prefetch(samples, small_spec)
+    pixels.stop()
+    assert np.array_equal(pixels.get(len(samples) - 1), reference_pixels(samples.paths[-1], small_spec))
+
+
+def test_fast_path_reads_the_pixels_and_its_counts_are_the_references(kinds_data, model_3cls):
+    """The default loader on the CPU with pixels: no file goes to the reference's code for its decoding
+    (16-bit PNG, CMYK: PIL decoded them), the batches are the pixels, the counts the reference's."""
+    spec = get_spec("imagenet", 40, 32)
+    samples = discover(kinds_data, quiet=True)
+    model = torch.nn.Sequential(model_3cls, torch.nn.Linear(3, samples.num_classes)).eval()
+    options = FastOptions(batch_size=4, workers=0, compile=False)
+    evaluator = FastEvaluator(samples, model, spec, CPU, options, pixels=Prefetch(samples, spec))
+    assert evaluator.pixels is not None and evaluator.reference_only == []
+    result = evaluator.run(progress=False)
+    reference = evaluate_reference(samples, model, spec, batch_size=4, workers=0, progress=False)
+    assert result.extra["loader"] == "pil-cpu, decoded at start-up"
+    assert result.extra["pil_fallback_files"] == 0
+    assert (result.correct_top1, result.correct_top5) == (reference.correct_top1, reference.correct_top5)
+    assert torch.equal(result.predictions, reference.predictions)
+
+
+def test_pixels_the_run_will_not_read_are_dropped_and_the_thread_stopped(small_data, small_spec, model_3cls):
+    samples = discover(small_data, quiet=True)
+    options = FastOptions(batch_size=4, workers=0, compile=False, loader="dali")
+    pixels = Prefetch(samples, small_spec)
+    evaluator = FastEvaluator(samples, model_3cls, small_spec, CPU, options, pixels=pixels)
+    assert evaluator.pixels is None and not pixels.running
+    other_list = Prefetch(discover(small_data, quiet=True), small_spec)  # another listing: not the run's
+    assert FastEvaluator(samples, model_3cls, small_spec, CPU, replace(options, loader="auto"),
+                         pixels=other_list).pixels is None
+
+
+def _args(*argv):
+    return build_parser().parse_args(["eval", *argv])
+
+
+def test_started_only_for_a_single_fast_eval_of_a_small_dataset_on_the_cpu(small_data, weights_3cls, tmp_path,
+                                                                           monkeypatch):
+    monkeypatch.delenv("RANK", raising=False)
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    plain = _start_prefetch(_args(small_data, "--weights", weights_3cls, "--device", "cpu"))
+    assert isinstance(plain, Prefetch) and len(plain) == 21
+    plain.stop()
+    for extra in (["--reference"], ["--validate"], ["--cache", str(tmp_path)], ["--loader", "dali"],
+                  ["--device", "cuda"], ["--weights", weights_3cls, weights_3cls]):
+        assert _start_prefetch(_args(small_data, "--device", "cpu", *extra)) is None, extra
+    assert _start_prefetch(_args("--device", "cpu")) is None  # the demo
+    assert _start_prefetch(_args(str(tmp_path / "missing"), "--device", "cpu")) is None  # reported later
+    monkeypatch.setattr(prefetch_module, "MAX_SAMPLES", 20)
+    assert _start_prefetch(_args(small_data, "--device", "cpu")) is None
+    monkeypatch.setattr(prefetch_module, "MAX_SAMPLES", 512)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert _start_prefetch(_args(small_data, "--device", "cpu")) is None
+
+
+def test_started_before_torch_is_imported(small_data):
+    code = textwrap.dedent(f"""
+        import sys
+        from fasteval.cli import _start_prefetch, build_parser
+        pixels = _start_prefetch(build_parser().parse_args(["eval", {small_data!r}, "--device", "cpu"]))
+        assert pixels is not None
+        assert not [m for m in sys.modules if m == "torch" or m.startswith(("torch.", "torchvision"))]
+        pixels.get(len(pixels) - 1)
+        print("ok")
+    """)
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE")}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, env=env)
+    assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr
+
+
+def test_command_on_every_file_kind_equals_the_reference(kinds_data, tmp_path, model_3cls, capsys):
+    """The whole command: decoded at start-up, the 16-bit PNG too, and the reference's counts and losses
+    of the rechecked samples."""
+    weights = tmp_path / "w.pt"
+    model = __import__("torchvision").models.resnet18(num_classes=2)
+    torch.save(model.state_dict(), weights)
+    common = [kinds_data, "--weights", str(weights), "--resize", "40", "--crop", "32", "--batch-size", "4",
+              "--workers", "0", "--device", "cpu", "--no-progress"]
+    # --compile off: the fast path itself (on 15 samples --compile auto sends every one to the reference's code)
+    assert main(["eval", *common, "--compile", "off", "--json", str(tmp_path / "f.json")]) == 0
+    assert main(["eval", *common, "--reference", "--json", str(tmp_path / "r.json")]) == 0
+    fast, ref = (json.loads((tmp_path / name).read_text()) for name in ("f.json", "r.json"))
+    assert fast["loader"] == "pil-cpu, decoded at start-up" and fast["pil_fallback_files"] == 0
+    for key in ("samples", "correct_top1", "correct_top5"):
+        assert fast[key] == ref[key]
