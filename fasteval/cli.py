@@ -273,7 +273,7 @@ def _start_prefetch(args):
     try:
         spec = get_spec(args.preset, args.resize, args.crop)
         samples = discover(args.data)
-        if not samples.paths or not prefetch.fits(samples, spec.output_hw(*image_size(samples.paths[0]))):
+        if not samples.paths or not prefetch.fits(len(samples), spec.output_hw(*image_size(samples.paths[0]))):
             return None
     except FastevalError:
         return None

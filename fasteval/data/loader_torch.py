@@ -90,27 +90,40 @@ class TorchvisionLoader:
 
 
 class PixelLoader:
-    """Batches of the pixels decoded at start-up (fasteval/data/prefetch.py) for the samples at
-    ``indices``, made in this process: the reference's own uint8 pixels, normalised and padded as
-    the other loaders' batches are (NHWC memory, so a channels-last view)."""
+    """Batches of the reference's own pixels (PIL, fasteval/data/pixels.py) for the samples at
+    ``indices``, made in this process: normalised and padded as the other loaders' batches are (NHWC
+    memory, so a channels-last view). ``pixels``: the samples decoded since the command started
+    (fasteval/data/prefetch.py), read by every pass; without them each pass starts a thread that
+    decodes ahead of the model. ``self.pixels``: the last pass's, for the recheck to read again."""
 
-    name = "pil-cpu, decoded at start-up"
+    name = "pil-cpu, in-process"
 
-    def __init__(self, pixels, indices: list[int], batch_size: int, spec: PreprocessSpec, device: torch.device,
-                 half: bool = False) -> None:
-        self.pixels, self.indices, self.batch_size, self.device = pixels, indices, batch_size, device
-        self.labels = torch.tensor([pixels.samples.labels[i] for i in indices], dtype=torch.int64)
+    def __init__(self, samples: SampleList, indices: list[int], batch_size: int, spec: PreprocessSpec,
+                 device: torch.device, half: bool = False, pixels=None) -> None:
+        self.samples, self.indices, self.batch_size, self.spec, self.device = samples, indices, batch_size, spec, device
+        self.given = self.pixels = pixels
+        if pixels is not None:
+            self.name = "pil-cpu, decoded at start-up"
+        self.labels = torch.tensor([samples.labels[i] for i in indices], dtype=torch.int64)
         self.normalize = Normalizer(spec, device, half)
 
     def __iter__(self) -> Iterator[Batch]:
         import numpy as np
 
+        from fasteval.data.prefetch import Prefetch
+
+        pixels = self.given if self.given is not None else Prefetch(self.samples, self.spec, self.indices)
+        self.pixels = pixels
         b = self.batch_size
-        for start in range(0, len(self.indices), b):
-            chunk = self.indices[start:start + b]
-            images = torch.from_numpy(np.stack([self.pixels.get(i) for i in chunk])).permute(0, 3, 1, 2)
-            images, labels = _pad(to_device(images, self.device), to_device(self.labels[start:start + b], self.device), b)
-            yield Batch(self.normalize(images), labels, len(chunk))
+        try:
+            for start in range(0, len(self.indices), b):
+                chunk = self.indices[start:start + b]
+                images = torch.from_numpy(np.stack([pixels.get(i) for i in chunk])).permute(0, 3, 1, 2)
+                images, labels = _pad(to_device(images, self.device), to_device(self.labels[start:start + b], self.device), b)
+                yield Batch(self.normalize(images), labels, len(chunk))
+        finally:
+            if pixels is not self.given:  # a pass that stops early leaves no thread decoding
+                pixels.stop()
 
 
 def _pil_rgb(path: str):

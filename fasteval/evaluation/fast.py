@@ -23,6 +23,7 @@ from fasteval.model.inference import DTYPES, FastModel, resolve_precision
 from fasteval.kernels.accumulator import MetricsAccumulator
 from fasteval.kernels.fused_metrics import resolve_backend
 from fasteval.data.loader_torch import PixelLoader
+from fasteval.data.prefetch import fits
 from fasteval.data.loaders import Batch, make_loader, needs_pil, resolve_loader
 from fasteval.evaluation.metrics import TOPK, EvalResult, totals_from_samples
 from fasteval.data.preprocess import PreprocessSpec, check_batchable, image_size
@@ -78,16 +79,17 @@ class FastEvaluator:
         """``batch_source``: makes the batches (``make_loader``'s signature); the checkpoint sweep passes
         fasteval/data/decoded.py's store, decoded once for every checkpoint. ``passes``: how many times
         ``run()`` will be called (the sweep's checkpoints), for ``--compile auto``'s decision.
-        ``pixels``: ``samples`` being decoded as the reference decodes them since the command started
-        (fasteval/data/prefetch.py); read by the fast pass and the recheck on the CPU with the PIL or
-        the default loader, else stopped and dropped."""
+        A small run on the CPU (``prefetch.fits``; the default or the PIL loader) reads the reference's
+        own pixels (``PixelLoader``), not DALI's; ``pixels``: ``samples`` decoded so since the command
+        started (fasteval/data/prefetch.py), else stopped and dropped."""
         start = time.perf_counter()
-        self.pixels = pixels if _reads_pixels(pixels, samples, device, options.loader, batch_source) else None
-        if pixels is not None and self.pixels is None:
-            pixels.stop()
         self.passes = passes
         self.scope = scope or WholeRun()
         total = self.scope.total(len(samples))
+        self.pil_pixels = _reads_pil_pixels(samples, total, spec, device, options.loader, batch_source)
+        self.pixels = pixels if self.pil_pixels and pixels is not None and pixels.samples is samples else None
+        if pixels is not None and self.pixels is None:
+            pixels.stop()
         # A static batch larger than the dataset would be mostly padding: clamp it (to the whole run's
         # size, so that every shard runs the one-process batch shape).
         options = replace(options, batch_size=min(options.batch_size, total))
@@ -99,12 +101,12 @@ class FastEvaluator:
         self.precision = resolve_precision(options.precision, device)
         half = self.precision == "fp16"
         # The torchvision loaders decode with PIL already; DALI hands those files to the reference.
-        pil = needs_pil(samples) if options.loader in ("auto", "dali") and self.pixels is None else []
+        pil = needs_pil(samples) if options.loader in ("auto", "dali") and not self.pil_pixels else []
         self.rates, self.route = self._route(model, len(pil))
         self.all_by_reference = (self.exact and total <= SMALL_DATASET) or (self.route is not None and not self.route.fast)
         if self.all_by_reference:  # the reference's code alone is exact, and here the quicker way
             self.reference_only = list(range(len(samples)))
-        elif self.pixels is not None:
+        elif self.pil_pixels:
             self.reference_only = []
         else:  # DALI is imported only when the fast path runs
             self.reference_only = pil if resolve_loader(options.loader) == "dali" else []
@@ -129,8 +131,9 @@ class FastEvaluator:
             # Built in inference mode, so that loaders that preallocate their outputs (DALI) hand out
             # inference tensors, like the warm-up example: one compiled graph serves every batch.
             with torch.inference_mode():
-                if self.pixels is not None:
-                    self.loader = PixelLoader(self.pixels, self.main, options.batch_size, spec, device, half)
+                if self.pil_pixels:
+                    self.loader = PixelLoader(samples, self.main, options.batch_size, spec, device, half,
+                                              pixels=self.pixels)
                 else:
                     self.loader = batch_source(kind, part, spec, batch_size=options.batch_size,
                                               workers=options.workers, device=device, half=half)
@@ -214,10 +217,11 @@ class FastEvaluator:
             kept, nonfinite = self._fast_pass(outputs, bar)
         pass_seconds = time.perf_counter() - start
         run = dict(batch_size=self.options.batch_size, workers=self.options.workers, device=self.device)
+        pixels = self.loader.pixels if isinstance(self.loader, PixelLoader) else self.pixels
         if self.reference_only:
             # The whole dataset by the reference's code: its workers too, as the reference's loop has them.
             logits = reference_logits(self.samples, self.reference_only, self.reference_model, self.spec, **run,
-                                      always_workers=self.all_by_reference, pixels=self.pixels)
+                                      always_workers=self.all_by_reference, pixels=pixels)
             apply_reference(outputs, self.samples, self.reference_only, logits)
             bar.update(len(self.reference_only))
         by_reference = (len(self.reference_only), time.perf_counter() - start - pass_seconds)
@@ -230,7 +234,7 @@ class FastEvaluator:
             exact.update(enabled=True, rechecked=len(self.samples), all_by_reference=True, reason=reason)
         elif self.exact and self.calibration_total:
             exact.update(recheck(self.samples, outputs, self.calibration, kept, self.reference_model, self.spec,
-                                 **run, scope=self.scope, pixels=self.pixels))
+                                 **run, scope=self.scope, pixels=pixels))
             by_reference = (by_reference[0] + exact["rechecked"], by_reference[1] + exact["seconds"])
         seconds = time.perf_counter() - start
         if self.rates is not None:  # this run's costs, for the next run's route
@@ -263,11 +267,15 @@ class FastEvaluator:
         )
 
 
-def _reads_pixels(pixels, samples: SampleList, device: torch.device, loader: str, batch_source) -> bool:
-    """Whether the run reads the pixels decoded at start-up: the same sample list, on the CPU, with the
-    default or the PIL loader and batches made by the loaders (not a sweep's decoded store)."""
-    return (pixels is not None and pixels.samples is samples and device.type == "cpu"
-            and loader in ("auto", "torchvision") and batch_source is make_loader)
+def _reads_pil_pixels(samples: SampleList, total: int, spec: PreprocessSpec, device: torch.device, loader: str,
+                      batch_source) -> bool:
+    """Whether the fast path reads the reference's pixels: a run small enough (``prefetch.fits``: DALI's
+    import and set-up would not pay, measured there) on the CPU, with the default or the PIL loader and
+    batches made by the loaders (not a sweep's decoded store). ``total``: the whole run's samples, so that
+    every torchrun rank decides as one process does."""
+    if device.type != "cpu" or loader not in ("auto", "torchvision") or batch_source is not make_loader:
+        return False
+    return bool(len(samples)) and fits(total, spec.output_hw(*image_size(samples.paths[0])))
 
 
 class Fp32Head(nn.Module):
