@@ -353,8 +353,7 @@ def cmd_bench(args) -> int:
     from fasteval.distributed import format_ranks_bench, start_ranks
 
     with start_ranks(args.device, debug=args.debug) as ranks:  # under torchrun: each rank benches its shard
-        samples, spec, device, model, config = ranks.step(_prepare, args, ranks,
-                                                          pixels.samples if pixels is not None else None)
+        samples, spec, device, model, config = ranks.step(_prepare, args, ranks)
         if len(samples) < ranks.world_size:
             raise FastevalError(f"bench under torchrun needs a sample per rank: {len(samples)} samples, "
                                 f"{ranks.world_size} ranks")

@@ -17,7 +17,7 @@ from torch import nn
 from tqdm import tqdm
 
 from fasteval.devices import synchronize, use_device
-from fasteval.errors import first_line
+from fasteval.errors import FastevalError, first_line
 from fasteval.evaluation.exact import CALIBRATION_SAMPLES, WholeRun, apply_reference, recheck, resolve_exact
 from fasteval.model.inference import DTYPES, FastModel, resolve_precision
 from fasteval.kernels.accumulator import MetricsAccumulator
@@ -86,8 +86,10 @@ class FastEvaluator:
         self.passes = passes
         self.scope = scope or WholeRun()
         total = self.scope.total(len(samples))
-        self.pil_pixels = _reads_pil_pixels(samples, total, spec, device, options.loader, batch_source)
-        self.pixels = pixels if self.pil_pixels and pixels is not None and pixels.samples is samples else None
+        # A sweep's decoded store (another batch_source) holds the PIL loader's pixels then: the same bytes.
+        self.pil_pixels = _reads_pil_pixels(samples, total, spec, device, options.loader)
+        in_process = self.pil_pixels and batch_source is make_loader
+        self.pixels = pixels if in_process and pixels is not None and pixels.samples is samples else None
         if pixels is not None and self.pixels is None:
             pixels.stop()
         # A static batch larger than the dataset would be mostly padding: clamp it (to the whole run's
@@ -110,7 +112,7 @@ class FastEvaluator:
             self.reference_only = []
         else:  # DALI is imported only when the fast path runs
             self.reference_only = pil if resolve_loader(options.loader) == "dali" else []
-        kind = options.loader
+        kind = "torchvision" if self.pil_pixels else options.loader
         excluded = set(self.reference_only)
         self.main = [i for i in range(len(samples)) if i not in excluded]
         # The reference's model is the caller's module as it is (eager fp32, NCHW); the fast model is a
@@ -131,7 +133,7 @@ class FastEvaluator:
             # Built in inference mode, so that loaders that preallocate their outputs (DALI) hand out
             # inference tensors, like the warm-up example: one compiled graph serves every batch.
             with torch.inference_mode():
-                if self.pil_pixels:
+                if in_process:
                     self.loader = PixelLoader(samples, self.main, options.batch_size, spec, device, half,
                                               pixels=self.pixels)
                 else:
@@ -267,15 +269,19 @@ class FastEvaluator:
         )
 
 
-def _reads_pil_pixels(samples: SampleList, total: int, spec: PreprocessSpec, device: torch.device, loader: str,
-                      batch_source) -> bool:
-    """Whether the fast path reads the reference's pixels: a run small enough (``prefetch.fits``: DALI's
-    import and set-up would not pay, measured there) on the CPU, with the default or the PIL loader and
-    batches made by the loaders (not a sweep's decoded store). ``total``: the whole run's samples, so that
-    every torchrun rank decides as one process does."""
-    if device.type != "cpu" or loader not in ("auto", "torchvision") or batch_source is not make_loader:
+def _reads_pil_pixels(samples: SampleList, total: int, spec: PreprocessSpec, device: torch.device,
+                      loader: str) -> bool:
+    """Whether the fast path reads the reference's pixels (PIL's): a run small enough (``prefetch.fits``:
+    DALI's import and set-up would not pay, measured there) on the CPU, with the default or the PIL
+    loader. ``total``: the whole run's samples, so that every torchrun rank decides as one process does.
+    An unreadable first file is left to the checks that report it (False here)."""
+    if device.type != "cpu" or loader not in ("auto", "torchvision") or not len(samples):
         return False
-    return bool(len(samples)) and fits(total, spec.output_hw(*image_size(samples.paths[0])))
+    try:
+        hw = (spec.crop, spec.crop) if spec.crop is not None else spec.output_hw(*image_size(samples.paths[0]))
+    except FastevalError:
+        return False
+    return fits(total, hw)
 
 
 class Fp32Head(nn.Module):
