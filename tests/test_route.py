@@ -45,6 +45,18 @@ def test_choose_route_defaults_until_measured():
     assert choose_route(Rates(), "mps", 100, 0, 8, exact=True).fast_seconds == pytest.approx(expected)
 
 
+def test_images_decoded_at_start_assume_a_smaller_setup():
+    """No loader to set up: 50 samples pay for the fast path under the assumed figures there, and not
+    under DALI's: 0.3 + 50 x 0.012 + (8 + 7.5) x 0.032 = 1.396 s (1.0 s setup: 2.096 s) vs 1.6 s."""
+    d = DEFAULTS["cpu"]
+    decoded = choose_route(Rates(key={"decoded_at_start": True}), "cpu", 50, 0, 8, exact=True)
+    assert decoded.fast and decoded.fast_seconds == pytest.approx(1.396) and d.fast_setup_decoded_at_start == 0.3
+    loader = choose_route(Rates(key={}), "cpu", 50, 0, 8, exact=True)
+    assert not loader.fast and loader.fast_seconds == pytest.approx(2.096)
+    measured = choose_route(Rates(key={"decoded_at_start": True}, fast_setup_seconds=2.0), "cpu", 50, 0, 8, exact=True)
+    assert measured.fast_seconds == pytest.approx(3.096)  # a measured setup wins over either assumption
+
+
 def test_record_keeps_the_best_per_image_cost_and_persists(fresh_cache):
     import torchvision
 
