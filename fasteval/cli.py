@@ -277,7 +277,7 @@ def _start_prefetch(args):
             return None
     except FastevalError:
         return None
-    return prefetch.Prefetch(samples, spec)
+    return prefetch.start(samples, spec)
 
 
 def cmd_eval(args) -> int:

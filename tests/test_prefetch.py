@@ -144,7 +144,7 @@ def test_started_only_for_a_single_fast_eval_of_a_small_dataset_on_the_cpu(small
     monkeypatch.delenv("RANK", raising=False)
     monkeypatch.delenv("WORLD_SIZE", raising=False)
     plain = _start_prefetch(_args(small_data, "--weights", weights_3cls, "--device", "cpu"))
-    assert isinstance(plain, Prefetch) and len(plain) == 21
+    assert isinstance(plain, Prefetch) and len(plain) == 21  # a thread here: this process imported torch
     plain.stop()
     for extra in (["--reference"], ["--validate"], ["--cache", str(tmp_path)], ["--loader", "dali"],
                   ["--device", "cuda"], ["--weights", weights_3cls, weights_3cls]):
@@ -163,7 +163,7 @@ def test_started_before_torch_is_imported(small_data):
         import sys
         from fasteval.cli import _start_prefetch, build_parser
         pixels = _start_prefetch(build_parser().parse_args(["eval", {small_data!r}, "--device", "cpu"]))
-        assert pixels is not None
+        assert type(pixels).__name__ == "ForkedPrefetch"  # a center crop, torch not imported: a child decodes
         assert not [m for m in sys.modules if m == "torch" or m.startswith(("torch.", "torchvision"))]
         pixels.get(len(pixels) - 1)
         print("ok")
@@ -188,3 +188,87 @@ def test_command_on_every_file_kind_equals_the_reference(kinds_data, tmp_path, m
     assert fast["loader"] == "pil-cpu, decoded at start-up" and fast["pil_fallback_files"] == 0
     for key in ("samples", "correct_top1", "correct_top5"):
         assert fast[key] == ref[key]
+
+
+def _fresh_python(code: str, timeout: int = 120) -> subprocess.CompletedProcess:
+    """``code`` in a new interpreter (torch not imported: where the command forks its decoder)."""
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE")}
+    return subprocess.run([sys.executable, "-c", textwrap.dedent(code)], capture_output=True, text=True,
+                          timeout=timeout, env=env)
+
+
+def test_forked_decoder_gives_the_same_pixels_and_leaves_no_process(kinds_data, tmp_path):
+    """The command's start-up decoder is a child forked before torch: the reference's pixels for every
+    file kind; a file it cannot decode fails where it is read, naming it; the child is reaped."""
+    import shutil
+
+    shutil.copytree(kinds_data, tmp_path / "data")
+    bad = tmp_path / "data" / "a" / "rgb.jpg"
+    bad.write_bytes(bad.read_bytes()[:60])
+    out = _fresh_python(f"""
+        import os, sys
+        from fasteval.data import prefetch
+        from fasteval.data.pixels import reference_pixels
+        from fasteval.data.preprocess import get_spec
+        from fasteval.data.samples import discover
+        from fasteval.errors import FastevalError
+        samples, spec = discover({str(tmp_path / "data")!r}, quiet=True), get_spec("imagenet", 97, 61)
+        pixels = prefetch.start(samples, spec)
+        assert type(pixels).__name__ == "ForkedPrefetch", type(pixels)
+        failed = []
+        for i, path in enumerate(samples.paths):
+            try:
+                got = pixels.get(i)
+            except FastevalError as exc:
+                failed.append(str(exc))
+                continue
+            assert (got == reference_pixels(path, spec)).all(), path
+        assert len(failed) == 1 and "cannot decode image" in failed[0] and "rgb.jpg" in failed[0], failed
+        assert not pixels.running and pixels.decoded == len(samples) - 1
+        with open(f"/proc/{{os.getpid()}}/task/{{os.getpid()}}/children") as f:
+            assert not f.read().split(), "a child is left"
+        assert "torch" not in sys.modules
+        print("ok")
+    """)
+    assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr
+
+
+def test_stopping_the_forked_decoder_ends_it_and_the_rest_is_decoded_where_asked(varied_data):
+    out = _fresh_python(f"""
+        import os
+        from fasteval.data import prefetch
+        from fasteval.data.pixels import reference_pixels
+        from fasteval.data.preprocess import get_spec
+        from fasteval.data.samples import discover
+        samples, spec = discover({varied_data!r}, quiet=True), get_spec("imagenet")
+        pixels = prefetch.start(samples, spec)
+        pixels.stop()
+        assert not pixels.running
+        with open(f"/proc/{{os.getpid()}}/task/{{os.getpid()}}/children") as f:
+            assert not f.read().split(), "a child is left"
+        last = len(samples) - 1
+        assert (pixels.get(last) == reference_pixels(samples.paths[last], spec)).all()
+        print("ok")
+    """)
+    assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr
+
+
+def test_ctrl_c_while_decoding_at_start_up_ends_every_process(varied_data, weights_3cls):
+    """SIGINT to the command's process group while torch imports and the child decodes: one line,
+    exit 130, and nothing of the group left."""
+    import signal
+    import time
+
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE")}
+    proc = subprocess.Popen([sys.executable, "-m", "fasteval", "eval", varied_data, "--device", "cpu",
+                             "--no-progress"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env,
+                            start_new_session=True,  # SIGINT as a terminal leaves it (a CI shell may ignore it)
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    time.sleep(0.8)
+    os.killpg(proc.pid, signal.SIGINT)  # what a terminal's Ctrl-C does: the whole foreground group
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err
+    assert "Traceback" not in err.decode() and "fasteval: interrupted" in err.decode()
+    time.sleep(0.2)
+    with pytest.raises(ProcessLookupError):
+        os.killpg(proc.pid, 0)

@@ -100,3 +100,135 @@ def fits(num_samples: int, output_hw: tuple[int, int]) -> bool:
     """Whether a run is small enough for the reference's pixels (``MAX_SAMPLES``, ``MAX_BYTES``): decoded at
     start-up by the command, and in any case read by the fast path on the CPU in place of DALI's."""
     return 0 < num_samples <= MAX_SAMPLES and num_samples * 3 * output_hw[0] * output_hw[1] <= MAX_BYTES
+
+
+class ForkedPrefetch:
+    """``Prefetch``'s interface, decoding in a child process forked before torch is imported.
+
+    A thread shares the GIL with the imports it overlaps: PIL's Python-level work (header parsing,
+    the calls around each C step) slowed ``import torch, torchvision`` from 2.3 to 2.6 s here, while a
+    forked child left them as fast as alone (2026-11-29). The child writes each sample's pixels into
+    an anonymous shared mapping (fixed size: a center crop) and then its index into a pipe; the
+    parent reads the pipe when it needs a sample it has not seen yet (the pipe orders the writes
+    before the reads on every architecture). The child ignores Ctrl-C (the parent reports it), dies
+    with the parent, and is reaped as soon as its pipe ends; ``stop`` ends it."""
+
+    def __init__(self, samples: SampleList, spec: PreprocessSpec) -> None:
+        import mmap
+        import os
+
+        if spec.crop is None:
+            raise ValueError("ForkedPrefetch needs a center crop (one image size)")
+        self.samples, self.spec = samples, spec
+        shape = (len(samples), spec.crop, spec.crop, 3)
+        self._buffer = mmap.mmap(-1, int(np.prod(shape)))  # MAP_SHARED | MAP_ANONYMOUS: seen by both
+        self._images = np.frombuffer(self._buffer, dtype=np.uint8).reshape(shape)
+        self._state = [0] * len(samples)  # 0 not yet, 1 decoded, -1 failed in the child
+        self.started = time.perf_counter()
+        self.decoded = 0
+        self.seconds: float | None = None
+        self._pending = b""
+        read, write = os.pipe()
+        parent = os.getpid()
+        self._pid = os.fork()
+        if self._pid == 0:  # the child: decode, report, and never return into the parent's code
+            try:
+                os.close(read)
+                self._child(parent, write)
+            finally:
+                os._exit(0)
+        os.close(write)
+        self._read = read
+        import atexit
+
+        atexit.register(self.stop)
+
+    def _child(self, parent: int, write: int) -> None:
+        import os
+        import signal
+
+        from fasteval.procs import die_with_parent
+
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        die_with_parent(parent)
+        for index, path in enumerate(self.samples.paths):
+            try:
+                self._images[index] = reference_pixels(path, self.spec)
+                record = index
+            except Exception:  # decoded again by get(), which raises the error where it is used
+                record = -index - 1
+            os.write(write, record.to_bytes(4, "little", signed=True))
+
+    def __len__(self) -> int:
+        return len(self._state)
+
+    @property
+    def running(self) -> bool:
+        return self._pid is not None
+
+    def _pump(self) -> None:
+        """Read the next records from the child (blocking until one comes or the child ends)."""
+        import os
+
+        chunk = os.read(self._read, 4096)
+        if not chunk:
+            self._reap()
+            return
+        data = self._pending + chunk
+        whole = len(data) - len(data) % 4
+        for offset in range(0, whole, 4):
+            record = int.from_bytes(data[offset:offset + 4], "little", signed=True)
+            if record >= 0:
+                self._state[record] = 1
+                self.decoded += 1
+            else:
+                self._state[-record - 1] = -1
+        self._pending = data[whole:]
+        if all(self._state):  # the last record: the child is exiting
+            self._reap()
+
+    def _reap(self) -> None:
+        import os
+
+        if self._pid is not None:
+            os.waitpid(self._pid, 0)
+            self._pid = None
+            self.seconds = time.perf_counter() - self.started
+        if self._read is not None:
+            os.close(self._read)
+            self._read = None
+
+    def get(self, index: int) -> np.ndarray:
+        """Sample ``index``'s pixels (a view of the shared mapping), or decoded here where the child failed."""
+        while self._state[index] == 0 and self._pid is not None:
+            self._pump()
+        if self._state[index] == 1:
+            return self._images[index]
+        pixels = reference_pixels(self.samples.paths[index], self.spec)
+        self._images[index] = pixels
+        self._state[index] = 1
+        return self._images[index]
+
+    def stop(self) -> None:
+        """End the child (if it still runs) and reap it; what it decoded stays readable."""
+        import os
+        import signal
+
+        if self._pid is not None:
+            try:
+                os.kill(self._pid, signal.SIGTERM)
+            except ProcessLookupError:
+                pass
+            self._reap()
+
+
+def start(samples: SampleList, spec: PreprocessSpec):
+    """The command's start-up decoding: in a forked child where that is safe (Linux, before torch is
+    imported, a center crop giving one image size), else in a thread."""
+    import os
+    import sys
+
+    if sys.platform.startswith("linux") and spec.crop is not None and "torch" not in sys.modules and hasattr(os, "fork"):
+        return ForkedPrefetch(samples, spec)
+    return Prefetch(samples, spec)
