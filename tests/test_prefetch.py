@@ -119,18 +119,19 @@ def test_pixels_the_run_will_not_read_are_dropped_and_the_thread_stopped(small_d
 
 
 def test_a_small_cpu_run_without_start_up_pixels_decodes_them_each_pass(small_data, small_spec, model_3cls):
-    """evaluate_fast on a small CPU set (as a torchrun rank runs it: no start-up decoding): the same
-    reference pixels, decoded by a thread per pass (a bench's repeated passes each decode)."""
+    """evaluate_fast on a small CPU set (as a torchrun rank or a bench runs it: no start-up decoding): the
+    reference's pixels again, decoded per pass by DataLoader workers and kept for the recheck."""
     samples = discover(small_data, quiet=True)
-    options = FastOptions(batch_size=4, workers=0, compile=False)
+    options = FastOptions(batch_size=4, workers=1, compile=False)
     evaluator = FastEvaluator(samples, model_3cls, small_spec, CPU, options)
     assert evaluator.pil_pixels and evaluator.pixels is None and evaluator.reference_only == []
     first = evaluator.run(progress=False)
-    pixels_of_first = evaluator.loader.pixels
+    kept = evaluator.loader.pixels
+    assert first.extra["loader"] == "pil-cpu, 1 worker(s)" and sorted(kept.images) == list(range(len(samples)))
+    for i in (0, 7, len(samples) - 1):
+        assert np.array_equal(kept.get(i), reference_pixels(samples.paths[i], small_spec))
     second = evaluator.run(progress=False)
-    assert evaluator.loader.pixels is not pixels_of_first and not pixels_of_first.running
-    assert first.extra["loader"] == "pil-cpu, in-process"
-    assert torch.equal(first.losses, second.losses)
+    assert evaluator.loader.pixels is not kept and torch.equal(first.losses, second.losses)
     started = FastEvaluator(samples, model_3cls, small_spec, CPU, options, pixels=Prefetch(samples, small_spec))
     assert torch.equal(started.run(progress=False).losses, first.losses)  # the same pixels either way
 

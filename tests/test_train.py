@@ -110,7 +110,7 @@ def test_run_folder_holds_the_history_and_the_true_best(run_dir, folders):
     with open(folders[2] / "run.json") as f:
         summary = json.load(f)
     assert summary["best"]["epoch"] == expected and len(summary["history"]) == 3
-    assert summary["config"]["validation"]["loader"] == "pil-cpu, in-process"  # a small validation set
+    assert summary["config"]["validation"]["loader"].startswith("pil-cpu")  # a small validation set
 
 
 def test_best_epoch_ties_go_to_the_earlier():

@@ -20,7 +20,7 @@ from fasteval.errors import FastevalError
 from fasteval.data.loaders import Batch
 from fasteval.data.preprocess import PreprocessSpec
 from fasteval.data.probe import probe
-from fasteval.data.pixels import load_rgb
+from fasteval.data.pixels import load_rgb, reference_pixels
 from fasteval.evaluation.reference import ImageDataset
 from fasteval.data.samples import SampleList
 
@@ -89,41 +89,70 @@ class TorchvisionLoader:
             yield self.to_batch(images, labels)
 
 
+class KeptPixels:
+    """A pass's uint8 CHW images by sample index, read back as the HWC arrays ``ToTensor`` takes
+    (``Prefetch``'s ``get``): the recheck reads the pixels the pass decoded instead of decoding again."""
+
+    def __init__(self, samples: SampleList, spec: PreprocessSpec) -> None:
+        self.samples, self.spec = samples, spec
+        self.images: dict[int, torch.Tensor] = {}
+
+    def get(self, index: int):
+        image = self.images.get(index)
+        if image is None:  # not in the pass (it stopped early): decoded as the reference does
+            return reference_pixels(self.samples.paths[index], self.spec)
+        return image.permute(1, 2, 0).numpy()
+
+
 class PixelLoader:
-    """Batches of the reference's own pixels (PIL, fasteval/data/pixels.py) for the samples at
-    ``indices``, made in this process: normalised and padded as the other loaders' batches are (NHWC
-    memory, so a channels-last view). ``pixels``: the samples decoded since the command started
-    (fasteval/data/prefetch.py), read by every pass; without them each pass starts a thread that
-    decodes ahead of the model. ``self.pixels``: the last pass's, for the recheck to read again."""
+    """Batches of the reference's own pixels (PIL: ``convert("RGB")``, torchvision's resize and crop) for
+    the samples at ``indices``, normalised and padded as the other loaders' batches are. ``pixels``: the
+    samples decoded since the command started (fasteval/data/prefetch.py), batched in this process on
+    every pass; without them each pass decodes in DataLoader workers (processes: a decoding thread
+    here shared the GIL with the model's dispatch, 68 against 73 images/s on the demo) and keeps what
+    it decoded. ``self.pixels``: the last pass's, for the recheck to read again."""
 
     name = "pil-cpu, in-process"
 
     def __init__(self, samples: SampleList, indices: list[int], batch_size: int, spec: PreprocessSpec,
-                 device: torch.device, half: bool = False, pixels=None) -> None:
+                 device: torch.device, half: bool = False, pixels=None, workers: int = 0) -> None:
         self.samples, self.indices, self.batch_size, self.spec, self.device = samples, indices, batch_size, spec, device
         self.given = self.pixels = pixels
-        if pixels is not None:
-            self.name = "pil-cpu, decoded at start-up"
         self.labels = torch.tensor([samples.labels[i] for i in indices], dtype=torch.int64)
         self.normalize = Normalizer(spec, device, half)
+        if pixels is not None:
+            self.name = "pil-cpu, decoded at start-up"
+        else:
+            self.name = f"pil-cpu, {workers} worker(s)" if workers else "pil-cpu, in-process"
+            self.loader = DataLoader(_pil_uint8(samples.subset(indices), spec), batch_size=batch_size,
+                                     num_workers=workers, persistent_workers=workers > 0,
+                                     prefetch_factor=4 if workers > 0 else None)
 
     def __iter__(self) -> Iterator[Batch]:
+        if self.given is not None:
+            yield from self._from_pixels(self.given)
+            return
+        kept = KeptPixels(self.samples, self.spec)
+        self.pixels = kept
+        start = 0
+        for images, _ in self.loader:
+            real = images.shape[0]
+            for offset, index in enumerate(self.indices[start:start + real]):
+                kept.images[index] = images[offset]
+            labels = self.labels[start:start + real]
+            start += real
+            images, labels = _pad(to_device(images, self.device), to_device(labels, self.device), self.batch_size)
+            yield Batch(self.normalize(images), labels, real)
+
+    def _from_pixels(self, pixels) -> Iterator[Batch]:
         import numpy as np
 
-        from fasteval.data.prefetch import Prefetch
-
-        pixels = self.given if self.given is not None else Prefetch(self.samples, self.spec, self.indices)
-        self.pixels = pixels
         b = self.batch_size
-        try:
-            for start in range(0, len(self.indices), b):
-                chunk = self.indices[start:start + b]
-                images = torch.from_numpy(np.stack([pixels.get(i) for i in chunk])).permute(0, 3, 1, 2)
-                images, labels = _pad(to_device(images, self.device), to_device(self.labels[start:start + b], self.device), b)
-                yield Batch(self.normalize(images), labels, len(chunk))
-        finally:
-            if pixels is not self.given:  # a pass that stops early leaves no thread decoding
-                pixels.stop()
+        for start in range(0, len(self.indices), b):
+            chunk = self.indices[start:start + b]
+            images = torch.from_numpy(np.stack([pixels.get(i) for i in chunk])).permute(0, 3, 1, 2)
+            images, labels = _pad(to_device(images, self.device), to_device(self.labels[start:start + b], self.device), b)
+            yield Batch(self.normalize(images), labels, len(chunk))
 
 
 def _pil_rgb(path: str):

@@ -37,34 +37,30 @@ class Prefetch:
     for sample ``i``, or decodes it itself once the thread has stopped without it (a file the thread
     could not decode raises its error there, in the caller, as the reference's loader would)."""
 
-    def __init__(self, samples: SampleList, spec: PreprocessSpec, order: list[int] | None = None) -> None:
-        """``order``: the samples the thread decodes, in that order (default: all); others are
-        decoded by ``get`` when asked for."""
+    def __init__(self, samples: SampleList, spec: PreprocessSpec) -> None:
         self.samples, self.spec = samples, spec
-        self.order = list(range(len(samples))) if order is None else list(order)
         self._pixels: list[np.ndarray | None] = [None] * len(samples)
         self._ready = threading.Condition()
         self._stop = threading.Event()
         self.started = time.perf_counter()
         self.decoded = 0
-        self._position = 0  # the thread has been through ``order`` up to here
-        self._rank = {index: position for position, index in enumerate(self.order)}
+        self._position = 0  # the thread has been through every sample before this one
         self.seconds: float | None = None  # the thread's wall time, once it has finished
         self._thread = threading.Thread(target=self._run, name="fasteval-prefetch", daemon=True)
         self._thread.start()
 
     def _run(self) -> None:
-        for position, index in enumerate(self.order):
+        for index, path in enumerate(self.samples.paths):
             if self._stop.is_set():
                 break
             try:
-                pixels = reference_pixels(self.samples.paths[index], self.spec)
+                pixels = reference_pixels(path, self.spec)
             except Exception:  # decoded again by get(), which raises the error where it is used
                 pixels = None
             with self._ready:
                 self._pixels[index] = pixels
                 self.decoded += pixels is not None
-                self._position = position + 1
+                self._position = index + 1
                 self._ready.notify_all()
         with self._ready:
             self.seconds = time.perf_counter() - self.started
@@ -80,8 +76,7 @@ class Prefetch:
     def get(self, index: int) -> np.ndarray:
         """Sample ``index``'s pixels (the reference's uint8 HWC array)."""
         with self._ready:
-            position = self._rank.get(index, -1)
-            while self._pixels[index] is None and self._position <= position and self._thread.is_alive():
+            while self._pixels[index] is None and self._position <= index and self._thread.is_alive():
                 self._ready.wait(0.1)
             pixels = self._pixels[index]
         if pixels is None:
