@@ -1,14 +1,15 @@
 """Decoding while the command starts: the reference's pixels of a small dataset, made during the imports.
 
-Importing torch and torchvision keeps one core busy for about 2.5 s (2-core machine, 2026-11-29) while
+Importing torch and torchvision keeps one core busy for about 2.3 s (2-core machine, 2026-11-29) while
 the other has nothing to do. For a small dataset on the CPU, the command lists DATA before those
-imports and starts this thread, which decodes every sample as the reference does
-(``reference_pixels``: PIL, RGB, torchvision's resize and crop) into uint8 arrays. PIL releases the
-GIL while it decodes and resamples, so the imports go on at their own pace; on 156 photographs the
-thread had finished before torch had loaded. The fast path then reads these pixels (no decoder to
-import, no worker to start, no file that only PIL decodes as the reference does), and the exact
-recheck reads them again instead of decoding again. The pixels are the reference's own, so the
-fast path's logit error is its precision's alone.
+imports and starts decoding every sample as the reference does (``reference_pixels``: PIL, RGB,
+torchvision's resize and crop) into uint8 arrays: in a child process forked before torch is imported
+(``ForkedPrefetch``), or, where forking is not safe, in a thread (``Prefetch``; PIL releases the GIL
+while it decodes and resamples, but its Python-level work slowed the imports by about 0.3 s). On 156
+photographs the decoding had finished well before torch had loaded. The fast path then reads these
+pixels (no decoder to import, no worker to start, no file that only PIL decodes as the reference
+does), and the exact recheck reads them again instead of decoding again. The pixels are the
+reference's own, so the fast path's logit error is its precision's alone. ``start`` picks the kind.
 
 Torch-free: this module is imported before torch is.
 """
