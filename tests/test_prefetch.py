@@ -134,6 +134,11 @@ def test_a_small_cpu_run_without_start_up_pixels_decodes_them_each_pass(small_da
     assert evaluator.loader.pixels is not kept and torch.equal(first.losses, second.losses)
     started = FastEvaluator(samples, model_3cls, small_spec, CPU, options, pixels=Prefetch(samples, small_spec))
     assert torch.equal(started.run(progress=False).losses, first.losses)  # the same pixels either way
+    # A run of several passes (training's validation) decodes once: the later passes read the first's.
+    several = FastEvaluator(samples, model_3cls, small_spec, CPU, options, passes=3)
+    once = several.run(progress=False)
+    kept = several.loader.pixels
+    assert torch.equal(several.run(progress=False).losses, once.losses) and several.loader.pixels is kept
 
 
 def _args(*argv):

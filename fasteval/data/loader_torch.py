@@ -115,9 +115,12 @@ class PixelLoader:
     name = "pil-cpu, in-process"
 
     def __init__(self, samples: SampleList, indices: list[int], batch_size: int, spec: PreprocessSpec,
-                 device: torch.device, half: bool = False, pixels=None, workers: int = 0) -> None:
+                 device: torch.device, half: bool = False, pixels=None, workers: int = 0, keep: bool = False) -> None:
+        """``keep``: the pixels the first pass decodes serve the later passes too (a run of several
+        passes over the same images, training's validation: decoded once, as a sweep's store is)."""
         self.samples, self.indices, self.batch_size, self.spec, self.device = samples, indices, batch_size, spec, device
         self.given = self.pixels = pixels
+        self.keep = keep
         self.labels = torch.tensor([samples.labels[i] for i in indices], dtype=torch.int64)
         self.normalize = Normalizer(spec, device, half)
         if pixels is not None:
@@ -131,6 +134,9 @@ class PixelLoader:
     def __iter__(self) -> Iterator[Batch]:
         if self.given is not None:
             yield from self._from_pixels(self.given)
+            return
+        if self.keep and isinstance(self.pixels, KeptPixels) and len(self.pixels.images) == len(self.indices):
+            yield from self._from_pixels(self.pixels)
             return
         kept = KeptPixels(self.samples, self.spec)
         self.pixels = kept

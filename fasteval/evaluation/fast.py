@@ -135,7 +135,7 @@ class FastEvaluator:
             with torch.inference_mode():
                 if in_process:
                     self.loader = PixelLoader(samples, self.main, options.batch_size, spec, device, half,
-                                              pixels=self.pixels, workers=options.workers)
+                                              pixels=self.pixels, workers=options.workers, keep=passes > 1)
                 else:
                     self.loader = batch_source(kind, part, spec, batch_size=options.batch_size,
                                               workers=options.workers, device=device, half=half)
