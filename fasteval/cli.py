@@ -256,33 +256,35 @@ GPU_NODES = ("/dev/nvidiactl", "/dev/kfd")
 
 
 def _start_prefetch(args):
-    """Before torch is imported: for a single fast eval of a small dataset on the CPU, list DATA and
-    start decoding it as the reference does (fasteval/data/prefetch.py); else None. Any problem with
-    DATA or the options is left to the checks that report it (None here)."""
+    """Before torch is imported, for a single fast eval on the CPU: list DATA and, for a small dataset,
+    start decoding it as the reference does (fasteval/data/prefetch.py). Returns (the sample list or
+    None, the decoder or None); any problem with DATA or the options is left to the checks that report
+    it (None, None here)."""
     if (args.reference or args.validate or args.cache or args.data is None or args.loader not in ("auto", "torchvision")
             or len(args.weights or []) > 1 or "RANK" in os.environ or "WORLD_SIZE" in os.environ):
-        return None
+        return None, None
     if args.device != "cpu" and not (args.device == "auto" and not any(map(os.path.exists, GPU_NODES))):
-        return None
+        return None, None
     if args.weights and args.weights[0] != "DEFAULT" and not os.path.isfile(args.weights[0]):  # a folder or a glob
-        return None
+        return None, None
     from fasteval.data import prefetch
-    from fasteval.data.preprocess import get_spec, image_size
+    from fasteval.data.preprocess import get_spec, input_hw
     from fasteval.data.samples import discover
 
     try:
         spec = get_spec(args.preset, args.resize, args.crop)
         samples = discover(args.data)
-        if not samples.paths or not prefetch.fits(len(samples), spec.output_hw(*image_size(samples.paths[0]))):
-            return None
     except FastevalError:
-        return None
-    return prefetch.start(samples, spec)
+        return None, None
+    hw = input_hw(spec, samples.paths[0]) if samples.paths else None
+    if hw is None or not prefetch.fits(len(samples), hw):
+        return samples, None
+    return samples, prefetch.start(samples, spec)
 
 
 def cmd_eval(args) -> int:
     _check_names(args)
-    pixels = _start_prefetch(args)
+    listed, pixels = _start_prefetch(args)
     from fasteval.evaluation.sweep import cmd_sweep, split_sweep
 
     if split_sweep(args):
@@ -298,8 +300,7 @@ def cmd_eval(args) -> int:
     from fasteval.distributed import start_ranks
 
     with start_ranks(args.device, debug=args.debug) as ranks:  # one process, or one rank under torchrun
-        samples, spec, device, model, config = ranks.step(_prepare, args, ranks,
-                                                          pixels.samples if pixels is not None else None)
+        samples, spec, device, model, config = ranks.step(_prepare, args, ranks, listed)
         shard, batch, progress = ranks.shard(samples), config["batch_size"], not args.no_progress and ranks.is_main
         reference = fast = None
         if args.reference or args.validate:
@@ -313,13 +314,13 @@ def cmd_eval(args) -> int:
         return 0  # rank 0 reports and writes
     main_result = fast if fast is not None else reference
     report = build_report(main_result, {**config, **(REFERENCE_SETTINGS if fast is None else {})}, device, samples)
-    print(format_table(report, "fasteval eval" + (" --reference" if fast is None else "")))
+    text = format_table(report, "fasteval eval" + (" --reference" if fast is None else ""))
     if args.validate:
         cmp = compare(samples, reference, fast)
         report = {**report, "reference": build_report(reference, {**config, **REFERENCE_SETTINGS}, device, samples),
                   "validation": cmp}
-        print()
-        print(format_comparison(cmp))
+        text += "\n\n" + format_comparison(cmp)
+    printed = _print_report(text)
     if args.json:
         write_json(report, args.json)
     if args.predictions:
@@ -328,7 +329,28 @@ def cmd_eval(args) -> int:
         from fasteval.output.plots import write_plots
 
         write_plots(report, args.plot)
-    return 0
+    return 0 if printed else _stdout_closed(bool(args.json or args.predictions or args.plot))
+
+
+def _print_report(text: str) -> bool:
+    """Print the report (flushed); False where stdout was closed early (``| head``), which then points
+    at /dev/null, so that the run's files are still written and Python's final flush stays quiet."""
+    try:
+        print(text, flush=True)
+        return True
+    except BrokenPipeError:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return False
+
+
+def _stdout_closed(wrote: bool) -> int:
+    """The one line for a report that could not be printed (exit 2); stderr may be that pipe too."""
+    try:
+        print("fasteval: error: stdout was closed before the report was printed (broken pipe)"
+              + ("; the output files were written" if wrote else ""), file=sys.stderr)
+    except OSError:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stderr.fileno())
+    return 2
 
 
 def _decoded_source(args) -> dict:
@@ -366,12 +388,12 @@ def cmd_bench(args) -> int:
         return 0
     result["config"].update(arch=config["arch"], weights=config["weights"], preset=spec.name,
                             batch_size=config["batch_size"], batch_size_requested=config["batch_size_requested"])
-    print(format_bench(result) + format_ranks_bench(result))
+    printed = _print_report(format_bench(result) + format_ranks_bench(result))
     if args.json:
         write_json(result, args.json)
     if args.plot:
         plot_bench(result, args.plot)
-    return 0
+    return 0 if printed else _stdout_closed(bool(args.json or args.plot))
 
 
 def cmd_train(args) -> int:
@@ -400,7 +422,11 @@ def console_main() -> None:
     traceback. The exit skips the interpreter's teardown (``procs.exit_promptly``)."""
     import signal
 
-    code = main()
+    try:
+        code = main()
+    except KeyboardInterrupt:  # before main's own handler is in place (the argument parser, its imports)
+        print("fasteval: interrupted", file=sys.stderr)
+        code = 130
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     exit_promptly(code)
 
@@ -424,8 +450,12 @@ def main(argv: list[str] | None = None) -> int:
             print("fasteval: terminated (SIGTERM)", file=sys.stderr)
         return 143
     except BrokenPipeError:  # stdout closed early (``| head``): no second error when Python flushes it at exit
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-        print("fasteval: error: stdout was closed before the report was written (broken pipe)", file=sys.stderr)
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        try:
+            print("fasteval: error: stdout was closed before the report was printed (broken pipe)", file=sys.stderr)
+        except OSError:  # stderr was the same pipe (``2>&1 | head``): nowhere left to say it
+            os.dup2(devnull, sys.stderr.fileno())
         return 2
     except Exception as exc:
         if args.debug:

@@ -186,6 +186,16 @@ def test_ctrl_c_during_teardown_prints_no_traceback():
     assert proc.returncode == 0 and "KeyboardInterrupt" not in proc.stderr and "Traceback" not in proc.stderr
 
 
+def test_ctrl_c_before_main_handles_it_is_one_line():
+    """An interrupt while the argument parser and its imports run (before main's handler): exit 130, one line."""
+    code = ("import fasteval.cli as cli\n"
+            "def main():\n    raise KeyboardInterrupt\n"
+            "cli.main = main\n"
+            "cli.console_main()\n")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 130 and proc.stderr.strip() == "fasteval: interrupted"
+
+
 def test_random_init_is_the_same_model_in_every_run(small_data, tmp_path, capsys):
     """Without --weights, `eval` and `eval --reference` evaluate one model (seed 0), so their counts agree
     (before, each run drew its own random model)."""

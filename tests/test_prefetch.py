@@ -149,26 +149,28 @@ def test_started_only_for_a_single_fast_eval_of_a_small_dataset_on_the_cpu(small
                                                                            monkeypatch):
     monkeypatch.delenv("RANK", raising=False)
     monkeypatch.delenv("WORLD_SIZE", raising=False)
-    plain = _start_prefetch(_args(small_data, "--weights", weights_3cls, "--device", "cpu"))
+    listed, plain = _start_prefetch(_args(small_data, "--weights", weights_3cls, "--device", "cpu"))
     assert isinstance(plain, Prefetch) and len(plain) == 21  # a thread here: this process imported torch
+    assert plain.samples is listed
     plain.stop()
     for extra in (["--reference"], ["--validate"], ["--cache", str(tmp_path)], ["--loader", "dali"],
                   ["--device", "cuda"], ["--weights", weights_3cls, weights_3cls]):
-        assert _start_prefetch(_args(small_data, "--device", "cpu", *extra)) is None, extra
-    assert _start_prefetch(_args("--device", "cpu")) is None  # the demo
-    assert _start_prefetch(_args(str(tmp_path / "missing"), "--device", "cpu")) is None  # reported later
+        assert _start_prefetch(_args(small_data, "--device", "cpu", *extra)) == (None, None), extra
+    assert _start_prefetch(_args("--device", "cpu")) == (None, None)  # the demo
+    assert _start_prefetch(_args(str(tmp_path / "missing"), "--device", "cpu")) == (None, None)  # reported later
     monkeypatch.setattr(prefetch_module, "MAX_SAMPLES", 20)
-    assert _start_prefetch(_args(small_data, "--device", "cpu")) is None
+    listed, none = _start_prefetch(_args(small_data, "--device", "cpu"))
+    assert none is None and len(listed) == 21  # listed once, handed on
     monkeypatch.setattr(prefetch_module, "MAX_SAMPLES", 512)
     monkeypatch.setenv("WORLD_SIZE", "2")
-    assert _start_prefetch(_args(small_data, "--device", "cpu")) is None
+    assert _start_prefetch(_args(small_data, "--device", "cpu")) == (None, None)
 
 
 def test_started_before_torch_is_imported(small_data):
     code = textwrap.dedent(f"""
         import sys
         from fasteval.cli import _start_prefetch, build_parser
-        pixels = _start_prefetch(build_parser().parse_args(["eval", {small_data!r}, "--device", "cpu"]))
+        _, pixels = _start_prefetch(build_parser().parse_args(["eval", {small_data!r}, "--device", "cpu"]))
         assert type(pixels).__name__ == "ForkedPrefetch"  # a center crop, torch not imported: a child decodes
         assert not [m for m in sys.modules if m == "torch" or m.startswith(("torch.", "torchvision"))]
         pixels.get(len(pixels) - 1)
@@ -278,3 +280,63 @@ def test_ctrl_c_while_decoding_at_start_up_ends_every_process(varied_data, weigh
     time.sleep(0.2)
     with pytest.raises(ProcessLookupError):
         os.killpg(proc.pid, 0)
+
+
+def test_a_fifo_first_in_data_is_reported_not_waited_on(small_data, tmp_path):
+    """Listing DATA early must not open a FIFO (the open would block for ever): the header check reports it."""
+    import shutil
+
+    shutil.copytree(small_data, tmp_path / "data")
+    os.mkfifo(tmp_path / "data" / "class_000" / "a_first.jpg")
+    for extra in ([], ["--preset", "seed"]):
+        out = subprocess.run([sys.executable, "-m", "fasteval", "eval", str(tmp_path / "data"), "--device", "cpu",
+                              "--no-progress", *extra], capture_output=True, text=True, timeout=120)
+        assert out.returncode == 2 and "not a regular file" in out.stderr and "Traceback" not in out.stderr, out.stderr
+
+
+def test_a_large_dataset_is_listed_once(tmp_path, monkeypatch, capsys):
+    """Over the start-up limit the command lists DATA early anyway and hands that list on (a listing
+    warning printed once, not twice)."""
+    from fasteval.data.synth import synth_dataset
+
+    root = synth_dataset(tmp_path / "data", classes=1, per_class=6, size="40x40", seed=2)
+    os.symlink("img_00000.jpg", os.path.join(root, "class_000", "img_zlink.jpg"))
+    monkeypatch.setattr(prefetch_module, "MAX_SAMPLES", 3)
+    monkeypatch.delenv("RANK", raising=False)
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    listed, pixels = _start_prefetch(_args(root, "--device", "cpu"))
+    assert pixels is None and len(listed) == 7
+    capsys.readouterr()
+    assert main(["eval", root, "--device", "cpu", "--no-progress", "--compile", "off", "--resize", "40",
+                 "--crop", "32"]) == 0
+    assert capsys.readouterr().err.count("already listed") == 1
+
+
+def test_outputs_are_written_before_the_table_is_printed(small_data, weights_3cls, tmp_path):
+    """stdout closed early (``| head``): one line, exit 2, and the JSON and CSV written all the same."""
+    proc = subprocess.Popen([sys.executable, "-m", "fasteval", "eval", small_data, "--weights", weights_3cls,
+                             "--device", "cpu", "--no-progress", "--resize", "40", "--crop", "32",
+                             "--json", str(tmp_path / "r.json"), "--predictions", str(tmp_path / "p.csv")],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    proc.stdout.close()
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 2 and b"broken pipe" in err and b"Traceback" not in err
+    assert json.loads((tmp_path / "r.json").read_text())["samples"] == 21
+    assert len((tmp_path / "p.csv").read_text().splitlines()) == 22
+
+
+def test_stopping_a_stopped_decoder_does_not_wait_for_it(varied_data):
+    """A child that cannot run (stopped, here) is killed, not waited on: Ctrl-C still ends the command."""
+    out = _fresh_python(f"""
+        import os, signal, time
+        from fasteval.data import prefetch
+        from fasteval.data.preprocess import get_spec
+        from fasteval.data.samples import discover
+        pixels = prefetch.start(discover({varied_data!r}, quiet=True), get_spec("imagenet"))
+        os.kill(pixels._pid, signal.SIGSTOP)
+        start = time.monotonic()
+        pixels.stop()
+        assert time.monotonic() - start < 3 and not pixels.running
+        print("ok")
+    """, timeout=60)
+    assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr

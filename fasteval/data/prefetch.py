@@ -184,16 +184,24 @@ class ForkedPrefetch:
         if all(self._state):  # the last record: the child is exiting
             self._reap()
 
-    def _reap(self) -> None:
+    def _reap(self, patience: float | None = None) -> None:
+        """Wait for the child (at most ``patience`` seconds: one stuck in the kernel, on a stalled network
+        file, is left to die with this process), close the pipe and drop the exit hook."""
+        import atexit
         import os
 
         if self._pid is not None:
-            os.waitpid(self._pid, 0)
+            deadline = None if patience is None else time.monotonic() + patience
+            while os.waitpid(self._pid, 0 if deadline is None else os.WNOHANG)[0] == 0:
+                if time.monotonic() > deadline:
+                    break
+                time.sleep(0.01)
             self._pid = None
             self.seconds = time.perf_counter() - self.started
         if self._read is not None:
             os.close(self._read)
             self._read = None
+        atexit.unregister(self.stop)
 
     def get(self, index: int) -> np.ndarray:
         """Sample ``index``'s pixels (a view of the shared mapping), or decoded here where the child failed."""
@@ -212,11 +220,11 @@ class ForkedPrefetch:
         import signal
 
         if self._pid is not None:
-            try:
-                os.kill(self._pid, signal.SIGTERM)
+            try:  # SIGKILL: it has nothing to clean up, and it ends a stopped process too
+                os.kill(self._pid, signal.SIGKILL)
             except ProcessLookupError:
                 pass
-            self._reap()
+            self._reap(patience=2.0)
 
 
 def start(samples: SampleList, spec: PreprocessSpec):

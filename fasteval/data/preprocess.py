@@ -7,6 +7,8 @@ longer side floored) and ``CenterCrop`` (offset rounded half to even, as Python'
 
 from __future__ import annotations
 
+import os
+import stat
 from dataclasses import dataclass, replace
 
 from PIL import Image
@@ -107,6 +109,20 @@ def image_size(path: str) -> tuple[int, int]:
     except Exception as exc:
         raise FastevalError(f"cannot read image {path}: {exc}") from None
     return height, width
+
+
+def input_hw(spec: PreprocessSpec, first_path: str) -> tuple[int, int] | None:
+    """The model input size of a run: the crop's, else the first image's output size from its header;
+    None where that file is not a regular file (a FIFO would block the open) or cannot be read: left to
+    the checks that report it."""
+    if spec.crop is not None:
+        return spec.crop, spec.crop
+    try:
+        if not stat.S_ISREG(os.stat(first_path).st_mode):
+            return None
+        return spec.output_hw(*image_size(first_path))
+    except (OSError, FastevalError):
+        return None
 
 
 def check_batchable(spec: PreprocessSpec, paths: list[str]) -> None:

@@ -17,7 +17,7 @@ from torch import nn
 from tqdm import tqdm
 
 from fasteval.devices import synchronize, use_device
-from fasteval.errors import FastevalError, first_line
+from fasteval.errors import first_line
 from fasteval.evaluation.exact import CALIBRATION_SAMPLES, WholeRun, apply_reference, recheck, resolve_exact
 from fasteval.model.inference import DTYPES, FastModel, resolve_precision
 from fasteval.kernels.accumulator import MetricsAccumulator
@@ -26,7 +26,7 @@ from fasteval.data.loader_torch import PixelLoader
 from fasteval.data.prefetch import fits
 from fasteval.data.loaders import Batch, make_loader, needs_pil, resolve_loader
 from fasteval.evaluation.metrics import TOPK, EvalResult, totals_from_samples
-from fasteval.data.preprocess import PreprocessSpec, check_batchable, image_size
+from fasteval.data.preprocess import PreprocessSpec, check_batchable, image_size, input_hw
 from fasteval.data.probe import check_headers
 from fasteval.evaluation.reference import reference_logits
 from fasteval.evaluation.route import Rates, Route, choose_route, load_rates, rates_key, record
@@ -277,11 +277,8 @@ def _reads_pil_pixels(samples: SampleList, total: int, spec: PreprocessSpec, dev
     An unreadable first file is left to the checks that report it (False here)."""
     if device.type != "cpu" or loader not in ("auto", "torchvision") or not len(samples):
         return False
-    try:
-        hw = (spec.crop, spec.crop) if spec.crop is not None else spec.output_hw(*image_size(samples.paths[0]))
-    except FastevalError:
-        return False
-    return fits(total, hw)
+    hw = input_hw(spec, samples.paths[0])
+    return hw is not None and fits(total, hw)
 
 
 class Fp32Head(nn.Module):
