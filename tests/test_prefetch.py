@@ -194,6 +194,8 @@ def test_command_on_every_file_kind_equals_the_reference(kinds_data, tmp_path, m
     assert main(["eval", *common, "--reference", "--json", str(tmp_path / "r.json")]) == 0
     fast, ref = (json.loads((tmp_path / name).read_text()) for name in ("f.json", "r.json"))
     assert fast["loader"] == "pil-cpu, decoded at start-up" and fast["pil_fallback_files"] == 0
+    assert fast["loader_reason"].startswith("15 image(s) on the CPU (at most 512): PIL's pixels")
+    assert "decoded while torch imported" in fast["loader_reason"] and ref.get("loader_reason") is None
     for key in ("samples", "correct_top1", "correct_top5"):
         assert fast[key] == ref[key]
 

@@ -23,7 +23,7 @@ from fasteval.model.inference import DTYPES, FastModel, resolve_precision
 from fasteval.kernels.accumulator import MetricsAccumulator
 from fasteval.kernels.fused_metrics import resolve_backend
 from fasteval.data.loader_torch import PixelLoader
-from fasteval.data.prefetch import fits
+from fasteval.data.prefetch import MAX_SAMPLES, fits
 from fasteval.data.loaders import Batch, make_loader, needs_pil, resolve_loader
 from fasteval.evaluation.metrics import TOPK, EvalResult, totals_from_samples
 from fasteval.data.preprocess import PreprocessSpec, check_batchable, image_size, input_hw
@@ -92,6 +92,10 @@ class FastEvaluator:
         self.pixels = pixels if in_process and pixels is not None and pixels.samples is samples else None
         if pixels is not None and self.pixels is None:
             pixels.stop()
+        how = ("decoded while torch imported" if self.pixels is not None else
+               "decoded in the loader's workers" if in_process else "decoded into the store")
+        self.loader_reason = (f"{total} image(s) on the CPU (at most {MAX_SAMPLES}): PIL's pixels, the reference's, "
+                              f"{how}; DALI's import and set-up would not pay") if self.pil_pixels else None
         # A static batch larger than the dataset would be mostly padding: clamp it (to the whole run's
         # size, so that every shard runs the one-process batch shape).
         options = replace(options, batch_size=min(options.batch_size, total))
@@ -256,6 +260,7 @@ class FastEvaluator:
             warmup_seconds=self.warmup_seconds,
             extra={
                 "loader": self.loader.name if self.loader else "none",
+                "loader_reason": self.loader_reason if self.loader else None,
                 "precision": self.precision,
                 "compile": self.model.compiled if self.model else False,
                 "compile_reason": self.model.compile_reason if self.model else "no fast pass",

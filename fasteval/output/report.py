@@ -95,6 +95,8 @@ def format_table(report: dict, title: str = "fasteval") -> str:
                               f"{' '.join(str(n) for n in d['samples_per_rank'])}"))
     if report.get("route") and not report.get("exact", {}).get("all_by_reference"):
         rows.append(("route", report["route"]))  # (a run sent to the reference says why under exact counts)
+    if report.get("loader_reason"):
+        rows.append(("loader reason", report["loader_reason"]))
     if report.get("compile_reason") and report.get("loader") != "none":
         rows.append(("compile reason", report["compile_reason"]))
     if report.get("warmup_seconds"):
