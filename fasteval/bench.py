@@ -40,6 +40,7 @@ from fasteval.data.preprocess import PreprocessSpec
 from fasteval.evaluation.reference import REFERENCE_SETTINGS, evaluate_reference, reference_loader, reference_logits, score_batch
 from fasteval.output.files import atomic_write
 from fasteval.output.report import build_report, environment
+from fasteval.procs import children
 from fasteval.data.samples import SampleList
 from fasteval.evaluation.validate import compare
 
@@ -165,19 +166,9 @@ def _hwm_mb(pid: int) -> float:
 def _descendants(pid: int) -> list[int]:
     found, todo = [], [pid]
     while todo:
-        parent = todo.pop()
-        try:
-            tasks = os.listdir(f"/proc/{parent}/task")
-        except OSError:
-            continue
-        for tid in tasks:
-            try:
-                with open(f"/proc/{parent}/task/{tid}/children") as f:
-                    kids = [int(c) for c in f.read().split()]
-            except (OSError, ValueError):
-                continue
-            found += kids
-            todo += kids
+        kids = children(todo.pop())
+        found += kids
+        todo += kids
     return found
 
 

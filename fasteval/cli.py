@@ -264,7 +264,7 @@ def _start_prefetch(args):
             or len(args.weights or []) > 1 or "RANK" in os.environ or "WORLD_SIZE" in os.environ):
         return None, None
     if args.device != "cpu" and not (args.device == "auto" and not any(map(os.path.exists, GPU_NODES))):
-        return None, None
+        return None, None  # a GPU run: neither listed early nor decoded at start-up
     if args.weights and args.weights[0] != "DEFAULT" and not os.path.isfile(args.weights[0]):  # a folder or a glob
         return None, None
     from fasteval.data import prefetch
@@ -277,7 +277,7 @@ def _start_prefetch(args):
     except FastevalError:
         return None, None
     hw = input_hw(spec, samples.paths[0]) if samples.paths else None
-    if hw is None or not prefetch.fits(len(samples), hw):
+    if not prefetch.reads_pil_pixels("cpu", args.loader, len(samples), hw):
         return samples, None
     return samples, prefetch.start(samples, spec)
 

@@ -109,15 +109,22 @@ def exit_promptly(code: int) -> None:
         except (OSError, ValueError):  # a closed pipe: nothing more can be shown there
             pass
     others = [t for t in threading.enumerate() if t is not threading.current_thread() and not t.daemon]
-    if others or multiprocessing.active_children() or _children(os.getpid()):
+    if others or multiprocessing.active_children() or children(os.getpid()):
         sys.exit(code)
     os._exit(code)
 
 
-def _children(pid: int) -> list[int]:
-    """This process's live child processes (Linux ``/proc``; elsewhere none are seen)."""
+def children(pid: int) -> list[int]:
+    """A process's child processes, forked by any of its threads (Linux ``/proc``; elsewhere none are seen)."""
     try:
-        with open(f"/proc/{pid}/task/{pid}/children") as f:
-            return [int(p) for p in f.read().split()]
+        tasks = os.listdir(f"/proc/{pid}/task")
     except OSError:
         return []
+    found = []
+    for tid in tasks:
+        try:
+            with open(f"/proc/{pid}/task/{tid}/children") as f:
+                found += [int(c) for c in f.read().split()]
+        except (OSError, ValueError):
+            continue
+    return found

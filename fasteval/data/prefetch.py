@@ -16,6 +16,11 @@ Torch-free: this module is imported before torch is.
 
 from __future__ import annotations
 
+import atexit
+import mmap
+import os
+import signal
+import sys
 import threading
 import time
 
@@ -92,10 +97,12 @@ class Prefetch:
         self._thread.join()
 
 
-def fits(num_samples: int, output_hw: tuple[int, int]) -> bool:
-    """Whether a run is small enough for the reference's pixels (``MAX_SAMPLES``, ``MAX_BYTES``): decoded at
-    start-up by the command, and in any case read by the fast path on the CPU in place of DALI's."""
-    return 0 < num_samples <= MAX_SAMPLES and num_samples * 3 * output_hw[0] * output_hw[1] <= MAX_BYTES
+def reads_pil_pixels(device_type: str, loader: str, num_samples: int, input_hw: tuple[int, int] | None) -> bool:
+    """Whether a fast run reads PIL's pixels (the reference's) in place of DALI's: on the CPU, with the
+    default or the PIL loader, and small enough (``MAX_SAMPLES``, ``MAX_BYTES``) for DALI's import and
+    set-up not to pay. The one rule behind the command's start-up decoding and the evaluator's loader."""
+    return (device_type == "cpu" and loader in ("auto", "torchvision") and input_hw is not None
+            and 0 < num_samples <= MAX_SAMPLES and num_samples * 3 * input_hw[0] * input_hw[1] <= MAX_BYTES)
 
 
 class ForkedPrefetch:
@@ -110,9 +117,6 @@ class ForkedPrefetch:
     with the parent, and is reaped as soon as its pipe ends; ``stop`` ends it."""
 
     def __init__(self, samples: SampleList, spec: PreprocessSpec) -> None:
-        import mmap
-        import os
-
         if spec.crop is None:
             raise ValueError("ForkedPrefetch needs a center crop (one image size)")
         self.samples, self.spec = samples, spec
@@ -135,14 +139,9 @@ class ForkedPrefetch:
                 os._exit(0)
         os.close(write)
         self._read = read
-        import atexit
-
         atexit.register(self.stop)
 
     def _child(self, parent: int, write: int) -> None:
-        import os
-        import signal
-
         from fasteval.procs import die_with_parent
 
         signal.signal(signal.SIGINT, signal.SIG_IGN)
@@ -165,8 +164,6 @@ class ForkedPrefetch:
 
     def _pump(self) -> None:
         """Read the next records from the child (blocking until one comes or the child ends)."""
-        import os
-
         chunk = os.read(self._read, 4096)
         if not chunk:
             self._reap()
@@ -187,9 +184,6 @@ class ForkedPrefetch:
     def _reap(self, patience: float | None = None) -> None:
         """Wait for the child (at most ``patience`` seconds: one stuck in the kernel, on a stalled network
         file, is left to die with this process), close the pipe and drop the exit hook."""
-        import atexit
-        import os
-
         if self._pid is not None:
             deadline = None if patience is None else time.monotonic() + patience
             while os.waitpid(self._pid, 0 if deadline is None else os.WNOHANG)[0] == 0:
@@ -216,9 +210,6 @@ class ForkedPrefetch:
 
     def stop(self) -> None:
         """End the child (if it still runs) and reap it; what it decoded stays readable."""
-        import os
-        import signal
-
         if self._pid is not None:
             try:  # SIGKILL: it has nothing to clean up, and it ends a stopped process too
                 os.kill(self._pid, signal.SIGKILL)
@@ -230,9 +221,6 @@ class ForkedPrefetch:
 def start(samples: SampleList, spec: PreprocessSpec):
     """The command's start-up decoding: in a forked child where that is safe (Linux, before torch is
     imported, a center crop giving one image size), else in a thread."""
-    import os
-    import sys
-
     if sys.platform.startswith("linux") and spec.crop is not None and "torch" not in sys.modules and hasattr(os, "fork"):
         return ForkedPrefetch(samples, spec)
     return Prefetch(samples, spec)

@@ -13,7 +13,6 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-
 from fasteval.errors import FastevalError, printable
 
 # torchvision's ImageFolder extensions (``torchvision.datasets.folder.IMG_EXTENSIONS``; a test keeps them

@@ -23,10 +23,10 @@ from fasteval.model.inference import DTYPES, FastModel, resolve_precision
 from fasteval.kernels.accumulator import MetricsAccumulator
 from fasteval.kernels.fused_metrics import resolve_backend
 from fasteval.data.loader_torch import PixelLoader
-from fasteval.data.prefetch import MAX_SAMPLES, fits
+from fasteval.data.prefetch import MAX_SAMPLES, reads_pil_pixels
 from fasteval.data.loaders import Batch, make_loader, needs_pil, resolve_loader
 from fasteval.evaluation.metrics import TOPK, EvalResult, totals_from_samples
-from fasteval.data.preprocess import PreprocessSpec, check_batchable, image_size, input_hw
+from fasteval.data.preprocess import PreprocessSpec, check_batchable, image_size
 from fasteval.data.probe import check_headers
 from fasteval.evaluation.reference import reference_logits
 from fasteval.evaluation.route import Rates, Route, choose_route, load_rates, rates_key, record
@@ -79,15 +79,19 @@ class FastEvaluator:
         """``batch_source``: makes the batches (``make_loader``'s signature); the checkpoint sweep passes
         fasteval/data/decoded.py's store, decoded once for every checkpoint. ``passes``: how many times
         ``run()`` will be called (the sweep's checkpoints), for ``--compile auto``'s decision.
-        A small run on the CPU (``prefetch.fits``; the default or the PIL loader) reads the reference's
+        A small run on the CPU (``prefetch.reads_pil_pixels``) reads the reference's
         own pixels (``PixelLoader``), not DALI's; ``pixels``: ``samples`` decoded so since the command
         started (fasteval/data/prefetch.py), else stopped and dropped."""
         start = time.perf_counter()
         self.passes = passes
         self.scope = scope or WholeRun()
         total = self.scope.total(len(samples))
-        # A sweep's decoded store (another batch_source) holds the PIL loader's pixels then: the same bytes.
-        self.pil_pixels = _reads_pil_pixels(samples, total, spec, device, options.loader)
+        check_batchable(spec, samples.paths)
+        check_headers(samples)  # a bad file fails here, in seconds, not after the fast pass (cached per file)
+        self.input_hw = spec.output_hw(*image_size(samples.paths[0])) if len(samples) else None
+        # The whole run's size, so that every torchrun rank decides as one process does. A sweep's decoded
+        # store (another batch_source) holds the PIL loader's pixels then: the same bytes.
+        self.pil_pixels = reads_pil_pixels(device.type, options.loader, total, self.input_hw)
         in_process = self.pil_pixels and batch_source is make_loader
         self.pixels = pixels if in_process and pixels is not None and pixels.samples is samples else None
         if pixels is not None and self.pixels is None:
@@ -99,8 +103,6 @@ class FastEvaluator:
         # A static batch larger than the dataset would be mostly padding: clamp it (to the whole run's
         # size, so that every shard runs the one-process batch shape).
         options = replace(options, batch_size=min(options.batch_size, total))
-        check_batchable(spec, samples.paths)
-        check_headers(samples)  # a bad file fails here, in seconds, not after the fast pass (cached per file)
         device = use_device(device)  # work not given a device (Triton, nvJPEG, pinning) runs on it
         self.samples, self.spec, self.device, self.options = samples, spec, device, options
         self.exact, self.exact_reason = resolve_exact(options.exact)
@@ -143,7 +145,7 @@ class FastEvaluator:
                 else:
                     self.loader = batch_source(kind, part, spec, batch_size=options.batch_size,
                                               workers=options.workers, device=device, half=half)
-            h, w = spec.output_hw(*image_size(part.paths[0]))
+            h, w = self.input_hw
             with torch.inference_mode():  # an inference tensor, like the loader's: no recompile on the first batch
                 example = torch.zeros(options.batch_size, 3, h, w, device=device,
                                       dtype=torch.float16 if half else torch.float32)
@@ -159,8 +161,7 @@ class FastEvaluator:
         if (not self.options.route or resolve_compile_mode(self.options.compile) != "auto" or not len(self.samples)
                 or self.scope.sharded):  # every rank must take the same route: torchrun runs the fast path
             return None, None
-        hw = self.spec.output_hw(*image_size(self.samples.paths[0]))
-        rates = load_rates(self.device, rates_key(model, self.device, self.precision, hw,
+        rates = load_rates(self.device, rates_key(model, self.device, self.precision, self.input_hw,
                                                   decoded_at_start=self.pixels is not None))
         return rates, choose_route(rates, self.device.type, len(self.samples), pil_files,
                                    min(CALIBRATION_SAMPLES, len(self.samples)), self.exact, passes=self.passes)
@@ -272,18 +273,6 @@ class FastEvaluator:
                 **({"decoded": dict(self.loader.info)} if hasattr(self.loader, "info") else {}),
             },
         )
-
-
-def _reads_pil_pixels(samples: SampleList, total: int, spec: PreprocessSpec, device: torch.device,
-                      loader: str) -> bool:
-    """Whether the fast path reads the reference's pixels (PIL's): a run small enough (``prefetch.fits``:
-    DALI's import and set-up would not pay, measured there) on the CPU, with the default or the PIL
-    loader. ``total``: the whole run's samples, so that every torchrun rank decides as one process does.
-    An unreadable first file is left to the checks that report it (False here)."""
-    if device.type != "cpu" or loader not in ("auto", "torchvision") or not len(samples):
-        return False
-    hw = input_hw(spec, samples.paths[0])
-    return hw is not None and fits(total, hw)
 
 
 class Fp32Head(nn.Module):

@@ -145,8 +145,7 @@ def reference_logits(samples: SampleList, indices: list[int], model: nn.Module, 
         parallel = workers > 0 and len(indices) >= PARALLEL_FROM * workers
         batch = min(batch_size, math.ceil(len(indices) / workers)) if parallel else batch_size
     loader = DataLoader(ImageDataset(samples.subset(indices), spec.torchvision_transform()), batch_size=batch,
-                        shuffle=False,
-                        num_workers=workers if parallel else 0, pin_memory=device.type == "cuda")
+                        shuffle=False, num_workers=workers if parallel else 0, pin_memory=device.type == "cuda")
     model = model.to(device).eval()
     with torch.no_grad():
         return torch.cat([model(images.to(device)).float().cpu() for images, _ in loader])
