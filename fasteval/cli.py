@@ -285,6 +285,10 @@ def _start_prefetch(args):
 def cmd_eval(args) -> int:
     _check_names(args)
     listed, pixels = _start_prefetch(args)
+    if not args.reference:  # the reference command imports torchvision as a plain script does
+        from fasteval.model.torchvision_import import import_torchvision
+
+        import_torchvision()
     from fasteval.evaluation.sweep import cmd_sweep, split_sweep
 
     if split_sweep(args):

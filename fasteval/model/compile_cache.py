@@ -211,12 +211,13 @@ def load_profile(folder: str, key: dict, kind: type = Profile):
     return kind(key=key)
 
 
-_UNWRITABLE: set[str] = set()  # cache folders already reported as unwritable by this process
+_UNWRITABLE: set[str] = set()  # cache folders this process could not write (the first one is reported)
 
 
 def save_profile(folder: str, profile) -> None:
     """Write atomically (a temporary file renamed). A cache that cannot be written does not stop the run
-    (profiles only speed later decisions up), but says so once, in one line naming the folder."""
+    (profiles and kept checks only speed later runs up), but says so once a process, in one line naming
+    the folder."""
     try:
         os.makedirs(folder, exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=folder, prefix=".profile-", suffix=".tmp")
@@ -229,10 +230,11 @@ def save_profile(folder: str, profile) -> None:
                 os.unlink(tmp)
             raise
     except OSError as exc:
-        if folder not in _UNWRITABLE:
-            _UNWRITABLE.add(folder)
+        if not _UNWRITABLE:
             print(f"fasteval: warning: cannot write the cache {folder} (FASTEVAL_CACHE): {exc.strerror or exc}; "
-                  f"this run's measured costs are not kept, so later runs decide from assumed ones", file=sys.stderr)
+                  f"nothing this run measured or checked is kept, so later runs measure, check or assume it again",
+                  file=sys.stderr)
+        _UNWRITABLE.add(folder)
 
 
 @dataclass(frozen=True)

@@ -10,9 +10,11 @@ import itertools
 import os
 import re
 import warnings
+from contextlib import nullcontext
 
 import torch
 from torch import nn
+from torch.overrides import TorchFunctionMode
 
 from fasteval.errors import FastevalError, first_line, message_lines
 
@@ -37,13 +39,36 @@ def _check_arch(arch: str) -> None:
         )
 
 
+# Tensor methods that only set values, which a meta tensor does not have. Some (normal_, erfinv_, clamp_,
+# exponential_) have Python meta kernels whose first call imports TorchDynamo: about 1.1 s of a command
+# that does not compile (fasteval/model/torchvision_import.py).
+VALUE_OPS = frozenset({"normal_", "uniform_", "fill_", "zero_", "erfinv_", "mul_", "add_", "sub_", "div_", "clamp_",
+                       "clamp_min_", "clamp_max_", "exponential_", "log_normal_", "cauchy_", "geometric_",
+                       "bernoulli_", "random_", "copy_", "sqrt_", "neg_", "abs_"})
+
+
+class _MetaValuesSkipped(TorchFunctionMode):
+    """On a meta tensor, an initialiser (``torch.nn.init``'s in-place functions, whole: their inner ops
+    would run with this mode set aside) or a value-only tensor method returns the tensor as it is: it
+    changes no shape, dtype or stride."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        name = getattr(func, "__name__", "")
+        initialiser = getattr(func, "__module__", None) == "torch.nn.init" and name.endswith("_")
+        tensor = args[0] if args else kwargs.get("tensor")  # nn.init passes its tensor by keyword
+        if (initialiser or name in VALUE_OPS) and isinstance(tensor, torch.Tensor) and tensor.is_meta:
+            return tensor
+        return func(*args, **kwargs)
+
+
 def _construct(arch: str, num_classes: int, device: str | torch.device = "cpu") -> nn.Module:
     import torchvision
 
     kwargs = {"num_classes": num_classes}
     if arch in ("googlenet", "inception_v3"):
         kwargs.update(aux_logits=False, init_weights=False)
-    with torch.device(device):
+    with torch.device(device), (_MetaValuesSkipped() if torch.device(device).type == "meta" else nullcontext()):
         return torchvision.models.get_model(arch, weights=None, **kwargs)
 
 
@@ -247,7 +272,14 @@ def check_input_fits(model: nn.Module, arch: str, spec, input_hw: tuple[int, int
     """Refuse, before any work, a model that cannot take inputs of ``input_hw`` (AlexNet at 32x32,
     a ViT at another size than its own). The check runs the model on the meta device (shapes
     only, no compute); a failure there is confirmed by one real CPU forward of one sample, so that
-    an operator without a meta kernel is never blamed on the input."""
+    an operator without a meta kernel is never blamed on the input. A pass is kept between runs
+    (fasteval/model/meta_facts.py)."""
+    from fasteval.model.meta_facts import remembered
+
+    remembered("input_fits", model, {"input_hw": list(input_hw)}, lambda: _input_fits(model, arch, spec, input_hw))
+
+
+def _input_fits(model: nn.Module, arch: str, spec, input_hw: tuple[int, int]) -> bool:
     from torch.func import functional_call
 
     h, w = input_hw
@@ -256,7 +288,7 @@ def check_input_fits(model: nn.Module, arch: str, spec, input_hw: tuple[int, int
     try:
         with torch.no_grad():
             functional_call(model, meta, (torch.zeros(1, 3, h, w, device="meta"),))
-        return
+        return True
     except Exception:
         pass
     device = next(itertools.chain(model.parameters(), model.buffers()), torch.empty(0)).device
@@ -269,3 +301,4 @@ def check_input_fits(model: nn.Module, arch: str, spec, input_hw: tuple[int, int
         raise FastevalError(f"--arch {arch} does not accept {h}x{w} inputs ({sizes}): {first_line(exc)}") from None
     finally:
         model.train(was_training)
+    return True

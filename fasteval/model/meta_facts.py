@@ -1,0 +1,54 @@
+"""What a forward on the meta device tells about a model, kept between runs.
+
+Two checks before any work run the model on the meta device: whether it takes the input size
+(``models.check_input_fits``) and the peak bytes of its activations (``footprint.activation_bytes``, for
+the memory check). Torch's Python meta kernels are wrapped in ``torch._compile._disable_dynamo``, so the
+first meta forward of a process imports TorchDynamo: about 1.1 s on a 2-core machine, more than the rest
+of a small run's setup. The answers depend only on the architecture (its class, its parameters' and
+buffers' names, shapes and dtypes: ``compile_cache.model_signature``), the shapes asked about, torch and
+torchvision, never on the weights' values; they are kept in ``$FASTEVAL_CACHE/meta/``, one JSON file a
+key, and a run that finds its key runs no meta forward. A failure (an error raised) is never kept.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import torch
+from torch import nn
+
+from fasteval.model.compile_cache import load_profile, model_signature, save_profile
+
+@dataclass
+class MetaFact:
+    """One answer, under the key it was computed for."""
+
+    key: dict = field(default_factory=dict)
+    value: Any = None
+    known: bool = False
+
+
+def facts_dir() -> str:
+    from fasteval.demo import cache_base
+
+    return os.path.join(cache_base(), "meta")
+
+
+def fact_key(kind: str, model: nn.Module, shapes: dict) -> dict:
+    import torchvision
+
+    return {"kind": kind, "torch": torch.__version__, "torchvision": torchvision.__version__,
+            "model": f"{type(model).__module__}.{type(model).__qualname__}/{model_signature(model)}", **shapes}
+
+
+def remembered(kind: str, model: nn.Module, shapes: dict, compute: Callable[[], Any]) -> Any:
+    """The kept answer for (``kind``, the model's architecture, ``shapes``), else ``compute()``'s, kept."""
+    key = fact_key(kind, model, shapes)
+    fact = load_profile(facts_dir(), key, MetaFact)
+    if fact.known:
+        return fact.value
+    value = compute()
+    save_profile(facts_dir(), MetaFact(key=key, value=value, known=True))
+    return value
