@@ -225,7 +225,7 @@ def test_cli_fast_eval_predictions_and_validate(small_data, weights_3cls, tmp_pa
     printed = capsys.readouterr().out
     assert "validation: fast vs reference" in printed and "agreement" in printed
     report = json.loads(out.read_text())
-    assert report["samples"] == 21 and report["loader"] == "pil-cpu, 1 worker(s)"  # --validate: not at start-up
+    assert report["samples"] == 21 and report["loader"] == "pil-cpu, 1 thread(s) between batches"  # --validate: not at start-up
     assert report["precision"] == "fp32" and report["compile"] is False and "warmup_seconds" in report
     assert report["reference"]["samples"] == 21 and 0.9 <= report["validation"]["agreement"] <= 1.0
     rows = list(csv.DictReader(preds.open()))

@@ -127,7 +127,7 @@ def test_a_small_cpu_run_without_start_up_pixels_decodes_them_each_pass(small_da
     assert evaluator.pil_pixels and evaluator.pixels is None and evaluator.reference_only == []
     first = evaluator.run(progress=False)
     kept = evaluator.loader.pixels
-    assert first.extra["loader"] == "pil-cpu, 1 worker(s)" and sorted(kept.images) == list(range(len(samples)))
+    assert first.extra["loader"] == "pil-cpu, 1 thread(s) between batches" and sorted(kept.images) == list(range(len(samples)))
     for i in (0, 7, len(samples) - 1):
         assert np.array_equal(kept.get(i), reference_pixels(samples.paths[i], small_spec))
     second = evaluator.run(progress=False)

@@ -1,4 +1,5 @@
-"""Loaders without DALI: torchvision's nvJPEG decoding on the GPU, and PIL in DataLoader workers.
+"""Loaders without DALI: torchvision's nvJPEG decoding on the GPU, PIL in DataLoader workers, and the
+reference's PIL pixels for small CPU runs.
 
 Both keep images as uint8 until they reach the device, where a single normalisation
 produces the model's channels-last float input; the last batch is padded to the static size.
@@ -9,10 +10,13 @@ with a host list (``tests/test_sync_free.py`` checks all three on fake CUDA tens
 
 from __future__ import annotations
 
+import functools
 import warnings
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from typing import NamedTuple
 
+import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
@@ -90,27 +94,29 @@ class TorchvisionLoader:
 
 
 class KeptPixels:
-    """A pass's uint8 CHW images by sample index, read back as the HWC arrays ``ToTensor`` takes
-    (``Prefetch``'s ``get``): the recheck reads the pixels the pass decoded instead of decoding again."""
+    """A pass's pixels by sample index, the HWC uint8 arrays ``ToTensor`` takes (``Prefetch``'s ``get``):
+    the recheck reads the pixels the pass decoded instead of decoding again."""
 
     def __init__(self, samples: SampleList, spec: PreprocessSpec) -> None:
         self.samples, self.spec = samples, spec
-        self.images: dict[int, torch.Tensor] = {}
+        self.images: dict[int, np.ndarray] = {}
 
-    def get(self, index: int):
+    def get(self, index: int) -> np.ndarray:
         image = self.images.get(index)
         if image is None:  # not in the pass (it stopped early): decoded as the reference does
             return reference_pixels(self.samples.paths[index], self.spec)
-        return image.permute(1, 2, 0).numpy()
+        return image
 
 
 class PixelLoader:
     """Batches of the reference's own pixels (PIL: ``convert("RGB")``, torchvision's resize and crop) for
     the samples at ``indices``, normalised and padded as the other loaders' batches are. ``pixels``: the
     samples decoded since the command started (fasteval/data/prefetch.py), batched in this process on
-    every pass; without them each pass decodes in DataLoader workers (processes: a decoding thread
-    here shared the GIL with the model's dispatch, 68 against 73 images/s on the demo) and keeps what
-    it decoded. ``self.pixels``: the last pass's, for the recheck to read again."""
+    every pass. Without them each pass decodes here, batch by batch, between the model's batches, on
+    ``workers`` threads (PIL lets go of the GIL while it decodes and resizes), and keeps what it decoded.
+    Between, not beside: on the CPU the model's threads take every core, and decoding beside them
+    (DataLoader workers, or a thread) stalls its parallel regions: on the demo, 75 images/s beside against
+    80 between, and 68 for one decoding thread beside. ``self.pixels``: the last pass's, for the recheck."""
 
     name = "pil-cpu, in-process"
 
@@ -120,16 +126,13 @@ class PixelLoader:
         passes over the same images, training's validation: decoded once, as a sweep's store is)."""
         self.samples, self.indices, self.batch_size, self.spec, self.device = samples, indices, batch_size, spec, device
         self.given = self.pixels = pixels
-        self.keep = keep
+        self.keep, self.threads = keep, workers
         self.labels = torch.tensor([samples.labels[i] for i in indices], dtype=torch.int64)
         self.normalize = Normalizer(spec, device, half)
         if pixels is not None:
             self.name = "pil-cpu, decoded at start-up"
-        else:
-            self.name = f"pil-cpu, {workers} worker(s)" if workers else "pil-cpu, in-process"
-            self.loader = DataLoader(_pil_uint8(samples.subset(indices), spec), batch_size=batch_size,
-                                     num_workers=workers, persistent_workers=workers > 0,
-                                     prefetch_factor=4 if workers > 0 else None)
+        elif workers:
+            self.name = f"pil-cpu, {workers} thread(s) between batches"
 
     def __iter__(self) -> Iterator[Batch]:
         if self.given is not None:
@@ -140,22 +143,23 @@ class PixelLoader:
             return
         kept = KeptPixels(self.samples, self.spec)
         self.pixels = kept
-        start = 0
-        for images, _ in self.loader:
-            real = images.shape[0]
-            for offset, index in enumerate(self.indices[start:start + real]):
-                kept.images[index] = images[offset]
-            labels = self.labels[start:start + real]
-            start += real
-            images, labels = _pad(to_device(images, self.device), to_device(labels, self.device), self.batch_size)
-            yield Batch(self.normalize(images), labels, real)
+        pool = ThreadPoolExecutor(self.threads, thread_name_prefix="fasteval-decode") if self.threads else None
+        try:
+            yield from self._from_pixels(kept, decode=pool.map if pool else map)
+        finally:  # no idle thread outlives the pass (a process with one exits the slow way: procs.exit_promptly)
+            if pool:
+                pool.shutdown(wait=True, cancel_futures=True)
 
-    def _from_pixels(self, pixels) -> Iterator[Batch]:
-        import numpy as np
-
+    def _from_pixels(self, pixels, decode=None) -> Iterator[Batch]:
+        """``decode``: a map (the pool's or the builtin) that decodes each batch's files into ``pixels`` (a
+        ``KeptPixels``) first."""
         b = self.batch_size
         for start in range(0, len(self.indices), b):
             chunk = self.indices[start:start + b]
+            if decode is not None:
+                paths = [self.samples.paths[i] for i in chunk]
+                decoded = decode(functools.partial(reference_pixels, spec=self.spec), paths)
+                pixels.images.update(zip(chunk, decoded))
             images = torch.from_numpy(np.stack([pixels.get(i) for i in chunk])).permute(0, 3, 1, 2)
             images, labels = _pad(to_device(images, self.device), to_device(self.labels[start:start + b], self.device), b)
             yield Batch(self.normalize(images), labels, len(chunk))
@@ -163,8 +167,6 @@ class PixelLoader:
 
 def _pil_rgb(path: str):
     """An HWC uint8 array decoded by PIL exactly as the reference decodes it."""
-    import numpy as np
-
     return np.array(load_rgb(path))
 
 
