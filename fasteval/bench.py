@@ -399,8 +399,8 @@ def format_bench(b: dict) -> str:
     lines += [
         f"reference {b['verdict']['reference']}",
         f"fast      {b['verdict']['fast']}",
-        "stages: each alone over the dataset's batches; end to end they share the machine (the loader's threads "
-        "decode while the model runs), so end to end is below the slowest stage",
+        "stages: each alone over the dataset's batches; end to end they share the machine (a loader decodes beside "
+        "the model, DALI, or between its batches, PIL on the CPU), so end to end is below the slowest stage",
     ]
     if b["stages"]["fast"]["metrics"] < b["stages"]["reference"]["metrics"]:
         lines.append(METRICS_NOTE)
