@@ -228,6 +228,10 @@ def _broken_link(path):
     os.symlink(path.parent / "nowhere.jpg", path)
 
 
+def _link_loop(path):
+    os.symlink(path.name, path)  # x.jpg -> x.jpg
+
+
 def _truncated(path):
     buffer = path.parent / "source.tmp"
     make_image(0, 1, 3, 0, (60, 50)).save(buffer, "JPEG", quality=90)
@@ -254,6 +258,7 @@ def _corrupt_png(path):
 
 BAD_FILES = {"text": (_text, "x.jpg", "text file"), "appledouble": (_appledouble, "._img.jpg", "AppleDouble"),
              "empty": (_empty, "x.jpg", "empty file"), "broken_link": (_broken_link, "x.jpg", "broken symbolic link"),
+             "link_loop": (_link_loop, "x.jpg", "symbolic link loop"),
              "truncated": (_truncated, "x.jpg", "truncated"), "fifo": (_fifo, "x.jpg", "FIFO"),
              "corrupt_data": (_corrupt_png, "x.png", "broken data stream")}
 

@@ -16,6 +16,7 @@ path's routing read each header once.
 
 from __future__ import annotations
 
+import errno
 import os
 import stat
 import struct
@@ -77,6 +78,8 @@ def probe_all(paths: list[str]) -> list[FileProbe]:
 
 
 def _stat_error(path: str, exc: OSError) -> str:
+    if exc.errno == errno.ELOOP:
+        return f"symbolic link loop (it leads back to itself through {os.readlink(path)})"
     if os.path.islink(path) and not os.path.exists(path):
         return f"broken symbolic link (its target {os.readlink(path)} does not exist)"
     return f"cannot read it: {exc.strerror or exc}"
