@@ -67,6 +67,20 @@ def test_the_stand_in_never_shadows_the_real_module():
     """)
     assert got["counters"] == "defaultdict" and got["after_other_name"] == "module"
     got = _run("""
+        import json, sys
+        import torch
+        from fasteval.model.torchvision_import import without_dynamo, STAND_IN
+
+        seen = {}
+        def call_it_meanwhile():  # the deferred function called while the stand-in is in place
+            from torch._dynamo.utils import is_compile_supported
+            seen["answer"] = is_compile_supported("cpu")
+        without_dynamo(call_it_meanwhile)
+        import torch._dynamo.utils as real
+        print(json.dumps({**seen, "real": real.is_compile_supported("cpu"), "kind": type(real).__name__}))
+    """)
+    assert got["answer"] == got["real"] and got["kind"] == "module"
+    got = _run("""
         import importlib, json, sys
         import torch
         from fasteval.model.torchvision_import import without_dynamo, STAND_IN

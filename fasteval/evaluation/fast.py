@@ -97,7 +97,7 @@ class FastEvaluator:
         if pixels is not None and self.pixels is None:
             pixels.stop()
         how = ("decoded while torch imported" if self.pixels is not None else
-               "decoded in the loader's workers" if in_process else "decoded into the store")
+               "decoded between the model's batches" if in_process else "decoded into the store")
         self.loader_reason = (f"{total} image(s) on the CPU (at most {MAX_SAMPLES}): PIL's pixels, the reference's, "
                               f"{how}; DALI's import and set-up would not pay") if self.pil_pixels else None
         # A static batch larger than the dataset would be mostly padding: clamp it (to the whole run's

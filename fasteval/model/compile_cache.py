@@ -206,7 +206,7 @@ def load_profile(folder: str, key: dict, kind: type = Profile):
     with contextlib.suppress(OSError, ValueError, TypeError):
         with open(path) as f:
             stored = json.load(f)
-        if stored.get("key") == key:
+        if isinstance(stored, dict) and stored.get("key") == key:
             return kind(**stored)
     return kind(key=key)
 

@@ -7,7 +7,10 @@ first meta forward of a process imports TorchDynamo: about 1.1 s on a 2-core mac
 of a small run's setup. The answers depend only on the architecture (its class, its parameters' and
 buffers' names, shapes and dtypes: ``compile_cache.model_signature``), the shapes asked about, torch and
 torchvision, never on the weights' values; they are kept in ``$FASTEVAL_CACHE/meta/``, one JSON file a
-key, and a run that finds its key runs no meta forward. A failure (an error raised) is never kept.
+key, and a run that finds its key runs no meta forward. A failure is never kept: an error raised, or no
+answer (None: the model could not run on the meta device). A kept answer is used only if it has the
+form its check gives (``valid``), and ``FACTS_VERSION`` in every key retires the answers of an older
+fasteval whose checks computed them differently.
 """
 
 from __future__ import annotations
@@ -20,6 +23,8 @@ import torch
 from torch import nn
 
 from fasteval.model.compile_cache import load_profile, model_signature, save_profile
+
+FACTS_VERSION = 1
 
 @dataclass
 class MetaFact:
@@ -39,16 +44,27 @@ def facts_dir() -> str:
 def fact_key(kind: str, model: nn.Module, shapes: dict) -> dict:
     import torchvision
 
-    return {"kind": kind, "torch": torch.__version__, "torchvision": torchvision.__version__,
+    return {"kind": kind, "facts_version": FACTS_VERSION, "torch": torch.__version__, "torchvision": torchvision.__version__,
             "model": f"{type(model).__module__}.{type(model).__qualname__}/{model_signature(model)}", **shapes}
 
 
-def remembered(kind: str, model: nn.Module, shapes: dict, compute: Callable[[], Any]) -> Any:
-    """The kept answer for (``kind``, the model's architecture, ``shapes``), else ``compute()``'s, kept."""
+def remembered(kind: str, model: nn.Module, shapes: dict, compute: Callable[[], Any],
+               valid: Callable[[Any], bool]) -> Any:
+    """The kept answer for (``kind``, the model's architecture, ``shapes``) where ``valid``, else
+    ``compute()``'s, kept unless it is None."""
     key = fact_key(kind, model, shapes)
     fact = load_profile(facts_dir(), key, MetaFact)
-    if fact.known:
+    if fact.known and valid(fact.value):
         return fact.value
     value = compute()
-    save_profile(facts_dir(), MetaFact(key=key, value=value, known=True))
+    if value is not None:
+        save_profile(facts_dir(), MetaFact(key=key, value=value, known=True))
     return value
+
+
+def is_byte_count(value: Any) -> bool:
+    return type(value) is int and value >= 0
+
+
+def is_pass(value: Any) -> bool:
+    return value is True

@@ -74,7 +74,7 @@ def _construct(arch: str, num_classes: int, device: str | torch.device = "cpu") 
 
 def head_name(arch: str) -> str:
     """Qualified name of the module that produces the logits (e.g. ``fc``, ``classifier.1``)."""
-    probe = _construct(arch, num_classes=1000, device="meta")
+    probe = _construct_for_loading(arch, num_classes=1000)
     name = None
     for qualified, module in probe.named_modules():
         if isinstance(module, nn.Linear) and module.out_features == 1000:
@@ -274,9 +274,10 @@ def check_input_fits(model: nn.Module, arch: str, spec, input_hw: tuple[int, int
     only, no compute); a failure there is confirmed by one real CPU forward of one sample, so that
     an operator without a meta kernel is never blamed on the input. A pass is kept between runs
     (fasteval/model/meta_facts.py)."""
-    from fasteval.model.meta_facts import remembered
+    from fasteval.model.meta_facts import is_pass, remembered
 
-    remembered("input_fits", model, {"input_hw": list(input_hw)}, lambda: _input_fits(model, arch, spec, input_hw))
+    remembered("input_fits", model, {"input_hw": list(input_hw)}, lambda: _input_fits(model, arch, spec, input_hw),
+               is_pass)
 
 
 def _input_fits(model: nn.Module, arch: str, spec, input_hw: tuple[int, int]) -> bool:

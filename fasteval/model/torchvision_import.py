@@ -27,6 +27,9 @@ DYNAMO = "torch._dynamo"
 
 
 def _is_compile_supported(device_type: str) -> bool:
+    stand_in = sys.modules.get(STAND_IN)
+    if isinstance(stand_in, _StandIn):  # called while torchvision imports: the real module from here on
+        _drop_stand_in(stand_in)
     from torch._dynamo.utils import is_compile_supported
 
     return is_compile_supported(device_type)
