@@ -100,6 +100,30 @@ def test_profiles_round_trip_and_ignore_other_keys(tmp_path):
     assert cc.load_profile(str(tmp_path), key) == cc.Profile(key=key)
 
 
+@pytest.mark.parametrize("damage", [None, [], "x", {"eager_batch_seconds": "abc"}, {"eager_batch_seconds": -1.0},
+                                    {"eager_batch_seconds": True}, {"artifacts": "yes"}, {"unknown_field": 1}])
+def test_a_damaged_profile_or_rates_file_reads_as_missing(tmp_path, damage):
+    """JSON that is not an object, a field of the wrong form or an unknown field: an empty profile (the
+    decisions fall back to assumed costs), never a traceback later in arithmetic."""
+    from fasteval.evaluation.route import Rates
+
+    key = {"a": 1}
+    path = tmp_path / (cc.key_hash(key) + ".json")
+    for kind, good in ((cc.Profile, cc.Profile(key=key, eager_batch_seconds=0.5, artifacts=True)),
+                       (Rates, Rates(key=key, fast_image_seconds=0.01))):
+        cc.save_profile(str(tmp_path), good)
+        assert cc.load_profile(str(tmp_path), key, kind) == good
+        stored = json.loads(path.read_text())
+        if isinstance(damage, dict):
+            if "artifacts" in damage and kind is Rates:
+                continue
+            field = "fast_image_seconds" if kind is Rates and "eager_batch_seconds" in damage else next(iter(damage))
+            path.write_text(json.dumps({**stored, field: next(iter(damage.values()))}))
+        else:
+            path.write_text(json.dumps(damage))
+        assert cc.load_profile(str(tmp_path), key, kind) == kind(key=key)
+
+
 @pytest.mark.parametrize("value, mode", [(True, "on"), (False, "off"), ("auto", "auto"), ("off", "off")])
 def test_compile_modes(value, mode):
     assert cc.resolve_compile_mode(value) == mode

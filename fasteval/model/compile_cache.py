@@ -32,7 +32,7 @@ import os
 import re
 import sys
 import tempfile
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 
 import torch
 from torch import nn
@@ -199,14 +199,29 @@ class Profile:
     artifacts: bool = False  # a compile of this configuration completed: its artifacts are cached
 
 
+def _well_formed(kind: type, stored: dict) -> bool:
+    """Each stored field in its field's form: a finite number >= 0 or None for a ``float | None`` field,
+    a bool for a ``bool`` one (other fields are their readers' to check)."""
+    for f in fields(kind):
+        if f.name not in stored:  # the default serves
+            continue
+        value = stored[f.name]
+        if "float" in str(f.type) and value is not None and (
+                isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < math.inf):
+            return False
+        if str(f.type) == "bool" and not isinstance(value, bool):
+            return False
+    return True
+
+
 def load_profile(folder: str, key: dict, kind: type = Profile):
-    """The stored profile of ``key`` (a ``kind`` dataclass with a ``key`` field: compile profiles, or the
-    route's rates), or an empty one (missing, unreadable or for another key)."""
+    """The stored profile of ``key`` (a ``kind`` dataclass with a ``key`` field: compile profiles, the
+    route's rates, kept model checks), or an empty one (missing, unreadable, damaged or for another key)."""
     path = os.path.join(folder, key_hash(key) + ".json")
     with contextlib.suppress(OSError, ValueError, TypeError):
         with open(path) as f:
             stored = json.load(f)
-        if isinstance(stored, dict) and stored.get("key") == key:
+        if isinstance(stored, dict) and stored.get("key") == key and _well_formed(kind, stored):
             return kind(**stored)
     return kind(key=key)
 
