@@ -73,6 +73,13 @@ def test_bf16_compiled_is_bounded_and_compiles_once(demo_reference):
     assert cmp["agreement"] >= 0.97
     assert abs(cmp["delta_top1"]) <= 2.0
     assert abs(cmp["delta_loss"]) <= 0.05 * max(ref.loss, 0.1)
+    # Inductor rounds where eager autocast rounds (inference.COMPILE_OPTIONS): the compiled logits are eager's,
+    # bit for bit, so every per-sample value, the logit error and the recheck are the eager run's.
+    eager = _fast(samples, weights, precision="bf16", compile=False, batch_size=64, workers=2)
+    assert eager.extra["compile"] is False
+    for name in ("predictions", "losses", "topk_classes", "confidences", "margins", "rechecked"):
+        assert torch.equal(getattr(fast, name), getattr(eager, name)), name
+    assert fast.extra["exact"]["max_logit_error"] == eager.extra["exact"]["max_logit_error"]
 
 
 def test_small_dataset_counts_equal_reference(small_data, weights_3cls, small_spec):

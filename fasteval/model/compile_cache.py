@@ -40,7 +40,7 @@ from torch import nn
 from fasteval.choices import COMPILE_MODES
 from fasteval.errors import FastevalError
 
-PROFILE_VERSION = 1  # bump when FastModel's forward (what gets compiled) changes
+PROFILE_VERSION = 2  # bump when FastModel's forward (what gets compiled) or its compile options change
 RESNET18_LEAVES = 52  # leaf modules of torchvision's resnet18: the unit of DEFAULTS' compile times
 
 
