@@ -157,7 +157,8 @@ def test_weights_copied_in_place_without_recompiling(small_data, small_spec, che
 
     counter = CompileCounter()
     real_compile = torch.compile
-    monkeypatch.setattr(inference.torch, "compile", lambda fn, **kw: real_compile(fn, backend=counter, **kw))
+    monkeypatch.setattr(inference.torch, "compile",  # Inductor's options go with Inductor, not the counting backend
+                        lambda fn, options=None, **kw: real_compile(fn, backend=counter, **kw))
     torch._dynamo.reset()
     samples = discover(small_data)
     options = FastOptions(loader="torchvision", precision="fp32", compile="on", batch_size=4, workers=0, exact="off")
