@@ -14,6 +14,7 @@ from fasteval import memory
 from fasteval.cli import main
 from fasteval.data.preprocess import get_spec
 from fasteval.errors import FastevalError
+from fasteval.model import footprint
 from fasteval.model.footprint import activation_bytes, parameter_bytes
 
 FLOAT = 4
@@ -67,15 +68,56 @@ def test_activation_sizes_of_small_modules_by_hand():
 
 def test_resnet18_activations_by_hand(model_3cls):
     """ResNet-18's peak is its stem: the conv's output and BatchNorm's, 64 channels at half the size
-    (the ReLU after them is in place), with the 64-value mean and inverse deviation BatchNorm's operator
-    returns beside its output."""
+    (the ReLU after them is in place). On the meta device BatchNorm's operator also returns its 64-value
+    mean and inverse deviation beside its output; the CPU's eval kernel returns them empty (the real
+    forwards of a small model)."""
     stats = 2 * 64 * FLOAT
-    assert activation_bytes(model_3cls, 8, (32, 32)) == 2 * 8 * 64 * 16 * 16 * FLOAT + stats
+    assert activation_bytes(model_3cls, 8, (32, 32)) == 2 * 8 * 64 * 16 * 16 * FLOAT
+    assert footprint._on_meta(model_3cls, 8, (32, 32), False) == 2 * 8 * 64 * 16 * 16 * FLOAT + stats
     assert activation_bytes(model_3cls, 4, (20000, 20000)) == 2 * 4 * 64 * 10000 * 10000 * FLOAT + stats
     assert not model_3cls.training
 
 
+class FixedThenScaled(nn.Module):
+    """A fixed 40 KB temporary first, then activations in proportion to the batch: at 1 or 2 samples the
+    fixed one is the peak, at 64 the activations are."""
+
+    def forward(self, x):
+        total = torch.ones(10_000).sum()
+        return (x * 2) * total
+
+
+class BranchesOnBatch(nn.Module):
+    def forward(self, x):
+        return x * 2 if x.shape[0] == 1 else (x + 1) * 3
+
+
+@pytest.mark.parametrize("arch", ["resnet18", "mobilenet_v3_small", "squeezenet1_0", "efficientnet_b0"])
+def test_the_real_forward_estimate_equals_the_meta_one(arch):
+    """A small model's estimate from real forwards of 1 and 2 samples, extrapolated operator by operator,
+    equals the meta device's at every batch size (the meta device being the independent computation),
+    but for BatchNorm's statistics, which only the meta kernel returns (two vectors a layer at most)."""
+    import torchvision
+
+    model = torchvision.models.get_model(arch, num_classes=5).eval()
+    stats = sum(2 * m.num_features * FLOAT for m in model.modules() if isinstance(m, nn.BatchNorm2d))
+    for batch in (1, 3, 64):
+        real = footprint._extrapolated(model, batch, (48, 40))
+        assert real is not None and 0 <= footprint._on_meta(model, batch, (48, 40), False) - real <= stats, batch
+    assert footprint.cheap_forward(model, (224, 224))
+
+
+def test_extrapolation_takes_each_operator_line_and_refuses_a_branch():
+    for batch in (1, 2, 64):
+        assert footprint._extrapolated(FixedThenScaled(), batch, (8, 8)) == \
+            footprint._on_meta(FixedThenScaled(), batch, (8, 8), False)
+    assert footprint._extrapolated(FixedThenScaled(), 64, (8, 8)) > 40_000  # the activations' line, not 40 KB
+    assert footprint._extrapolated(BranchesOnBatch(), 8, (8, 8)) is None  # other operators at 1 and 2 samples
+    assert activation_bytes(BranchesOnBatch(), 8, (8, 8)) == footprint._on_meta(BranchesOnBatch(), 8, (8, 8), False)
+
+
 def test_a_model_that_cannot_run_on_meta_falls_back_to_the_inputs(monkeypatch):
+    monkeypatch.setattr(footprint, "REAL_FORWARD_PARAMS", -1)  # the meta device's path, which cannot run it
     spec = get_spec("imagenet", 40, 32)
     assert activation_bytes(NeedsValues(), 2, (8, 8)) is None
     monkeypatch.setattr(memory, "host_memory", lambda: 10**12)

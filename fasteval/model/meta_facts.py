@@ -1,10 +1,10 @@
 """What a forward on the meta device tells about a model, kept between runs.
 
-Two checks before any work run the model on the meta device: whether it takes the input size
-(``models.check_input_fits``) and the peak bytes of its activations (``footprint.activation_bytes``, for
-the memory check). Torch's Python meta kernels are wrapped in ``torch._compile._disable_dynamo``, so the
-first meta forward of a process imports TorchDynamo: about 1.1 s on a 2-core machine, more than the rest
-of a small run's setup. The answers depend only on the architecture (its class, its parameters' and
+Two checks before any work run the model on the meta device (a small model: on a few real samples):
+whether it takes the input size (``models.check_input_fits``) and the peak bytes of its activations
+(``footprint.activation_bytes``, for the memory check). Torch's Python meta kernels are wrapped in
+``torch._compile._disable_dynamo``, so the first meta forward of a process imports TorchDynamo: about
+1.1 s on a 2-core machine, more than the rest of a small run's setup. The answers depend only on the architecture (its class, its parameters' and
 buffers' names, shapes and dtypes: ``compile_cache.model_signature``), the shapes asked about, torch and
 torchvision, never on the weights' values; they are kept in ``$FASTEVAL_CACHE/meta/``, one JSON file a
 key, and a run that finds its key runs no meta forward. A failure is never kept: an error raised, or no

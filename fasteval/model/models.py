@@ -271,9 +271,9 @@ def _check_classes(head_classes: int, num_classes: int | None, what: str) -> Non
 def check_input_fits(model: nn.Module, arch: str, spec, input_hw: tuple[int, int]) -> None:
     """Refuse, before any work, a model that cannot take inputs of ``input_hw`` (AlexNet at 32x32,
     a ViT at another size than its own). The check runs the model on the meta device (shapes
-    only, no compute); a failure there is confirmed by one real CPU forward of one sample, so that
-    an operator without a meta kernel is never blamed on the input. A pass is kept between runs
-    (fasteval/model/meta_facts.py)."""
+    only, no compute); a failure there is confirmed by one real forward of one sample, so that
+    an operator without a meta kernel is never blamed on the input. A small model takes the real
+    forward alone. A pass is kept between runs (fasteval/model/meta_facts.py)."""
     from fasteval.model.meta_facts import is_pass, remembered
 
     remembered("input_fits", model, {"input_hw": list(input_hw)}, lambda: _input_fits(model, arch, spec, input_hw),
@@ -281,17 +281,22 @@ def check_input_fits(model: nn.Module, arch: str, spec, input_hw: tuple[int, int
 
 
 def _input_fits(model: nn.Module, arch: str, spec, input_hw: tuple[int, int]) -> bool:
+    """Meta device first, confirmed by a real forward of one sample; a small model, the real one alone
+    (``footprint.cheap_forward``: it costs less than the meta device's first use)."""
     from torch.func import functional_call
+
+    from fasteval.model.footprint import cheap_forward
 
     h, w = input_hw
     tensors = {**dict(model.named_parameters()), **dict(model.named_buffers())}
-    meta = {name: torch.empty_like(t, device="meta") for name, t in tensors.items()}
-    try:
-        with torch.no_grad():
-            functional_call(model, meta, (torch.zeros(1, 3, h, w, device="meta"),))
-        return True
-    except Exception:
-        pass
+    if not cheap_forward(model, input_hw):
+        meta = {name: torch.empty_like(t, device="meta") for name, t in tensors.items()}
+        try:
+            with torch.no_grad():
+                functional_call(model, meta, (torch.zeros(1, 3, h, w, device="meta"),))
+            return True
+        except Exception:
+            pass
     device = next(itertools.chain(model.parameters(), model.buffers()), torch.empty(0)).device
     was_training = model.training
     try:
