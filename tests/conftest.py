@@ -16,6 +16,19 @@ from fasteval.data.preprocess import get_spec
 from fasteval.data.synth import synth_dataset
 
 
+@pytest.fixture(scope="session", autouse=True)
+def own_cache(tmp_path_factory):
+    """A FASTEVAL_CACHE of the test session's own: what a developer's runs kept there (compile profiles,
+    the route's rates, kept model checks) must not decide a test, as it cannot on a fresh CI machine."""
+    old = os.environ.get("FASTEVAL_CACHE")
+    os.environ["FASTEVAL_CACHE"] = str(tmp_path_factory.mktemp("fasteval-cache"))
+    yield
+    if old is None:
+        os.environ.pop("FASTEVAL_CACHE", None)
+    else:
+        os.environ["FASTEVAL_CACHE"] = old
+
+
 @pytest.fixture(scope="session")
 def small_data(tmp_path_factory) -> str:
     """3 classes x 7 fixed-size JPEGs (21 samples: not a multiple of common batch sizes)."""
