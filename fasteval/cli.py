@@ -343,17 +343,23 @@ def _print_report(text: str) -> bool:
         print(text, flush=True)
         return True
     except BrokenPipeError:
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        _to_devnull(sys.stdout)
         return False
 
 
+def _to_devnull(stream) -> None:
+    """Point a closed pipe's file descriptor at /dev/null: Python's flush at exit then stays quiet."""
+    os.dup2(os.open(os.devnull, os.O_WRONLY), stream.fileno())
+
+
 def _stdout_closed(wrote: bool) -> int:
-    """The one line for a report that could not be printed (exit 2); stderr may be that pipe too."""
+    """The one line for a report that could not be printed (exit 2); stderr may be that pipe too
+    (``2>&1 | head``), and then there is nowhere left to say it."""
     try:
         print("fasteval: error: stdout was closed before the report was printed (broken pipe)"
               + ("; the output files were written" if wrote else ""), file=sys.stderr)
     except OSError:
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stderr.fileno())
+        _to_devnull(sys.stderr)
     return 2
 
 
@@ -454,13 +460,8 @@ def main(argv: list[str] | None = None) -> int:
             print("fasteval: terminated (SIGTERM)", file=sys.stderr)
         return 143
     except BrokenPipeError:  # stdout closed early (``| head``): no second error when Python flushes it at exit
-        devnull = os.open(os.devnull, os.O_WRONLY)
-        os.dup2(devnull, sys.stdout.fileno())
-        try:
-            print("fasteval: error: stdout was closed before the report was printed (broken pipe)", file=sys.stderr)
-        except OSError:  # stderr was the same pipe (``2>&1 | head``): nowhere left to say it
-            os.dup2(devnull, sys.stderr.fileno())
-        return 2
+        _to_devnull(sys.stdout)
+        return _stdout_closed(False)
     except Exception as exc:
         if args.debug:
             raise

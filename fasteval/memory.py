@@ -18,7 +18,7 @@ from torch import nn
 from fasteval.data.preprocess import PreprocessSpec
 from fasteval.errors import FastevalError
 from fasteval.model.footprint import activation_bytes, parameter_bytes
-from fasteval.model.meta_facts import is_byte_count, remembered
+from fasteval.model.meta_facts import remembered
 
 LOWER = "--batch-size or --resize/--crop"
 LOWER_VAL = "--val-batch-size or --resize/--crop"
@@ -107,7 +107,7 @@ def _activations(model: nn.Module, arch: str, batch_size: int, input_hw: tuple[i
     """The activation part (empty where it cannot be estimated) and a note saying so."""
     found = remembered("activation_bytes", model, {"batch_size": batch_size, "input_hw": list(input_hw),
                                                    "training": training},
-                       lambda: activation_bytes(model, batch_size, input_hw, training=training), is_byte_count)
+                       lambda: activation_bytes(model, batch_size, input_hw, training=training))
     if found is None:
         return {}, f"; the activations of --arch {arch} not estimated"
     return {"activations": found}, ""

@@ -12,7 +12,7 @@ import fasteval.model.compile_cache as compile_cache
 from fasteval.errors import FastevalError
 from fasteval.memory import check_eval_memory
 from fasteval.model.footprint import activation_bytes
-from fasteval.model.meta_facts import facts_dir, is_byte_count, is_pass, remembered
+from fasteval.model.meta_facts import facts_dir, remembered
 from fasteval.model.models import build_model, check_input_fits
 
 
@@ -34,14 +34,14 @@ class Counter:
 
 def test_an_answer_is_computed_once_per_architecture_and_shape(cache, model_3cls):
     first, again = Counter(1234), Counter(0)
-    assert remembered("activation_bytes", model_3cls, {"batch_size": 4}, first, is_byte_count) == 1234
-    assert remembered("activation_bytes", model_3cls, {"batch_size": 4}, again, is_byte_count) == 1234
+    assert remembered("activation_bytes", model_3cls, {"batch_size": 4}, first) == 1234
+    assert remembered("activation_bytes", model_3cls, {"batch_size": 4}, again) == 1234
     assert again.calls == 0
     other_shape, other_head, other_kind = Counter(5), Counter(6), Counter(True)
-    assert remembered("activation_bytes", model_3cls, {"batch_size": 8}, other_shape, is_byte_count) == 5
+    assert remembered("activation_bytes", model_3cls, {"batch_size": 8}, other_shape) == 5
     assert remembered("activation_bytes", torchvision.models.resnet18(num_classes=4), {"batch_size": 4},
-                      other_head, is_byte_count) == 6
-    assert remembered("input_fits", model_3cls, {"batch_size": 4}, other_kind, is_pass) is True
+                      other_head) == 6
+    assert remembered("input_fits", model_3cls, {"batch_size": 4}, other_kind) is True
     assert (other_shape.calls, other_head.calls, other_kind.calls) == (1, 1, 1)
 
 
@@ -50,11 +50,11 @@ def test_a_failure_or_no_answer_is_never_kept(cache, model_3cls):
         raise FastevalError("no")
 
     with pytest.raises(FastevalError):
-        remembered("input_fits", model_3cls, {"input_hw": [8, 8]}, refuses, is_pass)
-    assert remembered("input_fits", model_3cls, {"input_hw": [8, 8]}, Counter(True), is_pass) is True
+        remembered("input_fits", model_3cls, {"input_hw": [8, 8]}, refuses)
+    assert remembered("input_fits", model_3cls, {"input_hw": [8, 8]}, Counter(True)) is True
     none, later = Counter(None), Counter(77)  # "the model cannot run on the meta device": asked again next time
-    assert remembered("activation_bytes", model_3cls, {"batch_size": 2}, none, is_byte_count) is None
-    assert remembered("activation_bytes", model_3cls, {"batch_size": 2}, later, is_byte_count) == 77
+    assert remembered("activation_bytes", model_3cls, {"batch_size": 2}, none) is None
+    assert remembered("activation_bytes", model_3cls, {"batch_size": 2}, later) == 77
     assert later.calls == 1
 
 
@@ -63,19 +63,19 @@ def test_a_damaged_or_foreign_file_is_recomputed(cache, model_3cls, content):
     """Whatever a kept file holds (not JSON, JSON that is not an object, another key, a value of the wrong
     form), the check runs again and its answer replaces the file."""
     shapes = {"batch_size": 4}
-    remembered("activation_bytes", model_3cls, shapes, Counter(1234), is_byte_count)
+    remembered("activation_bytes", model_3cls, shapes, Counter(1234))
     (path,) = list((cache / "meta").iterdir())
     if content == "VALUE":
         for wrong in ("abc", [1], -5, 1.5, True):
             stored = json.loads(path.read_text())
             path.write_text(json.dumps({**stored, "value": wrong}))
             again = Counter(99)
-            assert remembered("activation_bytes", model_3cls, shapes, again, is_byte_count) == 99
+            assert remembered("activation_bytes", model_3cls, shapes, again) == 99
             assert again.calls == 1
         return
     path.write_text(content)
     again = Counter(99)
-    assert remembered("activation_bytes", model_3cls, shapes, again, is_byte_count) == 99 and again.calls == 1
+    assert remembered("activation_bytes", model_3cls, shapes, again) == 99 and again.calls == 1
     assert json.loads(path.read_text())["value"] == 99
 
 
@@ -83,7 +83,7 @@ def test_kept_answers_equal_fresh_ones_and_a_refusal_repeats(cache, model_3cls, 
     fresh = activation_bytes(model_3cls, 4, (32, 32))
     check_eval_memory(model_3cls, "resnet18", small_spec, (40, 48), 4, 0, torch.device("cpu"))
     assert remembered("activation_bytes", model_3cls, {"batch_size": 4, "input_hw": [32, 32], "training": False},
-                      Counter(-1), is_byte_count) == fresh
+                      Counter(-1)) == fresh
     check_input_fits(model_3cls, "resnet18", small_spec, (32, 32))
     check_input_fits(model_3cls, "resnet18", small_spec, (32, 32))  # kept: no meta forward
     vit = torchvision.models.VisionTransformer(32, 16, num_layers=1, num_heads=1, hidden_dim=8, mlp_dim=8,
@@ -99,7 +99,7 @@ def test_an_unwritable_cache_still_answers_and_warns_once(tmp_path, monkeypatch,
     monkeypatch.setenv("FASTEVAL_CACHE", str(blocker))
     monkeypatch.setattr(compile_cache, "_UNWRITABLE", set())
     for _ in range(2):
-        assert remembered("input_fits", model_3cls, {"input_hw": [32, 32]}, Counter(True), is_pass) is True
+        assert remembered("input_fits", model_3cls, {"input_hw": [32, 32]}, Counter(True)) is True
     lines = [line for line in capsys.readouterr().err.splitlines() if "cannot write the cache" in line]
     assert len(lines) == 1 and str(blocker) in lines[0] and facts_dir().startswith(str(blocker))
 

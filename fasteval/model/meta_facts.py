@@ -9,7 +9,7 @@ buffers' names, shapes and dtypes: ``compile_cache.model_signature``), the shape
 torchvision, never on the weights' values; they are kept in ``$FASTEVAL_CACHE/meta/``, one JSON file a
 key, and a run that finds its key runs no meta forward. A failure is never kept: an error raised, or no
 answer (None: the model could not run on the meta device). A kept answer is used only if it has the
-form its check gives (``valid``), and ``FACTS_VERSION`` in every key retires the answers of an older
+form its check gives (``VALID``), and ``FACTS_VERSION`` in every key retires the answers of an older
 fasteval whose checks computed them differently.
 """
 
@@ -48,23 +48,25 @@ def fact_key(kind: str, model: nn.Module, shapes: dict) -> dict:
             "model": f"{type(model).__module__}.{type(model).__qualname__}/{model_signature(model)}", **shapes}
 
 
-def remembered(kind: str, model: nn.Module, shapes: dict, compute: Callable[[], Any],
-               valid: Callable[[Any], bool]) -> Any:
-    """The kept answer for (``kind``, the model's architecture, ``shapes``) where ``valid``, else
-    ``compute()``'s, kept unless it is None."""
+def _is_byte_count(value: Any) -> bool:
+    return type(value) is int and value >= 0
+
+
+def _is_pass(value: Any) -> bool:
+    return value is True
+
+
+VALID = {"activation_bytes": _is_byte_count, "input_fits": _is_pass}  # each kind's answers, by form
+
+
+def remembered(kind: str, model: nn.Module, shapes: dict, compute: Callable[[], Any]) -> Any:
+    """The kept answer for (``kind``, one of ``VALID``, the model's architecture, ``shapes``) where it has
+    its kind's form, else ``compute()``'s, kept unless it is None."""
     key = fact_key(kind, model, shapes)
     fact = load_profile(facts_dir(), key, MetaFact)
-    if fact.known and valid(fact.value):
+    if fact.known and VALID[kind](fact.value):
         return fact.value
     value = compute()
     if value is not None:
         save_profile(facts_dir(), MetaFact(key=key, value=value, known=True))
     return value
-
-
-def is_byte_count(value: Any) -> bool:
-    return type(value) is int and value >= 0
-
-
-def is_pass(value: Any) -> bool:
-    return value is True

@@ -274,10 +274,9 @@ def check_input_fits(model: nn.Module, arch: str, spec, input_hw: tuple[int, int
     only, no compute); a failure there is confirmed by one real forward of one sample, so that
     an operator without a meta kernel is never blamed on the input. A small model takes the real
     forward alone. A pass is kept between runs (fasteval/model/meta_facts.py)."""
-    from fasteval.model.meta_facts import is_pass, remembered
+    from fasteval.model.meta_facts import remembered
 
-    remembered("input_fits", model, {"input_hw": list(input_hw)}, lambda: _input_fits(model, arch, spec, input_hw),
-               is_pass)
+    remembered("input_fits", model, {"input_hw": list(input_hw)}, lambda: _input_fits(model, arch, spec, input_hw))
 
 
 def _input_fits(model: nn.Module, arch: str, spec, input_hw: tuple[int, int]) -> bool:
@@ -288,8 +287,8 @@ def _input_fits(model: nn.Module, arch: str, spec, input_hw: tuple[int, int]) ->
     from fasteval.model.footprint import cheap_forward
 
     h, w = input_hw
-    tensors = {**dict(model.named_parameters()), **dict(model.named_buffers())}
     if not cheap_forward(model, input_hw):
+        tensors = {**dict(model.named_parameters()), **dict(model.named_buffers())}
         meta = {name: torch.empty_like(t, device="meta") for name, t in tensors.items()}
         try:
             with torch.no_grad():
