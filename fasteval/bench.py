@@ -2,7 +2,8 @@
 breakdown, memory per process, and each whole command's time to result, cold and warm.
 
 - Loop throughput: both paths in this process on the same samples, batch size and workers; runs
-  repeated, the median reported, warm-up excluded and reported apart. With ``--compile auto`` the fast
+  repeated (after the first of each, the two paths alternate), the median reported, warm-up excluded
+  and reported apart. With ``--compile auto`` the fast
   loop is measured compiled: the steady state, what ``auto`` picks where a run is long enough to pay.
 - Stages, each measured alone over the dataset's own batches (at least ``MIN_STAGE_BATCHES``):
   decoding (a pass of the loader), the model (on loaded batches, cycling ``KEEP_BATCHES`` of them),
@@ -272,29 +273,37 @@ def run_bench(samples: SampleList, model: nn.Module, spec: PreprocessSpec, devic
     eval command's ``config``: path, arch, weights, preset, sizes, batch size, workers, device) is needed
     for the time to result. ``scope``: ``samples`` are one torchrun rank's shard (fasteval/distributed.py)."""
     ref_model = copy.deepcopy(model)
+
+    def reference_run() -> EvalResult:
+        return evaluate_reference(samples, ref_model, spec, batch_size=options.batch_size, workers=options.workers,
+                                  device=device, progress=progress)
+
+    # The first reference run alone: the reference's memory, as a process running only it holds it.
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    ref_runs = []
-    for _ in range(repeats):
-        ref_runs.append(evaluate_reference(samples, ref_model, spec, batch_size=options.batch_size,
-                                           workers=options.workers, device=device, progress=progress))
-    ref_stages = _reference_stages(samples, ref_model, spec, options.batch_size, options.workers, device)
+    ref_runs = [reference_run()]
     memory = {"in_process": {"after_reference": _in_process_memory()}}
     if device.type == "cuda":
         memory["reference_peak_gpu_mb"] = torch.cuda.max_memory_allocated(device) / 2**20
-        del ref_model
         torch.cuda.empty_cache()
+        base = torch.cuda.memory_allocated(device)  # the reference's model, kept for its later runs
         torch.cuda.reset_peak_memory_stats(device)
 
     # The fast loop itself, always (no route to the reference); compiled where auto would compile a long run.
     loop_options = replace(options, compile="on" if options.compile == "auto" else options.compile, route=False)
     evaluator = FastEvaluator(samples, model, spec, device, loop_options, scope=scope)
-    fast_runs = [evaluator.run(progress) for _ in range(repeats)]
+    fast_runs = [evaluator.run(progress)]
+    if device.type == "cuda":
+        memory["fast_peak_gpu_mb"] = (torch.cuda.max_memory_allocated(device) - base) / 2**20
+    # The other runs alternate, so that a machine whose speed drifts (other tenants, clocks) moves both
+    # paths' medians alike and the ratio compares runs made side by side.
+    for _ in range(repeats - 1):
+        ref_runs.append(reference_run())
+        fast_runs.append(evaluator.run(progress))
+    ref_stages = _reference_stages(samples, ref_model, spec, options.batch_size, options.workers, device)
     ref, fast = _median_result(ref_runs), _median_result(fast_runs)
     fast_stages = _fast_stages(evaluator, fast)
     memory["in_process"]["after_fast"] = _in_process_memory()
-    if device.type == "cuda":
-        memory["fast_peak_gpu_mb"] = torch.cuda.max_memory_allocated(device) / 2**20
 
     ref_stages["end_to_end"], fast_stages["end_to_end"] = ref.images_per_sec, fast.images_per_sec
     config = {"path": samples.root, "samples": len(samples), "batch_size": options.batch_size,
@@ -377,6 +386,8 @@ def format_bench(b: dict) -> str:
     loop_compile = _yes(fast["compile"]) + (" (steady state)" if cfg.get("compile") == "auto" else "")
     rows += [
         ("loader", "DataLoader+PIL", fast["loader"], ""),
+        ("batch shape", str(cfg["batch_size"]), str(fast.get("batch_shape") or cfg["batch_size"]),
+         fast.get("batch_shape_reason") or ""),
         ("precision", "fp32", fast["precision"], ""),
         ("compile (loop)", "no", loop_compile, ""),
         ("", "", "", ""),

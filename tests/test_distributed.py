@@ -290,10 +290,11 @@ def assert_same_run(one: dict, many: dict, world: int) -> None:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("world, per_class, keep", [(2, 3, 7), (4, 1, 3)], ids=["7-on-2", "3-on-4"])
-def test_fast_path_under_torchrun_is_one_process_bit_for_bit(tmp_path, weights_3cls, world, per_class, keep):
+@pytest.mark.parametrize("world, per_class, keep, batch", [(2, 3, 7, 5), (4, 1, 3, 4)], ids=["7-on-2", "3-on-4"])
+def test_fast_path_under_torchrun_is_one_process_bit_for_bit(tmp_path, weights_3cls, world, per_class, keep, batch):
+    """7 samples at --batch-size 5: the fast path's shape is 4 (4+3) in one process and on both ranks (3, 4)."""
     data = tree(tmp_path / "data", per_class, keep)
-    opts = ["--weights", weights_3cls, "--batch-size", "4", "--exact", "off", "--precision", "fp32", *SMALL]
+    opts = ["--weights", weights_3cls, "--batch-size", str(batch), "--exact", "off", "--precision", "fp32", *SMALL]
     one_process("eval", data, *opts, "--json", str(tmp_path / "one.json"), "--predictions", str(tmp_path / "one.csv"))
     proc, _ = torchrun(world, "eval", data, *opts, "--json", str(tmp_path / "n.json"),
                        "--predictions", str(tmp_path / "n.csv"))
@@ -304,6 +305,7 @@ def test_fast_path_under_torchrun_is_one_process_bit_for_bit(tmp_path, weights_3
     assert many["distributed"]["samples_per_rank"] == {2: [3, 4], 4: [0, 1, 1, 1]}[world]  # rank 0 may hold none
     assert rows(tmp_path / "n.csv") == rows(tmp_path / "one.csv")
     assert sorted(os.listdir(tmp_path)) == ["data", "n.csv", "n.json", "one.csv", "one.json"]
+    assert one["batch_shape"] == many["batch_shape"] == {2: 4, 4: 3}[world]
 
 
 @pytest.mark.slow

@@ -249,6 +249,24 @@ def test_static_batch_padding_keeps_shapes(small_data, small_spec):
     assert isinstance(next(iter(loader)), Batch)
 
 
+def test_equal_batches_compute_no_padding_and_keep_the_reference_figures(small_data, weights_3cls, small_spec):
+    samples = discover(small_data)  # 21 samples: --batch-size 8 makes 8+8+5, the fast path 7+7+7
+    options = FastOptions(precision="fp32", compile=False, batch_size=8, workers=0, exact="off")
+    ev = FastEvaluator(samples, build_model("resnet18", weights_3cls, 3), small_spec, CPU, options)
+    assert ev.batch_shape == 7 and [b.real for b in ev.loader] == [7, 7, 7]
+    assert {tuple(b.images.shape) for b in ev.loader} == {(7, 3, 32, 32)}
+    fast = ev.run(progress=False)
+    ref = evaluate_reference(samples, build_model("resnet18", weights_3cls, 3), small_spec, batch_size=8,
+                             workers=0, progress=False)
+    assert fast.extra["batch_shape"] == 7
+    assert fast.extra["batch_shape_reason"] == ("3 batch(es) of 7, as equal as --batch-size 8 allows: 0 padding "
+                                                "row(s) computed, not 3")
+    # The tutorial's figure is over --batch-size's batches (8, 8, 5), whatever shape the fast path ran.
+    assert len(fast.batch_losses) == len(ref.batch_losses) == 3
+    assert fast.loss_batch_mean == pytest.approx(ref.loss_batch_mean, rel=1e-4)
+    assert compare(samples, ref, fast)["agreement"] >= 20 / 21 and fast.loss == pytest.approx(ref.loss, rel=1e-3)
+
+
 def test_unusable_spec_for_fast_path(small_data):
     with pytest.raises(FastevalError):
         get_spec("imagenet", crop=0)

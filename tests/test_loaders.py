@@ -8,7 +8,7 @@ import torch
 from fasteval.errors import FastevalError
 from fasteval.data.loader_dali import dali_available
 from fasteval.data.loader_torch import GpuDecodeLoader
-from fasteval.data.loaders import make_loader, needs_pil
+from fasteval.data.loaders import batch_shape, make_loader, needs_pil
 from fasteval.data.preprocess import PRESETS, get_spec
 from fasteval.evaluation.reference import reference_dataset
 from fasteval.data.samples import discover
@@ -190,3 +190,18 @@ def test_nvjpeg_outputs_are_ordered_with_the_current_stream(monkeypatch):
     for _ in range(2):
         assert len(loader._decode_jpegs([None, None], ["a.jpg", "b.jpg"])) == 2
     assert log == ["decode with decode current", "main waits decode", "image used on main", "image used on main"] * 2
+
+
+@pytest.mark.parametrize("total, cap, shape", [(240, 64, 60), (50_000, 256, 256), (10, 32, 10), (65, 64, 33),
+                                               (64, 64, 64), (1, 64, 1), (21, 8, 7), (21, 4, 4), (129, 64, 43)])
+def test_batch_shape_by_hand(total, cap, shape):
+    assert batch_shape(total, cap) == shape
+
+
+def test_batch_shape_keeps_the_batch_count_and_leaves_under_one_padding_row_per_batch():
+    for cap in range(1, 70):
+        for total in range(1, 400):
+            shape = batch_shape(total, cap)
+            batches = -(-total // cap)
+            assert shape <= cap and -(-total // shape) == batches  # no more batches than --batch-size makes
+            assert 0 <= batches * shape - total < batches  # padding: under one row per batch

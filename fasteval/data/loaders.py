@@ -7,6 +7,7 @@ on the evaluation device.
 
 from __future__ import annotations
 
+import math
 from typing import NamedTuple
 
 import torch
@@ -16,6 +17,26 @@ from fasteval.errors import FastevalError
 from fasteval.data.preprocess import PreprocessSpec
 from fasteval.data.samples import SampleList
 
+
+
+def batch_shape(total: int, batch_size: int) -> int:
+    """The fast path's one static batch size for ``total`` samples and a ``batch_size`` cap: as many
+    batches as the cap needs, made as equal as they can be. The last batch is padded to the static shape
+    and costs a full one: 240 samples at 64 would compute 256 rows, at 60 they compute 240 (at most one
+    padding row per batch is left). Decided from the whole run's count, so every torchrun rank runs the
+    one-process shape."""
+    if total <= 0:
+        return batch_size
+    return math.ceil(total / math.ceil(total / batch_size))
+
+
+def batch_shape_reason(total: int, batch_size: int, shape: int) -> str | None:
+    """One line on ``batch_shape``'s choice where it differs from ``batch_size`` (else None)."""
+    if shape == batch_size:
+        return None
+    batches = math.ceil(total / shape)
+    return (f"{batches} batch(es) of {shape}, as equal as --batch-size {batch_size} allows: {batches * shape - total} "
+            f"padding row(s) computed, not {math.ceil(total / batch_size) * batch_size - total}")
 
 
 class Batch(NamedTuple):

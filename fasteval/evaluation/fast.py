@@ -24,7 +24,7 @@ from fasteval.kernels.accumulator import MetricsAccumulator
 from fasteval.kernels.fused_metrics import resolve_backend
 from fasteval.data.loader_torch import PixelLoader
 from fasteval.data.prefetch import MAX_SAMPLES, reads_pil_pixels
-from fasteval.data.loaders import Batch, make_loader, needs_pil, resolve_loader
+from fasteval.data.loaders import Batch, batch_shape, batch_shape_reason, make_loader, needs_pil, resolve_loader
 from fasteval.evaluation.metrics import TOPK, EvalResult, totals_from_samples
 from fasteval.data.preprocess import PreprocessSpec, check_batchable, image_size
 from fasteval.data.probe import check_headers
@@ -101,8 +101,11 @@ class FastEvaluator:
         self.loader_reason = (f"{total} image(s) on the CPU (at most {MAX_SAMPLES}): PIL's pixels, the reference's, "
                               f"{how}; DALI's import and set-up would not pay") if self.pil_pixels else None
         # A static batch larger than the dataset would be mostly padding: clamp it (to the whole run's
-        # size, so that every shard runs the one-process batch shape).
+        # size, so that every shard runs the one-process batch shape). ``options.batch_size`` stays the
+        # reference's (its batch means, the recheck's batches); the fast pass runs ``batch_shape``.
         options = replace(options, batch_size=min(options.batch_size, total))
+        self.batch_shape = batch_shape(total, options.batch_size)
+        self.batch_shape_reason = batch_shape_reason(total, options.batch_size, self.batch_shape)
         device = use_device(device)  # work not given a device (Triton, nvJPEG, pinning) runs on it
         self.samples, self.spec, self.device, self.options = samples, spec, device, options
         self.exact, self.exact_reason = resolve_exact(options.exact)
@@ -140,14 +143,14 @@ class FastEvaluator:
             # inference tensors, like the warm-up example: one compiled graph serves every batch.
             with torch.inference_mode():
                 if in_process:
-                    self.loader = PixelLoader(samples, self.main, options.batch_size, spec, device, half,
+                    self.loader = PixelLoader(samples, self.main, self.batch_shape, spec, device, half,
                                               pixels=self.pixels, workers=options.workers, keep=passes > 1)
                 else:
-                    self.loader = batch_source(kind, part, spec, batch_size=options.batch_size,
+                    self.loader = batch_source(kind, part, spec, batch_size=self.batch_shape,
                                               workers=options.workers, device=device, half=half)
             h, w = self.input_hw
             with torch.inference_mode():  # an inference tensor, like the loader's: no recompile on the first batch
-                example = torch.zeros(options.batch_size, 3, h, w, device=device,
+                example = torch.zeros(self.batch_shape, 3, h, w, device=device,
                                       dtype=torch.float16 if half else torch.float32)
                 example = example.contiguous(memory_format=torch.channels_last)
             self.model.warm_up(example)
@@ -262,6 +265,8 @@ class FastEvaluator:
             extra={
                 "loader": self.loader.name if self.loader else "none",
                 "loader_reason": self.loader_reason if self.loader else None,
+                "batch_shape": self.batch_shape if self.loader else None,
+                "batch_shape_reason": self.batch_shape_reason if self.loader else None,
                 "precision": self.precision,
                 "compile": self.model.compiled if self.model else False,
                 "compile_reason": self.model.compile_reason if self.model else "no fast pass",

@@ -89,6 +89,8 @@ def format_table(report: dict, title: str = "fasteval") -> str:
             rows.append((key, str(report[key])))
         elif key in cfg:
             rows.append((key, str(cfg[key])))
+    if report.get("batch_shape_reason"):
+        rows.append(("fast batch shape", report["batch_shape_reason"]))
     if report.get("distributed"):
         d = report["distributed"]
         rows.append(("ranks", f"{d['world_size']} ({d['backend']}), samples per rank "
