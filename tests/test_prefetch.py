@@ -141,6 +141,51 @@ def test_a_small_cpu_run_without_start_up_pixels_decodes_them_each_pass(small_da
     assert torch.equal(several.run(progress=False).losses, once.losses) and several.loader.pixels is kept
 
 
+def test_load_rgb_is_imagefolders_loader(kinds_data):
+    """An RGB file is returned as decoded (no copy), any other mode converted: ImageFolder's pixels."""
+    from torchvision.datasets.folder import pil_loader
+
+    for path in discover(kinds_data, quiet=True).paths:
+        ours, theirs = load_rgb(path), pil_loader(path)
+        assert ours.mode == theirs.mode == "RGB" and np.array_equal(np.asarray(ours), np.asarray(theirs)), path
+
+
+def test_one_image_normalised_in_numpy_is_the_batch_normaliser_on_every_value():
+    from fasteval.data.loader_torch import Normalizer
+
+    spec = get_spec("imagenet")
+    values = np.arange(256, dtype=np.uint8)
+    image = np.stack([np.roll(values, 85 * c) for c in range(3)], axis=-1).reshape(16, 16, 3)  # every value, each channel
+    image = np.ascontiguousarray(np.concatenate([image, image[:, :5]], axis=1))  # an odd width: 16 x 21
+    normalizer = Normalizer(spec, CPU, half=False)
+    out = np.empty(image.shape, np.float32)
+    normalizer.into(image, out)
+    batch = normalizer(torch.from_numpy(image).permute(2, 0, 1)[None])
+    assert torch.equal(torch.from_numpy(out), batch[0].permute(1, 2, 0))
+
+
+@pytest.mark.parametrize("threads", [0, 2])
+def test_pil_loader_batches_are_the_batch_normalisers_with_padding_rows(small_data, small_spec, threads):
+    """21 samples at 8: each image normalised where its thread decoded it equals the stacked batch
+    normalised at once; the last batch's 3 padding rows are a black image normalised, as elsewhere."""
+    from fasteval.data.loader_torch import Normalizer, PixelLoader, _pad
+
+    samples = discover(small_data, quiet=True)
+    indices = list(range(len(samples)))
+    loader = PixelLoader(samples, indices, 8, small_spec, CPU, workers=threads)
+    normalizer = Normalizer(small_spec, CPU, half=False)
+    for _ in range(2):
+        seen = 0
+        for batch in loader:
+            chunk = indices[seen:seen + batch.real]
+            stacked = torch.from_numpy(np.stack([reference_pixels(samples.paths[i], small_spec) for i in chunk]))
+            expected, labels = _pad(stacked.permute(0, 3, 1, 2), torch.tensor([samples.labels[i] for i in chunk]), 8)
+            assert torch.equal(batch.images, normalizer(expected)) and torch.equal(batch.labels, labels)
+            assert batch.images.is_contiguous(memory_format=torch.channels_last)
+            seen += batch.real
+        assert seen == 21 and sorted(loader.pixels.images) == indices
+
+
 def _args(*argv):
     return build_parser().parse_args(["eval", *argv])
 

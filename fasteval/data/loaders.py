@@ -2,7 +2,8 @@
 
 Every loader is fed the one sample list, yields batches of the static batch size (the last
 one padded; its ``real`` rows are the samples), images already normalised, channels-last,
-on the evaluation device.
+on the evaluation device. A batch is valid until the next one is asked for: DALI's iterator and
+the PIL pixel loader write every batch into the same buffers (clone what you keep).
 """
 
 from __future__ import annotations
