@@ -259,7 +259,7 @@ def test_equal_batches_compute_no_padding_and_keep_the_reference_figures(small_d
     ref = evaluate_reference(samples, build_model("resnet18", weights_3cls, 3), small_spec, batch_size=8,
                              workers=0, progress=False)
     assert fast.extra["batch_shape"] == 7
-    assert fast.extra["batch_shape_reason"] == ("3 batch(es) of 7, as equal as --batch-size 8 allows: 0 padding "
+    assert fast.extra["batch_shape_reason"] == ("3 batch(es) of 7: as equal as --batch-size 8 allows, 0 padding "
                                                 "row(s) computed, not 3")
     # The tutorial's figure is over --batch-size's batches (8, 8, 5), whatever shape the fast path ran.
     assert len(fast.batch_losses) == len(ref.batch_losses) == 3

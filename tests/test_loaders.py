@@ -8,7 +8,7 @@ import torch
 from fasteval.errors import FastevalError
 from fasteval.data.loader_dali import dali_available
 from fasteval.data.loader_torch import GpuDecodeLoader
-from fasteval.data.loaders import batch_shape, make_loader, needs_pil
+from fasteval.data.loaders import batch_cap, batch_shape, batch_shape_reason, make_loader, needs_pil
 from fasteval.data.preprocess import PRESETS, get_spec
 from fasteval.evaluation.reference import reference_dataset
 from fasteval.data.samples import discover
@@ -195,13 +195,32 @@ def test_nvjpeg_outputs_are_ordered_with_the_current_stream(monkeypatch):
 @pytest.mark.parametrize("total, cap, shape", [(240, 64, 60), (50_000, 256, 256), (10, 32, 10), (65, 64, 33),
                                                (64, 64, 64), (1, 64, 1), (21, 8, 7), (21, 4, 4), (129, 64, 43)])
 def test_batch_shape_by_hand(total, cap, shape):
-    assert batch_shape(total, cap) == shape
+    assert batch_shape(total, cap) == shape == batch_shape(total, cap, "cuda", (224, 224))
+
+
+@pytest.mark.parametrize("total, hw, shape", [(240, (224, 224), 20), (250, (224, 224), 20), (241, (224, 224), 19),
+                                              (240, (32, 32), 60), (10, (224, 224), 10), (100, (448, 448), 5),
+                                              (3, (4000, 4000), 1)])
+def test_a_cpu_batch_holds_at_most_twenty_224px_images(total, hw, shape):
+    assert batch_shape(total, 64, "cpu", hw) == shape
 
 
 def test_batch_shape_keeps_the_batch_count_and_leaves_under_one_padding_row_per_batch():
-    for cap in range(1, 70):
-        for total in range(1, 400):
-            shape = batch_shape(total, cap)
-            batches = -(-total // cap)
-            assert shape <= cap and -(-total // shape) == batches  # no more batches than --batch-size makes
-            assert 0 <= batches * shape - total < batches  # padding: under one row per batch
+    for device, hw in (("cuda", (224, 224)), ("cpu", (224, 224)), ("cpu", (100, 150))):
+        for asked in range(1, 70):
+            cap = batch_cap(asked, device, hw)
+            assert 1 <= cap <= asked
+            for total in range(1, 300):
+                shape = batch_shape(total, asked, device, hw)
+                batches = -(-total // cap)
+                assert shape <= cap and -(-total // shape) == batches  # no more batches than the cap makes
+                assert 0 <= batches * shape - total < batches  # padding: under one row per batch
+
+
+def test_the_reason_names_the_cpu_cap_and_the_padding_saved():
+    assert batch_shape_reason(240, 64, 60) == ("4 batch(es) of 60: as equal as --batch-size 64 allows, 0 padding "
+                                               "row(s) computed, not 16")
+    assert batch_shape_reason(241, 64, 19, "cpu", (224, 224)) == (
+        "13 batch(es) of 19: on the CPU at most 20 image(s) of 224x224 a batch (its activations stay in cache), "
+        "as equal as --batch-size 64 allows, 6 padding row(s) computed, not 15")
+    assert batch_shape_reason(64, 64, 64) is None

@@ -13,31 +13,44 @@ from typing import NamedTuple
 
 import torch
 
-from fasteval.choices import LOADERS
+from fasteval.choices import CPU_BATCH_PIXELS, LOADERS
 from fasteval.errors import FastevalError
 from fasteval.data.preprocess import PreprocessSpec
 from fasteval.data.samples import SampleList
 
 
 
-def batch_shape(total: int, batch_size: int) -> int:
-    """The fast path's one static batch size for ``total`` samples and a ``batch_size`` cap: as many
-    batches as the cap needs, made as equal as they can be. The last batch is padded to the static shape
-    and costs a full one: 240 samples at 64 would compute 256 rows, at 60 they compute 240 (at most one
-    padding row per batch is left). Decided from the whole run's count, so every torchrun rank runs the
-    one-process shape."""
-    if total <= 0:
+def batch_cap(batch_size: int, device_type: str, input_hw: tuple[int, int] | None) -> int:
+    """The most samples the fast path puts in a batch: ``--batch-size``, and on the CPU at most
+    ``CPU_BATCH_PIXELS`` of input (at least one image)."""
+    if device_type != "cpu" or not input_hw:
         return batch_size
-    return math.ceil(total / math.ceil(total / batch_size))
+    return max(1, min(batch_size, CPU_BATCH_PIXELS // (input_hw[0] * input_hw[1])))
 
 
-def batch_shape_reason(total: int, batch_size: int, shape: int) -> str | None:
+def batch_shape(total: int, batch_size: int, device_type: str = "cuda",
+                input_hw: tuple[int, int] | None = None) -> int:
+    """The fast path's one static batch size for ``total`` samples: as many batches as ``batch_cap``
+    needs, made as equal as they can be. The last batch is padded to the static shape and costs a full
+    one: 240 samples at 64 would compute 256 rows, at 60 they compute 240 (at most one padding row per
+    batch is left). Decided from the whole run's count, so every torchrun rank runs the one-process shape."""
+    cap = batch_cap(batch_size, device_type, input_hw)
+    if total <= 0:
+        return cap
+    return math.ceil(total / math.ceil(total / cap))
+
+
+def batch_shape_reason(total: int, batch_size: int, shape: int, device_type: str = "cuda",
+                       input_hw: tuple[int, int] | None = None) -> str | None:
     """One line on ``batch_shape``'s choice where it differs from ``batch_size`` (else None)."""
     if shape == batch_size:
         return None
     batches = math.ceil(total / shape)
-    return (f"{batches} batch(es) of {shape}, as equal as --batch-size {batch_size} allows: {batches * shape - total} "
-            f"padding row(s) computed, not {math.ceil(total / batch_size) * batch_size - total}")
+    cap = batch_cap(batch_size, device_type, input_hw)
+    why = (f"on the CPU at most {cap} image(s) of {input_hw[0]}x{input_hw[1]} a batch (its activations stay "
+           f"in cache), " if cap < batch_size else "")
+    return (f"{batches} batch(es) of {shape}: {why}as equal as --batch-size {batch_size} allows, "
+            f"{batches * shape - total} padding row(s) computed, not {math.ceil(total / batch_size) * batch_size - total}")
 
 
 class Batch(NamedTuple):
