@@ -224,3 +224,4 @@ def test_the_reason_names_the_cpu_cap_and_the_padding_saved():
         "13 batch(es) of 19: on the CPU at most 20 image(s) of 224x224 a batch (its activations stay in cache), "
         "as equal as --batch-size 64 allows, 6 padding row(s) computed, not 15")
     assert batch_shape_reason(64, 64, 64) is None
+    assert batch_shape_reason(156, 32, 20, "cpu", (224, 224)).endswith("32 allows, 4 padding row(s) computed")

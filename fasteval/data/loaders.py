@@ -49,8 +49,9 @@ def batch_shape_reason(total: int, batch_size: int, shape: int, device_type: str
     cap = batch_cap(batch_size, device_type, input_hw)
     why = (f"on the CPU at most {cap} image(s) of {input_hw[0]}x{input_hw[1]} a batch (its activations stay "
            f"in cache), " if cap < batch_size else "")
+    padding, before = batches * shape - total, math.ceil(total / batch_size) * batch_size - total
     return (f"{batches} batch(es) of {shape}: {why}as equal as --batch-size {batch_size} allows, "
-            f"{batches * shape - total} padding row(s) computed, not {math.ceil(total / batch_size) * batch_size - total}")
+            f"{padding} padding row(s) computed" + (f", not {before}" if before != padding else ""))
 
 
 class Batch(NamedTuple):
