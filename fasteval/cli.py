@@ -6,7 +6,7 @@ import argparse
 import os
 import sys
 
-from fasteval.choices import CPU_BATCH_PIXELS
+from fasteval.choices import CPU_BATCH_PIXELS_PER_CORE
 from fasteval.errors import FastevalError, Terminated, describe_error
 from fasteval.procs import exit_promptly, usable_cores
 
@@ -51,8 +51,8 @@ def _add_run_options(p: argparse.ArgumentParser, sweep: bool = False) -> None:
     p.add_argument("--crop", type=_positive_int, help="override the preset's center crop")
     p.add_argument("--batch-size", type=_positive_int, default=64,
                    help="the reference's batch size and the fast path's largest (default 64); the fast path makes "
-                        f"its batches as equal as they can be, on the CPU at most {CPU_BATCH_PIXELS // 224**2} images "
-                        "of 224x224")
+                        f"its batches as equal as they can be, on the CPU at most {CPU_BATCH_PIXELS_PER_CORE // 224**2} "
+                        "images of 224x224 per core")
     p.add_argument("--workers", type=_non_negative_int, default=min(8, usable_cores()),
                    help="decoding workers/threads (default: min(8, cores))")
     p.add_argument("--device", default="auto", help="auto (default), cpu, cuda or cuda:N")

@@ -82,6 +82,20 @@ def test_seed_preset_without_crop(kind, small_data):
 
 
 @pytest.mark.parametrize("kind", LOADERS)
+def test_a_pass_stopped_early_leaves_the_next_passes_whole(kind, small_data):
+    """A pass abandoned after one batch (an error, Ctrl-C in a caller): DALI cannot rewind, so the
+    loader finishes that epoch and resets by hand; the next passes still give every sample once, in order."""
+    samples = discover(small_data)  # 21 samples
+    loader = loader_for(kind, samples, get_spec("imagenet", resize=40, crop=32), batch_size=8, workers=1,
+                        device=CPU)
+    for batch in loader:
+        break
+    for _ in range(2):
+        labels = [label for batch in loader for label in batch.labels[:batch.real].tolist()]
+        assert labels == samples.labels
+
+
+@pytest.mark.parametrize("kind", LOADERS)
 @pytest.mark.parametrize("batch_size", [1, 4, 21, 64])
 def test_every_sample_once_with_a_padded_static_last_batch(kind, batch_size, small_data):
     samples = discover(small_data)  # 21 samples
@@ -201,17 +215,23 @@ def test_batch_shape_by_hand(total, cap, shape):
 @pytest.mark.parametrize("total, hw, shape", [(240, (224, 224), 20), (250, (224, 224), 20), (241, (224, 224), 19),
                                               (240, (32, 32), 60), (10, (224, 224), 10), (100, (448, 448), 5),
                                               (3, (4000, 4000), 1)])
-def test_a_cpu_batch_holds_at_most_twenty_224px_images(total, hw, shape):
-    assert batch_shape(total, 64, "cpu", hw) == shape
+def test_a_cpu_batch_holds_at_most_ten_224px_images_a_core(total, hw, shape):
+    assert batch_shape(total, 64, "cpu", hw, cores=2) == shape
+
+
+def test_the_cpu_cap_scales_with_the_usable_cores(monkeypatch):
+    assert [batch_cap(64, "cpu", (224, 224), cores) for cores in (1, 2, 3, 6, 8, 64)] == [10, 20, 30, 60, 64, 64]
+    monkeypatch.setattr("fasteval.data.loaders.usable_cores", lambda: 4)  # the process's affinity by default
+    assert batch_shape(240, 64, "cpu", (224, 224)) == 40
 
 
 def test_batch_shape_keeps_the_batch_count_and_leaves_under_one_padding_row_per_batch():
     for device, hw in (("cuda", (224, 224)), ("cpu", (224, 224)), ("cpu", (100, 150))):
         for asked in range(1, 70):
-            cap = batch_cap(asked, device, hw)
+            cap = batch_cap(asked, device, hw, cores=2)
             assert 1 <= cap <= asked
             for total in range(1, 300):
-                shape = batch_shape(total, asked, device, hw)
+                shape = batch_shape(total, asked, device, hw, cores=2)
                 batches = -(-total // cap)
                 assert shape <= cap and -(-total // shape) == batches  # no more batches than the cap makes
                 assert 0 <= batches * shape - total < batches  # padding: under one row per batch
@@ -219,9 +239,14 @@ def test_batch_shape_keeps_the_batch_count_and_leaves_under_one_padding_row_per_
 
 def test_the_reason_names_the_cpu_cap_and_the_padding_saved():
     assert batch_shape_reason(240, 64, 60) == ("4 batch(es) of 60: as equal as --batch-size 64 allows, 0 padding "
-                                               "row(s) computed, not 16")
-    assert batch_shape_reason(241, 64, 19, "cpu", (224, 224)) == (
-        "13 batch(es) of 19: on the CPU at most 20 image(s) of 224x224 a batch (its activations stay in cache), "
-        "as equal as --batch-size 64 allows, 6 padding row(s) computed, not 15")
+                                               "row(s) in one process, not 16")
+    assert batch_shape_reason(241, 64, 19, "cpu", (224, 224), cores=2) == (
+        "13 batch(es) of 19: on the CPU at most 20 image(s) of 224x224 a batch on these cores (its activations "
+        "stay in cache), as equal as --batch-size 64 allows, 6 padding row(s) in one process, not 15")
     assert batch_shape_reason(64, 64, 64) is None
-    assert batch_shape_reason(156, 32, 20, "cpu", (224, 224)).endswith("32 allows, 4 padding row(s) computed")
+    assert batch_shape_reason(156, 32, 20, "cpu", (224, 224), cores=2).endswith("32 allows, 4 padding row(s) in "
+                                                                                "one process")
+    # A --batch-size above the run's size is named as asked; the run's own size is the clamp, not padding.
+    assert batch_shape_reason(30, 64, 15, "cpu", (224, 224), cores=2).endswith("--batch-size 64 allows, 0 padding "
+                                                                              "row(s) in one process")
+    assert batch_shape_reason(30, 64, 30, "cpu", (32, 32), cores=2) is None

@@ -112,26 +112,33 @@ class DaliLoader:
             self._pipe.build()
             # FILL + pad_last_batch: every sample once, in order; the last batch repeats its last
             # sample up to the static size, and those rows are marked ignored downstream.
+            # Reset by hand when the next pass starts: DALI's auto_reset would start decoding the next pass
+            # at once, beside whatever runs between passes (a bench's reference run, a training epoch).
             self._iter = DALIGenericIterator([self._pipe], ["images", "labels"], reader_name="Reader",
-                                             last_batch_policy=LastBatchPolicy.FILL, auto_reset=True)
+                                             last_batch_policy=LastBatchPolicy.FILL, auto_reset=False)
+            self._ended = False  # the epoch is over: reset() before the next pass
         except Exception as exc:
             # Starting the pipeline decodes the first batches (prefetch): a bad file there fails here.
             raise self._failure(exc, 0, f"cannot start the DALI pipeline on {device}") from None
 
     def __iter__(self) -> Iterator[Batch]:
-        if self._mid_epoch:  # an earlier pass stopped early: DALI cannot rewind, so finish that epoch
-            for _ in self._iter:
-                pass
-        self._mid_epoch = True
         seen = 0
         try:
+            if self._mid_epoch:  # an earlier pass stopped early: DALI cannot rewind, so finish that epoch
+                for _ in self._iter:
+                    pass
+                self._ended = True
+            if self._ended:
+                self._iter.reset()
+                self._ended = False
+            self._mid_epoch = True
             for out in self._iter:
                 images = out[0]["images"].permute(0, 3, 1, 2)  # NHWC memory: a channels-last NCHW view
                 labels = out[0]["labels"].view(-1).long()
                 real = min(self.batch_size, len(self.samples) - seen)
                 seen += real
                 yield Batch(images, labels, real)
-            self._mid_epoch = False
+            self._mid_epoch, self._ended = False, True
         except Exception as exc:
             raise self._failure(exc, seen, f"DALI failed after {seen} samples") from None
 

@@ -2,8 +2,9 @@
 reference's PIL pixels for small CPU runs.
 
 The first two keep images as uint8 until they reach the device, where a single normalisation
-produces the model's channels-last float input; the third (CPU only) normalises each image on the
-thread that decoded it. The last batch is padded to the static size.
+produces the model's channels-last float input; the third (CPU only) normalises each image as it
+reads it (on the thread that decoded it, or in order for pixels decoded at start-up). The last
+batch is padded to the static size.
 Per batch, neither makes the host wait for the device: host tensors go to the GPU from pinned
 memory with ``non_blocking=True``, padding is made on the device, and no device tensor is indexed
 with a host list (``tests/test_sync_free.py`` checks all three on fake CUDA tensors).
@@ -126,8 +127,9 @@ class KeptPixels:
 
 
 class PixelLoader:
-    """Batches of the reference's own pixels (PIL: ``convert("RGB")``, torchvision's resize and crop) for
-    the samples at ``indices``, normalised and padded as the other loaders' batches are. ``pixels``: the
+    """Batches of the reference's own pixels (ImageFolder's PIL decode, torchvision's resize and crop) for
+    the samples at ``indices``, normalised and padded as the other loaders' batches are (float32: each
+    image as it is read, into its row of one buffer reused by every batch; fp16: torch's batch normaliser). ``pixels``: the
     samples decoded since the command started (fasteval/data/prefetch.py), batched in this process on
     every pass. Without them each pass decodes here, batch by batch, between the model's batches, on
     ``workers`` threads (PIL lets go of the GIL while it decodes and resizes), and keeps what it decoded.
@@ -147,7 +149,11 @@ class PixelLoader:
         self.labels = torch.tensor([samples.labels[i] for i in indices], dtype=torch.int64)
         self.normalize = Normalizer(spec, device, half)
         self.output_hw = spec.output_hw(*image_size(samples.paths[indices[0]])) if indices else (0, 0)
-        self._out: torch.Tensor | None = None
+        # NHWC memory, a channels-last NCHW batch: made here, where the evaluator builds its loader in
+        # inference mode (an inference tensor, as its warm-up example is). Fresh pages to fault in on
+        # every batch were 2/3 of normalising one (36 MB at 60 x 224^2).
+        self.per_image = self.normalize.dtype == torch.float32 and device.type == "cpu"
+        self._out = torch.empty((batch_size, *self.output_hw, 3), dtype=torch.float32) if self.per_image else None
         if pixels is not None:
             self.name = "pil-cpu, decoded at start-up"
         elif workers:
@@ -176,7 +182,7 @@ class PixelLoader:
         for start in range(0, len(self.indices), b):
             chunk = self.indices[start:start + b]
             labels = to_device(self.labels[start:start + b], self.device)
-            if self.normalize.dtype != torch.float32 or self.device.type != "cpu":
+            if not self.per_image:
                 if decode is not None:
                     paths = [self.samples.paths[i] for i in chunk]
                     pixels.images.update(zip(chunk, decode(functools.partial(reference_pixels, spec=self.spec), paths)))
@@ -184,9 +190,7 @@ class PixelLoader:
                 images, labels = _pad(to_device(images, self.device), labels, b)
                 yield Batch(self.normalize(images), labels, len(chunk))
                 continue
-            if self._out is None:  # NHWC: a channels-last NCHW. One buffer for every batch, as DALI's
-                self._out = torch.empty((b, *self.output_hw, 3), dtype=torch.float32)  # (36 MB at 60 x 224^2:
-            out, rows = self._out, self._out.numpy()  # fresh pages to fault in were 2/3 of normalising)
+            out, rows = self._out, self._out.numpy()
 
             def fill(row: int, index: int) -> np.ndarray:
                 image = reference_pixels(self.samples.paths[index], self.spec) if decode else pixels.get(index)

@@ -2,8 +2,8 @@
 
 Every loader is fed the one sample list, yields batches of the static batch size (the last
 one padded; its ``real`` rows are the samples), images already normalised, channels-last,
-on the evaluation device. A batch is valid until the next one is asked for: DALI's iterator and
-the PIL pixel loader write every batch into the same buffers (clone what you keep).
+on the evaluation device. A batch is valid until the next one is asked for: the PIL pixel loader
+writes every batch into one buffer, and DALI's iterator may reuse its outputs (clone what you keep).
 """
 
 from __future__ import annotations
@@ -13,45 +13,51 @@ from typing import NamedTuple
 
 import torch
 
-from fasteval.choices import CPU_BATCH_PIXELS, LOADERS
+from fasteval.choices import CPU_BATCH_PIXELS_PER_CORE, LOADERS
 from fasteval.errors import FastevalError
+from fasteval.procs import usable_cores
 from fasteval.data.preprocess import PreprocessSpec
 from fasteval.data.samples import SampleList
 
 
 
-def batch_cap(batch_size: int, device_type: str, input_hw: tuple[int, int] | None) -> int:
+def batch_cap(batch_size: int, device_type: str, input_hw: tuple[int, int] | None, cores: int | None = None) -> int:
     """The most samples the fast path puts in a batch: ``--batch-size``, and on the CPU at most
-    ``CPU_BATCH_PIXELS`` of input (at least one image)."""
+    ``CPU_BATCH_PIXELS_PER_CORE`` of input per usable core (at least one image). The cores are this
+    process's affinity, the same for a torchrun rank as for one process on that machine (not its threads,
+    which torchrun sets to 1), so the ranks keep the one-process shape."""
     if device_type != "cpu" or not input_hw:
         return batch_size
-    return max(1, min(batch_size, CPU_BATCH_PIXELS // (input_hw[0] * input_hw[1])))
+    pixels = CPU_BATCH_PIXELS_PER_CORE * (cores or usable_cores())
+    return max(1, min(batch_size, pixels // (input_hw[0] * input_hw[1])))
 
 
 def batch_shape(total: int, batch_size: int, device_type: str = "cuda",
-                input_hw: tuple[int, int] | None = None) -> int:
+                input_hw: tuple[int, int] | None = None, cores: int | None = None) -> int:
     """The fast path's one static batch size for ``total`` samples: as many batches as ``batch_cap``
     needs, made as equal as they can be. The last batch is padded to the static shape and costs a full
     one: 240 samples at 64 would compute 256 rows, at 60 they compute 240 (at most one padding row per
     batch is left). Decided from the whole run's count, so every torchrun rank runs the one-process shape."""
-    cap = batch_cap(batch_size, device_type, input_hw)
+    cap = batch_cap(batch_size, device_type, input_hw, cores)
     if total <= 0:
         return cap
     return math.ceil(total / math.ceil(total / cap))
 
 
 def batch_shape_reason(total: int, batch_size: int, shape: int, device_type: str = "cuda",
-                       input_hw: tuple[int, int] | None = None) -> str | None:
-    """One line on ``batch_shape``'s choice where it differs from ``batch_size`` (else None)."""
-    if shape == batch_size:
+                       input_hw: tuple[int, int] | None = None, cores: int | None = None) -> str | None:
+    """One line on ``batch_shape``'s choice for ``total`` samples and the requested ``batch_size``, where
+    it differs from that size clamped to the run (else None)."""
+    clamped = min(batch_size, total)
+    if shape == clamped:
         return None
     batches = math.ceil(total / shape)
-    cap = batch_cap(batch_size, device_type, input_hw)
-    why = (f"on the CPU at most {cap} image(s) of {input_hw[0]}x{input_hw[1]} a batch (its activations stay "
-           f"in cache), " if cap < batch_size else "")
-    padding, before = batches * shape - total, math.ceil(total / batch_size) * batch_size - total
+    cap = batch_cap(clamped, device_type, input_hw, cores)
+    why = (f"on the CPU at most {cap} image(s) of {input_hw[0]}x{input_hw[1]} a batch on these cores (its "
+           f"activations stay in cache), " if cap < clamped else "")
+    padding, before = batches * shape - total, math.ceil(total / clamped) * clamped - total
     return (f"{batches} batch(es) of {shape}: {why}as equal as --batch-size {batch_size} allows, "
-            f"{padding} padding row(s) computed" + (f", not {before}" if before != padding else ""))
+            f"{padding} padding row(s) in one process" + (f", not {before}" if before != padding else ""))
 
 
 class Batch(NamedTuple):

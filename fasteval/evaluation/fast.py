@@ -103,10 +103,10 @@ class FastEvaluator:
         # A static batch larger than the dataset would be mostly padding: clamp it (to the whole run's
         # size, so that every shard runs the one-process batch shape). ``options.batch_size`` stays the
         # reference's (its batch means, the recheck's batches); the fast pass runs ``batch_shape``.
-        options = replace(options, batch_size=min(options.batch_size, total))
+        asked, options = options.batch_size, replace(options, batch_size=min(options.batch_size, total))
         shape_of = dict(device_type=device.type, input_hw=self.input_hw)
         self.batch_shape = batch_shape(total, options.batch_size, **shape_of)
-        self.batch_shape_reason = batch_shape_reason(total, options.batch_size, self.batch_shape, **shape_of)
+        self.batch_shape_reason = batch_shape_reason(total, asked, self.batch_shape, **shape_of)
         device = use_device(device)  # work not given a device (Triton, nvJPEG, pinning) runs on it
         self.samples, self.spec, self.device, self.options = samples, spec, device, options
         self.exact, self.exact_reason = resolve_exact(options.exact)
