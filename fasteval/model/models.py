@@ -47,10 +47,27 @@ VALUE_OPS = frozenset({"normal_", "uniform_", "fill_", "zero_", "erfinv_", "mul_
                        "bernoulli_", "random_", "copy_", "sqrt_", "neg_", "abs_"})
 
 
+# A computation on meta tensors while a model is built (ConvNeXt's layer scale, Swin's and MaxViT's relative
+# position index) reaches Python meta kernels wrapped in ``torch._disable_dynamo``, whose first call imports
+# TorchDynamo. These out-of-place operators, on up to ``CPU_STAND_IN_ELEMENTS`` input elements, run on
+# zero-filled CPU stand-ins instead (the values are never read: a checkpoint replaces them), their results
+# moved back to the meta device. Any other operator runs on the meta device: at worst no saving.
+CPU_STAND_IN_OPS = frozenset({
+    "mul", "add", "sub", "div", "true_divide", "floor_divide", "pow", "neg", "abs", "sign", "exp", "log", "log2",
+    "log1p", "sqrt", "rsqrt", "floor", "ceil", "round", "clamp", "where", "matmul", "sum", "mean", "stack", "cat",
+    "meshgrid", "flatten", "permute", "transpose", "contiguous", "reshape", "view", "unsqueeze", "squeeze",
+    "expand", "repeat", "roll", "ones_like", "zeros_like", "__mul__", "__rmul__", "__add__", "__radd__",
+    "__sub__", "__rsub__", "__truediv__", "__rtruediv__", "__floordiv__", "__pow__", "__neg__", "__abs__",
+    "__matmul__", "__getitem__"})
+CPU_STAND_IN_ELEMENTS = 1 << 20
+CPU_STAND_IN_FACTORIES = frozenset({"arange", "linspace"})  # computed by Python refs on the meta device too
+
+
 class _MetaValuesSkipped(TorchFunctionMode):
     """On a meta tensor, an initialiser (``torch.nn.init``'s in-place functions, whole: their inner ops
     would run with this mode set aside) or a value-only tensor method returns the tensor as it is: it
-    changes no shape, dtype or stride."""
+    changes no shape, dtype or stride. The ``CPU_STAND_IN_OPS`` on small meta tensors run on CPU
+    stand-ins; where that fails, on the meta device as before."""
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
@@ -59,7 +76,49 @@ class _MetaValuesSkipped(TorchFunctionMode):
         tensor = args[0] if args else kwargs.get("tensor")  # nn.init passes its tensor by keyword
         if (initialiser or name in VALUE_OPS) and isinstance(tensor, torch.Tensor) and tensor.is_meta:
             return tensor
+        if name in CPU_STAND_IN_FACTORIES and _tensors((args, kwargs)) == [] and kwargs.get("device") is None:
+            return _to_meta(func(*args, **{**kwargs, "device": "cpu"}))  # the default device is the meta one
+        metas = [t for t in _tensors((args, kwargs)) if t.is_meta] if name in CPU_STAND_IN_OPS else []
+        if metas and sum(t.numel() for t in metas) <= CPU_STAND_IN_ELEMENTS:
+            try:
+                out = func(*_on_cpu(args), **_on_cpu(kwargs))
+            except Exception:
+                return func(*args, **kwargs)
+            return _to_meta(out)
         return func(*args, **kwargs)
+
+
+def _tensors(tree) -> list[torch.Tensor]:
+    """Every tensor in nested lists, tuples and dicts."""
+    if isinstance(tree, torch.Tensor):
+        return [tree]
+    if isinstance(tree, (list, tuple)):
+        return [t for item in tree for t in _tensors(item)]
+    if isinstance(tree, dict):
+        return [t for item in tree.values() for t in _tensors(item)]
+    return []
+
+
+def _on_cpu(tree):
+    """``tree`` with each meta tensor replaced by a zero-filled CPU tensor of its shape and dtype."""
+    if isinstance(tree, torch.Tensor):
+        return torch.zeros(tree.shape, dtype=tree.dtype, device="cpu") if tree.is_meta else tree
+    if type(tree) in (list, tuple):
+        return type(tree)(_on_cpu(item) for item in tree)
+    if type(tree) is dict:
+        return {key: _on_cpu(item) for key, item in tree.items()}
+    return tree
+
+
+def _to_meta(tree):
+    """``tree`` with each CPU tensor moved to the meta device (a parameter stays a parameter)."""
+    if isinstance(tree, nn.Parameter):
+        return nn.Parameter(tree.to("meta"), requires_grad=tree.requires_grad)
+    if isinstance(tree, torch.Tensor):
+        return tree.to("meta")
+    if type(tree) in (list, tuple):
+        return type(tree)(_to_meta(item) for item in tree)
+    return tree
 
 
 def _construct(arch: str, num_classes: int, device: str | torch.device = "cpu") -> nn.Module:
