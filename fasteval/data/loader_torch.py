@@ -12,7 +12,6 @@ with a host list (``tests/test_sync_free.py`` checks all three on fake CUDA tens
 
 from __future__ import annotations
 
-import functools
 import warnings
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -128,32 +127,37 @@ class KeptPixels:
 
 class PixelLoader:
     """Batches of the reference's own pixels (ImageFolder's PIL decode, torchvision's resize and crop) for
-    the samples at ``indices``, normalised and padded as the other loaders' batches are (float32: each
-    image as it is read, into its row of one buffer reused by every batch; fp16: torch's batch normaliser). ``pixels``: the
-    samples decoded since the command started (fasteval/data/prefetch.py), batched in this process on
-    every pass. Without them each pass decodes here, batch by batch, between the model's batches, on
-    ``workers`` threads (PIL lets go of the GIL while it decodes and resizes), and keeps what it decoded.
-    Between, not beside: on the CPU the model's threads take every core, and decoding beside them
+    the samples at ``indices``, normalised and padded as the other loaders' batches are, on the CPU (the
+    only device that reads PIL's pixels: ``prefetch.reads_pil_pixels``; fp32 or bf16, whose autocast takes
+    float32 input). Each image is normalised as it is read, into its row of one buffer reused by every
+    batch. ``pixels``: the samples decoded since the command started (fasteval/data/prefetch.py), batched in
+    this process on every pass. Without them each pass decodes here, batch by batch, between the model's
+    batches, on ``workers`` threads (PIL lets go of the GIL while it decodes and resizes), and keeps what it
+    decoded. Between, not beside: on the CPU the model's threads take every core, and decoding beside them
     (DataLoader workers, or a thread) stalls its parallel regions: on the demo, 75 images/s beside against
     80 between, and 68 for one decoding thread beside. ``self.pixels``: the last pass's, for the recheck."""
 
     name = "pil-cpu, in-process"
 
     def __init__(self, samples: SampleList, indices: list[int], batch_size: int, spec: PreprocessSpec,
-                 device: torch.device, half: bool = False, pixels=None, workers: int = 0, keep: bool = False) -> None:
+                 device: torch.device, pixels=None, workers: int = 0, keep: bool = False) -> None:
         """``keep``: the pixels the first pass decodes serve the later passes too (a run of several
         passes over the same images, training's validation: decoded once, as a sweep's store is)."""
-        self.samples, self.indices, self.batch_size, self.spec, self.device = samples, indices, batch_size, spec, device
+        if device.type != "cpu":
+            raise ValueError(f"PixelLoader batches on the CPU, not on {device}")
+        self.samples, self.indices, self.batch_size, self.spec = samples, indices, batch_size, spec
         self.given = self.pixels = pixels
         self.keep, self.threads = keep, workers
-        self.labels = torch.tensor([samples.labels[i] for i in indices], dtype=torch.int64)
-        self.normalize = Normalizer(spec, device, half)
+        # The labels padded once to whole batches: each batch is a slice.
+        whole = -(-len(indices) // batch_size) * batch_size
+        self.labels = torch.zeros(whole, dtype=torch.int64)
+        self.labels[:len(indices)] = torch.tensor([samples.labels[i] for i in indices], dtype=torch.int64)
+        self.normalize = Normalizer(spec, device, half=False)
         self.output_hw = spec.output_hw(*image_size(samples.paths[indices[0]])) if indices else (0, 0)
         # NHWC memory, a channels-last NCHW batch: made here, where the evaluator builds its loader in
         # inference mode (an inference tensor, as its warm-up example is). Fresh pages to fault in on
         # every batch were 2/3 of normalising one (36 MB at 60 x 224^2).
-        self.per_image = self.normalize.dtype == torch.float32 and device.type == "cpu"
-        self._out = torch.empty((batch_size, *self.output_hw, 3), dtype=torch.float32) if self.per_image else None
+        self._out = torch.empty((batch_size, *self.output_hw, 3), dtype=torch.float32)
         if pixels is not None:
             self.name = "pil-cpu, decoded at start-up"
         elif workers:
@@ -177,34 +181,23 @@ class PixelLoader:
 
     def _from_pixels(self, pixels, decode=None) -> Iterator[Batch]:
         """``decode``: a map (the pool's or the builtin) that decodes each batch's files into ``pixels`` (a
-        ``KeptPixels``) first; each image is normalised where it was decoded, into its row of the batch."""
-        b = self.batch_size
+        ``KeptPixels``); each image is normalised where it was decoded, into its row of the batch."""
+        b, rows = self.batch_size, self._out.numpy()
+
+        def fill(row: int, index: int) -> np.ndarray:
+            image = reference_pixels(self.samples.paths[index], self.spec) if decode else pixels.get(index)
+            self.normalize.into(image, rows[row])
+            return image
+
         for start in range(0, len(self.indices), b):
             chunk = self.indices[start:start + b]
-            labels = to_device(self.labels[start:start + b], self.device)
-            if not self.per_image:
-                if decode is not None:
-                    paths = [self.samples.paths[i] for i in chunk]
-                    pixels.images.update(zip(chunk, decode(functools.partial(reference_pixels, spec=self.spec), paths)))
-                images = torch.from_numpy(np.stack([pixels.get(i) for i in chunk])).permute(0, 3, 1, 2)
-                images, labels = _pad(to_device(images, self.device), labels, b)
-                yield Batch(self.normalize(images), labels, len(chunk))
-                continue
-            out, rows = self._out, self._out.numpy()
-
-            def fill(row: int, index: int) -> np.ndarray:
-                image = reference_pixels(self.samples.paths[index], self.spec) if decode else pixels.get(index)
-                self.normalize.into(image, rows[row])
-                return image
-
             images = list((decode or map)(fill, range(len(chunk)), chunk))
             if decode is not None:
                 pixels.images.update(zip(chunk, images))
             if len(chunk) < b:  # padding rows: a black image, normalised, as the other loaders pad
                 self.normalize.into(np.zeros((*self.output_hw, 3), np.uint8), rows[len(chunk)])
                 rows[len(chunk) + 1:] = rows[len(chunk)]
-            labels = torch.cat([labels, labels.new_zeros(b - len(chunk))])
-            yield Batch(out.permute(0, 3, 1, 2), labels, len(chunk))
+            yield Batch(self._out.permute(0, 3, 1, 2), self.labels[start:start + b], len(chunk))
 
 
 def _pil_rgb(path: str):

@@ -144,7 +144,7 @@ class FastEvaluator:
             # inference tensors, like the warm-up example: one compiled graph serves every batch.
             with torch.inference_mode():
                 if in_process:
-                    self.loader = PixelLoader(samples, self.main, self.batch_shape, spec, device, half,
+                    self.loader = PixelLoader(samples, self.main, self.batch_shape, spec, device,
                                               pixels=self.pixels, workers=options.workers, keep=passes > 1)
                 else:
                     self.loader = batch_source(kind, part, spec, batch_size=self.batch_shape,

@@ -15,6 +15,7 @@ from contextlib import nullcontext
 import torch
 from torch import nn
 from torch.overrides import TorchFunctionMode
+from torch.utils._pytree import tree_leaves, tree_map_only
 
 from fasteval.errors import FastevalError, first_line, message_lines
 
@@ -76,9 +77,12 @@ class _MetaValuesSkipped(TorchFunctionMode):
         tensor = args[0] if args else kwargs.get("tensor")  # nn.init passes its tensor by keyword
         if (initialiser or name in VALUE_OPS) and isinstance(tensor, torch.Tensor) and tensor.is_meta:
             return tensor
-        if name in CPU_STAND_IN_FACTORIES and _tensors((args, kwargs)) == [] and kwargs.get("device") is None:
+        if name not in CPU_STAND_IN_OPS and name not in CPU_STAND_IN_FACTORIES:
+            return func(*args, **kwargs)
+        tensors = [t for t in tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)]
+        if name in CPU_STAND_IN_FACTORIES and not tensors and kwargs.get("device") is None:
             return _to_meta(func(*args, **{**kwargs, "device": "cpu"}))  # the default device is the meta one
-        metas = [t for t in _tensors((args, kwargs)) if t.is_meta] if name in CPU_STAND_IN_OPS else []
+        metas = [t for t in tensors if t.is_meta]
         if metas and sum(t.numel() for t in metas) <= CPU_STAND_IN_ELEMENTS:
             try:
                 out = func(*_on_cpu(args), **_on_cpu(kwargs))
@@ -88,37 +92,20 @@ class _MetaValuesSkipped(TorchFunctionMode):
         return func(*args, **kwargs)
 
 
-def _tensors(tree) -> list[torch.Tensor]:
-    """Every tensor in nested lists, tuples and dicts."""
-    if isinstance(tree, torch.Tensor):
-        return [tree]
-    if isinstance(tree, (list, tuple)):
-        return [t for item in tree for t in _tensors(item)]
-    if isinstance(tree, dict):
-        return [t for item in tree.values() for t in _tensors(item)]
-    return []
-
-
 def _on_cpu(tree):
-    """``tree`` with each meta tensor replaced by a zero-filled CPU tensor of its shape and dtype."""
-    if isinstance(tree, torch.Tensor):
-        return torch.zeros(tree.shape, dtype=tree.dtype, device="cpu") if tree.is_meta else tree
-    if type(tree) in (list, tuple):
-        return type(tree)(_on_cpu(item) for item in tree)
-    if type(tree) is dict:
-        return {key: _on_cpu(item) for key, item in tree.items()}
-    return tree
+    """``tree`` (arguments, any nesting) with each meta tensor replaced by a zero-filled CPU tensor of its
+    shape and dtype."""
+    return tree_map_only(torch.Tensor, lambda t: torch.zeros(t.shape, dtype=t.dtype, device="cpu") if t.is_meta else t,
+                         tree)
 
 
 def _to_meta(tree):
-    """``tree`` with each CPU tensor moved to the meta device (a parameter stays a parameter)."""
-    if isinstance(tree, nn.Parameter):
-        return nn.Parameter(tree.to("meta"), requires_grad=tree.requires_grad)
-    if isinstance(tree, torch.Tensor):
-        return tree.to("meta")
-    if type(tree) in (list, tuple):
-        return type(tree)(_to_meta(item) for item in tree)
-    return tree
+    """``tree`` (a result, any nesting) with each tensor moved to the meta device (a parameter stays one)."""
+    def moved(t: torch.Tensor) -> torch.Tensor:
+        meta = t.to("meta")
+        return nn.Parameter(meta, requires_grad=t.requires_grad) if isinstance(t, nn.Parameter) else meta
+
+    return tree_map_only(torch.Tensor, moved, tree)
 
 
 def _construct(arch: str, num_classes: int, device: str | torch.device = "cpu") -> nn.Module:
