@@ -42,18 +42,25 @@ def test_checkpoint_formats_load_the_same_model(net, tmp_path, wrap):
         assert torch.equal(model(X), net(X))
 
 
-def test_loaded_model_is_the_plain_load_bitwise(net, tmp_path):
-    """The model built without initialising weights (meta device + assign) is the tutorial's
-    ``model = resnet18(...); model.load_state_dict(torch.load(f))``: every tensor equal, fp32,
-    contiguous, ``requires_grad`` as a fresh model's, for fp16 and channels-last checkpoints too."""
-    plain = torchvision.models.resnet18(num_classes=7)
-    sd = net.state_dict()
+@pytest.mark.parametrize("arch", ["resnet18", "regnet_x_400mf"])
+def test_loaded_model_is_the_plain_load_bitwise(arch, tmp_path):
+    """The model built without initialising weights (on the meta device, or on the CPU with nn.init's
+    initialisers skipped where the meta device cannot build it: RegNets) and given the checkpoint's
+    tensors is the tutorial's ``model = arch(...); model.load_state_dict(torch.load(f))``: every tensor
+    equal, fp32, contiguous, ``requires_grad`` as a fresh model's, for fp16 and channels-last checkpoints
+    too. Building it draws no random numbers."""
+    torch.manual_seed(1)
+    plain = torchvision.models.get_model(arch, num_classes=7)
+    sd = {k: v.clone() for k, v in torchvision.models.get_model(arch, num_classes=7).state_dict().items()}
     variants = {"fp32": sd, "fp16": {k: v.half() if v.is_floating_point() else v for k, v in sd.items()},
                 "channels_last": {k: v.contiguous(memory_format=torch.channels_last) if v.dim() == 4 else v
                                   for k, v in sd.items()}}
     for name, state in variants.items():
         plain.load_state_dict(state)
-        model = build_model("resnet18", _save(state, tmp_path / f"{name}.pt"), num_classes=7)
+        path = _save(state, tmp_path / f"{name}.pt")
+        rng = torch.get_rng_state()
+        model = build_model(arch, path, num_classes=7)
+        assert torch.equal(torch.get_rng_state(), rng), "building a model to load drew random numbers"
         ours, theirs = model.state_dict(), plain.state_dict()
         assert list(ours) == list(theirs)
         for key, value in theirs.items():
@@ -62,8 +69,33 @@ def test_loaded_model_is_the_plain_load_bitwise(net, tmp_path):
         assert all(p.requires_grad for p in model.parameters())
         with torch.no_grad():
             assert torch.equal(model(X), plain.eval()(X))
-    checked = build_model("resnet18", _save(sd, tmp_path / "c.pt"), num_classes=7, check_only=True)
-    assert all(t.is_meta for t in checked.parameters())  # a check reads no weights
+    checked = build_model(arch, _save(sd, tmp_path / "c.pt"), num_classes=7, check_only=True)
+    assert all(t.is_meta for t in checked.parameters()) or arch.startswith("regnet")  # a check reads no weights
+
+
+def test_every_classifier_keeps_all_its_buffers_in_its_state_dict():
+    """A model built without initialising (meta device, or nn.init skipped) is whole only if the checkpoint
+    replaces every tensor: no torchvision classifier may have a non-persistent buffer."""
+    from fasteval.model.models import _construct_for_loading, classification_models
+
+    for arch in classification_models():
+        model = _construct_for_loading(arch, 10)
+        assert not [name for name, module in model.named_modules() if module._non_persistent_buffers_set], arch
+        assert len(model.state_dict()) == len(list(model.parameters())) + len(list(model.buffers())), arch
+
+
+def test_default_weights_are_torchvisions_load_without_its_random_init(monkeypatch):
+    """``--weights DEFAULT`` is torchvision's own build and load (the download replaced by a seeded state
+    here), with no random numbers drawn for the weights the load replaces."""
+    torch.manual_seed(3)
+    pretrained = torchvision.models.resnet18(num_classes=1000).eval()
+    monkeypatch.setattr(torchvision.models.WeightsEnum, "get_state_dict",
+                        lambda self, *a, **k: {k2: v.clone() for k2, v in pretrained.state_dict().items()})
+    rng = torch.get_rng_state()
+    model = build_model("resnet18", "DEFAULT", num_classes=1000)
+    assert torch.equal(torch.get_rng_state(), rng)
+    with torch.no_grad():
+        assert torch.equal(model(X), pretrained(X))
 
 
 def test_default_weights_of_another_class_count_refused_before_any_download(monkeypatch):
