@@ -3,16 +3,20 @@
 #   bash benchmarks/gpu_check.sh OUT_DIR
 # Installs the working tree without dependencies (the GPU machines have torch, torchvision,
 # triton, pytest and pytest-benchmark, maybe not DALI), runs every test that can use the GPU,
-# benchmarks the fused kernel, then `fasteval bench` on 5,000 generated ImageNet-like JPEGs with
-# every loader that can run. Writes logs, JSON and summary.json into OUT_DIR, and prints which
-# paths ran (DALI or not, the Triton kernel or its PyTorch twin), naming every path it could not
-# run. Meant to finish in under 10 minutes. GPU_CHECK_CLASSES/GPU_CHECK_PER_CLASS shrink the
-# dataset for a dry run of the plumbing on a CPU machine. GPU_CHECK_STEPS picks the steps (default
-# "cuda kernel bench sweep distributed train"; also "device" and "precision" (bf16 against fp32 whole
-# commands with their exact recheck); distributed: `fasteval bench` and `eval` under
-# torchrun on every local GPU against one GPU where nvidia-smi -L lists several, skipped with the reason
-# where there is one), GPU_CHECK_REPEATS the bench repeats (default 1: each cold command compiles from
-# nothing). Works on Python 3.10 (no `python -P`).
+# benchmarks the fused kernel, then `fasteval bench` on 2,000 generated ImageNet-like JPEGs with
+# every loader that can run. Writes logs, JSON and summary.json into OUT_DIR (rewritten after every
+# step, so a run cut short still leaves one), and prints which paths ran (DALI or not, the Triton
+# kernel or its PyTorch twin), naming every path it could not run. GPU_CHECK_BUDGET (seconds, default
+# 540: a device session's 10-minute command less its start) bounds the whole run: a step that may not
+# fit in what is left is skipped, and said so. GPU_CHECK_CLASSES/GPU_CHECK_PER_CLASS size the dataset
+# (a dry run of the plumbing on a CPU machine shrinks it). GPU_CHECK_STEPS picks the steps (default
+# "cuda kernel bench precision": the tests, the kernel, the loop and the whole command against the
+# reference; also "sweep" (3 checkpoints on one decoded set), "distributed" (`fasteval bench` and `eval`
+# under torchrun on every local GPU against one GPU where nvidia-smi -L lists several, skipped with
+# the reason where there is one), "train" and "device" (the kernel's device-parametrised edge cases);
+# "precision": bf16 against fp32 whole commands with their exact recheck, and the reference's),
+# GPU_CHECK_REPEATS the bench repeats (default 1: each cold command compiles from nothing).
+# Works on Python 3.10 (no `python -P`).
 set -uo pipefail
 OUT_DIR="$(mkdir -p "${1:?usage: benchmarks/gpu_check.sh OUT_DIR}" && cd "$1" && pwd)"
 REPO="$(cd "$(dirname "$0")/.." && pwd)"
@@ -30,8 +34,18 @@ export FASTEVAL_CACHE="$WORK/cache"
 py() { (cd "$WORK" && "$PY" "$@"); }
 tpy() { local limit=$1; shift; (cd "$WORK" && timeout "$limit" "$PY" "$@"); }
 PYTEST=(-m pytest -c "$REPO/pyproject.toml" --rootdir "$REPO" -p no:cacheprovider)
-STEPS=" ${GPU_CHECK_STEPS:-cuda kernel bench sweep distributed train} "
-step() { [[ "$STEPS" == *" $1 "* ]]; }
+STEPS=" ${GPU_CHECK_STEPS:-cuda kernel bench precision} "
+BUDGET="${GPU_CHECK_BUDGET:-540}"
+# `step NAME SECONDS`: NAME was asked for and its SECONDS (at most) fit in what is left of the budget.
+step() {
+    [[ "$STEPS" == *" $1 "* ]] || return 1
+    local left=$(( BUDGET - ($(date +%s) - START) ))
+    if [ "$left" -lt "$2" ]; then
+        log "SKIPPED: step $1 (up to $2 s; $left s left of GPU_CHECK_BUDGET=$BUDGET)"
+        echo "$1 (up to $2 s; $left s left of the budget)" >> "$OUT_DIR/skipped.txt"
+        return 1
+    fi
+}
 # Tests in 4 processes where pytest-xdist is installed (the GPU has room; the host has the cores).
 XDIST=()
 if py -c "import xdist" 2>/dev/null; then XDIST=(-n 4); fi
@@ -58,6 +72,127 @@ print(json.dumps(env, indent=2))
 PY
 DALI=$(py -c "from fasteval.data.loader_dali import dali_available; print(int(dali_available()))" 2>/dev/null || echo 0)
 log "DALI importable: $DALI"
+# The summary of what has run so far, rewritten (atomically) after every step: a run cut short keeps one.
+summarise() {
+    py - "$OUT_DIR" "$DALI" "$(( $(date +%s) - START ))" "$STEPS" > "$OUT_DIR/summary.json.tmp" <<'PY' \
+        && mv "$OUT_DIR/summary.json.tmp" "$OUT_DIR/summary.json"
+import json, os, re, sys
+out, dali, seconds, steps = sys.argv[1], sys.argv[2] == "1", int(sys.argv[3]), sys.argv[4].split()
+
+
+def read(name):
+    path = os.path.join(out, name)
+    return open(path).read() if os.path.exists(path) else ""
+
+
+def outcomes(log):
+    """Outcome counts of the `-rA` summary lines, per path named in the test ids."""
+    counts = {}
+    for outcome, times, test in re.findall(r"^(PASSED|FAILED|ERROR|SKIPPED|XFAIL|XPASS) (?:\[(\d+)\] )?(\S+)",
+                                           log, re.M):
+        params = set(re.split(r"[\[\]-]", test))  # the parameter ids, e.g. [dtype0-triton]
+        paths = [p for p in ("triton", "torch", "dali", "decode_jpeg", "torchvision") if p in params] or ["other"]
+        for p in paths:
+            counts.setdefault(p, {}).setdefault(outcome.lower(), 0)
+            counts[p][outcome.lower()] += int(times or 1)
+    return counts
+
+
+skipped = open(os.path.join(out, "skipped.txt")).read().splitlines() if os.path.exists(os.path.join(out, "skipped.txt")) else []
+ran = [s for s in steps if not any(line.split()[0] == s for line in skipped)]  # asked for, and not skipped
+summary = {"seconds": seconds, "steps": steps, "environment": json.load(open(os.path.join(out, "environment.json"))),
+           "not_run": [] if dali else ["dali loader (DALI not installed)"]}
+probe = read("triton_probe.txt").strip().splitlines()
+summary["triton_probe"] = probe[-1] if probe else "no output"
+for name in ("cuda_tests", "device_tests"):
+    log = read(f"{name}.log").strip()
+    summary[name] = log.splitlines()[-1] if log else "no output"
+    summary[f"{name}_by_path"] = outcomes(log)
+try:
+    kb = json.load(open(os.path.join(out, "kernel_bench.json")))
+    summary["kernel_median_us"] = {b["name"]: round(b["stats"]["median"] * 1e6, 2) for b in kb["benchmarks"]}
+except Exception as exc:
+    if "kernel" in ran:
+        summary["not_run"].append(f"kernel benchmark ({exc})")
+paths = []
+for name in sorted(os.listdir(out)):
+    m = re.fullmatch(r"bench_(\w+)\.json", name)
+    if not m:
+        continue
+    b = json.load(open(os.path.join(out, name)))
+    fast = b["fast"]
+    summary[f"bench_{m.group(1)}"] = {
+        "speedup": b["speedup"], "agreement": b["agreement"],
+        "reference_images_per_sec": b["reference"]["images_per_sec"],
+        "fast_images_per_sec": fast["images_per_sec"], "loader": fast["loader"],
+        "metrics_backend": fast.get("metrics_backend"), "precision": fast["precision"], "compile": fast["compile"],
+        "warmup_seconds": fast["warmup_seconds"], "stages": b["stages"], "verdict": b["verdict"],
+        # The exact-count recheck runs after the main pass, inside the fast run's seconds.
+        "exact_recheck": {k: fast.get("exact", {}).get(k) for k in
+                          ("rechecked", "gated", "tau", "max_logit_error", "changed_top1", "seconds")},
+        "exact_recheck_share_of_run": (fast.get("exact", {}).get("seconds") or 0) / fast["seconds"],
+    }
+    paths.append(f"--loader {m.group(1)}: loader {fast['loader']}, metrics {fast.get('metrics_backend')}, "
+                 f"{fast['precision']}, compile {fast['compile']}")
+for loader in (["dali"] if dali else []) + ["torchvision"]:
+    if "bench" in ran and f"bench_{loader}" not in summary:
+        summary["not_run"].append(f"bench --loader {loader} (failed: see bench_{loader}.txt)")
+summary["paths"] = paths
+try:
+    sw = json.load(open(os.path.join(out, "sweep.json")))
+    summary["sweep"] = {"samples": sw["samples"], "decoded": sw["decoded"], "setup_seconds": sw["setup_seconds"],
+                        "images_per_sec": [c["images_per_sec"] for c in sw["checkpoints"]],
+                        "loader": sw["checkpoints"][0]["loader"], "precision": sw["checkpoints"][0]["precision"],
+                        "compile": sw["checkpoints"][0]["compile"]}
+except Exception as exc:
+    if "sweep" in ran:
+        summary["not_run"].append(f"sweep ({exc})")
+ranks = sorted(int(m.group(1)) for m in (re.fullmatch(r"ranks(\d+)_bench\.json", n) for n in os.listdir(out)) if m)
+if ranks:
+    dist = {}
+    for n in ranks:
+        b = json.load(open(os.path.join(out, f"ranks{n}_bench.json")))["distributed"]
+        dist[f"ranks_{n}"] = {"samples_per_rank": b["samples_per_rank"],
+                              "fast_images_per_sec_total": b["fast"]["images_per_sec_total"],
+                              "fast_images_per_sec_per_rank": b["fast"]["images_per_sec_per_rank"],
+                              "reference_images_per_sec_total": b["reference"]["images_per_sec_total"]}
+    evals = {}
+    for n in ranks:
+        try:
+            e = json.load(open(os.path.join(out, f"ranks{n}_eval.json")))
+            evals[n] = {k: e[k] for k in ("samples", "correct_top1", "correct_top5", "loss_sum")}
+        except Exception as exc:
+            summary["not_run"].append(f"eval under torchrun on {n} GPU(s) ({exc})")
+    if len(evals) == 2:
+        one, many = evals[ranks[0]], evals[ranks[-1]]
+        dist["eval"] = {"one_gpu": one, "all_gpus": many,
+                        "counts_equal": all(one[k] == many[k] for k in ("samples", "correct_top1", "correct_top5")),
+                        "loss_sum_bitwise_equal": one["loss_sum"] == many["loss_sum"],
+                        "predictions_csv_equal": open(os.path.join(out, f"ranks{ranks[0]}_eval.csv")).read()
+                        == open(os.path.join(out, f"ranks{ranks[-1]}_eval.csv")).read()}
+    summary["distributed"] = dist
+precision = {}
+for run in ("bf16", "fp32", "reference"):
+    try:
+        r = json.load(open(os.path.join(out, f"precision_{run}.json")))
+    except Exception:
+        continue
+    ex = r.get("exact") or {}
+    precision[run] = {"correct_top1": r["correct_top1"], "seconds": r["seconds"], "route": r.get("route"),
+                      "compile": r.get("compile"), "rechecked": ex.get("rechecked"), "gated": ex.get("gated"),
+                      "tau": ex.get("tau")}
+if precision:
+    summary["precision"] = precision
+try:
+    summary["train"] = json.load(open(os.path.join(out, "train.json")))
+except Exception as exc:
+    if os.path.exists(os.path.join(out, "train.txt")):
+        summary["not_run"].append(f"train ({exc}; see train.txt)")
+summary["skipped_steps"] = skipped
+print(json.dumps(summary, indent=2))
+PY
+}
+
 # The Triton kernel on the GPU, once, outside pytest: whether it builds and launches here.
 py - > "$OUT_DIR/triton_probe.txt" 2>&1 <<'PY'
 import torch
@@ -73,13 +208,13 @@ log "$(tail -1 "$OUT_DIR/triton_probe.txt")"
 # 2. Every test that can use the GPU: those marked `cuda`, and every test of a file that picks its
 #    device with torch.cuda.is_available() (the kernel's device-parametrised edge cases).
 GPU_FILES=$(grep -l "torch.cuda.is_available()" tests/test_*.py | tr '\n' ' ')
-if step cuda; then
+if step cuda 150; then
     tpy 150 "${PYTEST[@]}" "$REPO/tests" -m cuda -q -rA "${XDIST[@]}" > "$OUT_DIR/cuda_tests.log" 2>&1
     log "cuda-marked tests exit code $? ($(tail -1 "$OUT_DIR/cuda_tests.log"))"
 fi
 # The kernel's edge cases on the GPU: each kernel variant is a Triton compile (over 150 s in all on an
 # H200 machine's 16 cores, 2026-11-28), so this step is left out of the default list.
-if step device; then
+if step device 300; then
     log "device-parametrised test files: $GPU_FILES"
     # shellcheck disable=SC2046
     tpy 300 "${PYTEST[@]}" $(for f in $GPU_FILES; do echo "$REPO/$f"; done) -m "not cuda" -q -rA "${XDIST[@]}" \
@@ -87,23 +222,26 @@ if step device; then
     log "device-parametrised tests exit code $? ($(tail -1 "$OUT_DIR/device_tests.log"))"
 fi
 
+summarise
 # 3. The fused kernel against eager and compiled PyTorch (B=256 C=1000 and B=1024 C=21843).
-if step kernel; then
+if step kernel 90; then
     tpy 90 "${PYTEST[@]}" "$REPO/benchmarks/bench_kernel.py" -m cuda -k "B256-C1000 or B1024-C21843" -q \
         --benchmark-only --benchmark-group-by=group --benchmark-columns=median,ops \
         --benchmark-json "$OUT_DIR/kernel_bench.json" > "$OUT_DIR/kernel_bench.txt" 2>&1
     log "kernel benchmark exit code $?"
 fi
 
-# 4. fasteval bench on 5,000 ImageNet-like JPEGs with every loader that can run here.
+summarise
+# 4. fasteval bench on 2,000 ImageNet-like JPEGs with every loader that can run here (the size of the
+#    H200 run of 2026-11-28: about 2.5 minutes a loader there, a cold compile included).
 DATA="$WORK/imagenet_like"
 synth_once() {
     [ -d "$DATA" ] && return
-    py -m fasteval synth "$DATA" --classes "${GPU_CHECK_CLASSES:-50}" --per-class "${GPU_CHECK_PER_CLASS:-100}" \
+    py -m fasteval synth "$DATA" --classes "${GPU_CHECK_CLASSES:-50}" --per-class "${GPU_CHECK_PER_CLASS:-40}" \
         > "$OUT_DIR/synth.log" 2>&1
     log "synth: $(tail -1 "$OUT_DIR/synth.log")"
 }
-if step bench; then
+if step bench 180; then
     synth_once
     # The reference's DataLoader keeps about 2 float32 batches per worker in /dev/shm (154 MB per batch
     # of 256 at 224x224): 16 workers need about 5 GB. Use no more workers than /dev/shm holds.
@@ -119,19 +257,21 @@ if step bench; then
     LOADERS="torchvision"
     if [ "$DALI" = "1" ]; then LOADERS="dali torchvision"; else log "SKIPPED: --loader dali (DALI is not installed here)"; fi
     for loader in $LOADERS; do
+        [ "$loader" = torchvision ] || step bench 360 || continue  # a second loader only where both fit
         tpy 180 -m fasteval bench "$DATA" --loader "$loader" --batch-size 256 --workers "$WORKERS" \
             --repeats "${GPU_CHECK_REPEATS:-1}" --no-progress --json "$OUT_DIR/bench_$loader.json" > "$OUT_DIR/bench_$loader.txt" 2>&1
         log "bench --loader $loader exit code $?"
     done
 fi
 
+summarise
 # 4b. A checkpoint sweep: 3 ResNet-18 checkpoints on one decoded set (GPU_CHECK_SWEEP_COPIES x 1,000
-#     256x256 JPEGs, default 20,000; GPU_CHECK_SWEEP_PER_CLASS shrinks the 1,000 for a dry run: copies of one generated set, so the decoding work is real), batch 256,
+#     256x256 JPEGs, default 10,000; GPU_CHECK_SWEEP_PER_CLASS shrinks the 1,000 for a dry run: copies of one generated set, so the decoding work is real), batch 256,
 #     bf16, compiled once, --exact off so that the passes time the model. Reports images/s per checkpoint;
 #     the 2nd and 3rd read the decoded set from the GPU's memory (target: > 20,000 images/s on an H100-class GPU).
-if step sweep; then
+if step sweep 240; then
     SWEEP="$WORK/sweep"
-    COPIES="${GPU_CHECK_SWEEP_COPIES:-20}"
+    COPIES="${GPU_CHECK_SWEEP_COPIES:-10}"
     py -m fasteval synth "$SWEEP/base" --classes 10 --per-class "${GPU_CHECK_SWEEP_PER_CLASS:-100}" --size 256x256 \
         > "$OUT_DIR/sweep_synth.log" 2>&1
     mkdir -p "$SWEEP/data"
@@ -162,9 +302,10 @@ print(f"sweep: {s['samples']} samples, decoded {s['decoded']['placement']} ({s['
 PY
 fi
 
+summarise
 # 5. Under torchrun (NCCL, one rank per GPU): bench on 1 GPU against every local GPU, and eval on both, whose
 #    counts must be equal (the JSON's `distributed` says how the samples were split).
-if step distributed; then
+if step distributed 300; then
     NGPU=$(nvidia-smi -L 2>/dev/null | grep -c "^GPU " || true)
     if [ "${NGPU:-0}" -gt 1 ]; then
         synth_once
@@ -192,7 +333,8 @@ fi
 #     with --precision bf16 and fp32 (warm caches: each after one untimed run), and the reference's, on
 #     the bench set with one seeded model. On a GPU whose loop is bound by decoding, fp32 may cost the
 #     loop little while its smaller logit error gates fewer near-ties: this measures whether it does.
-if step precision; then
+summarise
+if step precision 150; then
     synth_once
     CKPT="$WORK/resnet18_seeded.pt"
     [ -f "$CKPT" ] || py -c "import sys, torch, torchvision; torch.manual_seed(0); torch.save(torchvision.models.resnet18(
@@ -220,8 +362,9 @@ for run in ("bf16", "fp32", "reference"):
 PY
 fi
 
+summarise
 # 5b. `fasteval train` end to end on the GPU: 3 short epochs (its no-sync batch loop test is a `cuda` test).
-if step train; then
+if step train 240; then
     py -m fasteval synth "$WORK/tr" --classes 10 --per-class 64 --size 100x100 > /dev/null 2>&1
     py -m fasteval synth "$WORK/va" --classes 10 --per-class 20 --size 100x100 --seed 1 > /dev/null 2>&1
     START_TRAIN=$(date +%s)
@@ -230,101 +373,8 @@ if step train; then
     log "train exit code $? in $(( $(date +%s) - START_TRAIN )) s ($(tail -1 "$OUT_DIR/train.txt"))"
 fi
 
-# 6. One summary, with the paths that ran.
-py - "$OUT_DIR" "$DALI" "$(( $(date +%s) - START ))" > "$OUT_DIR/summary.json" <<'PY'
-import json, os, re, sys
-out, dali, seconds = sys.argv[1], sys.argv[2] == "1", int(sys.argv[3])
-
-
-def read(name):
-    path = os.path.join(out, name)
-    return open(path).read() if os.path.exists(path) else ""
-
-
-def outcomes(log):
-    """Outcome counts of the `-rA` summary lines, per path named in the test ids."""
-    counts = {}
-    for outcome, times, test in re.findall(r"^(PASSED|FAILED|ERROR|SKIPPED|XFAIL|XPASS) (?:\[(\d+)\] )?(\S+)",
-                                           log, re.M):
-        params = set(re.split(r"[\[\]-]", test))  # the parameter ids, e.g. [dtype0-triton]
-        paths = [p for p in ("triton", "torch", "dali", "decode_jpeg", "torchvision") if p in params] or ["other"]
-        for p in paths:
-            counts.setdefault(p, {}).setdefault(outcome.lower(), 0)
-            counts[p][outcome.lower()] += int(times or 1)
-    return counts
-
-
-summary = {"seconds": seconds, "environment": json.load(open(os.path.join(out, "environment.json"))),
-           "not_run": [] if dali else ["dali loader (DALI not installed)"]}
-probe = read("triton_probe.txt").strip().splitlines()
-summary["triton_probe"] = probe[-1] if probe else "no output"
-for name in ("cuda_tests", "device_tests"):
-    log = read(f"{name}.log").strip()
-    summary[name] = log.splitlines()[-1] if log else "no output"
-    summary[f"{name}_by_path"] = outcomes(log)
-try:
-    kb = json.load(open(os.path.join(out, "kernel_bench.json")))
-    summary["kernel_median_us"] = {b["name"]: round(b["stats"]["median"] * 1e6, 2) for b in kb["benchmarks"]}
-except Exception as exc:
-    summary["not_run"].append(f"kernel benchmark ({exc})")
-paths = []
-for name in sorted(os.listdir(out)):
-    m = re.fullmatch(r"bench_(\w+)\.json", name)
-    if not m:
-        continue
-    b = json.load(open(os.path.join(out, name)))
-    fast = b["fast"]
-    summary[f"bench_{m.group(1)}"] = {
-        "speedup": b["speedup"], "agreement": b["agreement"],
-        "reference_images_per_sec": b["reference"]["images_per_sec"],
-        "fast_images_per_sec": fast["images_per_sec"], "loader": fast["loader"],
-        "metrics_backend": fast.get("metrics_backend"), "precision": fast["precision"], "compile": fast["compile"],
-        "warmup_seconds": fast["warmup_seconds"], "stages": b["stages"], "verdict": b["verdict"],
-        # The exact-count recheck runs after the main pass, inside the fast run's seconds.
-        "exact_recheck": {k: fast.get("exact", {}).get(k) for k in
-                          ("rechecked", "gated", "tau", "max_logit_error", "changed_top1", "seconds")},
-        "exact_recheck_share_of_run": (fast.get("exact", {}).get("seconds") or 0) / fast["seconds"],
-    }
-    paths.append(f"--loader {m.group(1)}: loader {fast['loader']}, metrics {fast.get('metrics_backend')}, "
-                 f"{fast['precision']}, compile {fast['compile']}")
-for loader in (["dali"] if dali else []) + ["torchvision"]:
-    if f"bench_{loader}" not in summary:
-        summary["not_run"].append(f"bench --loader {loader} (failed: see bench_{loader}.txt)")
-summary["paths"] = paths
-try:
-    sw = json.load(open(os.path.join(out, "sweep.json")))
-    summary["sweep"] = {"samples": sw["samples"], "decoded": sw["decoded"], "setup_seconds": sw["setup_seconds"],
-                        "images_per_sec": [c["images_per_sec"] for c in sw["checkpoints"]],
-                        "loader": sw["checkpoints"][0]["loader"], "precision": sw["checkpoints"][0]["precision"],
-                        "compile": sw["checkpoints"][0]["compile"]}
-except Exception as exc:
-    summary["not_run"].append(f"sweep ({exc})")
-ranks = sorted(int(m.group(1)) for m in (re.fullmatch(r"ranks(\d+)_bench\.json", n) for n in os.listdir(out)) if m)
-if ranks:
-    dist = {}
-    for n in ranks:
-        b = json.load(open(os.path.join(out, f"ranks{n}_bench.json")))["distributed"]
-        dist[f"ranks_{n}"] = {"samples_per_rank": b["samples_per_rank"],
-                              "fast_images_per_sec_total": b["fast"]["images_per_sec_total"],
-                              "fast_images_per_sec_per_rank": b["fast"]["images_per_sec_per_rank"],
-                              "reference_images_per_sec_total": b["reference"]["images_per_sec_total"]}
-    evals = {}
-    for n in ranks:
-        try:
-            e = json.load(open(os.path.join(out, f"ranks{n}_eval.json")))
-            evals[n] = {k: e[k] for k in ("samples", "correct_top1", "correct_top5", "loss_sum")}
-        except Exception as exc:
-            summary["not_run"].append(f"eval under torchrun on {n} GPU(s) ({exc})")
-    if len(evals) == 2:
-        one, many = evals[ranks[0]], evals[ranks[-1]]
-        dist["eval"] = {"one_gpu": one, "all_gpus": many,
-                        "counts_equal": all(one[k] == many[k] for k in ("samples", "correct_top1", "correct_top5")),
-                        "loss_sum_bitwise_equal": one["loss_sum"] == many["loss_sum"],
-                        "predictions_csv_equal": open(os.path.join(out, f"ranks{ranks[0]}_eval.csv")).read()
-                        == open(os.path.join(out, f"ranks{ranks[-1]}_eval.csv")).read()}
-    summary["distributed"] = dist
-print(json.dumps(summary, indent=2))
-PY
+# 6. The summary, with the paths that ran.
+summarise
 py - "$OUT_DIR/summary.json" <<'PY' | tee -a "$LOG"
 import json, sys
 s = json.load(open(sys.argv[1]))
@@ -341,5 +391,7 @@ for name, run in s.get("distributed", {}).items():
     print(f"  torchrun {name}: {json.dumps(run)}")
 for item in s["not_run"]:
     print(f"  NOT RUN: {item}")
+for item in s.get("skipped_steps", []):
+    print(f"  SKIPPED (time budget): {item}")
 PY
 log "done in $(( $(date +%s) - START )) s; summary in $OUT_DIR/summary.json"
