@@ -73,7 +73,7 @@ class FastModel:
         self.device, self.precision = device, precision
         self.mode = resolve_compile_mode(compile)
         self.num_samples = num_samples
-        self.model = model.to(device).eval().to(memory_format=torch.channels_last)
+        self.model = model.eval().to(device, memory_format=torch.channels_last)  # one conversion, one copy
         for p in self.model.parameters():
             p.requires_grad_(False)
         self.compiled = False
