@@ -84,6 +84,25 @@ def test_every_classifier_keeps_all_its_buffers_in_its_state_dict():
         assert len(model.state_dict()) == len(list(model.parameters())) + len(list(model.buffers())), arch
 
 
+def test_initialisers_are_skipped_whole_and_restored():
+    """Each of nn.init's initialisers is skipped whole, so a rejection loop (trunc_normal_ redraws values
+    outside its bounds) never runs on memory left as allocated; every one is restored afterwards, also
+    when the build raises."""
+    from torch.nn import init
+
+    from fasteval.model.models import _initialisers_skipped
+
+    before = dict(vars(init))
+    weights = torch.full((4, 4), 1e9)  # far outside trunc_normal_'s [-2, 2]
+    with pytest.raises(RuntimeError, match="build failed"), _initialisers_skipped():
+        assert init.trunc_normal_(weights) is weights and init.kaiming_normal_(weights) is weights
+        assert torch.equal(weights, torch.full((4, 4), 1e9))
+        raise RuntimeError("build failed")
+    assert dict(vars(init)) == before
+    init.trunc_normal_(weights)
+    assert weights.abs().max() <= 2
+
+
 def test_default_weights_are_torchvisions_load_without_its_random_init(monkeypatch):
     """``--weights DEFAULT`` is torchvision's own build and load (the download replaced by a seeded state
     here), with no random numbers drawn for the weights the load replaces."""

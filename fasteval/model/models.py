@@ -10,7 +10,7 @@ import itertools
 import os
 import re
 import warnings
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 
 import torch
 from torch import nn
@@ -73,10 +73,9 @@ class _MetaValuesSkipped(TorchFunctionMode):
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         name = getattr(func, "__name__", "")
-        tensor = _initialised(func, args, kwargs)
-        if tensor is None and name in VALUE_OPS and args and isinstance(args[0], torch.Tensor):
-            tensor = args[0]
-        if tensor is not None and tensor.is_meta:
+        initialiser = getattr(func, "__module__", None) == "torch.nn.init" and name.endswith("_")
+        tensor = args[0] if args else kwargs.get("tensor")  # nn.init passes its tensor by keyword
+        if (initialiser or name in VALUE_OPS) and isinstance(tensor, torch.Tensor) and tensor.is_meta:
             return tensor
         if name not in CPU_STAND_IN_OPS and name not in CPU_STAND_IN_FACTORIES:
             return func(*args, **kwargs)
@@ -93,32 +92,30 @@ class _MetaValuesSkipped(TorchFunctionMode):
         return func(*args, **kwargs)
 
 
-# In-place tensor methods that draw random numbers (some of nn.init's initialisers, kaiming_normal_ among
-# them, call them directly, unseen by a mode).
-RANDOM_OPS = frozenset({"normal_", "uniform_", "random_", "bernoulli_", "exponential_", "log_normal_", "cauchy_",
-                        "geometric_"})
+def _unchanged(tensor: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+    return tensor
 
 
-class _InitSkipped(TorchFunctionMode):
-    """``torch.nn.init``'s in-place initialisers and the random in-place tensor methods return their tensor
-    untouched: a CPU build whose every parameter and buffer a checkpoint then replaces draws no random
-    numbers (regnet_y_32gf: 1.4 s -> 0.03 s here). No torchvision classifier has a non-persistent buffer,
-    the one kind a checkpoint would not replace (tested)."""
+@contextmanager
+def _initialisers_skipped():
+    """For the length of a build whose every parameter and buffer a checkpoint then replaces,
+    ``torch.nn.init``'s in-place initialisers return their tensor as allocated: no random numbers drawn,
+    no initial values computed (regnet_y_32gf: 1.4 s -> 0.03 s here). torchvision's classifiers and torch's
+    layers call them through the module (``nn.init.normal_``, ``init.kaiming_uniform_``), so replacing the
+    module's functions reaches every call, whole: a mode that skipped only the tensor methods inside them
+    would leave trunc_normal_'s rejection loop redrawing nothing, forever. No torchvision classifier has a
+    non-persistent buffer, the one kind a checkpoint would not replace (tested)."""
+    from torch.nn import init
 
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
-        tensor = _initialised(func, args, kwargs)
-        if tensor is None and getattr(func, "__name__", "") in RANDOM_OPS and args and isinstance(args[0], torch.Tensor):
-            tensor = args[0]
-        return tensor if tensor is not None else func(*args, **kwargs)
-
-
-def _initialised(func, args: tuple, kwargs: dict) -> torch.Tensor | None:
-    """The tensor a call of one of ``torch.nn.init``'s in-place initialisers would set, else None."""
-    if getattr(func, "__module__", None) != "torch.nn.init" or not getattr(func, "__name__", "").endswith("_"):
-        return None
-    tensor = args[0] if args else kwargs.get("tensor")  # nn.init passes its tensor by keyword
-    return tensor if isinstance(tensor, torch.Tensor) else None
+    saved = {name: fn for name, fn in vars(init).items()
+             if name.endswith("_") and not name.startswith("_") and callable(fn)}
+    try:
+        for name in saved:
+            setattr(init, name, _unchanged)
+        yield
+    finally:
+        for name, fn in saved.items():
+            setattr(init, name, fn)
 
 
 def _on_cpu(tree):
@@ -145,7 +142,7 @@ def _construct(arch: str, num_classes: int, device: str | torch.device = "cpu", 
     if arch in ("googlenet", "inception_v3"):
         kwargs.update(aux_logits=False, init_weights=False)
     meta = torch.device(device).type == "meta"
-    with torch.device(device), (_MetaValuesSkipped() if meta else nullcontext() if initialise else _InitSkipped()):
+    with torch.device(device), (_MetaValuesSkipped() if meta else nullcontext() if initialise else _initialisers_skipped()):
         return torchvision.models.get_model(arch, weights=None, **kwargs)
 
 
@@ -267,7 +264,7 @@ def build_model(arch: str, weights: str | None = None, num_classes: int | None =
         if categories:
             _check_classes(len(categories), num_classes, "torchvision's DEFAULT weights")
         try:
-            with _InitSkipped():  # torchvision's own build and load, less the random init the load replaces
+            with _initialisers_skipped():  # torchvision's own build and load, less the init the load replaces
                 model = torchvision.models.get_model(arch, weights="DEFAULT")
         except Exception as exc:
             raise FastevalError(f"cannot get torchvision's pretrained weights for {arch}: {exc}") from None
