@@ -200,12 +200,23 @@ def test_auto_times_eager_without_the_first_calls_setup(cache, monkeypatch):
     times = iter([2.0, 0.001])
     monkeypatch.setattr(FastModel, "_timed", lambda self, example: next(times))
     model = FastModel(_tiny_model(), CPU, "fp32", "auto", num_samples=1000 * _example().shape[0])  # 1000 batches
+    model.device = torch.device("cuda")  # a GPU's: only the timing, the decision and the profile's key see it
+    monkeypatch.setattr(cc, "device_tag", lambda device: "fake-gpu")
     model.warm_up(_example())
-    key = cc.config_key(model.model, CPU, "fp32", _example())
-    assert cc.load_profile(cc.profile_dir(CPU), key).eager_batch_seconds == 0.001
+    key = cc.config_key(model.model, model.device, "fp32", _example())
+    assert cc.load_profile(cc.profile_dir(model.device), key).eager_batch_seconds == 0.001
     assert not model.compiled and not compiled and model.compile_reason.startswith("auto: eager")
     # With the first call's 2 s taken for the batch time, 1000 batches would have been worth compiling.
-    assert cc.decide(cc.Profile(), "cpu", 1000 * _example().shape[0], _example().shape[0], 2.0).compile
+    assert cc.decide(cc.Profile(), "cuda", 1000 * _example().shape[0], _example().shape[0], 2.0).compile
+
+
+def test_auto_times_one_eager_call_on_the_cpu(cache, monkeypatch):
+    """On the CPU the first call is close to the next and a second would cost a batch of every first run."""
+    monkeypatch.setattr(torch, "compile", lambda fn, **kw: fn)
+    calls = []
+    monkeypatch.setattr(FastModel, "_timed", lambda self, example: calls.append(1) or 0.01)
+    FastModel(_tiny_model(), CPU, "fp32", "auto", num_samples=21).warm_up(_example())
+    assert len(calls) == 1
 
 
 def test_auto_compiles_on_a_hit_that_pays(cache, monkeypatch):

@@ -101,7 +101,8 @@ class FastModel:
 
     def warm_up(self, example: torch.Tensor, calls: int = 2) -> float:
         """Decide (``auto``), compile and run on a batch of the static shape; seconds spent. Eager runs
-        one call (``auto``: two where it first measures this configuration's eager batch time, none after);
+        one call (``auto``: on a GPU two where it first measures this configuration's eager batch time; none
+        after);
         compiled runs ``calls``. Falls back to eager with a one-line warning where compiling fails (no C++ compiler, say)."""
         start = time.perf_counter()
         with torch.inference_mode():
@@ -126,10 +127,13 @@ class FastModel:
                 self.compile_reason = "auto: number of samples unknown, eager on a cold cache"
             return
         if profile.eager_batch_seconds is None:
-            # The faster of two eager calls: the first carries the process's one-time setup (cuDNN and cuBLAS
-            # handles on a GPU: a second or so against milliseconds a batch), which would make compiling look
-            # worth tens of seconds. Measured once per configuration, then kept.
-            profile.eager_batch_seconds = min(self._timed(example), self._timed(example))
+            # On a GPU, the faster of two eager calls: the first carries the process's one-time setup (cuDNN
+            # and cuBLAS handles: a second or so against milliseconds a batch), which would make compiling look
+            # worth tens of seconds. On the CPU the first call is within a third of the next (ResNet-18,
+            # MobileNetV3 here) and a second would cost a whole batch (0.24 s here) of every first run: the
+            # slight overestimate favours compiling. Measured once per configuration, then kept.
+            first = self._timed(example)
+            profile.eager_batch_seconds = min(first, self._timed(example)) if self.device.type == "cuda" else first
             save_profile(folder, profile)
         decision = decide(profile, self.device.type, self.num_samples, example.shape[0],
                           profile.eager_batch_seconds, leaf_modules(self.model))
