@@ -156,3 +156,35 @@ def test_fast_loop_has_no_host_sync():
             run_loop(batches, model, acc)
         assert events == [], trace.report()
         assert acc.filled == 10
+
+
+@pytest.mark.parametrize("placement", ["device", "pinned"])
+def test_decoded_store_iteration_has_no_host_sync(placement, small_spec):
+    """A sweep's passes over the decoded store (kept on the GPU, or in pinned host memory) make no host sync,
+    and the last batch is padded to the static shape."""
+    from fasteval.data.decoded import DecodedStore
+
+    with fake_cuda() as trace:
+        images = (torch.empty(10, 3, 32, 32, dtype=torch.uint8, device=CUDA) if placement == "device" else
+                  torch.empty(10, 3, 32, 32, dtype=torch.uint8).pin_memory())
+        with torch.inference_mode():
+            store = DecodedStore(images, list(range(10)), small_spec, batch_size=4, device=CUDA, half=False,
+                                 placement=placement, info={"loader": "test"})
+        with trace.recording() as events, torch.inference_mode():
+            batches = list(store)
+        assert events == [], trace.report()
+        assert [b.real for b in batches] == [4, 4, 2]
+        assert all(b.images.shape[0] == 4 and b.images.device.type == "cuda" for b in batches)
+
+
+def test_decoding_into_a_gpu_store_has_no_host_sync():
+    from fasteval.data.decoded import decode_into
+
+    with fake_cuda() as trace:
+        out = torch.empty(10, 3, 32, 32, dtype=torch.uint8, device=CUDA)
+        images = torch.empty(4, 3, 32, 32, dtype=torch.uint8, device=CUDA)
+        labels = torch.zeros(4, dtype=torch.int64, device=CUDA)
+        loader = [Batch(images, labels, 4), Batch(images, labels, 4), Batch(images, labels, 2)]
+        with trace.recording() as events, torch.inference_mode():
+            decode_into(loader, out)
+        assert events == [], trace.report()
