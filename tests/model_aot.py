@@ -38,6 +38,7 @@ sys.path.insert(0, HERE)
 from kernel_aot import TARGETS, _resources, aot_unavailable  # noqa: E402
 
 ARCH, BATCH, SIZE, PRECISION = "resnet18", 64, 224, "bf16"  # the default command's shape on a GPU
+CHILD_SECONDS = 600  # a child that hangs fails the run (10x a 2-core machine's time)
 
 
 def model_aot_unavailable() -> str | None:
@@ -145,7 +146,7 @@ def _child(args: list[str], stdin: str | None = None) -> object:
         env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": os.path.join(scratch, "inductor"),
                "TRITON_CACHE_DIR": os.path.join(scratch, "triton"), "TRITON_INTERPRET": "0"}
         done = subprocess.run([sys.executable, os.path.abspath(__file__), "--child", *args], input=stdin,
-                              capture_output=True, text=True, env=env)
+                              capture_output=True, text=True, env=env, timeout=CHILD_SECONDS)
     if done.returncode:
         raise RuntimeError(f"model_aot {' '.join(args)} failed:\n{done.stderr[-4000:]}")
     return json.loads(done.stdout.rsplit("\n@@json@@", 1)[1])

@@ -11,16 +11,18 @@ import pytest
 import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
-from model_aot import compile_generated, generate, model_aot_unavailable, table  # noqa: E402
-
-REASON = model_aot_unavailable()
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(REASON is not None, reason=f"no CUDA code generation here: {REASON}")
 def test_compiled_model_generates_and_compiles_for_sm90_without_spills():
     import torchvision
 
+    # Imported here: its check imports Inductor, which the other tests' process should not carry.
+    from model_aot import compile_generated, generate, model_aot_unavailable, table
+
+    reason = model_aot_unavailable()
+    if reason is not None:
+        pytest.skip(f"no CUDA code generation here: {reason}")
     generated = generate("sm_90")
     # The graph is the fast path's: the batch's logits, in fp32 (the head runs in fp32 under autocast).
     assert generated["logits"] == {"shape": [64, 1000], "dtype": "torch.float32", "device": "cuda"}
@@ -35,4 +37,4 @@ def test_compiled_model_generates_and_compiles_for_sm90_without_spills():
     assert {r["kernel"] for r in rows} == set(generated["kernels"])
     for r in rows:
         assert "error" not in r, r
-        assert 0 < r["regs"] <= 255 and r["stack_bytes"] == 0 and r["spill_stores"] == r["spill_loads"] == 0, r
+        assert r["regs"] > 0 and r["stack_bytes"] == 0 and r["spill_stores"] == r["spill_loads"] == 0, r

@@ -86,21 +86,57 @@ def test_every_classifier_keeps_all_its_buffers_in_its_state_dict():
 
 def test_initialisers_are_skipped_whole_and_restored():
     """Each of nn.init's initialisers is skipped whole, so a rejection loop (trunc_normal_ redraws values
-    outside its bounds) never runs on memory left as allocated; every one is restored afterwards, also
-    when the build raises."""
+    outside its bounds) never runs on memory left as allocated, and so are the copies other modules hold
+    (nn.MultiheadAttention's ``from torch.nn.init import xavier_uniform_``); every one is restored
+    afterwards, also when the build raises."""
     from torch.nn import init
+    from torch.nn.modules import activation
 
-    from fasteval.model.models import _initialisers_skipped
+    from fasteval.model.init_skip import initialisers_skipped
 
-    before = dict(vars(init))
+    before, held = dict(vars(init)), activation.xavier_uniform_
     weights = torch.full((4, 4), 1e9)  # far outside trunc_normal_'s [-2, 2]
-    with pytest.raises(RuntimeError, match="build failed"), _initialisers_skipped():
-        assert init.trunc_normal_(weights) is weights and init.kaiming_normal_(weights) is weights
+    with pytest.raises(RuntimeError, match="build failed"), initialisers_skipped():
+        assert init.trunc_normal_(weights) is weights and init.kaiming_normal_(tensor=weights) is weights
+        assert activation.xavier_uniform_(weights) is weights
         assert torch.equal(weights, torch.full((4, 4), 1e9))
         raise RuntimeError("build failed")
-    assert dict(vars(init)) == before
+    assert dict(vars(init)) == before and activation.xavier_uniform_ is held
     init.trunc_normal_(weights)
     assert weights.abs().max() <= 2
+
+
+def test_initialisers_are_skipped_on_the_building_thread_only():
+    """Another thread's model, built while one thread is inside, is initialised as usual; overlapping
+    builds on two threads, ending in either order, leave every initialiser restored."""
+    import threading
+
+    from torch.nn import init
+
+    from fasteval.model.init_skip import initialisers_skipped
+
+    before = dict(vars(init))
+    entered, other_done, first_left = threading.Event(), threading.Event(), threading.Event()
+    built = {}
+
+    def other():
+        entered.wait()
+        torch.manual_seed(5)
+        built["other"] = nn.Linear(8, 8)  # while the main thread is inside
+        with initialisers_skipped():  # and overlapping: enters second, leaves last
+            other_done.set()
+            first_left.wait()
+
+    thread = threading.Thread(target=other)
+    thread.start()
+    with initialisers_skipped():
+        entered.set()
+        other_done.wait()
+    first_left.set()
+    thread.join()
+    torch.manual_seed(5)
+    assert torch.equal(built["other"].weight, nn.Linear(8, 8).weight)
+    assert dict(vars(init)) == before
 
 
 def test_default_weights_are_torchvisions_load_without_its_random_init(monkeypatch):
@@ -210,3 +246,21 @@ def test_pickle_protocol_is_not_loaded_directly(tmp_path):
     path.write_bytes(pickle.dumps(_Evil()))
     with pytest.raises(FastevalError):
         read_state_dict(str(path))
+
+
+def test_module_versions_are_kept_for_models_that_load_by_them(tmp_path):
+    """MNASNet loads by its saved version (``state_dict()._metadata``): a checkpoint saved with
+    ``torch.save(model.state_dict())`` loads as the tutorial's load does, also saved from DDP
+    (``module.`` prefixes on the keys and on the versions' module names); a state stripped of its
+    versions, which the tutorial's load refuses too, is one line naming the file."""
+    torch.manual_seed(2)
+    net = torchvision.models.mnasnet0_5(num_classes=5).eval()
+    for name, state in (("plain", net.state_dict()), ("ddp", nn.DataParallel(net).state_dict())):
+        model = build_model("mnasnet0_5", _save(state, tmp_path / f"{name}.pt"), num_classes=5)
+        with torch.no_grad():
+            assert torch.equal(model(X), net(X)), name
+    bare = dict(net.state_dict())
+    with pytest.raises(ValueError):
+        torchvision.models.mnasnet0_5(num_classes=5).load_state_dict(bare)
+    with pytest.raises(FastevalError, match=r"--weights .*bare.pt do not fit --arch mnasnet0_5: .*version"):
+        build_model("mnasnet0_5", _save(bare, tmp_path / "bare.pt"), num_classes=5)

@@ -40,7 +40,8 @@ from torch import nn
 from fasteval.choices import COMPILE_MODES
 from fasteval.errors import FastevalError
 
-PROFILE_VERSION = 2  # bump when FastModel's forward (what gets compiled) or its compile options change
+PROFILE_VERSION = 3  # bump when FastModel's forward (what gets compiled), its compile options or its timings change
+# (3: a GPU's eager batch time no longer carries the first call's setup)
 RESNET18_LEAVES = 52  # leaf modules of torchvision's resnet18: the unit of DEFAULTS' compile times
 
 

@@ -10,7 +10,8 @@ import itertools
 import os
 import re
 import warnings
-from contextlib import contextmanager, nullcontext
+from collections import OrderedDict
+from contextlib import nullcontext
 
 import torch
 from torch import nn
@@ -18,6 +19,7 @@ from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_leaves, tree_map_only
 
 from fasteval.errors import FastevalError, first_line, message_lines
+from fasteval.model.init_skip import initialisers_skipped
 
 CHECKPOINT_KEYS = ("state_dict", "model", "model_state_dict")
 STRIPPED_PREFIXES = ("module.", "_orig_mod.")
@@ -92,32 +94,6 @@ class _MetaValuesSkipped(TorchFunctionMode):
         return func(*args, **kwargs)
 
 
-def _unchanged(tensor: torch.Tensor, *args, **kwargs) -> torch.Tensor:
-    return tensor
-
-
-@contextmanager
-def _initialisers_skipped():
-    """For the length of a build whose every parameter and buffer a checkpoint then replaces,
-    ``torch.nn.init``'s in-place initialisers return their tensor as allocated: no random numbers drawn,
-    no initial values computed (regnet_y_32gf: 1.4 s -> 0.03 s here). torchvision's classifiers and torch's
-    layers call them through the module (``nn.init.normal_``, ``init.kaiming_uniform_``), so replacing the
-    module's functions reaches every call, whole: a mode that skipped only the tensor methods inside them
-    would leave trunc_normal_'s rejection loop redrawing nothing, forever. No torchvision classifier has a
-    non-persistent buffer, the one kind a checkpoint would not replace (tested)."""
-    from torch.nn import init
-
-    saved = {name: fn for name, fn in vars(init).items()
-             if name.endswith("_") and not name.startswith("_") and callable(fn)}
-    try:
-        for name in saved:
-            setattr(init, name, _unchanged)
-        yield
-    finally:
-        for name, fn in saved.items():
-            setattr(init, name, fn)
-
-
 def _on_cpu(tree):
     """``tree`` (arguments, any nesting) with each meta tensor replaced by a zero-filled CPU tensor of its
     shape and dtype."""
@@ -142,7 +118,7 @@ def _construct(arch: str, num_classes: int, device: str | torch.device = "cpu", 
     if arch in ("googlenet", "inception_v3"):
         kwargs.update(aux_logits=False, init_weights=False)
     meta = torch.device(device).type == "meta"
-    with torch.device(device), (_MetaValuesSkipped() if meta else nullcontext() if initialise else _initialisers_skipped()):
+    with torch.device(device), (_MetaValuesSkipped() if meta else nullcontext() if initialise else initialisers_skipped()):
         return torchvision.models.get_model(arch, weights=None, **kwargs)
 
 
@@ -216,16 +192,33 @@ def read_state_dict(path: str, mmap: bool = False) -> dict[str, torch.Tensor]:
             f"--weights {path} holds no state_dict (expected a dict of tensors, or one under "
             f"{', '.join(repr(k) for k in CHECKPOINT_KEYS)})"
         )
-    cleaned = {}
-    for key, value in obj.items():
-        changed = True
-        while changed:
-            changed = False
-            for prefix in STRIPPED_PREFIXES:
-                if key.startswith(prefix):
-                    key, changed = key[len(prefix):], True
-        cleaned[key] = value
+    cleaned = OrderedDict((_unprefixed(key), value) for key, value in obj.items())
+    metadata = getattr(obj, "_metadata", None)
+    if isinstance(metadata, dict):
+        # Each module's saved version, by module name (``torch.save(model.state_dict())`` keeps it): some
+        # modules load by it (MNASNet refuses a state without it). A wrapper's own root ("" under DDP) gives
+        # way to the wrapped model's ("module").
+        cleaned._metadata = OrderedDict((_unprefixed(name + ".")[:-1], value) for name, value in metadata.items())
     return cleaned
+
+
+def _unprefixed(key: str) -> str:
+    """``key`` without the DDP and torch.compile prefixes, however nested."""
+    changed = True
+    while changed:
+        changed = False
+        for prefix in STRIPPED_PREFIXES:
+            if key.startswith(prefix):
+                key, changed = key[len(prefix):], True
+    return key
+
+
+def _with_metadata(state: dict, source: dict) -> OrderedDict:
+    """``state`` carrying ``source``'s module versions (see ``read_state_dict``)."""
+    state = OrderedDict(state)
+    if hasattr(source, "_metadata"):
+        state._metadata = source._metadata
+    return state
 
 
 def _unwrap_sequential_head(state: dict[str, torch.Tensor], head: str) -> dict[str, torch.Tensor]:
@@ -237,9 +230,9 @@ def _unwrap_sequential_head(state: dict[str, torch.Tensor], head: str) -> dict[s
     if len(indices) != 1:
         return state
     (index,) = indices
-    return {
+    return _with_metadata({
         (f"{head}.{m.group(2)}" if (m := pattern.match(k)) else k): v for k, v in state.items()
-    }
+    }, state)
 
 
 def build_model(arch: str, weights: str | None = None, num_classes: int | None = None,
@@ -248,8 +241,9 @@ def build_model(arch: str, weights: str | None = None, num_classes: int | None =
 
     ``weights``: None (random init, head sized to ``num_classes``), ``"DEFAULT"`` (torchvision's
     pretrained weights) or a checkpoint path. The head's size must equal ``num_classes``
-    when both are known. ``check_only``: a checkpoint is mapped, not read, and its model is left on
-    the meta device: every check of a real load, none of its reading (a sweep's check of every file).
+    when both are known. ``check_only``: a checkpoint is mapped, not read, and its model is left
+    without values (on the meta device; a RegNet on the CPU, as allocated): every check of a real load,
+    none of its reading (a sweep's check of every file). Only its structure may be used.
     """
     _check_arch(arch)
     if weights is None:
@@ -264,7 +258,7 @@ def build_model(arch: str, weights: str | None = None, num_classes: int | None =
         if categories:
             _check_classes(len(categories), num_classes, "torchvision's DEFAULT weights")
         try:
-            with _initialisers_skipped():  # torchvision's own build and load, less the init the load replaces
+            with initialisers_skipped():  # torchvision's own build and load, less the init the load replaces
                 model = torchvision.models.get_model(arch, weights="DEFAULT")
         except Exception as exc:
             raise FastevalError(f"cannot get torchvision's pretrained weights for {arch}: {exc}") from None
@@ -290,9 +284,9 @@ def build_model(arch: str, weights: str | None = None, num_classes: int | None =
     try:
         # The loaded tensors become the model's, in the dtype and (contiguous) layout a plain
         # load_state_dict into a fresh model gives: an fp16 or channels-last checkpoint loads as fp32 NCHW.
-        model.load_state_dict({k: v.to(expected[k].dtype).contiguous() for k, v in state.items()},
-                              strict=True, assign=True)
-    except RuntimeError as exc:
+        model.load_state_dict(_with_metadata({k: v.to(expected[k].dtype).contiguous() for k, v in state.items()},
+                                             state), strict=True, assign=True)
+    except (RuntimeError, ValueError) as exc:  # MNASNet raises ValueError for a state without its version
         raise FastevalError(f"--weights {weights} do not fit --arch {arch}: {first_line(exc)}") from None
     if _on_meta(model):  # a buffer the checkpoint does not hold (none in torchvision's classifiers)
         model = _construct(arch, head_classes)
