@@ -7,8 +7,8 @@
 # every loader that can run. Writes logs, JSON and summary.json into OUT_DIR (rewritten after every
 # step, so a run cut short still leaves one), and prints which paths ran (DALI or not, the Triton
 # kernel or its PyTorch twin), naming every path it could not run. GPU_CHECK_BUDGET (seconds, default
-# 540: a device session's 10-minute command less its start) bounds the whole run: a step that may not
-# fit in what is left is skipped, and said so. GPU_CHECK_CLASSES/GPU_CHECK_PER_CLASS size the dataset
+# 540: a device session's 10-minute command less its start) bounds the whole run: every command is cut
+# at its end, and a step that needs more than is left is skipped, and said so. OUT_DIR must be new or empty. GPU_CHECK_CLASSES/GPU_CHECK_PER_CLASS size the dataset
 # (a dry run of the plumbing on a CPU machine shrinks it). GPU_CHECK_STEPS picks the steps (default
 # "cuda kernel bench precision": the tests, the kernel, the loop and the whole command against the
 # reference; also "sweep" (3 checkpoints on one decoded set), "distributed" (`fasteval bench` and `eval`
@@ -19,6 +19,10 @@
 # Works on Python 3.10 (no `python -P`).
 set -uo pipefail
 OUT_DIR="$(mkdir -p "${1:?usage: benchmarks/gpu_check.sh OUT_DIR}" && cd "$1" && pwd)"
+if [ -n "$(ls -A "$OUT_DIR")" ]; then  # an earlier run's files would be read as this one's
+    echo "gpu_check: OUT_DIR $OUT_DIR is not empty; give a new or empty folder" >&2
+    exit 2
+fi
 REPO="$(cd "$(dirname "$0")/.." && pwd)"
 cd "$REPO"
 PY="${PYTHON:-python3}"
@@ -32,20 +36,30 @@ export FASTEVAL_CACHE="$WORK/cache"
 # is never imported in place of the installed package: what `python -P` does on 3.11+.
 # `tpy SECONDS ARGS...` is `py ARGS...` under a time limit.
 py() { (cd "$WORK" && "$PY" "$@"); }
-tpy() { local limit=$1; shift; (cd "$WORK" && timeout "$limit" "$PY" "$@"); }
+# `tpy SECONDS ARGS...` is `py ARGS...` under a time limit, cut to what is left of GPU_CHECK_BUDGET.
+tpy() {
+    local limit=$1; shift
+    local left=$(( BUDGET - ($(date +%s) - START) ))
+    [ "$left" -lt "$limit" ] && limit=$left
+    [ "$limit" -lt 1 ] && { log "cut: no time left of GPU_CHECK_BUDGET for: $*"; return 124; }
+    (cd "$WORK" && timeout "$limit" "$PY" "$@")
+}
 PYTEST=(-m pytest -c "$REPO/pyproject.toml" --rootdir "$REPO" -p no:cacheprovider)
 STEPS=" ${GPU_CHECK_STEPS:-cuda kernel bench precision} "
 BUDGET="${GPU_CHECK_BUDGET:-540}"
-# `step NAME SECONDS`: NAME was asked for and its SECONDS (at most) fit in what is left of the budget.
+# `step NAME SECONDS [WHAT]`: NAME was asked for and what is left of the budget holds SECONDS, the time
+# the step (or WHAT of it) needs to be worth starting; else it is skipped, and listed. Its commands are
+# cut at the budget's end anyway (tpy). `finished NAME` records a step that ran (whatever its outcome).
 step() {
     [[ "$STEPS" == *" $1 "* ]] || return 1
     local left=$(( BUDGET - ($(date +%s) - START) ))
     if [ "$left" -lt "$2" ]; then
-        log "SKIPPED: step $1 (up to $2 s; $left s left of GPU_CHECK_BUDGET=$BUDGET)"
-        echo "$1 (up to $2 s; $left s left of the budget)" >> "$OUT_DIR/skipped.txt"
+        log "SKIPPED: ${3:-step $1} (needs about $2 s; $left s left of GPU_CHECK_BUDGET=$BUDGET)"
+        echo "${3:-$1} (needs about $2 s; $left s left of the budget)" >> "$OUT_DIR/skipped.txt"
         return 1
     fi
 }
+finished() { echo "$1" >> "$OUT_DIR/done.txt"; }
 # Tests in 4 processes where pytest-xdist is installed (the GPU has room; the host has the cores).
 XDIST=()
 if py -c "import xdist" 2>/dev/null; then XDIST=(-n 4); fi
@@ -98,9 +112,16 @@ def outcomes(log):
     return counts
 
 
-skipped = open(os.path.join(out, "skipped.txt")).read().splitlines() if os.path.exists(os.path.join(out, "skipped.txt")) else []
-ran = [s for s in steps if not any(line.split()[0] == s for line in skipped)]  # asked for, and not skipped
-summary = {"seconds": seconds, "steps": steps, "environment": json.load(open(os.path.join(out, "environment.json"))),
+def lines(name):
+    path = os.path.join(out, name)
+    return open(path).read().splitlines() if os.path.exists(path) else []
+
+
+skipped = lines("skipped.txt")
+skipped_names = {line.split()[0] for line in skipped}
+ran = [s for s in lines("done.txt") if s not in skipped_names]  # finished, whatever their outcome
+pending = [s for s in steps if s not in ran and s not in skipped_names]  # not reached (yet, or ever)
+summary = {"seconds": seconds, "steps": steps, "ran": ran, "pending": pending, "environment": json.load(open(os.path.join(out, "environment.json"))),
            "not_run": [] if dali else ["dali loader (DALI not installed)"]}
 probe = read("triton_probe.txt").strip().splitlines()
 summary["triton_probe"] = probe[-1] if probe else "no output"
@@ -135,7 +156,7 @@ for name in sorted(os.listdir(out)):
     paths.append(f"--loader {m.group(1)}: loader {fast['loader']}, metrics {fast.get('metrics_backend')}, "
                  f"{fast['precision']}, compile {fast['compile']}")
 for loader in (["dali"] if dali else []) + ["torchvision"]:
-    if "bench" in ran and f"bench_{loader}" not in summary:
+    if "bench" in ran and f"bench_{loader}" not in summary and f"bench-{loader}" not in skipped_names:
         summary["not_run"].append(f"bench --loader {loader} (failed: see bench_{loader}.txt)")
 summary["paths"] = paths
 try:
@@ -211,6 +232,7 @@ GPU_FILES=$(grep -l "torch.cuda.is_available()" tests/test_*.py | tr '\n' ' ')
 if step cuda 150; then
     tpy 150 "${PYTEST[@]}" "$REPO/tests" -m cuda -q -rA "${XDIST[@]}" > "$OUT_DIR/cuda_tests.log" 2>&1
     log "cuda-marked tests exit code $? ($(tail -1 "$OUT_DIR/cuda_tests.log"))"
+    finished cuda
 fi
 # The kernel's edge cases on the GPU: each kernel variant is a Triton compile (over 150 s in all on an
 # H200 machine's 16 cores, 2026-11-28), so this step is left out of the default list.
@@ -220,6 +242,7 @@ if step device 300; then
     tpy 300 "${PYTEST[@]}" $(for f in $GPU_FILES; do echo "$REPO/$f"; done) -m "not cuda" -q -rA "${XDIST[@]}" \
         > "$OUT_DIR/device_tests.log" 2>&1
     log "device-parametrised tests exit code $? ($(tail -1 "$OUT_DIR/device_tests.log"))"
+    finished device
 fi
 
 summarise
@@ -229,6 +252,7 @@ if step kernel 90; then
         --benchmark-only --benchmark-group-by=group --benchmark-columns=median,ops \
         --benchmark-json "$OUT_DIR/kernel_bench.json" > "$OUT_DIR/kernel_bench.txt" 2>&1
     log "kernel benchmark exit code $?"
+    finished kernel
 fi
 
 summarise
@@ -237,7 +261,7 @@ summarise
 DATA="$WORK/imagenet_like"
 synth_once() {
     [ -d "$DATA" ] && return
-    py -m fasteval synth "$DATA" --classes "${GPU_CHECK_CLASSES:-50}" --per-class "${GPU_CHECK_PER_CLASS:-40}" \
+    tpy 120 -m fasteval synth "$DATA" --classes "${GPU_CHECK_CLASSES:-50}" --per-class "${GPU_CHECK_PER_CLASS:-40}" \
         > "$OUT_DIR/synth.log" 2>&1
     log "synth: $(tail -1 "$OUT_DIR/synth.log")"
 }
@@ -257,11 +281,12 @@ if step bench 180; then
     LOADERS="torchvision"
     if [ "$DALI" = "1" ]; then LOADERS="dali torchvision"; else log "SKIPPED: --loader dali (DALI is not installed here)"; fi
     for loader in $LOADERS; do
-        [ "$loader" = torchvision ] || step bench 360 || continue  # a second loader only where both fit
+        [ "$loader" = torchvision ] || step bench 360 "bench-$loader" || continue  # a second loader only where both fit
         tpy 180 -m fasteval bench "$DATA" --loader "$loader" --batch-size 256 --workers "$WORKERS" \
             --repeats "${GPU_CHECK_REPEATS:-1}" --no-progress --json "$OUT_DIR/bench_$loader.json" > "$OUT_DIR/bench_$loader.txt" 2>&1
         log "bench --loader $loader exit code $?"
     done
+    finished bench
 fi
 
 summarise
@@ -272,13 +297,13 @@ summarise
 if step sweep 240; then
     SWEEP="$WORK/sweep"
     COPIES="${GPU_CHECK_SWEEP_COPIES:-10}"
-    py -m fasteval synth "$SWEEP/base" --classes 10 --per-class "${GPU_CHECK_SWEEP_PER_CLASS:-100}" --size 256x256 \
+    tpy 120 -m fasteval synth "$SWEEP/base" --classes 10 --per-class "${GPU_CHECK_SWEEP_PER_CLASS:-100}" --size 256x256 \
         > "$OUT_DIR/sweep_synth.log" 2>&1
     mkdir -p "$SWEEP/data"
     for c in $(seq 1 "$COPIES"); do
         for d in "$SWEEP"/base/*/; do cp -r "$d" "$SWEEP/data/$(basename "$d")_$c"; done
     done
-    py - "$SWEEP" "$(( COPIES * 10 ))" <<'PY'
+    tpy 60 - "$SWEEP" "$(( COPIES * 10 ))" <<'PY'
 import sys, torch, torchvision
 for seed in (1, 2, 3):
     torch.manual_seed(seed)
@@ -300,6 +325,7 @@ print(f"sweep: {s['samples']} samples, decoded {s['decoded']['placement']} ({s['
       f"{s['checkpoints'][0]['loader']}, {s['checkpoints'][0]['precision']}, setup {s['setup_seconds']:.1f} s; "
       f"images/s per checkpoint {rates}; after the first: {min(rates[1:])} (target > 20000)")
 PY
+    finished sweep
 fi
 
 summarise
@@ -311,7 +337,7 @@ if step distributed 300; then
         synth_once
         # One seeded model for both runs (no --weights would be a random model per command).
         CKPT="$WORK/resnet18_seeded.pt"
-        py -c "import sys, torch, torchvision; torch.manual_seed(0); torch.save(torchvision.models.resnet18(
+        tpy 60 -c "import sys, torch, torchvision; torch.manual_seed(0); torch.save(torchvision.models.resnet18(
 num_classes=int(sys.argv[2])).state_dict(), sys.argv[1])" "$CKPT" "${GPU_CHECK_CLASSES:-50}"
         for n in 1 "$NGPU"; do
             RUN=(-m torch.distributed.run --standalone --nproc-per-node "$n" -m fasteval)
@@ -326,7 +352,9 @@ num_classes=int(sys.argv[2])).state_dict(), sys.argv[1])" "$CKPT" "${GPU_CHECK_C
         done
     else
         log "SKIPPED: distributed (nvidia-smi -L lists ${NGPU:-0} GPU(s): one GPU against several needs at least 2)"
+        echo "distributed (nvidia-smi -L lists ${NGPU:-0} GPU(s); it needs at least 2)" >> "$OUT_DIR/skipped.txt"
     fi
+    finished distributed
 fi
 
 # 5a. Precision against the exact recheck (optional step "precision"): the default command's wall time
@@ -337,7 +365,7 @@ summarise
 if step precision 150; then
     synth_once
     CKPT="$WORK/resnet18_seeded.pt"
-    [ -f "$CKPT" ] || py -c "import sys, torch, torchvision; torch.manual_seed(0); torch.save(torchvision.models.resnet18(
+    [ -f "$CKPT" ] || tpy 60 -c "import sys, torch, torchvision; torch.manual_seed(0); torch.save(torchvision.models.resnet18(
 num_classes=int(sys.argv[2])).state_dict(), sys.argv[1])" "$CKPT" "${GPU_CHECK_CLASSES:-50}"
     W=$(( $(nproc) < 16 ? $(nproc) : 16 ))
     for run in bf16 fp32 reference; do
@@ -360,17 +388,19 @@ for run in ("bf16", "fp32", "reference"):
     print(f"precision {run}: top-1 {r['correct_top1']}, route {str(r.get('route'))[:60]}, compile {r.get('compile')}, "
           f"rechecked {ex.get('rechecked')} (gated {ex.get('gated')}, tau {ex.get('tau')}), run {r['seconds']:.2f} s")
 PY
+    finished precision
 fi
 
 summarise
 # 5b. `fasteval train` end to end on the GPU: 3 short epochs (its no-sync batch loop test is a `cuda` test).
 if step train 240; then
-    py -m fasteval synth "$WORK/tr" --classes 10 --per-class 64 --size 100x100 > /dev/null 2>&1
-    py -m fasteval synth "$WORK/va" --classes 10 --per-class 20 --size 100x100 --seed 1 > /dev/null 2>&1
+    tpy 60 -m fasteval synth "$WORK/tr" --classes 10 --per-class 64 --size 100x100 > /dev/null 2>&1
+    tpy 60 -m fasteval synth "$WORK/va" --classes 10 --per-class 20 --size 100x100 --seed 1 > /dev/null 2>&1
     START_TRAIN=$(date +%s)
     tpy 240 -m fasteval train "$WORK/tr" "$WORK/va" --out "$WORK/run" --epochs 3 --device cuda --no-progress \
         --workers 8 --json "$OUT_DIR/train.json" > "$OUT_DIR/train.txt" 2>&1
     log "train exit code $? in $(( $(date +%s) - START_TRAIN )) s ($(tail -1 "$OUT_DIR/train.txt"))"
+    finished train
 fi
 
 # 6. The summary, with the paths that ran.
@@ -392,6 +422,8 @@ for name, run in s.get("distributed", {}).items():
 for item in s["not_run"]:
     print(f"  NOT RUN: {item}")
 for item in s.get("skipped_steps", []):
-    print(f"  SKIPPED (time budget): {item}")
+    print(f"  SKIPPED: {item}")
+for item in s.get("pending", []):
+    print(f"  NOT REACHED: {item}")
 PY
 log "done in $(( $(date +%s) - START )) s; summary in $OUT_DIR/summary.json"
