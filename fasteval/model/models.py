@@ -286,8 +286,12 @@ def build_model(arch: str, weights: str | None = None, num_classes: int | None =
         # load_state_dict into a fresh model gives: an fp16 or channels-last checkpoint loads as fp32 NCHW.
         model.load_state_dict(_with_metadata({k: v.to(expected[k].dtype).contiguous() for k, v in state.items()},
                                              state), strict=True, assign=True)
-    except (RuntimeError, ValueError) as exc:  # MNASNet raises ValueError for a state without its version
+    except RuntimeError as exc:
         raise FastevalError(f"--weights {weights} do not fit --arch {arch}: {first_line(exc)}") from None
+    except ValueError as exc:  # MNASNet's, for a state without the modules' versions
+        raise FastevalError(f"--weights {weights} do not fit --arch {arch}: {first_line(exc)} (the checkpoint "
+                            f"lacks the modules' saved versions: save model.state_dict() itself, not a copy "
+                            f"of it as a plain dict)") from None
     if _on_meta(model):  # a buffer the checkpoint does not hold (none in torchvision's classifiers)
         model = _construct(arch, head_classes)
         model.load_state_dict(state, strict=True)
