@@ -264,3 +264,54 @@ def test_module_versions_are_kept_for_models_that_load_by_them(tmp_path):
         torchvision.models.mnasnet0_5(num_classes=5).load_state_dict(bare)
     with pytest.raises(FastevalError, match=r"--weights .*bare.pt do not fit --arch mnasnet0_5: .*version.*lacks the modules. saved versions"):
         build_model("mnasnet0_5", _save(bare, tmp_path / "bare.pt"), num_classes=5)
+
+
+def test_torchvision_reference_training_checkpoint_loads(net, tmp_path):
+    """torchvision's reference training scripts (and timm's) save their arguments as an argparse.Namespace
+    beside the weights and the optimizer: such a file loads, with no code run."""
+    import argparse
+
+    optimizer = torch.optim.SGD(net.parameters(), lr=0.1, momentum=0.9)
+    saved = {"model": net.state_dict(), "optimizer": optimizer.state_dict(), "epoch": 89,
+             "args": argparse.Namespace(model="resnet18", lr=0.1, epochs=90)}
+    model = build_model("resnet18", _save(saved, tmp_path / "checkpoint.pth"), num_classes=7)
+    with torch.no_grad():
+        assert torch.equal(model(X), net.eval()(X))
+
+
+@pytest.mark.parametrize("arch", ["googlenet", "inception_v3"])
+def test_checkpoints_with_auxiliary_classifiers_load(arch, tmp_path):
+    """torchvision builds GoogLeNet and Inception v3 with auxiliary classifiers by default (and for every
+    fine-tune of its pretrained weights): their weights are in most checkpoints, and never in the eval
+    output, so they are dropped, not refused."""
+    torch.manual_seed(4)
+    trained = torchvision.models.get_model(arch, num_classes=5, init_weights=True).eval()
+    state = trained.state_dict()
+    assert any(k.startswith(("aux1.", "AuxLogits.")) for k in state)
+    model = build_model(arch, _save(state, tmp_path / "aux.pt"), num_classes=5)
+    x = torch.randn(2, 3, 96, 96)
+    with torch.no_grad():
+        assert torch.equal(model(x), trained(x))
+
+
+def test_a_model_saved_inside_a_training_wrapper_loads(tmp_path):
+    """A LightningModule's ``self.model`` saves as ``model.fc.weight``...: the one prefix under which the
+    head and every key are is the model's (MNASNet's module versions follow it); two models under two
+    prefixes, or the model beside other weights, are refused in one line that says what to save."""
+    torch.manual_seed(6)
+    net = torchvision.models.mnasnet0_5(num_classes=5).eval()
+
+    class Wrapper(nn.Module):
+        def __init__(self, **models):
+            super().__init__()
+            for name, module in models.items():
+                setattr(self, name, module)
+
+    model = build_model("mnasnet0_5", _save(Wrapper(model=net).state_dict(), tmp_path / "w.ckpt"), num_classes=5)
+    with torch.no_grad():
+        assert torch.equal(model(X), net(X))
+    for name, wrapper, message in (
+            ("two", Wrapper(model=net, ema=net), r"holds several models \(ema, model\)"),
+            ("beside", Wrapper(model=net, criterion=nn.Linear(2, 2)), r"under 'model', beside 2 other key\(s\)")):
+        with pytest.raises(FastevalError, match=message):
+            build_model("mnasnet0_5", _save(wrapper.state_dict(), tmp_path / f"{name}.ckpt"), num_classes=5)

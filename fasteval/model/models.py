@@ -6,6 +6,7 @@ The number of classes is read from the checkpoint's classification head.
 
 from __future__ import annotations
 
+import argparse
 import itertools
 import os
 import re
@@ -175,7 +176,9 @@ def read_state_dict(path: str, mmap: bool = False) -> dict[str, torch.Tensor]:
         with open(path, "rb") as f:
             mmap = f.read(4) == ZIP_MAGIC  # torch maps only its zip format
     try:
-        with warnings.catch_warnings():
+        # The training scripts of torchvision's references and of timm save their arguments beside the
+        # weights as an argparse.Namespace: allowed, since unpickling one only sets attributes.
+        with warnings.catch_warnings(), torch.serialization.safe_globals([argparse.Namespace]):
             warnings.simplefilter("ignore")  # e.g. "Detected pickle protocol 4": the error below says enough
             obj = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except OSError as exc:
@@ -219,6 +222,45 @@ def _with_metadata(state: dict, source: dict) -> OrderedDict:
     if hasattr(source, "_metadata"):
         state._metadata = source._metadata
     return state
+
+
+def _without_wrapper(state: dict[str, torch.Tensor], head: str, path: str) -> dict[str, torch.Tensor]:
+    """The model's own state where a training wrapper saved it under an attribute (a LightningModule's
+    ``self.model``: ``model.fc.weight``), decided by content: the one prefix under which the head's
+    weight is found and under which every key is."""
+    if f"{head}.weight" in state or f"{head}.0.weight" in state:
+        return state
+    suffix = f".{head}.weight"
+    prefixes = sorted({k[:len(k) - len(suffix) + 1] for k in state if k.endswith(suffix)})
+    if len(prefixes) != 1:
+        if len(prefixes) > 1:
+            raise FastevalError(f"--weights {path} holds several models ({', '.join(p[:-1] for p in prefixes)}): "
+                                f"save the one to evaluate with its state_dict()")
+        return state
+    (prefix,) = prefixes
+    others = [k for k in state if not k.startswith(prefix)]
+    if others:
+        raise FastevalError(f"--weights {path}: the model's weights are under {prefix[:-1]!r}, beside {len(others)} "
+                            f"other key(s) ({', '.join(others[:2])}): save {prefix[:-1]}.state_dict() alone")
+    inner = OrderedDict((k[len(prefix):], v) for k, v in state.items())
+    if hasattr(state, "_metadata"):  # the modules' versions under the prefix, named from the model's root
+        inner._metadata = OrderedDict(("" if name == prefix[:-1] else name[len(prefix):], value)
+                                      for name, value in state._metadata.items()
+                                      if name == prefix[:-1] or name.startswith(prefix))
+    return inner
+
+
+AUX_HEADS = {"googlenet": ("aux1.", "aux2."), "inception_v3": ("AuxLogits.",)}
+
+
+def _without_aux_heads(arch: str, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """``state`` less its auxiliary classifiers' weights: GoogLeNet and Inception v3 are built without them
+    (in eval mode they never reach the output), while torchvision builds them by default and for every
+    fine-tune of its pretrained weights, so most checkpoints of those models hold them."""
+    prefixes = AUX_HEADS.get(arch)
+    if not prefixes or not any(k.startswith(prefixes) for k in state):
+        return state
+    return _with_metadata({k: v for k, v in state.items() if not k.startswith(prefixes)}, state)
 
 
 def _unwrap_sequential_head(state: dict[str, torch.Tensor], head: str) -> dict[str, torch.Tensor]:
@@ -266,7 +308,8 @@ def build_model(arch: str, weights: str | None = None, num_classes: int | None =
         _check_classes(head_classes, num_classes, "torchvision's DEFAULT weights")
         return model.eval()
     head = head_name(arch)
-    state = _unwrap_sequential_head(read_state_dict(weights, mmap=check_only), head)
+    state = _without_wrapper(read_state_dict(weights, mmap=check_only), head, weights)
+    state = _without_aux_heads(arch, _unwrap_sequential_head(state, head))
     key = f"{head}.weight"
     if key not in state:
         raise FastevalError(
