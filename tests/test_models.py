@@ -279,8 +279,9 @@ def test_torchvision_reference_training_checkpoint_loads(net, tmp_path):
         assert torch.equal(model(X), net.eval()(X))
 
 
+@pytest.mark.parametrize("wrapped", [False, True])
 @pytest.mark.parametrize("arch", ["googlenet", "inception_v3"])
-def test_checkpoints_with_auxiliary_classifiers_load(arch, tmp_path):
+def test_checkpoints_with_auxiliary_classifiers_load(arch, wrapped, tmp_path):
     """torchvision builds GoogLeNet and Inception v3 with auxiliary classifiers by default (and for every
     fine-tune of its pretrained weights): their weights are in most checkpoints, and never in the eval
     output, so they are dropped, not refused."""
@@ -288,6 +289,8 @@ def test_checkpoints_with_auxiliary_classifiers_load(arch, tmp_path):
     trained = torchvision.models.get_model(arch, num_classes=5, init_weights=True).eval()
     state = trained.state_dict()
     assert any(k.startswith(("aux1.", "AuxLogits.")) for k in state)
+    if wrapped:  # inside a training wrapper: Inception's AuxLogits.fc is not a second model
+        state = {f"model.{k}": v for k, v in state.items()}
     model = build_model(arch, _save(state, tmp_path / "aux.pt"), num_classes=5)
     x = torch.randn(2, 3, 96, 96)
     with torch.no_grad():

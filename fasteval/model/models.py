@@ -231,7 +231,9 @@ def _without_wrapper(state: dict[str, torch.Tensor], head: str, path: str) -> di
     if f"{head}.weight" in state or f"{head}.0.weight" in state:
         return state
     suffix = f".{head}.weight"
-    prefixes = sorted({k[:len(k) - len(suffix) + 1] for k in state if k.endswith(suffix)})
+    found = {k[:len(k) - len(suffix) + 1] for k in state if k.endswith(suffix)}
+    # A head-named layer inside the model (Inception's AuxLogits.fc) is not another model.
+    prefixes = sorted(p for p in found if not any(p != q and p.startswith(q) for q in found))
     if len(prefixes) != 1:
         if len(prefixes) > 1:
             raise FastevalError(f"--weights {path} holds several models ({', '.join(p[:-1] for p in prefixes)}): "
