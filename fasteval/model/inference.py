@@ -102,8 +102,8 @@ class FastModel:
     def warm_up(self, example: torch.Tensor, calls: int = 2) -> float:
         """Decide (``auto``), compile and run on a batch of the static shape; seconds spent. Eager runs
         one call (``auto``: two on a GPU where it first measures this configuration's eager batch time,
-        none once known);
-        compiled runs ``calls``. Falls back to eager with a one-line warning where compiling fails (no C++ compiler, say)."""
+        none once known); compiled runs ``calls``. Falls back to eager with a one-line warning where
+        compiling fails (no C++ compiler, say)."""
         start = time.perf_counter()
         with torch.inference_mode():
             if self.mode == "on":

@@ -13,6 +13,7 @@ Direct tensor methods in a constructor (ViT's ``torch.empty(...).normal_()``) st
 
 from __future__ import annotations
 
+import functools
 import sys
 import threading
 from contextlib import contextmanager
@@ -25,13 +26,12 @@ _wrapped: list[tuple[object, str, Callable]] = []  # (module, name, original) wh
 
 
 def _skipping(original: Callable) -> Callable:
+    @functools.wraps(original)
     def initialiser(*args, **kwargs):
         if getattr(_inside, "depth", 0):
             return args[0] if args else kwargs["tensor"]  # nn.init passes its tensor by keyword too
         return original(*args, **kwargs)
 
-    initialiser.__wrapped__ = original
-    initialiser.__name__ = getattr(original, "__name__", "initialiser")
     return initialiser
 
 
@@ -40,8 +40,7 @@ def _homes() -> list[tuple[object, str, Callable]]:
     under a name by an imported module of torch.nn or torchvision.models."""
     from torch.nn import init
 
-    originals = {fn: name for name, fn in vars(init).items()
-                 if name.endswith("_") and not name.startswith("_") and callable(fn)}
+    originals = {fn for name, fn in vars(init).items() if name.endswith("_") and not name.startswith("_") and callable(fn)}
     homes = []
     for module_name, module in list(sys.modules.items()):
         if module is None or not (module_name.startswith("torch.nn") or module_name.startswith("torchvision.models")):

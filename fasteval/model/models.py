@@ -195,14 +195,7 @@ def read_state_dict(path: str, mmap: bool = False) -> dict[str, torch.Tensor]:
             f"--weights {path} holds no state_dict (expected a dict of tensors, or one under "
             f"{', '.join(repr(k) for k in CHECKPOINT_KEYS)})"
         )
-    cleaned = OrderedDict((_unprefixed(key), value) for key, value in obj.items())
-    metadata = getattr(obj, "_metadata", None)
-    if isinstance(metadata, dict):
-        # Each module's saved version, by module name (``torch.save(model.state_dict())`` keeps it): some
-        # modules load by it (MNASNet refuses a state without it). A wrapper's own root ("" under DDP) gives
-        # way to the wrapped model's ("module").
-        cleaned._metadata = OrderedDict((_unprefixed(name + ".")[:-1], value) for name, value in metadata.items())
-    return cleaned
+    return _renamed(obj, _unprefixed)
 
 
 def _unprefixed(key: str) -> str:
@@ -216,12 +209,17 @@ def _unprefixed(key: str) -> str:
     return key
 
 
-def _with_metadata(state: dict, source: dict) -> OrderedDict:
-    """``state`` carrying ``source``'s module versions (see ``read_state_dict``)."""
-    state = OrderedDict(state)
-    if hasattr(source, "_metadata"):
-        state._metadata = source._metadata
-    return state
+def _renamed(state: dict, rename) -> OrderedDict:
+    """``state`` with each key renamed by ``rename`` (None: dropped), and its modules' saved versions
+    (``state_dict()._metadata``, which ``torch.save(model.state_dict())`` keeps and some modules load by:
+    MNASNet refuses a state without them) renamed alike, a module's name as the start of its keys
+    (``name + "."``). Where two names become one (DDP's root "" and its "module"), the later, inner one stays."""
+    out = OrderedDict((new, value) for key, value in state.items() if (new := rename(key)) is not None)
+    metadata = getattr(state, "_metadata", None)
+    if isinstance(metadata, dict):
+        out._metadata = OrderedDict((new[:-1], value) for name, value in metadata.items()
+                                    if (new := rename(name + ".")) is not None)
+    return out
 
 
 def _without_wrapper(state: dict[str, torch.Tensor], head: str, path: str) -> dict[str, torch.Tensor]:
@@ -244,12 +242,7 @@ def _without_wrapper(state: dict[str, torch.Tensor], head: str, path: str) -> di
     if others:
         raise FastevalError(f"--weights {path}: the model's weights are under {prefix[:-1]!r}, beside {len(others)} "
                             f"other key(s) ({', '.join(others[:2])}): save {prefix[:-1]}.state_dict() alone")
-    inner = OrderedDict((k[len(prefix):], v) for k, v in state.items())
-    if hasattr(state, "_metadata"):  # the modules' versions under the prefix, named from the model's root
-        inner._metadata = OrderedDict(("" if name == prefix[:-1] else name[len(prefix):], value)
-                                      for name, value in state._metadata.items()
-                                      if name == prefix[:-1] or name.startswith(prefix))
-    return inner
+    return _renamed(state, lambda key: key[len(prefix):] if key.startswith(prefix) else None)
 
 
 AUX_HEADS = {"googlenet": ("aux1.", "aux2."), "inception_v3": ("AuxLogits.",)}
@@ -262,7 +255,7 @@ def _without_aux_heads(arch: str, state: dict[str, torch.Tensor]) -> dict[str, t
     prefixes = AUX_HEADS.get(arch)
     if not prefixes or not any(k.startswith(prefixes) for k in state):
         return state
-    return _with_metadata({k: v for k, v in state.items() if not k.startswith(prefixes)}, state)
+    return _renamed(state, lambda key: None if key.startswith(prefixes) else key)
 
 
 def _unwrap_sequential_head(state: dict[str, torch.Tensor], head: str) -> dict[str, torch.Tensor]:
@@ -273,10 +266,7 @@ def _unwrap_sequential_head(state: dict[str, torch.Tensor], head: str) -> dict[s
     indices = {m.group(1) for k in state if (m := pattern.match(k))}
     if len(indices) != 1:
         return state
-    (index,) = indices
-    return _with_metadata({
-        (f"{head}.{m.group(2)}" if (m := pattern.match(k)) else k): v for k, v in state.items()
-    }, state)
+    return _renamed(state, lambda key: f"{head}.{m.group(2)}" if (m := pattern.match(key)) else key)
 
 
 def build_model(arch: str, weights: str | None = None, num_classes: int | None = None,
@@ -329,8 +319,10 @@ def build_model(arch: str, weights: str | None = None, num_classes: int | None =
     try:
         # The loaded tensors become the model's, in the dtype and (contiguous) layout a plain
         # load_state_dict into a fresh model gives: an fp16 or channels-last checkpoint loads as fp32 NCHW.
-        model.load_state_dict(_with_metadata({k: v.to(expected[k].dtype).contiguous() for k, v in state.items()},
-                                             state), strict=True, assign=True)
+        loaded = _renamed(state, lambda key: key)
+        for key, value in loaded.items():
+            loaded[key] = value.to(expected[key].dtype).contiguous()
+        model.load_state_dict(loaded, strict=True, assign=True)
     except RuntimeError as exc:
         raise FastevalError(f"--weights {weights} do not fit --arch {arch}: {first_line(exc)}") from None
     except ValueError as exc:  # MNASNet's, for a state without the modules' versions
