@@ -208,8 +208,17 @@ def test_nvjpeg_outputs_are_ordered_with_the_current_stream(monkeypatch):
 
 @pytest.mark.parametrize("total, cap, shape", [(240, 64, 60), (50_000, 256, 256), (10, 32, 10), (65, 64, 33),
                                                (64, 64, 64), (1, 64, 1), (21, 8, 7), (21, 4, 4), (129, 64, 43)])
-def test_batch_shape_by_hand(total, cap, shape):
-    assert batch_shape(total, cap) == shape == batch_shape(total, cap, "cuda", (224, 224))
+def test_cpu_batch_shape_by_hand(total, cap, shape):
+    assert batch_shape(total, cap, "cpu") == shape == batch_shape(total, cap, "cpu", (1, 1), cores=1)
+
+
+@pytest.mark.parametrize("total, asked, shape", [(240, 64, 64), (50_000, 512, 512), (20_000, 256, 256),
+                                                 (10, 32, 10), (65, 64, 64), (1, 64, 1), (3000, 64, 64)])
+def test_a_gpu_runs_the_asked_batch_size_whatever_the_dataset_size(total, asked, shape):
+    """A new shape is a new compile; on a GPU a padding row costs next to nothing (equal batches would
+    make 50,000 at 512 batches of 511, 20,000 at 256 batches of 254: each its own compile)."""
+    assert batch_shape(total, asked, "cuda", (224, 224)) == shape
+    assert batch_shape_reason(total, asked, shape, "cuda", (224, 224)) is None
 
 
 @pytest.mark.parametrize("total, hw, shape", [(240, (224, 224), 20), (250, (224, 224), 20), (241, (224, 224), 19),
@@ -225,25 +234,25 @@ def test_the_cpu_cap_scales_with_the_usable_cores(monkeypatch):
     assert batch_shape(240, 64, "cpu", (224, 224)) == 40
 
 
-def test_batch_shape_keeps_the_batch_count_and_leaves_under_one_padding_row_per_batch():
-    for device, hw in (("cuda", (224, 224)), ("cpu", (224, 224)), ("cpu", (100, 150))):
+def test_cpu_batch_shape_keeps_the_batch_count_and_leaves_under_one_padding_row_per_batch():
+    for hw in ((224, 224), (100, 150), None):
         for asked in range(1, 70):
-            cap = batch_cap(asked, device, hw, cores=2)
+            cap = batch_cap(asked, "cpu", hw, cores=2)
             assert 1 <= cap <= asked
             for total in range(1, 300):
-                shape = batch_shape(total, asked, device, hw, cores=2)
+                shape = batch_shape(total, asked, "cpu", hw, cores=2)
                 batches = -(-total // cap)
                 assert shape <= cap and -(-total // shape) == batches  # no more batches than the cap makes
                 assert 0 <= batches * shape - total < batches  # padding: under one row per batch
 
 
 def test_the_reason_names_the_cpu_cap_and_the_padding_saved():
-    assert batch_shape_reason(240, 64, 60) == ("4 batch(es) of 60: as equal as --batch-size 64 allows, 0 padding "
+    assert batch_shape_reason(240, 64, 60, "cpu") == ("4 batch(es) of 60: as equal as --batch-size 64 allows, 0 padding "
                                                "row(s) in one process, not 16")
     assert batch_shape_reason(241, 64, 19, "cpu", (224, 224), cores=2) == (
         "13 batch(es) of 19: on the CPU at most 20 image(s) of 224x224 a batch on these cores (its activations "
         "stay in cache), as equal as --batch-size 64 allows, 6 padding row(s) in one process, not 15")
-    assert batch_shape_reason(64, 64, 64) is None
+    assert batch_shape_reason(64, 64, 64, "cpu") is None
     assert batch_shape_reason(156, 32, 20, "cpu", (224, 224), cores=2).endswith("32 allows, 4 padding row(s) in "
                                                                                 "one process")
     # A --batch-size above the run's size is named as asked; the run's own size is the clamp, not padding.

@@ -34,13 +34,19 @@ def batch_cap(batch_size: int, device_type: str, input_hw: tuple[int, int] | Non
 
 def batch_shape(total: int, batch_size: int, device_type: str = "cuda",
                 input_hw: tuple[int, int] | None = None, cores: int | None = None) -> int:
-    """The fast path's one static batch size for ``total`` samples: as many batches as ``batch_cap``
-    needs, made as equal as they can be. The last batch is padded to the static shape and costs a full
-    one: 240 samples at 64 would compute 256 rows, at 60 they compute 240 (at most one padding row per
-    batch is left). Decided from the whole run's count, so every torchrun rank runs the one-process shape."""
+    """The fast path's one static batch size for ``total`` samples, decided from the whole run's count,
+    so every torchrun rank runs the one-process shape. The last batch is padded to it.
+
+    On the CPU, as many batches as ``batch_cap`` needs, made as equal as they can be: a padding row costs
+    as much as a sample there, so 241 images at a cap of 20 compute 13 batches of 19 (247 rows), not 260.
+    On a GPU, ``batch_size`` (clamped to the run): padding rows cost no decoding and a few milliseconds
+    of GPU time at most, while each new shape is a new compile (compiled artifacts are keyed by shape),
+    and equal batches would give nearly every dataset size its own shape (ImageNet's 50,000 at 512: 511)."""
     cap = batch_cap(batch_size, device_type, input_hw, cores)
     if total <= 0:
         return cap
+    if device_type != "cpu":
+        return min(cap, total)
     return math.ceil(total / math.ceil(total / cap))
 
 
