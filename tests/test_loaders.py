@@ -215,7 +215,7 @@ def test_cpu_batch_shape_by_hand(total, cap, shape):
 @pytest.mark.parametrize("total, asked, shape", [(240, 64, 64), (50_000, 512, 512), (20_000, 256, 256),
                                                  (10, 32, 10), (65, 64, 64), (1, 64, 1), (3000, 64, 64)])
 def test_a_gpu_runs_the_asked_batch_size_whatever_the_dataset_size(total, asked, shape):
-    """A new shape is a new compile; on a GPU a padding row costs next to nothing (equal batches would
+    """A new shape is a new compile; on a GPU padding costs at most a batch's GPU time (equal batches would
     make 50,000 at 512 batches of 511, 20,000 at 256 batches of 254: each its own compile)."""
     assert batch_shape(total, asked, "cuda", (224, 224)) == shape
     assert batch_shape_reason(total, asked, shape, "cuda", (224, 224)) is None

@@ -39,9 +39,10 @@ def batch_shape(total: int, batch_size: int, device_type: str = "cuda",
 
     On the CPU, as many batches as ``batch_cap`` needs, made as equal as they can be: a padding row costs
     as much as a sample there, so 241 images at a cap of 20 compute 13 batches of 19 (247 rows), not 260.
-    On a GPU, ``batch_size`` (clamped to the run): padding rows cost no decoding and a few milliseconds
-    of GPU time at most, while each new shape is a new compile (compiled artifacts are keyed by shape),
-    and equal batches would give nearly every dataset size its own shape (ImageNet's 50,000 at 512: 511)."""
+    On a GPU, ``batch_size`` (clamped to the run): the padding costs at most one batch's GPU time
+    (DALI decodes its repeated last sample; the torchvision loaders pad on the device), tens of
+    milliseconds, while each new shape is a new compile (compiled artifacts are keyed by shape), and equal
+    batches would give nearly every dataset size its own shape (ImageNet's 50,000 at 512: 511)."""
     cap = batch_cap(batch_size, device_type, input_hw, cores)
     if total <= 0:
         return cap
