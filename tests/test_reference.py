@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import multiprocessing
 import os
 
 import pytest
@@ -10,7 +11,7 @@ import torch
 from PIL import Image
 
 from fasteval.errors import FastevalError
-from fasteval.evaluation.reference import evaluate_reference
+from fasteval.evaluation.reference import evaluate_reference, reference_logits
 from fasteval.data.samples import discover
 
 
@@ -85,6 +86,15 @@ def test_corrupt_image_is_named(tmp_path, small_spec, model_3cls, workers):
         os.makedirs(tmp_path / cls)
         Image.new("RGB", (50, 40), (1, 2, 3)).save(tmp_path / cls / "ok.jpg")
     (tmp_path / "b" / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 truncated")
-    with pytest.raises(FastevalError, match=r"cannot decode image .*broken\.jpg"):
+    with pytest.raises(FastevalError, match=r"cannot decode image .*broken\.jpg") as info:
         evaluate_reference(discover(tmp_path), model_3cls, small_spec, batch_size=2, workers=workers,
                            progress=False)
+    # The error, still held here, keeps no DataLoader iterator alive: its workers have ended already (one
+    # kept would cost 5 s a worker whenever it is collected).
+    assert info.value.__traceback__ is not None and multiprocessing.active_children() == []
+    # The recheck's loader (workers from a batch up on the CPU) too.
+    samples = discover(tmp_path)
+    with pytest.raises(FastevalError, match=r"broken\.jpg") as info:
+        reference_logits(samples, list(range(len(samples))), model_3cls, small_spec, batch_size=2, workers=workers,
+                         device=torch.device("cpu"))
+    assert info.value.__traceback__ is not None and multiprocessing.active_children() == []

@@ -20,6 +20,7 @@ from torchvision.datasets import ImageFolder
 from tqdm import tqdm
 
 from fasteval.errors import FastevalError
+from fasteval.procs import workers_end_with_errors
 from fasteval.kernels.fused_metrics import metrics_torch
 from fasteval.evaluation.metrics import TOPK, EvalResult
 from fasteval.data.pixels import load_rgb
@@ -147,7 +148,7 @@ def reference_logits(samples: SampleList, indices: list[int], model: nn.Module, 
     loader = DataLoader(ImageDataset(samples.subset(indices), spec.torchvision_transform()), batch_size=batch,
                         shuffle=False, num_workers=workers if parallel else 0, pin_memory=device.type == "cuda")
     model = model.to(device).eval()
-    with torch.no_grad():
+    with torch.no_grad(), workers_end_with_errors():
         return torch.cat([model(images.to(device)).float().cpu() for images, _ in loader])
 
 
@@ -188,11 +189,11 @@ def evaluate_reference(
     scores: list[BatchScore] = []
     bar = tqdm(total=len(samples), unit="img", desc="reference", file=sys.stderr, disable=not progress)
     start = time.perf_counter()
-    # A DataLoader iterator kept alive by an error's traceback makes the process wait 5 s per worker
-    # at exit: it is dropped as soon as the loop ends, however it ends.
+    # A DataLoader iterator kept alive makes the process wait 5 s per worker when it is collected (at
+    # exit, or whenever the caller drops an error): it is dropped as soon as the loop ends, however it ends.
     batches = iter(loader)
     try:
-        with torch.no_grad():
+        with torch.no_grad(), workers_end_with_errors():
             for images, labels in batches:
                 images, labels = images.to(device), labels.to(device)
                 score = score_batch(model(images).float(), labels)
