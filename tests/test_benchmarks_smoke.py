@@ -55,8 +55,17 @@ def test_loader_benchmarks(small_data):
         assert bench.extra_info["images"] == 21
 
 
-@pytest.mark.slow
-def test_model_benchmarks():
+def test_model_benchmarks(monkeypatch):
+    """Every variant's path, on a model a few layers deep (compiling ResNet-18 twice took 20 s of CI;
+    its compiled forward is tested in test_fast.py and its CUDA code in test_model_aot.py)."""
+    import torch
+    import torchvision
+
+    def tiny(num_classes):
+        return torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.BatchNorm2d(8), torch.nn.ReLU(),
+                                   torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(), torch.nn.Linear(8, num_classes))
+
+    monkeypatch.setattr(torchvision.models, "resnet18", tiny)
     mod = _module("bench_model")
     for variant in mod.VARIANTS:
         _run(mod.bench_model_cpu, variant, batch=2, size=32)

@@ -267,20 +267,22 @@ _REAL_COMPILE = textwrap.dedent("""
     import json, sys, torch
     from torch._dynamo.utils import counters
     from fasteval.model.inference import FastModel
-    batch, precision = int(sys.argv[1]), sys.argv[2]
-    torch.manual_seed(int(sys.argv[3]))
-    net = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.ReLU(), torch.nn.AdaptiveAvgPool2d(1),
-                              torch.nn.Flatten(), torch.nn.Linear(8, 3))
-    model = FastModel(net, torch.device("cpu"), precision, "on")
-    x = torch.rand(batch, 3, 16, 16).contiguous(memory_format=torch.channels_last)
-    model.warm_up(x)
-    with torch.inference_mode():
-        out = model(x)
-    with torch.no_grad():
-        ref = net(x)
-    inductor = counters["inductor"]
-    print(json.dumps({"hit": inductor["fxgraph_cache_hit"], "miss": inductor["fxgraph_cache_miss"],
-                      "err": float((out.float() - ref).abs().max()), "reason": model.compile_reason}))
+    for config in sys.argv[1:]:  # batch:precision:seed, compiled one after another; a line each
+        batch, precision, seed = config.split(":")
+        torch.manual_seed(int(seed))
+        net = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.ReLU(), torch.nn.AdaptiveAvgPool2d(1),
+                                  torch.nn.Flatten(), torch.nn.Linear(8, 3))
+        model = FastModel(net, torch.device("cpu"), precision, "on")
+        x = torch.rand(int(batch), 3, 16, 16).contiguous(memory_format=torch.channels_last)
+        counters.clear()
+        model.warm_up(x)
+        with torch.inference_mode():
+            out = model(x)
+        with torch.no_grad():
+            ref = net(x)
+        inductor = counters["inductor"]
+        print(json.dumps({"hit": inductor["fxgraph_cache_hit"], "miss": inductor["fxgraph_cache_miss"],
+                          "err": float((out.float() - ref).abs().max()), "reason": model.compile_reason}))
 """)
 
 
@@ -291,21 +293,23 @@ def test_real_compile_is_cached_and_keyed(tmp_path):
     env = {k: v for k, v in os.environ.items() if k not in ("TORCHINDUCTOR_CACHE_DIR", "TRITON_CACHE_DIR")}
     env["FASTEVAL_CACHE"] = str(tmp_path)
 
-    def run(*args):
-        out = subprocess.run([sys.executable, "-c", _REAL_COMPILE, *map(str, args)], env=env, capture_output=True,
+    def run(*configs):
+        out = subprocess.run([sys.executable, "-c", _REAL_COMPILE, *configs], env=env, capture_output=True,
                              text=True, timeout=600)
         assert out.returncode == 0, out.stderr[-2000:]
-        return json.loads(out.stdout.strip().splitlines()[-1])
+        lines = out.stdout.strip().splitlines()[-len(configs):]
+        return [json.loads(line) for line in lines]
 
-    cold = run(4, "fp32", 0)
+    [cold] = run("4:fp32:0")
     assert cold["miss"] >= 1 and cold["hit"] == 0 and "cached for the next run" in cold["reason"]
-    warm = run(4, "fp32", 1)  # other weights, same artifact
+    # A second process: other weights, same artifact; then, in that process, a changed batch size and precision.
+    warm, batch8, bf16 = run("4:fp32:1", "8:fp32:0", "4:bf16:0")
     assert warm["hit"] >= 1 and warm["miss"] == 0 and "loaded from the compile cache" in warm["reason"]
-    assert run(8, "fp32", 0)["miss"] >= 1
-    bf16 = run(4, "bf16", 0)
-    assert bf16["miss"] >= 1
-    for result in (cold, warm):
+    assert batch8["miss"] >= 1 and batch8["hit"] == 0
+    assert bf16["miss"] >= 1 and bf16["hit"] == 0
+    for result in (cold, warm, batch8):
         assert result["err"] < 1e-4
+    assert bf16["err"] < 0.05  # bf16 autocast's rounding
     assert os.listdir(tmp_path / "compile")  # the artifacts are in fasteval's cache, not torch's default folder
 
 
