@@ -73,6 +73,20 @@ def test_record_keeps_the_best_per_image_cost_and_persists(fresh_cache):
     assert load_rates(CPU, rates_key(torchvision.models.resnet18(num_classes=3), CPU, "fp32", (32, 32))).key != key
 
 
+def test_a_first_gpu_run_expects_the_costs_measured_on_the_h200():
+    """Unmeasured, a GPU configuration expects the one GPU run's costs: there, on 2,000 JPEGs, the whole fast
+    command was slower than the reference's, so a first run that size takes the reference's code; the
+    crossing is 2.0 s / (1.6 - 0.8 - 0.05 x 1.6 ms) = about 2,800 images."""
+    rates = Rates()
+    assert not choose_route(rates, "cuda", 2000, 0, 8, exact=True).fast
+    assert not choose_route(rates, "cuda", 2700, 0, 8, exact=True).fast
+    assert choose_route(rates, "cuda", 2900, 0, 8, exact=True).fast
+    assert choose_route(rates, "cuda", 50_000, 0, 8, exact=True).fast
+    # Measured rates replace the assumption: a GPU whose fast path costs 0.2 ms an image goes fast at 2,000.
+    measured = Rates(reference_image_seconds=0.0016, fast_image_seconds=0.0002, fast_setup_seconds=1.5)
+    assert choose_route(measured, "cuda", 2000, 0, 8, exact=True).fast
+
+
 def test_fast_cost_follows_the_reference_measured_beside_it():
     """A fast run on a busy machine measures both per-image costs slow; their ratio still holds, so the
     fast cost is the ratio x the best reference cost, and a later quiet reference run lowers both: a
