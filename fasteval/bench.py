@@ -234,7 +234,7 @@ def _timed_eval(config: dict, options: FastOptions, reference: bool, env: dict[s
     run.update(samples=result["samples"], top1=result["top1"], warmup_seconds=result.get("warmup_seconds") or 0.0,
                loop_seconds=result["seconds"] - recheck, recheck_seconds=recheck,
                setup_seconds=run["wall_seconds"] - (result.get("warmup_seconds") or 0.0) - result["seconds"],
-               compile=result.get("compile"), compile_reason=result.get("compile_reason"))
+               compile=result.get("compile"), compile_reason=result.get("compile_reason"), route=result.get("route"))
     return run
 
 
@@ -419,8 +419,8 @@ def format_bench(b: dict) -> str:
         lines.append(METRICS_NOTE)
     if "time_to_result" in b:
         t = b["time_to_result"]["fast"]
-        lines += [f"fast compile, cold: {t['cold']['compile_reason']}",
-                  f"fast compile, warm: {t['warm']['compile_reason']}"]
+        for what, key in (("route", "route"), ("compile", "compile_reason")):
+            lines += [f"fast {what}, {run}: {t[run][key]}" for run in ("cold", "warm") if t[run].get(key)]
     lines.append(f"machine: {m['cpu']} ({m['cpu_cores']} cores), GPU: {m.get('gpu', 'none')}, torch {m['torch']}, "
                  f"torchvision {m['torchvision']}, triton {m['triton']}, DALI {m['dali'] or 'not installed'}")
     return "\n".join(lines)

@@ -388,7 +388,8 @@ def test_time_to_result_runs_cold_in_an_empty_cache_then_warm(monkeypatch):
         json_path = argv[argv.index("--json") + 1]
         with open(json_path, "w") as f:
             json.dump({"samples": 10, "top1": 50.0, "seconds": 2.0, "warmup_seconds": 0.5 if "--reference" not in argv
-                       else 0.0, "exact": {"seconds": 0.25}, "compile": False, "compile_reason": "r"}, f)
+                       else 0.0, "exact": {"seconds": 0.25}, "compile": False, "compile_reason": "r",
+                       "route": None if "--reference" in argv else "fast path: expected ..."}, f)
         return {"wall_seconds": 4.0 if "--reference" in argv else 3.0, "returncode": 0, "stderr_tail": "",
                 "main_peak_rss_mb": 1.0, "largest_worker_peak_rss_mb": 0.0, "tree_peak_rss_mb": 1.0}
 
@@ -406,6 +407,9 @@ def test_time_to_result_runs_cold_in_an_empty_cache_then_warm(monkeypatch):
     assert fast["setup_seconds"] + fast["warmup_seconds"] + fast["loop_seconds"] + fast["recheck_seconds"] == \
         pytest.approx(fast["wall_seconds"])
     assert t["ratio_warm"] == pytest.approx(0.75)
+    # The default command's route is kept (a run sent whole to the reference's code is not the fast path's time).
+    assert t["fast"]["cold"]["route"] == t["fast"]["warm"]["route"] == "fast path: expected ..."
+    assert t["reference"]["warm"]["route"] is None
 
 
 @pytest.mark.slow
