@@ -153,8 +153,17 @@ for name in sorted(os.listdir(out)):
                           ("rechecked", "gated", "tau", "max_logit_error", "changed_top1", "seconds")},
         "exact_recheck_share_of_run": (fast.get("exact", {}).get("seconds") or 0) / fast["seconds"],
     }
+    ttr = b.get("time_to_result")
+    if ttr:  # the whole commands, the measure: wall seconds, fast over reference, the default's route
+        summary[f"bench_{m.group(1)}"]["time_to_result"] = {
+            "ratio_cold": ttr.get("ratio_cold"), "ratio_warm": ttr.get("ratio_warm"),
+            **{f"{path}_{when}_seconds": ttr[path][when]["wall_seconds"]
+               for path in ("reference", "fast") for when in ("cold", "warm")},
+            "fast_route_cold": ttr["fast"]["cold"].get("route"), "fast_route_warm": ttr["fast"]["warm"].get("route")}
+    whole = (f", whole command {ttr['ratio_cold']:.2f}x cold / {ttr['ratio_warm']:.2f}x warm the reference's"
+             if ttr else "")
     paths.append(f"--loader {m.group(1)}: loader {fast['loader']}, metrics {fast.get('metrics_backend')}, "
-                 f"{fast['precision']}, compile {fast['compile']}")
+                 f"{fast['precision']}, compile {fast['compile']}, loop {b['speedup']:.2f}x{whole}")
 for loader in (["dali"] if dali else []) + ["torchvision"]:
     if "bench" in ran and f"bench_{loader}" not in summary and f"bench-{loader}" not in skipped_names:
         summary["not_run"].append(f"bench --loader {loader} (failed: see bench_{loader}.txt)")
