@@ -14,7 +14,7 @@
 # reference; also "sweep" (3 checkpoints on one decoded set), "distributed" (`fasteval bench` and `eval`
 # under torchrun on every local GPU against one GPU where nvidia-smi -L lists several, skipped with
 # the reason where there is one), "train" and "device" (the kernel's device-parametrised edge cases);
-# "precision": bf16 against fp32 whole commands with their exact recheck, and the reference's),
+# "precision": the fast path's own whole command, bf16 and fp32, with their exact recheck, against the reference's),
 # GPU_CHECK_REPEATS the bench repeats (default 1: each cold command compiles from nothing).
 # Works on Python 3.10 (no `python -P`).
 set -uo pipefail
@@ -34,7 +34,7 @@ trap 'rm -rf "$WORK" ${SITE:+"$SITE"}' EXIT  # generated data, checkpoints, a ha
 export FASTEVAL_CACHE="$WORK/cache"
 # Python runs from an empty folder, so that the source folder (whose fasteval/ has no kernels/)
 # is never imported in place of the installed package: what `python -P` does on 3.11+.
-# `tpy SECONDS ARGS...` is `py ARGS...` under a time limit.
+# `py ARGS...` runs Python there.
 py() { (cd "$WORK" && "$PY" "$@"); }
 # `tpy SECONDS ARGS...` is `py ARGS...` under a time limit, cut to what is left of GPU_CHECK_BUDGET.
 tpy() {
@@ -208,7 +208,9 @@ for run in ("bf16", "fp32", "reference"):
     except Exception:
         continue
     ex = r.get("exact") or {}
+    wall = read(f"precision_{run}.wall").strip()
     precision[run] = {"correct_top1": r["correct_top1"], "seconds": r["seconds"], "route": r.get("route"),
+                      "whole_command_seconds": float(wall) if wall else None,
                       "compile": r.get("compile"), "rechecked": ex.get("rechecked"), "gated": ex.get("gated"),
                       "tau": ex.get("tau")}
 if precision:
@@ -366,10 +368,13 @@ num_classes=int(sys.argv[2])).state_dict(), sys.argv[1])" "$CKPT" "${GPU_CHECK_C
     finished distributed
 fi
 
-# 5a. Precision against the exact recheck (optional step "precision"): the default command's wall time
-#     with --precision bf16 and fp32 (warm caches: each after one untimed run), and the reference's, on
-#     the bench set with one seeded model. On a GPU whose loop is bound by decoding, fp32 may cost the
+# 5a. Precision against the exact recheck (step "precision"): the fast path's whole command with
+#     --precision bf16 and fp32 (warm caches: each after one untimed run), and the reference's, on the
+#     bench set with one seeded model. On a GPU whose loop is bound by decoding, fp32 may cost the
 #     loop little while its smaller logit error gates fewer near-ties: this measures whether it does.
+#     --compile off (what auto chooses for a set this small) also skips the route: the bench's default
+#     command may send 2,000 images to the reference's code (route.py's GPU assumptions), and this is
+#     where the fast path's own whole command is measured against the reference's.
 summarise
 if step precision 150; then
     synth_once
@@ -378,12 +383,14 @@ if step precision 150; then
 num_classes=int(sys.argv[2])).state_dict(), sys.argv[1])" "$CKPT" "${GPU_CHECK_CLASSES:-50}"
     W=$(( $(nproc) < 16 ? $(nproc) : 16 ))
     for run in bf16 fp32 reference; do
-        OPT=(--precision "$run"); [ "$run" = reference ] && OPT=(--reference)
+        OPT=(--precision "$run" --compile off); [ "$run" = reference ] && OPT=(--reference)
         ARGS=(-m fasteval eval "$DATA" --weights "$CKPT" --batch-size 256 --workers "$W" --no-progress "${OPT[@]}")
         tpy 120 "${ARGS[@]}" > /dev/null 2>&1  # warms the compile cache and the measured rates
         T0=$(date +%s.%N)
         tpy 120 "${ARGS[@]}" --json "$OUT_DIR/precision_$run.json" > "$OUT_DIR/precision_$run.txt" 2>&1
-        log "eval --precision $run: exit code $?, $(py -c "print(round($(date +%s.%N) - $T0, 2))") s whole command"
+        RC=$?
+        py -c "print(round($(date +%s.%N) - $T0, 2))" > "$OUT_DIR/precision_$run.wall"
+        log "eval --precision $run: exit code $RC, $(cat "$OUT_DIR/precision_$run.wall") s whole command"
     done
     py - "$OUT_DIR" <<'PY' | tee -a "$LOG"
 import json, os, sys
