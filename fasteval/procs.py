@@ -14,9 +14,8 @@ import os
 import signal
 import sys
 import threading
-import traceback
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 
 from fasteval.errors import Terminated
 
@@ -70,13 +69,22 @@ def pool_map(function: Callable, tasks: list, workers: int) -> list:
 
 @contextmanager
 def workers_end_with_errors() -> Iterator[None]:
-    """An error raised in the block keeps no locals in its traceback's finished frames: a DataLoader's
-    frames there hold its iterator, whose worker processes would live until the error is dropped (a
-    notebook keeps the last one), and then cost 5 s a worker to stop."""
+    """Around a loop over a DataLoader iterator the caller drops when the loop ends (``del`` in a
+    ``finally``): an error raised in the block keeps torch.utils.data's frames in its traceback without
+    their locals. Those frames hold the iterator, whose worker processes would otherwise live as long
+    as the error (a notebook keeps the last one) and then cost 5 s a worker to stop. Only those frames
+    are cleared: the caller's and the model's keep their locals for a post-mortem."""
     try:
         yield
     except BaseException as exc:
-        traceback.clear_frames(exc.__traceback__)
+        data = sys.modules.get("torch.utils.data")
+        folder = os.path.dirname(data.__file__) + os.sep if data is not None else None
+        tb = exc.__traceback__
+        while folder and tb is not None:
+            if tb.tb_frame.f_code.co_filename.startswith(folder):
+                with suppress(RuntimeError):  # a frame still running (none of torch's here) is left as it is
+                    tb.tb_frame.clear()
+            tb = tb.tb_next
         raise
 
 

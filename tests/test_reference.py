@@ -80,21 +80,45 @@ def test_workers_do_not_change_results(small_data, small_spec, model_3cls):
     assert (a.correct_top1, a.correct_top5, a.loss_sum) == (b.correct_top1, b.correct_top5, b.loss_sum)
 
 
-@pytest.mark.parametrize("workers", [0, 2])
-def test_corrupt_image_is_named(tmp_path, small_spec, model_3cls, workers):
+def _tree_with(tmp_path, bad: bool):
     for cls in ("a", "b", "c"):
         os.makedirs(tmp_path / cls)
-        Image.new("RGB", (50, 40), (1, 2, 3)).save(tmp_path / cls / "ok.jpg")
-    (tmp_path / "b" / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 truncated")
+        for i in range(2):
+            Image.new("RGB", (50, 40), (1, 2, 3)).save(tmp_path / cls / f"ok{i}.jpg")
+    if bad:
+        (tmp_path / "b" / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 truncated")
+    return discover(tmp_path)
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_corrupt_image_is_named(tmp_path, small_spec, model_3cls, workers):
+    samples, before = _tree_with(tmp_path, bad=True), set(multiprocessing.active_children())
     with pytest.raises(FastevalError, match=r"cannot decode image .*broken\.jpg") as info:
-        evaluate_reference(discover(tmp_path), model_3cls, small_spec, batch_size=2, workers=workers,
-                           progress=False)
+        evaluate_reference(samples, model_3cls, small_spec, batch_size=2, workers=workers, progress=False)
     # The error, still held here, keeps no DataLoader iterator alive: its workers have ended already (one
     # kept would cost 5 s a worker whenever it is collected).
-    assert info.value.__traceback__ is not None and multiprocessing.active_children() == []
+    assert info.value.__traceback__ is not None and set(multiprocessing.active_children()) <= before
     # The recheck's loader (workers from a batch up on the CPU) too.
-    samples = discover(tmp_path)
     with pytest.raises(FastevalError, match=r"broken\.jpg") as info:
         reference_logits(samples, list(range(len(samples))), model_3cls, small_spec, batch_size=2, workers=workers,
                          device=torch.device("cpu"))
-    assert info.value.__traceback__ is not None and multiprocessing.active_children() == []
+    assert info.value.__traceback__ is not None and set(multiprocessing.active_children()) <= before
+
+
+class _Fails(torch.nn.Module):
+    def forward(self, x):
+        seen = x.shape
+        raise RuntimeError(f"the model fails on {seen}")
+
+
+def test_a_model_error_ends_the_workers_and_keeps_the_models_frame(tmp_path, small_spec):
+    """Only torch.utils.data's frames lose their locals: the model's stay for a post-mortem (pdb, %debug)."""
+    samples, before = _tree_with(tmp_path, bad=False), set(multiprocessing.active_children())
+    for run in (lambda: evaluate_reference(samples, _Fails(), small_spec, batch_size=2, workers=2, progress=False),
+                lambda: reference_logits(samples, list(range(6)), _Fails(), small_spec, batch_size=2, workers=2,
+                                         device=torch.device("cpu"))):
+        with pytest.raises(RuntimeError, match="the model fails") as info:
+            run()
+        assert set(multiprocessing.active_children()) <= before
+        frames = [entry.frame for entry in info.traceback if entry.frame.code.name == "forward"]
+        assert frames and "seen" in frames[-1].f_locals

@@ -148,8 +148,14 @@ def reference_logits(samples: SampleList, indices: list[int], model: nn.Module, 
     loader = DataLoader(ImageDataset(samples.subset(indices), spec.torchvision_transform()), batch_size=batch,
                         shuffle=False, num_workers=workers if parallel else 0, pin_memory=device.type == "cuda")
     model = model.to(device).eval()
-    with torch.no_grad(), workers_end_with_errors():
-        return torch.cat([model(images.to(device)).float().cpu() for images, _ in loader])
+    out, batches = [], iter(loader)  # dropped when the loop ends, however it ends (evaluate_reference)
+    try:
+        with torch.no_grad(), workers_end_with_errors():
+            for images, _ in batches:
+                out.append(model(images.to(device)).float().cpu())
+    finally:
+        del batches
+    return torch.cat(out)
 
 
 def _logits_from_pixels(pixels, indices: list[int], model: nn.Module, spec: PreprocessSpec, batch_size: int,
