@@ -87,6 +87,17 @@ def test_a_first_gpu_run_expects_the_costs_measured_on_the_h200():
     assert choose_route(measured, "cuda", 2000, 0, 8, exact=True).fast
 
 
+@pytest.mark.parametrize("device_kind, t_ref", [("cuda", 0.0008), ("cuda", 0.0004), ("cpu", 0.010), ("cpu", 0.004)])
+def test_a_quick_reference_never_leaves_the_fast_path_unmeasured_for_good(device_kind, t_ref):
+    """A run by the reference's code measures only its cost. On a machine quicker than assumed (more workers,
+    smaller files) a fixed fast default would lose at every size: never run, never measured. The unmeasured
+    fast cost follows the measured reference by the assumed ratio, so a large enough run goes fast."""
+    rates = Rates(reference_image_seconds=t_ref)
+    assert choose_route(rates, device_kind, 1_000_000, 0, 8, exact=True).fast
+    route = choose_route(rates, device_kind, 10, 0, 8, exact=True)
+    assert not route.fast and "the reference's measured, the fast path's assumed" in route.reason
+
+
 def test_fast_cost_follows_the_reference_measured_beside_it():
     """A fast run on a busy machine measures both per-image costs slow; their ratio still holds, so the
     fast cost is the ratio x the best reference cost, and a later quiet reference run lowers both: a

@@ -15,7 +15,10 @@ Per-image costs keep the best seen (other load on the machine only adds time). T
 taken relative to the reference's: a run of the fast path measures both (its pass, and the samples the
 reference's code evaluates within it) under the same load, and t_fast = that ratio x the best
 t_reference. A single fast run on a busy machine would otherwise leave a fast cost too high to ever
-be chosen again, and so never re-measured.
+be chosen again, and so never re-measured. For the same reason a fast cost never measured is the
+assumed ratio times the measured t_reference, not an absolute default: on a machine whose reference is
+quicker than assumed (more workers, smaller files), a fixed fast cost could lose at every size, so
+the fast path would never run, never be measured, and never be chosen.
 
 Like the compile profiles, the rates only steer the choice: a stale figure can make a run slower,
 never its result different (both routes give the reference's counts).
@@ -54,10 +57,11 @@ DEFAULTS = {
     "cpu": RouteDefaults(reference_image=0.032, fast_image=0.012, fast_setup=1.0, recheck_share=0.15,
                          fast_setup_decoded_at_start=0.3),
     # A GPU: the reference is bound by PIL decoding in DataLoader workers, the fast path by its loader
-    # and per-batch host work. The one GPU measured (H200, 16 cores, 2,000 JPEGs, batch 256, 2026-11-28):
-    # the reference 3.13 s (1.6 ms an image, 16 workers), the fast pass 1.59 s (0.8 ms: torchvision's
-    # nvJPEG, eager bf16; DALI not measured), and the whole fast command slower than the reference's.
-    # So a first run goes fast only from about 2,800 images; setup and recheck share are assumed.
+    # and per-batch host work. The one GPU measured (H200, 16 cores, 2,000 ImageNet-like JPEGs, batch
+    # 256, 2026-11-28): the reference 3.13 s (1.6 ms an image, with 16 workers; the default 8 would be
+    # slower), the fast pass 1.59 s (0.8 ms: torchvision's nvJPEG, eager bf16; DALI not measured), and the
+    # whole fast command slower than the reference's (its recheck, 2.88 s, then decoded in-process; now
+    # in workers). Setup and recheck share are assumed. A first run goes fast from about 2,800 images.
     "cuda": RouteDefaults(reference_image=0.0016, fast_image=0.0008, fast_setup=2.0, recheck_share=0.05,
                           fast_setup_decoded_at_start=2.0),
 }
@@ -109,8 +113,10 @@ def choose_route(rates: Rates, device_kind: str, num_samples: int, pil_files: in
     t_ref = rates.reference_image_seconds or d.reference_image
     if rates.fast_to_reference and rates.reference_image_seconds:
         t_fast = rates.fast_to_reference * t_ref
-    else:
-        t_fast = rates.fast_image_seconds or d.fast_image
+    elif rates.fast_image_seconds:
+        t_fast = rates.fast_image_seconds
+    else:  # never measured: the assumed ratio to this machine's reference cost (module docstring)
+        t_fast = d.fast_image / d.reference_image * t_ref
     if rates.fast_setup_seconds is not None:
         setup = rates.fast_setup_seconds
     else:
@@ -120,7 +126,10 @@ def choose_route(rates: Rates, device_kind: str, num_samples: int, pil_files: in
     by_reference = pil_files + (calibration + share * main if exact else 0.0)
     fast = setup + passes * (main * t_fast + by_reference * t_ref)
     reference = passes * num_samples * t_ref
-    source = "measured" if rates.reference_image_seconds and rates.fast_image_seconds else "assumed"
+    source = {(True, True): "measured", (True, False): "the reference's measured, the fast path's assumed "
+              f"({d.fast_image / d.reference_image:.2f} x it)", (False, True): "the fast path's measured, the "
+              "reference's assumed", (False, False): "assumed"}[bool(rates.reference_image_seconds),
+                                                                 bool(rates.fast_image_seconds)]
     if rates.fast_to_reference and rates.reference_image_seconds:
         source += f", the fast path's per image {rates.fast_to_reference:.2f} x the reference's (one run)"
     runs = f"{passes} x " if passes > 1 else ""
