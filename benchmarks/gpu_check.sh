@@ -160,8 +160,10 @@ for name in sorted(os.listdir(out)):
             **{f"{path}_{when}_seconds": ttr[path][when]["wall_seconds"]
                for path in ("reference", "fast") for when in ("cold", "warm")},
             "fast_route_cold": ttr["fast"]["cold"].get("route"), "fast_route_warm": ttr["fast"]["warm"].get("route")}
-    whole = (f", whole command {ttr['ratio_cold']:.2f}x cold / {ttr['ratio_warm']:.2f}x warm the reference's"
-             if ttr else "")
+    by_reference = lambda run: " (all by the reference's code)" if (ttr["fast"][run].get("route") or "").startswith(
+        "every sample") else ""
+    whole = (f", whole command {ttr['ratio_cold']:.2f}x cold{by_reference('cold')} / {ttr['ratio_warm']:.2f}x "
+             f"warm{by_reference('warm')} the reference's" if ttr else "")
     paths.append(f"--loader {m.group(1)}: loader {fast['loader']}, metrics {fast.get('metrics_backend')}, "
                  f"{fast['precision']}, compile {fast['compile']}, loop {b['speedup']:.2f}x{whole}")
 for loader in (["dali"] if dali else []) + ["torchvision"]:
@@ -385,7 +387,7 @@ num_classes=int(sys.argv[2])).state_dict(), sys.argv[1])" "$CKPT" "${GPU_CHECK_C
     for run in bf16 fp32 reference; do
         OPT=(--precision "$run" --compile off); [ "$run" = reference ] && OPT=(--reference)
         ARGS=(-m fasteval eval "$DATA" --weights "$CKPT" --batch-size 256 --workers "$W" --no-progress "${OPT[@]}")
-        tpy 120 "${ARGS[@]}" > /dev/null 2>&1  # warms the compile cache and the measured rates
+        tpy 120 "${ARGS[@]}" > /dev/null 2>&1  # warm: the page cache, Triton's kernel cache, the meta facts
         T0=$(date +%s.%N)
         tpy 120 "${ARGS[@]}" --json "$OUT_DIR/precision_$run.json" > "$OUT_DIR/precision_$run.txt" 2>&1
         RC=$?
