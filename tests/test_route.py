@@ -163,6 +163,28 @@ def test_small_dataset_goes_to_the_reference_then_fast_once_it_pays(small_data, 
         assert fast[key_] == reference[key_]
 
 
+def test_a_sweep_records_no_rates(small_data, weights_3cls, tmp_path, fresh_cache, model_3cls):
+    """A sweep's setup decodes every image into its store and its passes read the store: neither is a single
+    run's cost, so a later single run's route must not learn them (an inflated setup would keep it on the
+    reference's code, and a run by the reference's code never measures a setup)."""
+    import shutil
+    from dataclasses import asdict
+
+    from fasteval.model.inference import resolve_precision
+
+    second = tmp_path / "second.pt"
+    shutil.copy(weights_3cls, second)
+    key = rates_key(model_3cls, CPU, resolve_precision("auto", CPU), (32, 32))
+    saved = Rates(key=key, reference_image_seconds=1.0, fast_image_seconds=1e-4, fast_setup_seconds=0.0,
+                  recheck_share=0.0)
+    save_rates(CPU, saved)
+    out = tmp_path / "s.json"
+    assert main(["eval", small_data, "--weights", weights_3cls, str(second), "--no-progress", "--resize", "40",
+                 "--crop", "32", "--workers", "0", "--batch-size", "4", "--json", str(out)]) == 0
+    assert len(json.loads(out.read_text())["checkpoints"]) == 2
+    assert asdict(load_rates(CPU, key)) == asdict(saved)
+
+
 def test_explicit_compile_mode_always_runs_the_fast_path(small_data, weights_3cls, tmp_path, fresh_cache):
     report = _eval_json(tmp_path / "o.json", small_data, weights_3cls, "--compile", "off")
     assert report["route"] is None and report["loader"] != "none"

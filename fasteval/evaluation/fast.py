@@ -115,6 +115,9 @@ class FastEvaluator:
         # The torchvision loaders decode with PIL already; DALI hands those files to the reference.
         pil = needs_pil(samples) if options.loader in ("auto", "dali") and not self.pil_pixels else []
         self.rates, self.route = self._route(model, len(pil))
+        # A sweep's costs are not a single run's (its setup decodes every image into a store, its passes read
+        # the store): only a single pass through a loader records rates for later routes.
+        self.records_rates = passes == 1 and batch_source is make_loader
         self.all_by_reference = (self.exact and total <= SMALL_DATASET) or (self.route is not None and not self.route.fast)
         if self.all_by_reference:  # the reference's code alone is exact, and here the quicker way
             self.reference_only = list(range(len(samples)))
@@ -248,7 +251,7 @@ class FastEvaluator:
                                  **run, scope=self.scope, pixels=pixels))
             by_reference = (by_reference[0] + exact["rechecked"], by_reference[1] + exact["seconds"])
         seconds = time.perf_counter() - start
-        if self.rates is not None:  # this run's costs, for the next run's route
+        if self.rates is not None and self.records_rates:  # this run's costs, for the next run's route
             main = len(self.main)
             record(self.rates, self.device, reference=by_reference,
                    fast=(main, pass_seconds) if main else None,
