@@ -126,10 +126,14 @@ def choose_route(rates: Rates, device_kind: str, num_samples: int, pil_files: in
     by_reference = pil_files + (calibration + share * main if exact else 0.0)
     fast = setup + passes * (main * t_fast + by_reference * t_ref)
     reference = passes * num_samples * t_ref
-    source = {(True, True): "measured", (True, False): "the reference's measured, the fast path's assumed "
-              f"({d.fast_image / d.reference_image:.2f} x it)", (False, True): "the fast path's measured, the "
-              "reference's assumed", (False, False): "assumed"}[bool(rates.reference_image_seconds),
-                                                                 bool(rates.fast_image_seconds)]
+    if rates.reference_image_seconds and rates.fast_image_seconds:
+        source = "measured"
+    elif rates.reference_image_seconds:
+        source = f"the reference's measured, the fast path's assumed ({d.fast_image / d.reference_image:.2f} x it)"
+    elif rates.fast_image_seconds:
+        source = "the fast path's measured, the reference's assumed"
+    else:
+        source = "assumed"
     if rates.fast_to_reference and rates.reference_image_seconds:
         source += f", the fast path's per image {rates.fast_to_reference:.2f} x the reference's (one run)"
     runs = f"{passes} x " if passes > 1 else ""
