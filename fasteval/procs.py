@@ -69,8 +69,8 @@ def pool_map(function: Callable, tasks: list, workers: int) -> list:
 
 @contextmanager
 def workers_end_with_errors() -> Iterator[None]:
-    """Around a loop over a DataLoader iterator the caller drops when the loop ends (``del`` in a
-    ``finally``): an error raised in the block keeps torch.utils.data's frames in its traceback without
+    """Around a loop over a DataLoader (or over its iterator, which the caller drops when the loop ends:
+    ``del`` in a ``finally``): an error raised in the block keeps torch.utils.data's frames in its traceback without
     their locals. Those frames hold the iterator, whose worker processes would otherwise live as long
     as the error (a notebook keeps the last one) and then cost 5 s a worker to stop. Only those frames
     are cleared: the caller's and the model's keep their locals for a post-mortem."""

@@ -85,6 +85,31 @@ def test_training_metrics_equal_per_sample_recomputation(folders):
     assert batch_mean_differs(result)  # the short last batch biases the tutorial's figure
 
 
+def test_a_bad_file_mid_epoch_ends_the_workers_with_the_error(tmp_path):
+    """Library use (the command checks every file first): an error raised in the epoch's DataLoader leaves no
+    worker alive while the error is held (a notebook keeps the last one)."""
+    import multiprocessing
+
+    from fasteval.data.preprocess import get_spec
+    from fasteval.data.samples import discover
+    from fasteval.errors import FastevalError
+    from fasteval.training.loop import RunOptions, Trainer
+    from fasteval.training.recipe import Recipe
+
+    train = synth_dataset(tmp_path / "train", classes=3, per_class=5, size="64x64", seed=13)  # 16 with the bad one
+    val = synth_dataset(tmp_path / "val", classes=3, per_class=2, size="64x64", seed=14)
+    first_class = sorted(os.listdir(train))[0]
+    with open(os.path.join(train, first_class, "broken.jpg"), "wb") as f:
+        f.write(b"\xff\xd8\xff\xe0 truncated")
+    trainer = Trainer(discover(train), discover(val), get_spec("imagenet", 40, 32), Recipe(batch_size=4),
+                      RunOptions(out=str(tmp_path / "runs"), device=torch.device("cpu"), precision="fp32", workers=2,
+                                 progress=False))
+    before = set(multiprocessing.active_children())
+    with pytest.raises(FastevalError, match="broken.jpg") as info:
+        trainer.train_epoch(1)
+    assert info.value.__traceback__ is not None and set(multiprocessing.active_children()) <= before
+
+
 def test_run_folder_holds_the_history_and_the_true_best(run_dir, folders):
     from fasteval.training.history import KEYS
 
