@@ -74,8 +74,16 @@ def _add_fast_options(p: argparse.ArgumentParser) -> None:
                         "top-1/top-5 counts are the reference's; off: keep the fast path's values")
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with fasteval's errors: one line naming the argument, exit 2 (argparse's own prints its
+    whole usage block first); the command's ``--help`` lists the options."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} ({self.prog} --help lists the options)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="fasteval", description=__doc__)
+    parser = _Parser(prog="fasteval", description="The fasteval command: eval, bench, train and synth.")
     sub = parser.add_subparsers(dest="command", required=True)
 
     ev = sub.add_parser("eval", help="evaluate a classifier on an ImageFolder dataset")

@@ -89,10 +89,19 @@ def test_bad_device(capsys, small_data):
     assert "--device" in _error(capsys, small_data, "--reference", "--device", "tpu")
 
 
-def test_bad_argument_values():
+@pytest.mark.parametrize("argv, names", [(["eval", "--batch-size", "0"], "--batch-size"),
+                                         (["eval", "x", "--batch-size", "-3"], "--batch-size"),
+                                         (["eval", "x", "--workers", "two"], "--workers"),
+                                         (["eval", "x", "--no-such-option"], "--no-such-option"),
+                                         (["synth"], "OUT"), (["evaluate", "x"], "evaluate"), ([], "command")])
+def test_bad_argument_values_are_one_line(argv, names, capsys):
+    """Like every other refusal: one line naming the argument, exit 2 (not argparse's usage block)."""
     with pytest.raises(SystemExit) as exc:
-        main(["eval", "--batch-size", "0"])
+        main(argv)
     assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("fasteval") and ": error: " in err and names in err, err
+    assert "--help lists the options" in err
 
 
 @pytest.mark.parametrize("argv", [["synth", ""], ["synth", "  "], ["eval", "x", "--json", ""],
