@@ -453,6 +453,14 @@ def console_main() -> None:
     exit_promptly(code)
 
 
+def _end_progress_bars() -> None:
+    """Close the progress bars a run left open when it stopped: each ends its line now, so the message
+    that follows starts a line of its own (not glued to a bar, which would be drawn again after it)."""
+    tqdm = sys.modules.get("tqdm")
+    for bar in list(getattr(getattr(tqdm, "tqdm", None), "_instances", ())):
+        bar.close()
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run a command. Any error is one line on stderr and exit code 2 (``--debug``: the traceback);
     Ctrl-C exits 130 and SIGTERM 143, both after cleaning up (temporary folders, worker processes)."""
@@ -464,10 +472,12 @@ def main(argv: list[str] | None = None) -> int:
         with sigterm_raises():
             return COMMANDS[args.command](args)
     except KeyboardInterrupt as exc:
+        _end_progress_bars()
         if reports_error(exc):
             print("fasteval: interrupted", file=sys.stderr)
         return 130
     except Terminated as exc:
+        _end_progress_bars()
         if reports_error(exc):
             print("fasteval: terminated (SIGTERM)", file=sys.stderr)
         return 143
@@ -477,6 +487,7 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as exc:
         if args.debug:
             raise
+        _end_progress_bars()
         if reports_error(exc):  # under torchrun: once, by rank 0 (fasteval/distributed.py)
             print(f"fasteval: error: {describe_error(exc)}", file=sys.stderr)
         return 2

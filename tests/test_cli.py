@@ -11,6 +11,7 @@ import pytest
 import torch
 from PIL import Image
 
+import fasteval.cli
 from fasteval.cli import main
 from fasteval.errors import FastevalError
 
@@ -235,3 +236,21 @@ def test_synth_is_deterministic(tmp_path, capsys):
         assert (tmp_path / "a" / rel).read_bytes() == (tmp_path / "b" / rel).read_bytes()
     assert main(["synth", str(tmp_path / "c"), "--size", "tiny"]) == 2
     assert "--size" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("raised, code, message", [(KeyboardInterrupt, 130, "fasteval: interrupted"),
+                                                   (ValueError("boom"), 2, "fasteval: error: ")])
+def test_a_run_stopped_mid_progress_bar_ends_with_its_message_on_a_line_of_its_own(raised, code, message, capsys,
+                                                                                 monkeypatch, tmp_path):
+    from tqdm import tqdm
+
+    def stopped(args):
+        bar = tqdm(total=10, desc="reference", file=sys.stderr)
+        bar.update(4)
+        raise raised
+
+    monkeypatch.setitem(fasteval.cli.COMMANDS, "synth", stopped)
+    assert main(["synth", str(tmp_path / "out")]) == code
+    err = capsys.readouterr().err
+    assert err.rstrip("\n").split("\n")[-1].startswith(message), repr(err)  # the last line, whole
+    assert err.count("reference") >= 1 and not tqdm._instances
