@@ -62,7 +62,9 @@ def _add_run_options(p: argparse.ArgumentParser, sweep: bool = False) -> None:
 
 
 def _add_fast_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--loader", default="auto", help="auto (default: DALI if installed), dali or torchvision")
+    p.add_argument("--loader", default="auto",
+                   help="auto (default: DALI where installed, else torchvision's loaders; a CPU run of at most 512 "
+                        "images reads PIL's pixels, decoded at start-up), dali or torchvision")
     p.add_argument("--precision", default="auto", help="auto (bf16 where fast, else fp32), fp32, bf16 or fp16")
     p.add_argument("--compile", default="auto",
                    help="auto (default: torch.compile where the model time it saves exceeds the compile's cost, "

@@ -181,6 +181,8 @@ def test_head_size_comes_from_weights_and_must_match_dataset(net, tmp_path):
     assert build_model("resnet18", path).fc.out_features == 7
     with pytest.raises(FastevalError, match=r"7-class head but the dataset has 10 classes"):
         build_model("resnet18", path, num_classes=10)
+    with pytest.raises(FastevalError, match=r"7-class head but the dataset has 1 class$"):
+        build_model("resnet18", path, num_classes=1)
 
 
 def test_weights_of_another_arch_are_refused(net, tmp_path):

@@ -79,7 +79,7 @@ def check_checkpoints(arch: str, paths: list[str], num_classes: int) -> None:
     """Check every checkpoint before any work (mapped, not read: each is read once, in its turn): each
     must fit ``arch`` and the first checkpoint's class count (the dataset's), whatever format a training
     script saved it in."""
-    from fasteval.model.models import build_model, head_name
+    from fasteval.model.models import build_model, head_name, n_classes
 
     head = head_name(arch)
     first = None
@@ -91,10 +91,10 @@ def check_checkpoints(arch: str, paths: list[str], num_classes: int) -> None:
             first = (path, classes)
         elif classes != first[1]:
             raise FastevalError(f"--weights {path} have a {classes}-class head but the first checkpoint "
-                                f"{first[0]} has {first[1]} classes")
+                                f"{first[0]} has {n_classes(first[1])}")
     if first is not None and first[1] != num_classes:
         raise FastevalError(f"--weights {first[0]} have a {first[1]}-class head but the dataset has "
-                            f"{num_classes} classes")
+                            f"{n_classes(num_classes)}")
 
 
 def best_index(results: list[EvalResult]) -> int:
@@ -180,7 +180,7 @@ def format_sweep(report: dict) -> str:
               "p: McNemar's exact test on the paired top-1 outcomes against the best (small p: not noise)",
               f"decoded once: {d.get('placement')} ({d.get('reason')}); cache: {d.get('cache')}",
               f"loader {first['loader']}, {first['precision']}, compile {first['compile']}; setup "
-              f"{report['setup_seconds']:.2f} s (decode, compile), passes {passes} s; total {report['seconds']:.2f} s"]
+              f"{report['setup_seconds']:.2f} s (decode, warm-up), passes {passes} s; total {report['seconds']:.2f} s"]
     return "\n".join(lines)
 
 

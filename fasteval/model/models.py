@@ -369,10 +369,15 @@ def _head_classes(model: nn.Module, head: str) -> int:
     return module.out_features if isinstance(module, nn.Linear) else module.out_channels
 
 
+def n_classes(n: int) -> str:
+    """``1 class``, ``3 classes``: for messages."""
+    return f"{n} class" if n == 1 else f"{n} classes"
+
+
 def _check_classes(head_classes: int, num_classes: int | None, what: str) -> None:
     if num_classes is not None and head_classes != num_classes:
         raise FastevalError(
-            f"{what} have a {head_classes}-class head but the dataset has {num_classes} classes"
+            f"{what} have a {head_classes}-class head but the dataset has {n_classes(num_classes)}"
         )
 
 
