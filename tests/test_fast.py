@@ -260,7 +260,7 @@ def test_equal_batches_compute_no_padding_and_keep_the_reference_figures(small_d
                              workers=0, progress=False)
     assert fast.extra["batch_shape"] == 7
     assert fast.extra["batch_shape_reason"] == ("3 batch(es) of 7: as equal as --batch-size 8 allows, 0 padding "
-                                                "row(s) in one process, not 3")
+                                                "row(s) in one process (batches of 8 would pad 3)")
     # The tutorial's figure is over --batch-size's batches (8, 8, 5), whatever shape the fast path ran.
     assert len(fast.batch_losses) == len(ref.batch_losses) == 3
     assert fast.batch_losses == pytest.approx(ref.batch_losses, rel=1e-4)  # 8, 8, 5, not 7, 7, 7

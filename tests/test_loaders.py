@@ -247,11 +247,12 @@ def test_cpu_batch_shape_keeps_the_batch_count_and_leaves_under_one_padding_row_
 
 
 def test_the_reason_names_the_cpu_cap_and_the_padding_saved():
-    assert batch_shape_reason(240, 64, 60, "cpu") == ("4 batch(es) of 60: as equal as --batch-size 64 allows, 0 padding "
-                                               "row(s) in one process, not 16")
+    assert batch_shape_reason(240, 64, 60, "cpu") == ("4 batch(es) of 60: as equal as --batch-size 64 allows, "
+                                                      "0 padding row(s) in one process (batches of 64 would pad 16)")
     assert batch_shape_reason(241, 64, 19, "cpu", (224, 224), cores=2) == (
         "13 batch(es) of 19: on the CPU at most 20 image(s) of 224x224 a batch on these cores (its activations "
-        "stay in cache), as equal as --batch-size 64 allows, 6 padding row(s) in one process, not 15")
+        "stay in cache), as equal as --batch-size 64 allows, 6 padding row(s) in one process (batches of 64 would "
+        "pad 15)")
     assert batch_shape_reason(64, 64, 64, "cpu") is None
     assert batch_shape_reason(156, 32, 20, "cpu", (224, 224), cores=2).endswith("32 allows, 4 padding row(s) in "
                                                                                 "one process")

@@ -64,7 +64,8 @@ def batch_shape_reason(total: int, batch_size: int, shape: int, device_type: str
            f"activations stay in cache), " if cap < clamped else "")
     padding, before = batches * shape - total, math.ceil(total / clamped) * clamped - total
     return (f"{batches} batch(es) of {shape}: {why}as equal as --batch-size {batch_size} allows, "
-            f"{padding} padding row(s) in one process" + (f", not {before}" if before != padding else ""))
+            f"{padding} padding row(s) in one process" +
+            (f" (batches of {clamped} would pad {before})" if before != padding else ""))
 
 
 class Batch(NamedTuple):
