@@ -238,18 +238,23 @@ def _timed_eval(config: dict, options: FastOptions, reference: bool, env: dict[s
     return run
 
 
-def time_to_result(config: dict, options: FastOptions, repeats: int = 3) -> dict:
-    """Both whole commands, cold then ``repeats`` times warm, alternated; the warm figure is the median run."""
+def time_to_result(config: dict, options: FastOptions, repeats: int = 3, progress: bool = False) -> dict:
+    """Both whole commands, cold then ``repeats`` times warm, alternated; the warm figure is the median run.
+    ``progress``: a line on stderr as each command starts (they print nothing themselves)."""
     work = tempfile.mkdtemp(prefix="fasteval-ttr-")
     env = {k: v for k, v in os.environ.items() if k not in ("TORCHINDUCTOR_CACHE_DIR", "TRITON_CACHE_DIR")}
     env["FASTEVAL_CACHE"] = os.path.join(work, "cache")
+    order = [("fast", "cold"), ("reference", "cold")] + [(path, f"warm {i + 1}/{repeats}") for i in range(repeats)
+                                                        for path in ("reference", "fast")]
+    done = []
     try:
-        cold = {"fast": _timed_eval(config, options, False, env, work),
-                "reference": _timed_eval(config, options, True, env, work)}
-        warm_runs = {"reference": [], "fast": []}
-        for _ in range(repeats):
-            for path in ("reference", "fast"):
-                warm_runs[path].append(_timed_eval(config, options, path == "reference", env, work))
+        for n, (path, when) in enumerate(order, 1):
+            if progress:
+                print(f"time to result: the {'reference' if path == 'reference' else 'default'} command, {when} "
+                      f"({n}/{len(order)})", file=sys.stderr, flush=True)
+            done.append(_timed_eval(config, options, path == "reference", env, work))
+        cold = {"fast": done[0], "reference": done[1]}
+        warm_runs = {path: [r for (p, _), r in zip(order[2:], done[2:]) if p == path] for path in ("reference", "fast")}
     finally:
         shutil.rmtree(work, ignore_errors=True)
     out = {}
@@ -327,7 +332,7 @@ def run_bench(samples: SampleList, model: nn.Module, spec: PreprocessSpec, devic
     }
     if measure_time_to_result and eval_config is not None:
         del evaluator  # its DALI threads and buffers would compete with the commands
-        result["time_to_result"] = time_to_result(eval_config, options, repeats)
+        result["time_to_result"] = time_to_result(eval_config, options, repeats, progress=progress)
     return result
 
 

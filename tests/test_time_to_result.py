@@ -380,7 +380,7 @@ def test_eval_argv_repeats_the_benchs_settings():
     assert "--crop" not in eval_argv({**config, "crop": None}, FastOptions(), True, "x")
 
 
-def test_time_to_result_runs_cold_in_an_empty_cache_then_warm(monkeypatch):
+def test_time_to_result_runs_cold_in_an_empty_cache_then_warm(monkeypatch, capsys):
     calls = []
 
     def fake(argv, env):
@@ -397,8 +397,15 @@ def test_time_to_result_runs_cold_in_an_empty_cache_then_warm(monkeypatch):
     monkeypatch.setattr("fasteval.bench.run_command", fake)
     config = {"path": "/d", "arch": "resnet18", "weights": None, "preset": "imagenet", "resize": 256, "crop": 224,
               "batch_size": 8, "workers": 1, "device": "cpu"}
-    t = time_to_result(config, FastOptions(), repeats=2)
+    t = time_to_result(config, FastOptions(), repeats=2, progress=True)
     assert len(calls) == 2 + 2 * 2
+    lines = capsys.readouterr().err.splitlines()  # a line as each command starts, naming it (they print nothing)
+    assert lines == ["time to result: the default command, cold (1/6)", "time to result: the reference command, "
+                     "cold (2/6)", "time to result: the reference command, warm 1/2 (3/6)",
+                     "time to result: the default command, warm 1/2 (4/6)",
+                     "time to result: the reference command, warm 2/2 (5/6)",
+                     "time to result: the default command, warm 2/2 (6/6)"]
+    assert ["--reference" in argv for argv, _ in calls] == [False, True, True, False, True, False]
     assert "--reference" not in calls[0][0] and "--reference" in calls[1][0]  # cold: fast first
     caches = {env["FASTEVAL_CACHE"] for _, env in calls}
     assert len(caches) == 1 and not os.path.exists(caches.pop())  # one fresh cache for the session, removed after
