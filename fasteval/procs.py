@@ -14,7 +14,7 @@ import os
 import signal
 import sys
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager, suppress
 
 from fasteval.errors import Terminated
@@ -67,15 +67,17 @@ def pool_map(function: Callable, tasks: list, workers: int) -> list:
         return pool.map(function, tasks, chunksize=1)
 
 
-@contextmanager
-def workers_end_with_errors() -> Iterator[None]:
-    """Around a loop over a DataLoader (or over its iterator, which the caller drops when the loop ends:
-    ``del`` in a ``finally``): an error raised in the block keeps torch.utils.data's frames in its traceback without
-    their locals. Those frames hold the iterator, whose worker processes would otherwise live as long
-    as the error (a notebook keeps the last one) and then cost 5 s a worker to stop. Only those frames
-    are cleared: the caller's and the model's keep their locals for a post-mortem."""
+def dataloader_batches(loader: Iterable) -> Iterator:
+    """``loader``'s batches, whose worker processes (a DataLoader's) end with the loop, however it ends.
+
+    An error raised by the loader keeps torch.utils.data's frames in its traceback, and they hold the
+    iterator: its workers would live as long as the error (a notebook keeps the last one) and then cost
+    5 s a worker to stop. Those frames lose their locals here, and the iterator is dropped when this
+    generator ends (an error in the caller's loop closes it). Only torch's frames are cleared: a
+    dataset's own (``workers=0``), the caller's and the model's keep their locals for a post-mortem."""
+    batches = iter(loader)
     try:
-        yield
+        yield from batches
     except BaseException as exc:
         data = sys.modules.get("torch.utils.data")
         folder = os.path.dirname(data.__file__) + os.sep if data is not None else None
@@ -86,6 +88,8 @@ def workers_end_with_errors() -> Iterator[None]:
                     tb.tb_frame.clear()
             tb = tb.tb_next
         raise
+    finally:
+        del batches
 
 
 @contextmanager

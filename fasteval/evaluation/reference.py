@@ -20,7 +20,7 @@ from torchvision.datasets import ImageFolder
 from tqdm import tqdm
 
 from fasteval.errors import FastevalError
-from fasteval.procs import workers_end_with_errors
+from fasteval.procs import dataloader_batches
 from fasteval.kernels.fused_metrics import metrics_torch
 from fasteval.evaluation.metrics import TOPK, EvalResult
 from fasteval.data.pixels import load_rgb
@@ -148,13 +148,10 @@ def reference_logits(samples: SampleList, indices: list[int], model: nn.Module, 
     loader = DataLoader(ImageDataset(samples.subset(indices), spec.torchvision_transform()), batch_size=batch,
                         shuffle=False, num_workers=workers if parallel else 0, pin_memory=device.type == "cuda")
     model = model.to(device).eval()
-    out, batches = [], iter(loader)  # dropped when the loop ends, however it ends (evaluate_reference)
-    try:
-        with torch.no_grad(), workers_end_with_errors():
-            for images, _ in batches:
-                out.append(model(images.to(device)).float().cpu())
-    finally:
-        del batches
+    out = []
+    with torch.no_grad():
+        for images, _ in dataloader_batches(loader):  # not a comprehension: its frame would keep the batches
+            out.append(model(images.to(device)).float().cpu())
     return torch.cat(out)
 
 
@@ -195,23 +192,17 @@ def evaluate_reference(
     scores: list[BatchScore] = []
     bar = tqdm(total=len(samples), unit="img", desc="reference", file=sys.stderr, disable=not progress)
     start = time.perf_counter()
-    # A DataLoader iterator kept alive makes the process wait 5 s per worker when it is collected (at
-    # exit, or whenever the caller drops an error): it is dropped as soon as the loop ends, however it ends.
-    batches = iter(loader)
-    try:
-        with torch.no_grad(), workers_end_with_errors():
-            for images, labels in batches:
-                images, labels = images.to(device), labels.to(device)
-                score = score_batch(model(images).float(), labels)
-                correct_top1 += score.correct_top1
-                correct_top5 += score.correct_top5
-                batch_losses.append(score.batch_loss)
-                loss_sum += score.loss_sum
-                scores.append(score)
-                seen += labels.shape[0]
-                bar.update(labels.shape[0])
-    finally:
-        del batches
+    with torch.no_grad():
+        for images, labels in dataloader_batches(loader):
+            images, labels = images.to(device), labels.to(device)
+            score = score_batch(model(images).float(), labels)
+            correct_top1 += score.correct_top1
+            correct_top5 += score.correct_top5
+            batch_losses.append(score.batch_loss)
+            loss_sum += score.loss_sum
+            scores.append(score)
+            seen += labels.shape[0]
+            bar.update(labels.shape[0])
     seconds = time.perf_counter() - start
     bar.close()
     return EvalResult(

@@ -34,7 +34,7 @@ from fasteval.kernels.fused_metrics import resolve_backend
 from fasteval.memory import check_train_memory
 from fasteval.model.inference import DTYPES
 from fasteval.model.models import check_input_fits
-from fasteval.procs import workers_end_with_errors
+from fasteval.procs import dataloader_batches
 from fasteval.training import state
 from fasteval.training.data import epoch_loader
 from fasteval.training.history import best_epoch, epoch_record, format_epoch, write_history
@@ -130,20 +130,19 @@ class Trainer:
     def train_steps(self, batches, acc: MetricsAccumulator, bar=None) -> None:
         """The hot loop: forward under autocast, backward, step, metrics into the accumulator; nothing
         is read back to the host (tests/test_train.py checks it in CUDA's sync-debug mode)."""
-        with workers_end_with_errors():  # a held error keeps no DataLoader workers alive
-            for images, labels in batches:
-                images = to_device(images, self.device).contiguous(memory_format=torch.channels_last)
-                labels = to_device(labels, self.device)
-                with self._autocast():
-                    logits = self.model(images)
-                logits = logits.float()  # one fp32 copy for the loss and the metrics (defined on logits.float())
-                loss = F.cross_entropy(logits, labels)
-                self.optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                self.optimizer.step()
-                acc.update(logits.detach(), labels)
-                if bar is not None:
-                    bar.update(labels.shape[0])
+        for images, labels in dataloader_batches(batches):  # its workers end with an error too
+            images = to_device(images, self.device).contiguous(memory_format=torch.channels_last)
+            labels = to_device(labels, self.device)
+            with self._autocast():
+                logits = self.model(images)
+            logits = logits.float()  # one fp32 copy for the loss and the metrics (defined on logits.float())
+            loss = F.cross_entropy(logits, labels)
+            self.optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            self.optimizer.step()
+            acc.update(logits.detach(), labels)
+            if bar is not None:
+                bar.update(labels.shape[0])
 
     def validate(self) -> EvalResult:
         """The fast evaluator on the live weights."""
