@@ -36,10 +36,12 @@ export FASTEVAL_CACHE="$WORK/cache"
 # is never imported in place of the installed package: what `python -P` does on 3.11+.
 # `py ARGS...` runs Python there.
 py() { (cd "$WORK" && "$PY" "$@"); }
+# `left`: the seconds left of GPU_CHECK_BUDGET.
+left() { echo $(( BUDGET - ($(date +%s) - START) )); }
 # `tpy SECONDS ARGS...` is `py ARGS...` under a time limit, cut to what is left of GPU_CHECK_BUDGET.
 tpy() {
     local limit=$1; shift
-    local left=$(( BUDGET - ($(date +%s) - START) ))
+    local left; left=$(left)
     [ "$left" -lt "$limit" ] && limit=$left
     [ "$limit" -lt 1 ] && { log "cut: no time left of GPU_CHECK_BUDGET for: $*"; return 124; }
     (cd "$WORK" && timeout "$limit" "$PY" "$@")
@@ -52,7 +54,7 @@ BUDGET="${GPU_CHECK_BUDGET:-540}"
 # cut at the budget's end anyway (tpy). `finished NAME` records a step that ran (whatever its outcome).
 step() {
     [[ "$STEPS" == *" $1 "* ]] || return 1
-    local left=$(( BUDGET - ($(date +%s) - START) ))
+    local left; left=$(left)
     if [ "$left" -lt "$2" ]; then
         log "SKIPPED: ${3:-step $1} (needs about $2 s; $left s left of GPU_CHECK_BUDGET=$BUDGET)"
         echo "${3:-$1} (needs about $2 s; $left s left of the budget)" >> "$OUT_DIR/skipped.txt"
