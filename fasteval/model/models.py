@@ -118,8 +118,11 @@ def _construct(arch: str, num_classes: int, device: str | torch.device = "cpu", 
     kwargs = {"num_classes": num_classes}
     if arch in ("googlenet", "inception_v3"):
         kwargs.update(aux_logits=False, init_weights=False)
-    meta = torch.device(device).type == "meta"
-    with torch.device(device), (_MetaValuesSkipped() if meta else nullcontext() if initialise else initialisers_skipped()):
+    if torch.device(device).type == "meta":
+        values = _MetaValuesSkipped()
+    else:
+        values = nullcontext() if initialise else initialisers_skipped()
+    with torch.device(device), values:
         return torchvision.models.get_model(arch, weights=None, **kwargs)
 
 
@@ -319,7 +322,7 @@ def build_model(arch: str, weights: str | None = None, num_classes: int | None =
     try:
         # The loaded tensors become the model's, in the dtype and (contiguous) layout a plain
         # load_state_dict into a fresh model gives: an fp16 or channels-last checkpoint loads as fp32 NCHW.
-        loaded = _renamed(state, lambda key: key)
+        loaded = _renamed(state, lambda key: key)  # a copy, the modules' saved versions with it
         for key, value in loaded.items():
             loaded[key] = value.to(expected[key].dtype).contiguous()
         model.load_state_dict(loaded, strict=True, assign=True)
