@@ -276,22 +276,71 @@ def rows(path) -> list[list[str]]:
 
 
 COUNTS = ("samples", "correct_top1", "correct_top5", "loss_sum", "loss_batch_mean")
-# The class report comes from the gathered per-sample outputs: the same as one process's, bit for bit.
+# The class report comes from the gathered per-sample outputs: its counts are one process's.
 CLASS_REPORT = ("per_class", "confusion_matrix", "macro", "balanced_accuracy", "calibration", "intervals",
                 "worst_classes", "confused_pairs")
+# What holds across world sizes (README, "What is guaranteed"): every count, prediction and top-5 set is
+# one process's; a float only to the rounding of the arithmetic that made it. A sample's logits can
+# depend on the rest of its batch (oneDNN with AMX on Intel CPUs: last-bit differences), and a rank's
+# batches are not one process's. fp32 values: 1e-5 relative; bf16 ones (the fast path's unrechecked
+# samples): 1e-2, a few bf16 roundings.
+FP32_REL, BF16_REL = 1e-5, 1e-2
 
 
-def assert_same_run(one: dict, many: dict, world: int) -> None:
-    assert {k: many[k] for k in COUNTS} == {k: one[k] for k in COUNTS}  # bitwise: == on floats
-    assert {k: many[k] for k in CLASS_REPORT} == {k: one[k] for k in CLASS_REPORT}
+def assert_close_tree(one, many, rel: float, where: str = "") -> None:
+    """``one`` and ``many`` (JSON values) equal, except floats, which agree to ``rel`` (and 1e-6 absolute):
+    integers, strings, booleans and the structure compare exactly."""
+    assert type(one) is type(many), where
+    if isinstance(one, float):
+        assert many == pytest.approx(one, rel=rel, abs=1e-6, nan_ok=True), where
+    elif isinstance(one, dict):
+        assert sorted(one) == sorted(many), where
+        for key in one:
+            assert_close_tree(one[key], many[key], rel, f"{where}.{key}")
+    elif isinstance(one, list):
+        assert len(one) == len(many), where
+        for i, (a, b) in enumerate(zip(one, many)):
+            assert_close_tree(a, b, rel, f"{where}[{i}]")
+    else:
+        assert one == many, where
+
+
+def assert_same_run(one: dict, many: dict, world: int, rel: float) -> None:
+    assert [many[k] for k in COUNTS[:3]] == [one[k] for k in COUNTS[:3]]  # the counts: exactly
+    assert_close_tree({k: one[k] for k in COUNTS[3:] + CLASS_REPORT}, {k: many[k] for k in COUNTS[3:] + CLASS_REPORT},
+                      rel)
     assert many["distributed"]["world_size"] == world and many["distributed"]["backend"] == "gloo"
     assert sum(many["distributed"]["samples_per_rank"]) == one["samples"]
     assert "distributed" not in one
 
 
+CSV_FLOATS = ("loss", "confidence", "margin")
+
+
+def assert_same_rows(one_csv, many_csv, rel: float) -> None:
+    """The predictions CSVs: every path, label, prediction, top-5 set and recheck flag equal; the floats
+    to ``rel``."""
+    one, many = rows(one_csv), rows(many_csv)
+    assert one[0] == many[0] and len(one) == len(many)
+    floats = [one[0].index(name) for name in CSV_FLOATS]
+    for a, b in zip(one[1:], many[1:]):
+        assert [v for i, v in enumerate(a) if i not in floats] == [v for i, v in enumerate(b) if i not in floats]
+        assert_close_tree([float(a[i]) for i in floats], [float(b[i]) for i in floats], rel, a[0])
+
+
+def test_the_comparison_tolerates_rounding_and_nothing_else():
+    """The helpers above: a last-bit float difference passes; a changed count, prediction or key fails."""
+    run = {"samples": 3, "correct_top1": 2, "correct_top5": 3, "loss_sum": 1.25, "loss_batch_mean": 0.4}
+    assert_close_tree(run, {**run, "loss_sum": 1.25 * (1 + 3e-7)}, FP32_REL)
+    for changed in ({**run, "loss_sum": 1.26}, {**run, "correct_top1": 1}, {**run, "correct_top1": 2.0000001},
+                    {k: v for k, v in run.items() if k != "loss_batch_mean"}):
+        with pytest.raises(AssertionError):
+            assert_close_tree(run, changed, FP32_REL)
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("world, per_class, keep, batch", [(2, 3, 7, 5), (4, 1, 3, 4)], ids=["7-on-2", "3-on-4"])
-def test_fast_path_under_torchrun_is_one_process_bit_for_bit(tmp_path, weights_3cls, world, per_class, keep, batch):
+def test_fast_path_under_torchrun_is_one_process(tmp_path, weights_3cls, world, per_class, keep, batch):
     """7 samples at --batch-size 5: the fast path's shape is 4 (4+3) in one process and on both ranks (3, 4)."""
     data = tree(tmp_path / "data", per_class, keep)
     opts = ["--weights", weights_3cls, "--batch-size", str(batch), "--exact", "off", "--precision", "fp32", *SMALL]
@@ -301,9 +350,9 @@ def test_fast_path_under_torchrun_is_one_process_bit_for_bit(tmp_path, weights_3
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.count("fasteval eval") == 1  # only rank 0 reports
     one, many = (json.loads((tmp_path / f"{name}.json").read_text()) for name in ("one", "n"))
-    assert_same_run(one, many, world)
+    assert_same_run(one, many, world, FP32_REL)
     assert many["distributed"]["samples_per_rank"] == {2: [3, 4], 4: [0, 1, 1, 1]}[world]  # rank 0 may hold none
-    assert rows(tmp_path / "n.csv") == rows(tmp_path / "one.csv")
+    assert_same_rows(tmp_path / "one.csv", tmp_path / "n.csv", FP32_REL)
     assert sorted(os.listdir(tmp_path)) == ["data", "n.csv", "n.json", "one.csv", "one.json"]
     assert one["batch_shape"] == many["batch_shape"] == {2: 4, 4: 3}[world]
 
@@ -311,7 +360,8 @@ def test_fast_path_under_torchrun_is_one_process_bit_for_bit(tmp_path, weights_3
 @pytest.mark.slow
 def test_recheck_and_validate_under_torchrun_match_one_process(tmp_path, weights_3cls):
     """Default --exact (10 samples: calibration over every rank, one tau), bf16, and --validate (the
-    reference sharded too): the fast path's counts, loss sum and CSV are one process's."""
+    reference sharded too): the fast path's counts, predictions and recheck are one process's; its floats
+    to bf16's rounding."""
     data = tree(tmp_path / "data", 4, 10)
     opts = ["--weights", weights_3cls, "--batch-size", "4", "--validate", *SMALL]
     one_process("eval", data, *opts, "--json", str(tmp_path / "one.json"), "--predictions", str(tmp_path / "one.csv"))
@@ -319,17 +369,20 @@ def test_recheck_and_validate_under_torchrun_match_one_process(tmp_path, weights
                        "--predictions", str(tmp_path / "n.csv"))
     assert proc.returncode == 0, proc.stderr
     one, many = (json.loads((tmp_path / f"{name}.json").read_text()) for name in ("one", "n"))
-    assert_same_run(one, many, 3)
+    assert_same_run(one, many, 3, BF16_REL)
     assert many["distributed"]["samples_per_rank"] == [3, 3, 4]
-    exact_keys = ("tau", "max_logit_error", "calibration_samples", "gated", "rechecked", "changed_top1", "changed_top5")
     assert many["exact"]["calibration_samples"] == 8
-    assert {k: many["exact"][k] for k in exact_keys} == {k: one["exact"][k] for k in exact_keys}
-    assert rows(tmp_path / "n.csv") == rows(tmp_path / "one.csv")
+    counts = ("calibration_samples", "gated", "rechecked", "changed_top1", "changed_top5")
+    assert {k: many["exact"][k] for k in counts} == {k: one["exact"][k] for k in counts}
+    # tau and the logit error come from the calibration samples' fp32 logits, batched differently on ranks.
+    assert_close_tree({k: one["exact"][k] for k in ("tau", "max_logit_error")},
+                      {k: many["exact"][k] for k in ("tau", "max_logit_error")}, FP32_REL)
+    assert_same_rows(tmp_path / "one.csv", tmp_path / "n.csv", BF16_REL)
     ref_one, ref_many = one["reference"], many["reference"]
     assert [ref_many[k] for k in COUNTS[:3]] == [ref_one[k] for k in COUNTS[:3]]
     # The one-process reference sums float64 batch losses; sharded, it is the float64 sum of its fp32 per-sample
-    # losses (README): equal to float32 rounding.
-    assert ref_many["loss_sum"] == pytest.approx(ref_one["loss_sum"], rel=1e-6)
+    # losses (README), each from a rank's own batches: equal to fp32 rounding.
+    assert ref_many["loss_sum"] == pytest.approx(ref_one["loss_sum"], rel=FP32_REL)
     assert many["validation"]["flipped"] == one["validation"]["flipped"]
 
 
