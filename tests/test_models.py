@@ -320,3 +320,60 @@ def test_a_model_saved_inside_a_training_wrapper_loads(tmp_path):
             ("beside", Wrapper(model=net, criterion=nn.Linear(2, 2)), r"under 'model', beside 2 other key\(s\)")):
         with pytest.raises(FastevalError, match=message):
             build_model("mnasnet0_5", _save(wrapper.state_dict(), tmp_path / f"{name}.ckpt"), num_classes=5)
+
+
+def _without_batches_tracked(state: dict, version: int | None) -> dict:
+    """``state`` less its BatchNorms' ``num_batches_tracked``, with the modules' saved versions set to
+    ``version`` (None: none saved, as in a plain dict)."""
+    from collections import OrderedDict
+
+    out = OrderedDict((k, v) for k, v in state.items() if not k.endswith("num_batches_tracked"))
+    if version is not None:
+        out._metadata = OrderedDict((name, {**meta, "version": version} if "version" in meta else meta)
+                                    for name, meta in state._metadata.items())
+    return out
+
+
+@pytest.mark.parametrize("version", [None, 1, 2])
+def test_batchnorm_counters_are_optional_exactly_where_a_strict_load_accepts_them(net, tmp_path, version):
+    """Older checkpoints have no ``num_batches_tracked`` (BatchNorm's buffer since its version 2): a strict
+    ``load_state_dict`` fills it where the state's saved versions are older (or none), and refuses the state
+    with version-2 BatchNorms. fasteval accepts and refuses the same states, and the model it loads is the
+    strict load's."""
+    state = _without_batches_tracked(net.state_dict(), version)
+    assert len(state) == len(net.state_dict()) - 20
+    path = _save(state, tmp_path / "old.pt")
+    plain = torchvision.models.resnet18(num_classes=7)
+    if version == 2:
+        with pytest.raises(RuntimeError, match="Missing key"):
+            plain.load_state_dict(state, strict=True)
+        with pytest.raises(FastevalError, match=r"old.pt do not fit --arch resnet18: 20 missing keys \(bn1.num_batches"):
+            build_model("resnet18", path, num_classes=7)
+        return
+    plain.load_state_dict(state, strict=True)
+    model = build_model("resnet18", path, num_classes=7)
+    ours, theirs = model.state_dict(), plain.state_dict()
+    assert list(ours) == list(theirs) and all(torch.equal(ours[k], theirs[k]) for k in theirs)
+    with torch.no_grad():
+        assert torch.equal(model(X), net(X))
+    assert build_model("resnet18", path, num_classes=7, check_only=True).fc.out_features == 7
+
+
+def test_a_checkpoint_without_batchnorm_counters_evaluates_as_with_them(small_data, tmp_path):
+    """Through the command: resnet18 weights whose num_batches_tracked keys are deleted give the figures the
+    whole state_dict gives."""
+    import json
+
+    from fasteval import cli
+
+    torch.manual_seed(3)
+    state = torchvision.models.resnet18(num_classes=3).state_dict()
+    results = {}
+    for name, saved in (("with", state), ("without", _without_batches_tracked(state, None))):
+        path = _save(saved, tmp_path / f"{name}.pt")
+        out = tmp_path / f"{name}.json"
+        assert cli.main(["eval", small_data, "--weights", path, "--resize", "40", "--crop", "32", "--device", "cpu",
+                         "--workers", "0", "--compile", "off", "--no-progress", "--json", str(out)]) == 0
+        results[name] = json.loads(out.read_text())
+    keys = ("samples", "correct_top1", "correct_top5", "loss_sum")
+    assert [results["without"][k] for k in keys] == [results["with"][k] for k in keys]

@@ -279,8 +279,8 @@ def build_model(arch: str, weights: str | None = None, num_classes: int | None =
     ``weights``: None (random init, head sized to ``num_classes``), ``"DEFAULT"`` (torchvision's
     pretrained weights) or a checkpoint path. The head's size must equal ``num_classes``
     when both are known. ``check_only``: a checkpoint is mapped, not read, and its model is left
-    without values (on the meta device; a RegNet on the CPU, as allocated): every check of a real load,
-    none of its reading (a sweep's check of every file). Only its structure may be used.
+    without values (its tensors on the meta device): every check of a real load, none of its reading
+    (a sweep's check of every file). Only its structure may be used.
     """
     _check_arch(arch)
     if weights is None:
@@ -314,20 +314,20 @@ def build_model(arch: str, weights: str | None = None, num_classes: int | None =
     _check_classes(head_classes, num_classes, f"--weights {weights}")
     model = _construct_for_loading(arch, head_classes)
     expected = model.state_dict()
-    mismatch = describe_mismatch(expected, state)
-    if mismatch:
-        raise FastevalError(f"--weights {weights} do not fit --arch {arch}: {mismatch}")
-    if check_only:
-        return model.eval()
     try:
+        mismatch = describe_mismatch(expected, state, *_strict_load_keys(model, expected, state))
+        if mismatch:
+            raise FastevalError(f"--weights {weights} do not fit --arch {arch}: {mismatch}")
+        if check_only:
+            return model.eval()
         # The loaded tensors become the model's, in the dtype and (contiguous) layout a plain
         # load_state_dict into a fresh model gives: an fp16 or channels-last checkpoint loads as fp32 NCHW.
         loaded = _renamed(state, lambda key: key)  # a copy, the modules' saved versions with it
         for key, value in loaded.items():
-            loaded[key] = value.to(expected[key].dtype).contiguous()
+            loaded[key] = value.to(expected.get(key, value).dtype).contiguous()
         model.load_state_dict(loaded, strict=True, assign=True)
     except RuntimeError as exc:
-        raise FastevalError(f"--weights {weights} do not fit --arch {arch}: {first_line(exc)}") from None
+        raise FastevalError(f"--weights {weights} do not fit --arch {arch}: {_load_error(exc)}") from None
     except ValueError as exc:  # MNASNet's, for a state without the modules' versions
         raise FastevalError(f"--weights {weights} do not fit --arch {arch}: {first_line(exc)} (the checkpoint "
                             f"lacks the modules' saved versions: save model.state_dict() itself, not a copy "
@@ -336,6 +336,13 @@ def build_model(arch: str, weights: str | None = None, num_classes: int | None =
         model = _construct(arch, head_classes)
         model.load_state_dict(state, strict=True)
     return model.eval()
+
+
+def _load_error(exc: RuntimeError) -> str:
+    """``load_state_dict``'s first error, not its heading ("Error(s) in loading state_dict for ResNet:")."""
+    lines = message_lines(exc)
+    heading = len(lines) > 1 and lines[0].startswith("Error(s) in loading state_dict")
+    return (lines[1] if heading else first_line(exc))[:300]
 
 
 def _construct_for_loading(arch: str, num_classes: int) -> nn.Module:
@@ -353,10 +360,25 @@ def _on_meta(model: nn.Module) -> bool:
     return any(t.is_meta for t in itertools.chain(model.parameters(), model.buffers()))
 
 
-def describe_mismatch(expected: dict[str, torch.Tensor], state: dict[str, torch.Tensor], examples: int = 2) -> str:
-    """Missing, unexpected and differently shaped keys, counted with a few examples ("" when none)."""
-    missing = [k for k in expected if k not in state]
-    unexpected = [k for k in state if k not in expected]
+def _strict_load_keys(model: nn.Module, expected: dict[str, torch.Tensor],
+                      state: dict[str, torch.Tensor]) -> tuple[list[str], list[str]]:
+    """The keys a strict ``model.load_state_dict(state)`` finds missing and unexpected, as torch decides
+    them: the modules' own load hooks included (a BatchNorm fills the ``num_batches_tracked`` a state saved
+    without the modules' versions lacks, as older checkpoints do; ViT's blocks rename their legacy MLP keys).
+    Found by a non-strict load of meta stand-ins (the model's shapes where it has the key: shapes are
+    compared apart), which replaces ``model``'s tensors with them: the real load follows."""
+    stand_ins = _renamed(state, lambda key: key)  # the modules' saved versions decide what the hooks accept
+    for key, value in stand_ins.items():
+        like = expected.get(key, value)
+        stand_ins[key] = torch.empty(like.shape, dtype=like.dtype, device="meta")
+    result = model.load_state_dict(stand_ins, strict=False, assign=True)
+    return result.missing_keys, result.unexpected_keys
+
+
+def describe_mismatch(expected: dict[str, torch.Tensor], state: dict[str, torch.Tensor], missing: list[str],
+                      unexpected: list[str], examples: int = 2) -> str:
+    """Missing and unexpected keys (as a strict load finds them: ``_strict_load_keys``) and differently
+    shaped ones, counted with a few examples ("" when none)."""
     shaped = [f"{k} {list(state[k].shape)} in the file, {list(v.shape)} in the model"
               for k, v in expected.items() if k in state and state[k].shape != v.shape]
     parts = []
