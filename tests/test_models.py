@@ -377,3 +377,27 @@ def test_a_checkpoint_without_batchnorm_counters_evaluates_as_with_them(small_da
         results[name] = json.loads(out.read_text())
     keys = ("samples", "correct_top1", "correct_top5", "loss_sum")
     assert [results["without"][k] for k in keys] == [results["with"][k] for k in keys]
+
+
+def test_a_torchscript_file_is_named_with_how_to_evaluate_it(net, tmp_path, monkeypatch):
+    """A ``torch.jit.save`` archive is a program, which fasteval does not run: refused in one line that says
+    what the file is and how to get its weights; following that line loads the scripted model's weights."""
+    import warnings
+
+    path = str(tmp_path / "scripted.pt")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torch.jit is deprecated
+        torch.jit.save(torch.jit.script(net), path)
+        for check_only in (False, True):
+            with pytest.raises(FastevalError) as refused:
+                build_model("resnet18", path, num_classes=7, check_only=check_only)
+            message = str(refused.value)
+            assert message.startswith(f"cannot load --weights {path}: it is a TorchScript module (torch.jit.save)")
+            assert "damaged" not in message and "\n" not in message
+        advice = f"torch.save(torch.jit.load({path!r}).state_dict(), 'weights.pt')"
+        assert advice in message
+        monkeypatch.chdir(tmp_path)
+        exec(advice, {"torch": torch})
+    model = build_model("resnet18", str(tmp_path / "weights.pt"), num_classes=7)
+    with torch.no_grad():
+        assert torch.equal(model(X), net(X))

@@ -11,6 +11,7 @@ import itertools
 import os
 import re
 import warnings
+import zipfile
 from collections import OrderedDict
 from contextlib import nullcontext
 
@@ -163,12 +164,25 @@ def _load_failure(path: str, exc: Exception) -> str:
                 f"save model.state_dict() with torch.save (fasteval never runs code from a checkpoint)")
     with open(path, "rb") as f:
         head = f.read(4)
+    if head == ZIP_MAGIC and _is_torchscript(path):
+        return (f"it is a TorchScript module (torch.jit.save), a program, not a checkpoint, and fasteval runs no "
+                f"code from a file: save its weights with torch.save(torch.jit.load({path!r}).state_dict(), "
+                f"'weights.pt') and give that file with the model's --arch")
     if head == ZIP_MAGIC:
         reason = first_line(exc).split(". ")[0]  # torch adds advice after the first sentence
         return f"a damaged or truncated PyTorch checkpoint (its zip archive cannot be read: {reason})"
     if len(head) >= 2 and head[0] == PICKLE_PROTO and 2 <= head[1] <= 5:
         return "a pickle that is not a readable PyTorch checkpoint (damaged, or not written by torch.save)"
     return "not a PyTorch checkpoint (neither a torch.save zip archive nor a legacy torch.save pickle)"
+
+
+def _is_torchscript(path: str) -> bool:
+    """Whether ``path`` is a ``torch.jit.save`` archive: a zip with a ``constants.pkl`` (torch's own test)."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            return any(name.partition("/")[2] == "constants.pkl" for name in archive.namelist())
+    except (OSError, zipfile.BadZipFile):
+        return False
 
 
 def read_state_dict(path: str, mmap: bool = False) -> dict[str, torch.Tensor]:
