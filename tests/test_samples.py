@@ -80,3 +80,39 @@ def test_class_folder_without_images_names_it(tmp_path):
         discover(tmp_path)
     with pytest.raises(FileNotFoundError):  # ImageFolder refuses it as well
         ImageFolder(str(tmp_path))
+
+
+def _unreadable(monkeypatch, folder: str) -> None:
+    """``folder`` cannot be listed, as after ``chmod 000`` for a user other than root (the tests run as root,
+    whom a permission does not stop): os.scandir, which os.walk lists with, raises EACCES for it."""
+    import errno
+
+    scandir = os.scandir
+
+    def refusing(path="."):
+        if os.fspath(path) == folder:
+            raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), os.fspath(path))
+        return scandir(path)
+
+    monkeypatch.setattr(os, "scandir", refusing)
+
+
+@pytest.mark.parametrize("where", ["class", "subfolder"])
+def test_an_unreadable_class_folder_is_named_as_unreadable(tmp_path, monkeypatch, capsys, where):
+    """A class folder (or the one folder that holds its images) that cannot be read is said to be unreadable,
+    naming it, in one line with exit code 2; not "has no images"."""
+    from fasteval import cli
+
+    root = tmp_path / "data"
+    _img(str(root / "cat" / "1.jpg"))
+    _img(str(root / "dog" / "sub" / "2.jpg"))
+    dog = str(root / "dog")
+    _unreadable(monkeypatch, dog if where == "class" else os.path.join(dog, "sub"))
+    expected = {"class": f"cannot read the class folder {dog}: Permission denied",
+                "subfolder": f"class folder {dog} has no images it can read: cannot read {dog}/sub: Permission denied"}
+    with pytest.raises(FastevalError) as refused:
+        discover(root)
+    assert str(refused.value) == expected[where]
+    capsys.readouterr()
+    assert cli.main(["eval", str(root), "--device", "cpu", "--no-progress"]) == 2
+    assert capsys.readouterr().err == f"fasteval: error: {expected[where]}\n"

@@ -77,7 +77,8 @@ def discover(root: str | os.PathLike, quiet: bool = False) -> SampleList:
     """List the samples of ``root`` exactly as ``torchvision.datasets.ImageFolder`` does.
 
     Raises FastevalError for a missing folder, a folder without class folders, or a
-    class folder without images (ImageFolder refuses those too). ImageFolder's list is kept
+    class folder without images, named unreadable where that is why (ImageFolder refuses those
+    too). ImageFolder's list is kept
     as it is, but one warning line goes to stderr (unless ``quiet``) when files are counted
     more than once (symlinks, folder loops) or folders cannot be read (ImageFolder skips them).
     """
@@ -96,7 +97,7 @@ def discover(root: str | os.PathLike, quiet: bool = False) -> SampleList:
     unreadable: list[OSError] = []
     for index, name in enumerate(classes):
         class_dir = os.path.join(root, name)
-        found = 0
+        found, errors_before = 0, len(unreadable)
         for dirpath, _, fnames in sorted(os.walk(class_dir, followlinks=True, onerror=unreadable.append)):
             for fname in sorted(fnames):
                 path = os.path.join(dirpath, fname)
@@ -104,6 +105,7 @@ def discover(root: str | os.PathLike, quiet: bool = False) -> SampleList:
                     samples.append((path, index))
                     found += 1
         if not found:
+            _refuse_unreadable(class_dir, unreadable[errors_before:])
             raise FastevalError(
                 f"class folder has no images: {class_dir} "
                 f"(accepted extensions: {', '.join(IMG_EXTENSIONS)})"
@@ -112,6 +114,19 @@ def discover(root: str | os.PathLike, quiet: bool = False) -> SampleList:
         for line in _warnings(root, samples, unreadable):
             print(f"fasteval: warning: {line}", file=sys.stderr)
     return SampleList(root=root, classes=classes, samples=samples)
+
+
+def _refuse_unreadable(class_dir: str, errors: list[OSError]) -> None:
+    """A class folder without images because it, or a folder in it, cannot be read (a permission): said
+    so, naming that folder, rather than "no images" (a folder loop's error is not one)."""
+    failed = next((e for e in errors if e.errno != errno.ELOOP), None)
+    if failed is None:
+        return
+    reason = failed.strerror or str(failed)
+    if failed.filename == class_dir:
+        raise FastevalError(f"cannot read the class folder {printable(class_dir)}: {reason}")
+    raise FastevalError(f"class folder {printable(class_dir)} has no images it can read: cannot read "
+                        f"{printable(failed.filename)}: {reason}")
 
 
 def repeated_files(paths: list[str]) -> list[str]:
