@@ -6,13 +6,14 @@ from __future__ import annotations
 import csv
 import json
 import os
+import subprocess
 import sys
 
 import pytest
 import torch
 
 from fasteval.cli import main
-from fasteval.output.plots import FILES, confusion_classes, write_plots
+from fasteval.output.plots import FILES, confusion_classes, drawable, write_plots
 
 sys.path.insert(0, os.path.dirname(__file__))
 from test_classes import names, result_from_logits  # noqa: E402
@@ -118,3 +119,47 @@ def test_plot_without_matplotlib_fails_before_work(small_data, tmp_path, capsys,
 def test_plot_folder_and_json_naming_one_path_is_refused(small_data, tmp_path, capsys):
     same = str(tmp_path / "out")
     assert "name the same file" in _error(capsys, small_data, "--reference", "--json", same, "--plot", same)
+
+
+def test_drawable_escapes_what_cannot_be_drawn():
+    codes = frozenset(map(ord, "abcfé$ "))
+    assert drawable("caf\udce9", codes) == ("caf\\xe9", False)  # a Latin-1 byte of a non-UTF-8 folder name
+    assert drawable("café", codes) == ("café", False)
+    assert drawable("a\u732bb", codes) == ("a\\u732bb", True)  # a glyph the fonts lack
+    assert drawable("$a$ b\n", codes) == ("\\$a\\$ b\\n", False)  # no mathtext, no line break
+
+
+def test_class_names_the_fonts_or_utf8_cannot_hold_are_drawn(tmp_path):
+    """A folder name that is not UTF-8 failed the plot after the JSON was written (TypeError from FT2Font);
+    a name in a script the font lacks drew boxes and printed matplotlib's two-line glyph warning; ``$x$`` was
+    drawn as mathtext. A process of its own: the warnings are checked on the real stderr."""
+    pytest.importorskip("matplotlib")
+    from fasteval.data.synth import synth_dataset
+
+    data = synth_dataset(str(tmp_path / "data"), classes=3, per_class=4, size="48x40", seed=3)
+    root = os.fsencode(data)
+    for old, new in ((b"class_000", b"caf\xe9"), (b"class_001", "猫".encode()), (b"class_002", b"$x$")):
+        os.rename(os.path.join(root, old), os.path.join(root, new))
+    plots, report = tmp_path / "plots", tmp_path / "r.json"
+    proc = subprocess.run([sys.executable, "-m", "fasteval", "eval", data, "--reference", "--workers", "0",
+                           "--no-progress", "--resize", "40", "--crop", "32", "--json", str(report),
+                           "--plot", str(plots)], capture_output=True, text=True, errors="replace",
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert sorted(os.listdir(plots)) == sorted(FILES) and report.exists()
+    assert "Glyph" not in proc.stderr and "Warning" not in proc.stderr and "Traceback" not in proc.stderr
+    notes = [line for line in proc.stderr.splitlines() if "--plot" in line]
+    assert notes == ["fasteval: note: --plot: 1 class name(s) have characters the fonts lack, drawn as escapes "
+                     "(e.g. \\u732b); a font with them in matplotlib's font.family draws them"]
+
+
+def test_a_picture_that_fails_to_draw_is_one_warning(tmp_path, monkeypatch, capsys):
+    """Plots come after the JSON and CSV: a fault in drawing one skips it, never fails the finished run."""
+    pytest.importorskip("matplotlib")
+    import fasteval.output.plots as plots
+
+    monkeypatch.setattr(plots, "plot_recall", lambda report: 1 / 0)
+    paths = write_plots(synthetic_report(4, 5), str(tmp_path / "p"))
+    assert [os.path.basename(p) for p in paths] == ["confusion_matrix.png", "reliability.png"]
+    assert capsys.readouterr().err.splitlines() == [
+        "fasteval: warning: --plot: cannot draw recall_by_class.png, skipped: ZeroDivisionError: division by zero"]

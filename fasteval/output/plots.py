@@ -5,13 +5,22 @@ They are drawn from the report's JSON-ready figures (``fasteval/evaluation/class
 matplotlib's Agg renderer (no display, no pyplot state), and each PNG is written atomically: saved
 to a temporary file in DIR, then renamed over its name. Beyond ``MAX_CLASSES`` classes a picture
 shows a readable selection (the most confused classes, the worst recalls) and says so in its title.
+
+Class names are folder names, drawn as ``drawable`` makes them: a byte that is not UTF-8 (Python's
+surrogate escape), a character the fonts lack or a control character as its escape (``\\xe9``,
+``\\u732b``), and ``$`` literally (not as mathtext), so that no name can fail or garble a picture. The
+plots are written after the report, JSON and CSV: a picture that cannot be drawn is one warning, never
+a failure of the run.
 """
 
 from __future__ import annotations
 
+import functools
 import os
+import sys
+import warnings
 
-from fasteval.errors import FastevalError
+from fasteval.errors import FastevalError, first_line
 from fasteval.evaluation.classes import worst_classes
 from fasteval.output.files import atomic_write, check_output_folder
 
@@ -33,6 +42,52 @@ def check_plot_folder(path: str) -> None:
 
 def _short(name: str, width: int = 22) -> str:
     return name if len(name) <= width else name[:width - 1] + "\u2026"
+
+
+@functools.cache
+def font_codes() -> frozenset[int]:
+    """The code points matplotlib can draw: those of every installed font of ``font.family``, generic
+    families (``sans-serif``) expanded to their lists, as matplotlib falls back through them."""
+    from matplotlib import font_manager, rcParams
+    from matplotlib.ft2font import FT2Font
+
+    names = []
+    for family in rcParams["font.family"]:
+        names += rcParams.get(f"font.{family}", [family])
+    codes: set[int] = set()
+    for name in names:
+        try:
+            path = font_manager.findfont(font_manager.FontProperties(family=name), fallback_to_default=False)
+        except ValueError:  # not installed
+            continue
+        codes.update(FT2Font(path).get_charmap())
+    if not codes:  # a configuration naming no installed font: matplotlib falls back to its default
+        codes.update(FT2Font(font_manager.findfont(font_manager.FontProperties())).get_charmap())
+    return frozenset(codes)
+
+
+def drawable(name: str, codes: frozenset[int] | None = None) -> tuple[str, bool]:
+    """``name`` as text matplotlib draws literally, and whether the fonts lacked one of its characters.
+    A surrogate escape (a byte of a name that is not UTF-8) becomes ``\\xNN``, a character the fonts lack
+    or that is not printable its ``\\u`` escape, ``$`` is escaped so that no mathtext is parsed."""
+    codes = font_codes() if codes is None else codes
+    out, lacked = [], False
+    for ch in name:
+        code = ord(ch)
+        if 0xDC80 <= code <= 0xDCFF:
+            out.append(f"\\x{code - 0xDC00:02x}")
+        elif not ch.isprintable():  # a control character, another lone surrogate
+            out.append(ch.encode("unicode_escape").decode("ascii"))
+        elif code not in codes:
+            lacked = True
+            out.append(ch.encode("unicode_escape").decode("ascii"))
+        else:
+            out.append("\\$" if ch == "$" else ch)
+    return "".join(out), lacked
+
+
+def _labels(names: list[str]) -> list[str]:
+    return [drawable(name)[0] for name in names]
 
 
 def confusion_classes(matrix: list[list[int]], limit: int = MAX_CLASSES, shown: int = SHOWN_CONFUSED) -> list[int]:
@@ -58,7 +113,7 @@ def plot_confusion(report: dict):
     """The confusion matrix, rows the true class; colour: the fraction of the true class's samples."""
     from matplotlib.figure import Figure
 
-    matrix, names = report["confusion_matrix"], [c["class"] for c in report["per_class"]]
+    matrix, names = report["confusion_matrix"], _labels([c["class"] for c in report["per_class"]])
     keep = confusion_classes(matrix)
     sub = [[matrix[t][p] for p in keep] for t in keep]
     n = len(keep)
@@ -97,6 +152,7 @@ def plot_recall(report: dict):
     total = len(order)
     order = order[:SHOWN_WORST] if total > MAX_CLASSES else order
     n = len(order)
+    names = _labels([c["class"] for c in per_class])
     fig = Figure(figsize=(8.0, max(3.0, 0.26 * n + 1.6)), layout="constrained")
     ax = fig.add_subplot()
     recall = [100 * per_class[i]["recall"] for i in order]
@@ -104,7 +160,7 @@ def plot_recall(report: dict):
     high = [100 * per_class[i]["recall_interval"][1] - r for r, i in zip(recall, order)]
     ax.barh(range(n), recall, xerr=[low, high], color="tab:blue", alpha=0.75, ecolor="0.25", capsize=2)
     size = 9 if n <= 25 else 7
-    ax.set_yticks(range(n), [f"{_short(per_class[i]['class'])} ({per_class[i]['correct_top1']}/"
+    ax.set_yticks(range(n), [f"{_short(names[i])} ({per_class[i]['correct_top1']}/"
                              f"{per_class[i]['samples']})" for i in order], fontsize=size)
     ax.set_ylim(n - 0.5, -0.5)  # worst at the top, no empty margin
     ax.set_xlim(0, 100)
@@ -161,10 +217,29 @@ def plot_reliability(report: dict):
 
 
 def write_plots(report: dict, folder: str) -> list[str]:
-    """Write the three PNGs of ``report`` (a report holding the class report's keys) into ``folder``."""
+    """Write the three PNGs of ``report`` (a report holding the class report's keys) into ``folder``; the
+    paths written. A folder that cannot be written is a FastevalError; a picture that cannot be drawn (a
+    fault of the drawing, found after the other outputs were written) is one warning line and is skipped.
+    Class names the fonts cannot draw are escaped (``drawable``) and said in one line."""
+    lacking = [c["class"] for c in report["per_class"] if drawable(c["class"])[1]]
+    if lacking:
+        print(f"fasteval: note: --plot: {len(lacking)} class name(s) have characters the fonts lack, drawn as "
+              f"escapes (e.g. {drawable(lacking[0])[0]}); a font with them in matplotlib's font.family draws them",
+              file=sys.stderr)
+    written = []
     try:
         os.makedirs(folder, exist_ok=True)
-        figures = (plot_confusion(report), plot_recall(report), plot_reliability(report))
-        return [_save(fig, folder, name) for fig, name in zip(figures, FILES)]
+        for draw, name in zip((plot_confusion, plot_recall, plot_reliability), FILES):
+            try:
+                with warnings.catch_warnings():
+                    # Missing glyphs were escaped above; whatever the font check missed stays off stderr.
+                    warnings.filterwarnings("ignore", message="Glyph .* missing from", category=UserWarning)
+                    written.append(_save(draw(report), folder, name))
+            except OSError:
+                raise
+            except Exception as exc:
+                print(f"fasteval: warning: --plot: cannot draw {name}, skipped: {type(exc).__name__}: "
+                      f"{first_line(exc)}", file=sys.stderr)
     except OSError as exc:
         raise FastevalError(f"--plot {folder}: cannot write: {exc.strerror or exc}") from None
+    return written
