@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import re
 
 _ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
@@ -45,10 +46,37 @@ def one_line(exc: BaseException) -> str:
     return last
 
 
+# torch's words when DataLoader workers, which pass each batch through shared memory, find /dev/shm full:
+# a worker cannot allocate a batch there (ATen's MapAllocator: "unable to allocate shared memory(shm) for
+# file </torch_...>: No space left on device (28)", re-raised in this process inside the worker's
+# traceback), or a worker dies of SIGBUS writing one ("DataLoader worker (pid N) is killed by signal: Bus
+# error. It is possible that dataloader's workers are out of shared memory...").
+_SHARED_MEMORY_FULL = re.compile(r"unable to allocate shared memory|out of shared memory|insufficient shared memory"
+                                 r"|unable to (?:write to|resize) file </torch_")
+SHM = "/dev/shm"
+
+
+def shared_memory_full(exc: BaseException) -> bool:
+    """Whether ``exc`` is torch's report of a full /dev/shm (its message, a worker's traceback included)."""
+    return bool(_SHARED_MEMORY_FULL.search(_ANSI.sub("", str(exc))))
+
+
+def shared_memory_advice() -> str:
+    """The one line for a full /dev/shm: what ran out, how big it is, and the ways out."""
+    try:
+        st = os.statvfs(SHM)  # its free space now says nothing: the workers' batches were freed as they stopped
+        size = f" ({st.f_blocks * st.f_frsize / 2**20:,.1f} MiB)"
+    except OSError:
+        size = ""
+    return (f"out of shared memory: the DataLoader workers pass decoded batches through {SHM}{size}, which is full "
+            f"or too small; free space there, or give fewer --workers (--workers 0 decodes in this process and needs "
+            f"none), or, in a docker container, run it with a larger --shm-size")
+
+
 def is_expected(exc: BaseException) -> bool:
-    """Errors that bad input or a faulty machine cause: a user error, the OS (files, disk, memory),
-    or the image library reading data. The CLI prints these as one line."""
-    if isinstance(exc, (FastevalError, OSError, MemoryError)):
+    """Errors that bad input or a faulty machine cause: a user error, the OS (files, disk, memory, a full
+    /dev/shm), or the image library reading data. The CLI prints these as one line."""
+    if isinstance(exc, (FastevalError, OSError, MemoryError)) or shared_memory_full(exc):
         return True
     return type(exc).__module__.split(".")[0] == "PIL"
 
@@ -61,6 +89,8 @@ def printable(path: str) -> str:
 def describe_error(exc: BaseException) -> str:
     """The one line the CLI prints for an error: its message; for an error no input explains
     (a bug), also its type and where to find more."""
+    if shared_memory_full(exc):
+        return shared_memory_advice()
     if is_expected(exc):
         return one_line(exc)
     return f"{type(exc).__name__}: {one_line(exc)} (unexpected; rerun with --debug for the traceback)"
