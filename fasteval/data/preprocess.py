@@ -9,11 +9,17 @@ from __future__ import annotations
 
 import os
 import stat
+import warnings
 from dataclasses import dataclass, replace
 
 from PIL import Image
 
 from fasteval.errors import FastevalError
+
+# An image above PIL's MAX_IMAGE_PIXELS (up to twice it, beyond which PIL refuses) is decoded anyway, by the
+# reference as by every loader; PIL's two-line warning at each open, in every process that decodes (forked
+# workers inherit this filter), would repeat what fasteval.data.probe says once per run.
+warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)

@@ -20,6 +20,7 @@ import errno
 import os
 import stat
 import struct
+import sys
 import warnings
 from dataclasses import dataclass
 
@@ -299,4 +300,23 @@ def check_headers(samples: SampleList) -> list[FileProbe]:
         if len(bad) > 1:
             more = f" ({len(bad) - 1} more files cannot be decoded either, e.g. {printable(bad[1][0])})"
         raise FastevalError(f"cannot decode image {printable(path)}: {reason}{more}")
+    _note_large(probes)
     return probes
+
+
+_NOTED_LARGE: set[str] = set()  # files already named by _note_large in this process
+
+
+def _note_large(probes: list[FileProbe]) -> None:
+    """One line, once a process, for files above PIL's decompression-bomb warning size: PIL decodes them (the
+    reference too) and its own warning is hidden (fasteval.data.preprocess), but they cost time and memory."""
+    from PIL import Image
+
+    limit = Image.MAX_IMAGE_PIXELS
+    large = [p for p in probes if limit and p.size and p.size[0] * p.size[1] > limit and p.path not in _NOTED_LARGE]
+    if not large:
+        return
+    _NOTED_LARGE.update(p.path for p in large)
+    (width, height), path = large[0].size, printable(large[0].path)
+    print(f"fasteval: note: {len(large)} image(s) above PIL's decompression-bomb warning size of {limit:,} pixels, "
+          f"e.g. {path} ({width}x{height}): decoded as the reference decodes them", file=sys.stderr)
