@@ -219,6 +219,7 @@ def _prepare(args, ranks=None, samples=None):
         if args.arch != "resnet18" or args.weights:
             raise FastevalError("the built-in demo uses its own resnet18 model: give DATA to choose --arch/--weights")
         data, weights = ensure_demo()
+        check_outside_data(args, data)
     samples = samples if samples is not None else discover(data, quiet=not ranks.is_main)
     ranks.check_same_data(samples)
     if ranks.is_main:
@@ -255,6 +256,15 @@ def _prepare(args, ranks=None, samples=None):
         "classes": samples.num_classes,
     }
     return samples, spec, device, model, config
+
+
+def check_outside_data(args, data: str | None) -> None:
+    """Refuse any output of ``eval`` (a sweep's too) or ``bench`` inside the dataset ``data``; first of
+    all, before an output's folder is even probed."""
+    from fasteval.output.files import check_not_inside
+
+    check_not_inside({"--json": args.json, "--predictions": getattr(args, "predictions", None), "--plot": args.plot,
+                      "--cache": getattr(args, "cache", None)}, {"DATA" if args.data else "the demo dataset": data})
 
 
 def fast_options(args):
@@ -298,6 +308,7 @@ def _start_prefetch(args):
 
 def cmd_eval(args) -> int:
     _check_names(args)
+    check_outside_data(args, args.data)
     listed, pixels = _start_prefetch(args)
     if not args.reference:  # the reference command imports torchvision as a plain script does
         from fasteval.model.torchvision_import import import_torchvision
@@ -388,6 +399,7 @@ def _decoded_source(args) -> dict:
 
 def cmd_bench(args) -> int:
     _check_names(args)
+    check_outside_data(args, args.data)
     from fasteval.bench import format_bench, plot_bench, run_bench
     from fasteval.output.report import write_json
 

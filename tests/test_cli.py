@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -125,18 +126,63 @@ def test_empty_paths_and_negative_seed_refused(argv, tmp_path, monkeypatch, caps
 
 @pytest.mark.parametrize("option", ["--predictions", "--json"])
 def test_output_naming_a_sample_is_refused(option, small_data, weights_3cls, tmp_path, capsys):
-    """An output that is one of the dataset's images (directly or through a link) would destroy it."""
+    """An output that is one of the dataset's images (directly or through a link) would destroy it; so
+    would one naming the file outside DATA that a sample links to."""
     from fasteval.data.samples import discover
 
     sample = discover(small_data).paths[5]
     before = open(sample, "rb").read()
     link = tmp_path / "out.csv"
     link.symlink_to(sample)
-    for target in (sample, str(link)):
-        rc = main(["eval", small_data, "--weights", weights_3cls, "--reference", "--workers", "0", option, target])
+    data = tmp_path / "data"
+    shutil.copytree(small_data, data)
+    outside = tmp_path / "outside.jpg"
+    os.replace(data / "class_001" / "img_00000.jpg", outside)
+    (data / "class_001" / "img_00000.jpg").symlink_to(outside)
+    linked = outside.read_bytes()
+    for root, target, words in ((small_data, sample, "is inside DATA"), (small_data, str(link), "is inside DATA"),
+                                (str(data), str(outside), "is an image of the dataset")):
+        rc = main(["eval", root, "--weights", weights_3cls, "--reference", "--workers", "0", option, target])
         err = capsys.readouterr().err.strip().splitlines()
-        assert rc == 2 and "is an image of the dataset" in err[-1] and "Traceback" not in "\n".join(err)
-        assert open(sample, "rb").read() == before
+        assert rc == 2 and len(err) == 1 and words in err[0], err
+        assert open(sample, "rb").read() == before and outside.read_bytes() == linked
+
+
+def _tree(root) -> list[tuple[str, int]]:
+    """Every entry under ``root`` (itself included) with its modification time: a run that writes
+    nothing there leaves this unchanged."""
+    entries = [(os.path.relpath(os.path.join(d, n), root), os.stat(os.path.join(d, n)).st_mtime_ns)
+               for d, dirs, files in os.walk(root) for n in dirs + files]
+    return sorted(entries) + [(".", os.stat(root).st_mtime_ns)]
+
+
+# Paths relative to a folder holding DATA (data/) and a link to one of its class folders (link/).
+@pytest.mark.parametrize("command, option, path", [
+    ("eval", "--plot", "data/class_000"),  # its PNGs would be counted as samples by the next run
+    ("eval", "--cache", "data/cache"),  # a class folder without images: every later run would fail
+    ("eval", "--json", "link/../r.json"),  # a link then '..': data/r.json, whatever the text says
+    ("eval", "--predictions", "data/p.csv"),
+    ("sweep", "--plot", "link"),
+    ("sweep", "--cache", "elsewhere/../data/class_002/cache"),
+    ("bench", "--plot", "data/class_000/bench.png"),
+    ("bench", "--json", "link/../r.json"),
+])
+def test_outputs_inside_data_are_refused_before_any_work(command, option, path, small_data, weights_3cls, tmp_path,
+                                                         capsys):
+    """Every output of eval, the sweep and bench: one line naming the option, exit 2, DATA untouched."""
+    data = tmp_path / "data"
+    shutil.copytree(small_data, data)
+    (tmp_path / "link").symlink_to(data / "class_000")
+    before = _tree(data)
+    argv = {"eval": ["eval", str(data), "--weights", weights_3cls],
+            "sweep": ["eval", str(data), "--weights", weights_3cls, weights_3cls],
+            "bench": ["bench", str(data), "--weights", weights_3cls, "--repeats", "1", "--no-time-to-result"]}[command]
+    rc = main([*argv, "--resize", "40", "--crop", "32", "--workers", "0", "--no-progress", option,
+               str(tmp_path / path)])
+    out, err = capsys.readouterr()
+    assert rc == 2 and err.startswith(f"fasteval: error: {option} {tmp_path / path} is inside DATA {data}: ")
+    assert len(err.splitlines()) == 1 and not out
+    assert _tree(data) == before
 
 
 @pytest.mark.parametrize("size, message", [("100000x100000", "at most 65535 pixels a side"),

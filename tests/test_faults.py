@@ -378,6 +378,26 @@ def test_outputs_are_written_whole_into_new_folders_and_devices(small_data, weig
     assert os.listdir(out.parent) == ["r.json"]
 
 
+def _longest_name(folder) -> int:
+    return os.pathconf(folder, "PC_NAME_MAX")
+
+
+@pytest.mark.parametrize("option", ["--json", "--predictions"])
+def test_every_output_name_that_passes_the_checks_is_written(small_data, weights_3cls, tmp_path, capfd, option):
+    """A name of the file system's longest length is written (its temporary name beside it stays short);
+    one byte more is refused before any work, in one line."""
+    longest = tmp_path / ("r" * _longest_name(tmp_path))
+    rc, _, err = run(capfd, small_data, "--weights", weights_3cls, *PATHS["reference"], option, str(longest))
+    assert rc == 0, err
+    assert os.listdir(tmp_path) == [longest.name] and longest.stat().st_size > 0
+    too_long = tmp_path / "new" / ("r" * (_longest_name(tmp_path) + 1))
+    line = error_line(capfd, small_data, "--weights", weights_3cls, *PATHS["reference"], option, str(too_long))
+    limit = _longest_name(tmp_path)
+    assert line == (f"fasteval: error: {option} {too_long}: the name rrrrrrrrrrrrrrrr... is {limit + 1} bytes long, "
+                    f"more than the {limit} this file system allows")
+    assert os.listdir(tmp_path) == [longest.name]
+
+
 # --- 4. options are checked before any work, whatever the mode --------------------------------------
 
 @pytest.mark.parametrize("args, named", [
@@ -606,6 +626,22 @@ def test_synth_unusable_out_is_one_line(tmp_path, capfd, kind, reason):
     assert main(["synth", str(out), "--classes", "2", "--per-class", "1", "--size", "16x16"]) == 2
     err = capfd.readouterr().err
     assert "Traceback" not in err and reason in err and len(err.strip().splitlines()) == 1
+
+
+def test_synth_writes_every_out_name_that_passes_the_checks(tmp_path, capfd):
+    """The longest name the file system allows is written (the temporary folder's name stays short);
+    a longer one, or one on the way to OUT, is one line, exit 2, nothing written."""
+    limit = _longest_name(tmp_path)
+    args = ["--classes", "2", "--per-class", "1", "--size", "16x16"]
+    assert main(["synth", str(tmp_path / ("s" * limit)), *args]) == 0
+    assert os.listdir(tmp_path) == ["s" * limit] and len(os.listdir(tmp_path / ("s" * limit))) == 2
+    capfd.readouterr()
+    for out in (tmp_path / ("t" * (limit + 1)), tmp_path / "a" / ("t" * (limit + 1)) / "b"):
+        assert main(["synth", str(out), *args]) == 2
+        err = capfd.readouterr().err
+        assert err == (f"fasteval: error: OUT {out}: the name tttttttttttttttt... is {limit + 1} bytes long, more "
+                       f"than the {limit} this file system allows\n")
+        assert os.listdir(tmp_path) == ["s" * limit]
 
 
 # --- 11. the batch size used --------------------------------------------------------------------------

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -193,6 +194,81 @@ def test_resume_gives_the_uninterrupted_history(run_dir, folders, capsys):
         return [{k: v for k, v in r.items() if k != "seconds"} for r in history]
 
     assert timeless(_history(out)) == timeless(_history(run_dir))
+
+
+def test_resume_keeps_the_runs_preprocessing(folders, tmp_path, capsys):
+    """A run trained with --preset imagenet --resize 40 --crop 32 and resumed without those flags validates
+    its next epochs as it validated the first (last.pt records them); a resume that names another
+    preprocessing is refused in one line naming the flag, and the run folder is left as it was."""
+    out, report = tmp_path / "run", tmp_path / "r.json"
+    no_sizes = COMMON[4:]  # COMMON without its --resize 40 --crop 32
+    assert _train(folders, out, "--epochs", "1", "--preset", "imagenet") == 0
+    train, val, _ = folders
+    assert main(["train", train, val, "--out", str(out), *no_sizes, "--epochs", "2", "--resume",
+                 "--json", str(report)]) == 0
+    config = json.loads(report.read_text())["config"]
+    assert (config["preset"], config["resize"], config["crop"]) == ("imagenet", 40, 32)
+    assert torch.load(out / "last.pt", weights_only=True)["preprocess"] == {"preset": "imagenet", "resize": 40,
+                                                                            "crop": 32}
+    capsys.readouterr()
+    files = {name: (out / name).read_bytes() for name in os.listdir(out)}
+    for extra, named in ((["--crop", "36"], "--crop 36"), (["--preset", "seed"], "--preset seed"),
+                         (["--preset", "imagenet", "--resize", "48", "--crop", "32"], "--resize 48")):
+        assert main(["train", train, val, "--out", str(out), *no_sizes, "--epochs", "3", "--resume", *extra]) == 2
+        err = capsys.readouterr().err
+        assert err == (f"fasteval: error: --resume: {out}/last.pt was trained with --preset imagenet --resize 40 "
+                       f"--crop 32, not {named}; a resumed run keeps its preprocessing: drop it\n")
+    assert {name: (out / name).read_bytes() for name in os.listdir(out)} == files
+
+
+def test_outputs_inside_the_datasets_are_refused_before_any_work(folders, tmp_path, capsys):
+    """RUN_DIR or --json inside TRAIN_DIR or VAL_DIR (a link or '..' does not hide it): one line naming the
+    option, exit 2, neither dataset touched (curves.png in a class folder would be a sample)."""
+    train, val = tmp_path / "train", tmp_path / "val"
+    shutil.copytree(folders[0], train)
+    shutil.copytree(folders[1], val)
+    (tmp_path / "link").symlink_to(val / "class_000")
+
+    def tree():
+        return sorted((d, sorted(files), os.stat(d).st_mtime_ns) for d, _, files in os.walk(tmp_path))
+
+    before = tree()
+    for option, path, inside in (("--out", val / "class_001", "VAL_DIR"), ("--out", tmp_path / "link" / "run", "VAL_DIR"),
+                                 ("--json", tmp_path / "link" / ".." / "r.json", "VAL_DIR"),
+                                 ("--json", train / "class_002" / "r.json", "TRAIN_DIR")):
+        extra = [option, str(path)] + (["--out", str(tmp_path / "run")] if option == "--json" else [])
+        assert main(["train", str(train), str(val), *COMMON, "--epochs", "1", *extra]) == 2
+        err = capsys.readouterr().err
+        folder = val if inside == "VAL_DIR" else train
+        assert err.startswith(f"fasteval: error: {option} {path} is inside {inside} {folder}: ") and err.count("\n") == 1
+        assert tree() == before
+
+
+@pytest.mark.slow
+def test_a_second_run_never_writes_a_run_folder_in_use(folders, tmp_path, capsys):
+    """While one run trains into RUN_DIR, another (even with --overwrite) is refused in one line naming
+    --out, and RUN_DIR stays the first run's alone; a killed run leaves no lock behind (the kernel drops
+    it): --resume continues at once."""
+    train, val, _ = folders
+    out = tmp_path / "run"
+    first = subprocess.Popen([sys.executable, "-m", "fasteval", "train", train, val, "--out", str(out), *COMMON,
+                              "--epochs", "40"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 240
+    while not (out / "history.json").exists() and time.monotonic() < deadline and first.poll() is None:
+        time.sleep(0.1)
+    try:
+        assert first.poll() is None, "the first run ended early"
+        assert _train(folders, out, "--epochs", "1", "--overwrite", "--seed", "5") == 2
+        err = capsys.readouterr().err
+        assert err == (f"fasteval: error: --out {out} is being written by another fasteval run (pid {first.pid}); "
+                       f"wait for it to end, or choose another --out\n")
+    finally:
+        first.kill()
+        first.wait()
+    done = len(_history(out))
+    assert torch.load(out / "last.pt", weights_only=True)["recipe"]["seed"] == 0  # the first run's, not seed 5
+    assert _train(folders, out, "--epochs", str(done + 1), "--resume") == 0
+    assert len(_history(out)) == done + 1 and not [n for n in os.listdir(out) if n.startswith(".")]
 
 
 def test_live_weights_reach_both_evaluator_models(folders):

@@ -118,11 +118,14 @@ def synth_dataset(
     out = os.fspath(out)
     check_output_folder(out, "OUT", overwrite)
     workers = min(workers or usable_cores(), classes)
-    with staged_folder(out) as work:
-        tasks = [(work, k, per_class, classes, seed, dims, quality) for k in range(classes)]
-        if workers <= 1:
-            for task in tasks:
-                _write_class(task)
-        else:
-            pool_map(_write_class, tasks, workers)
+    try:
+        with staged_folder(out) as work:
+            tasks = [(work, k, per_class, classes, seed, dims, quality) for k in range(classes)]
+            if workers <= 1:
+                for task in tasks:
+                    _write_class(task)
+            else:
+                pool_map(_write_class, tasks, workers)
+    except OSError as exc:  # the temporary folder beside OUT, or the rename into place
+        raise FastevalError(f"OUT {out}: cannot write it: {exc.strerror or exc}") from None
     return out

@@ -4,6 +4,9 @@ A run can take minutes; an output that cannot be written must fail before it sta
 one line naming the option and the path. A file is written to a temporary file beside
 it and renamed over it once complete, so a full disk or an interrupted run leaves the old
 file intact. Devices and pipes (``/dev/null``, ``/dev/stdout``, ``>(jq .)``) are written directly.
+Temporary names keep at most ``TEMP_NAME_CHARS`` of the target's name, so every name that passes the
+checks (its length included) can be written. No output may land inside a dataset it reads
+(``check_not_inside``), and a folder that one run fills is held by that run alone (``locked_folder``).
 """
 
 from __future__ import annotations
@@ -16,8 +19,11 @@ import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 
-from fasteval.errors import FastevalError
+from fasteval.errors import FastevalError, printable
 from fasteval.procs import alive
+
+TEMP_NAME_CHARS = 32  # of a target's name kept in its temporary names: those stay short, whatever its length
+LOCK_NAME = ".fasteval.lock"  # in a folder one run writes (locked_folder); not content of the folder
 
 
 def _reason(exc: OSError) -> str:
@@ -53,11 +59,28 @@ def _check_can_create_in(folder: str, what: str) -> None:
 
 
 def _check_folder_path(path: str, what: str) -> None:
-    """The folders above ``path`` exist as folders (or can be created) and can be written."""
-    anchor = _nearest_existing(os.path.dirname(os.path.abspath(path)))
+    """The folders above ``path`` exist as folders (or can be created) and can be written, and every
+    name still to be made on the way (``path``'s own included) fits the file system."""
+    path = os.path.abspath(path)
+    anchor = _nearest_existing(os.path.dirname(path))
     if not os.path.isdir(anchor):
         raise FastevalError(f"{what}: {anchor} is a file, not a folder")
+    _check_name_lengths(os.path.relpath(path, anchor), anchor, what)
     _check_can_create_in(anchor, what)
+
+
+def _check_name_lengths(names: str, anchor: str, what: str) -> None:
+    """Each name of the relative path ``names`` fits the longest name (in bytes) of ``anchor``'s file
+    system: a longer one could only fail once the run's work is done."""
+    try:
+        limit = os.pathconf(anchor, "PC_NAME_MAX")
+    except (OSError, ValueError):
+        return
+    for name in names.split(os.sep):
+        size = len(os.fsencode(name))
+        if size > limit:
+            raise FastevalError(f"{what}: the name {printable(name[:16])}... is {size} bytes long, more than the "
+                                f"{limit} this file system allows")
 
 
 def _check_device(path: str, what: str) -> None:
@@ -150,7 +173,8 @@ def atomic_write(path: str, newline: str | None = None, binary: bool = False, op
         folder = os.path.dirname(target)
         os.makedirs(folder, exist_ok=True)
         mode = stat.S_IMODE(os.stat(target).st_mode) if os.path.exists(target) else _default_mode(0o666)
-        fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{os.path.basename(target)}.", suffix=".tmp")
+        fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{os.path.basename(target)[:TEMP_NAME_CHARS]}.",
+                                   suffix=".tmp")
         try:
             with os.fdopen(fd, "wb" if binary else "w", **text) as f:
                 yield f
@@ -179,14 +203,14 @@ def check_output_folder(path: str, option: str, overwrite: bool) -> None:
     if os.path.exists(path):
         if not os.path.isdir(path):
             raise FastevalError(f"{what} is a file, not a folder")
-        if os.listdir(path) and not overwrite:
+        if set(os.listdir(path)) - {LOCK_NAME} and not overwrite:
             raise FastevalError(f"{what} is not empty; choose a new folder, or pass --overwrite to replace it")
     _check_folder_path(os.path.join(os.path.abspath(path), "x"), what)
 
 
 def temp_prefix(target: str) -> str:
     """Name prefix of the temporary folders made beside ``target``; the owner's pid follows it."""
-    return f".{os.path.basename(os.path.abspath(target))}.tmp-"
+    return f".{os.path.basename(os.path.abspath(target))[:TEMP_NAME_CHARS]}.tmp-"
 
 
 def remove_stale_temps(parent: str, prefix: str) -> None:
@@ -248,3 +272,92 @@ def atomic_write_bytes(path: str, data: bytes) -> None:
     """Write ``data`` to ``path`` as ``atomic_write`` writes text (beside it, then renamed): for images."""
     with atomic_write(path, binary=True) as f:
         f.write(data)
+
+
+def check_not_inside(outputs: dict[str, str | None], folders: dict[str, str | None]) -> None:
+    """Refuse an output (``{option: path}``) that is, or lies inside, one of the input folders
+    (``{name: folder}``, e.g. DATA): a PNG or a cache folder written into a dataset changes what every
+    later run reads. Real paths are compared, so neither a link nor ``..`` can hide where it lands."""
+    roots = {name: os.path.realpath(folder) for name, folder in folders.items() if folder}
+    for option, path in outputs.items():
+        if not path:
+            continue
+        real = os.path.realpath(path)
+        for name, root in roots.items():
+            if os.path.commonpath([real, root]) == root:
+                where = f"is {name}" if real == root else f"is inside {name} {printable(folders[name])}"
+                raise FastevalError(f"{option} {printable(path)} {where}: writing there would change the dataset; "
+                                    f"choose a path outside it")
+
+
+@contextmanager
+def locked_folder(path: str, option: str) -> Iterator[None]:
+    """Make the folder ``path`` if needed and hold its lock (``flock`` on ``LOCK_NAME`` in it) for the
+    block: a second process that wants to write it meanwhile is refused with one line naming ``option``,
+    so two runs never mix their files. The kernel frees the lock when its process dies, however it dies:
+    no stale lock. The lock file is removed on leaving; a folder made here is removed too when the block
+    fails and leaves it empty."""
+    try:
+        os.makedirs(path)
+        created = True
+    except FileExistsError:
+        created = False
+    except OSError as exc:
+        raise FastevalError(f"{option} {printable(path)}: cannot create it: {_reason(exc)}") from None
+    lock = os.path.join(path, LOCK_NAME)
+    fd = _lock(lock, option, path)
+    try:
+        yield
+    except BaseException:
+        _unlock(fd, lock)
+        if created:
+            try:
+                os.rmdir(path)
+            except OSError:
+                pass
+        raise
+    _unlock(fd, lock)
+
+
+def _lock(lock: str, option: str, folder: str) -> int | None:
+    """An open descriptor holding an exclusive ``flock`` on the file ``lock`` (None where the file
+    system has no locks); the holder's pid is written in it."""
+    import fcntl
+
+    while True:
+        try:
+            fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o666)
+        except OSError as exc:
+            raise FastevalError(f"{option} {printable(folder)}: cannot write in it: {_reason(exc)}") from None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.read(fd, 32).decode("ascii", "replace").strip()
+            os.close(fd)
+            pid = f" (pid {holder})" if holder.isdigit() else ""
+            raise FastevalError(f"{option} {printable(folder)} is being written by another fasteval run{pid}; "
+                                f"wait for it to end, or choose another {option}") from None
+        except OSError:  # no locks on this file system (some network and FUSE mounts): unguarded, as before
+            os.close(fd)
+            return None
+        try:
+            current = os.path.samestat(os.fstat(fd), os.stat(lock))
+        except FileNotFoundError:
+            current = False
+        if current:
+            os.ftruncate(fd, 0)
+            os.write(fd, f"{os.getpid()}\n".encode())
+            return fd
+        os.close(fd)  # its holder removed that file as it let go: lock the one there now
+
+
+def _unlock(fd: int | None, lock: str) -> None:
+    """Remove the lock file while still holding it (a process that opened it meanwhile sees it gone and
+    takes the next one), then let go."""
+    if fd is None:
+        return
+    try:
+        os.unlink(lock)
+    except OSError:
+        pass
+    os.close(fd)

@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import contextlib
 import os
 import sys
 
 from fasteval.errors import FastevalError
 from fasteval.training import state
+from fasteval.training.options import DEFAULT_PRESET
 
 
 def check_run_folder(out: str, resume: bool, overwrite: bool) -> None:
@@ -31,14 +31,15 @@ def check_options(args) -> None:
     from fasteval.data.preprocess import get_spec
     from fasteval.devices import resolve_device
     from fasteval.model.inference import resolve_precision
-    from fasteval.output.files import check_distinct, check_output_file
+    from fasteval.output.files import check_distinct, check_not_inside, check_output_file
 
     if args.precision == "fp16":
         raise FastevalError("--precision fp16 is not supported by fasteval train (it would need loss scaling); "
                             "use bf16 or fp32")
-    get_spec(args.preset, args.resize, args.crop)
+    get_spec(args.preset or DEFAULT_PRESET, args.resize, args.crop)
     resolve_precision(args.precision, resolve_device(args.device))
     warn_many_workers(args.workers)
+    check_not_inside({"--out": args.out, "--json": args.json}, {"TRAIN_DIR": args.train, "VAL_DIR": args.val})
     check_run_folder(args.out, args.resume, args.overwrite)
     if args.json:
         check_output_file(args.json, "--json")
@@ -58,9 +59,35 @@ def train_precision(requested: str, device) -> str:
     return "fp32" if resolved == "fp16" else resolved
 
 
-def prepare(args):
-    """The two sample lists (the same classes), the validation spec and the device, all checked."""
-    from fasteval.data.preprocess import check_batchable, get_spec
+def preprocessing(args, resume: dict | None):
+    """The validation preprocessing: the flags' for a new run; a resumed run's own, as its last.pt records
+    it (one history, one preprocessing), a flag that contradicts it refused. A checkpoint of an older
+    fasteval records none: the flags' then, said in one line."""
+    from fasteval.data.preprocess import get_spec
+
+    kept = resume.get(state.PREPROCESS) if resume is not None else None
+    if kept is None:
+        spec = get_spec(args.preset or DEFAULT_PRESET, args.resize, args.crop)
+        if resume is not None:
+            print(f"fasteval: warning: --resume: {args.out}/{state.LAST} does not record its preprocessing (an older "
+                  f"fasteval made it); validating with {_describe(spec.name, spec.resize, spec.crop)}", file=sys.stderr)
+        return spec
+    given = {"preset": args.preset, "resize": args.resize, "crop": args.crop}
+    conflicts = [f"--{name} {value}" for name, value in given.items() if value is not None and value != kept[name]]
+    if conflicts:
+        raise FastevalError(f"--resume: {args.out}/{state.LAST} was trained with "
+                            f"{_describe(kept['preset'], kept['resize'], kept['crop'])}, not {' '.join(conflicts)}; "
+                            f"a resumed run keeps its preprocessing: drop {'it' if len(conflicts) == 1 else 'them'}")
+    return get_spec(kept["preset"], kept["resize"], kept["crop"])
+
+
+def _describe(preset: str, resize: int, crop: int | None) -> str:
+    return f"--preset {preset} --resize {resize} " + (f"--crop {crop}" if crop is not None else "(no crop)")
+
+
+def prepare(args, spec):
+    """The two sample lists (the same classes) and the device, all checked against the validation ``spec``."""
+    from fasteval.data.preprocess import check_batchable
     from fasteval.data.probe import check_headers
     from fasteval.data.samples import check_not_samples, discover
     from fasteval.devices import resolve_device
@@ -72,12 +99,11 @@ def prepare(args):
         only = sorted(set(train.classes) ^ set(val.classes))
         detail = f"e.g. {only[0]!r} is in one only" if only else "in another order"
         raise FastevalError(f"TRAIN_DIR {args.train} and VAL_DIR {args.val} have different class folders ({detail})")
-    spec = get_spec(args.preset, args.resize, args.crop)
     check_batchable(spec, val.paths)  # the seed preset (no crop) refuses mixed aspect ratios, as eval does
     check_headers(train)
     check_headers(val)
     device = resolve_device(args.device, make_current=True)
-    return train, val, spec, device
+    return train, val, device
 
 
 def recipe_from(args, resume: dict | None):
@@ -101,19 +127,29 @@ def recipe_from(args, resume: dict | None):
 
 
 def train_command(args) -> int:
+    from fasteval.output.files import locked_folder
+
     check_options(args)
+    with locked_folder(args.out, "--out"):  # one run writes RUN_DIR at a time; a new one is removed on failure
+        return _train(args)
+
+
+def _train(args) -> int:
+    """The run, RUN_DIR held: checked again now that no other run can change it, then trained."""
     from fasteval.output.report import environment, write_json
     from fasteval.training.history import best_epoch
     from fasteval.training.loop import RunOptions, Trainer
 
-    train, val, spec, device = prepare(args)
+    check_run_folder(args.out, args.resume, args.overwrite)
     resume = state.load(os.path.join(args.out, state.LAST)) if args.resume else None
-    if resume is not None and resume["classes"] != train.classes:
-        raise FastevalError(f"--resume: {args.out}/{state.LAST} was trained on other classes than {args.train}")
+    spec = preprocessing(args, resume)
     recipe = recipe_from(args, resume)
     if resume is not None and resume["epoch"] >= recipe.epochs:
         raise FastevalError(f"--resume: {args.out}/{state.LAST} has finished {resume['epoch']} epochs already; "
                             f"give --epochs above {resume['epoch']} to train more")
+    train, val, device = prepare(args, spec)
+    if resume is not None and resume["classes"] != train.classes:
+        raise FastevalError(f"--resume: {args.out}/{state.LAST} was trained on other classes than {args.train}")
     if recipe.weights is None and resume is None:
         print("fasteval: no --weights: training starts from a random initialisation", file=sys.stderr)
     precision = train_precision(args.precision, device)
@@ -121,21 +157,14 @@ def train_command(args) -> int:
                          compile=args.compile, exact=args.exact, workers=args.workers,
                          progress=not args.no_progress)
     trainer = Trainer(train, val, spec, recipe, options, resume)  # the model built, sizes and memory checked
-    created = not os.path.exists(args.out)
-    os.makedirs(args.out, exist_ok=True)  # once the model is built (--weights DEFAULT may fail offline)
-    if args.overwrite:
+    if args.overwrite:  # once the model is built (--weights DEFAULT may fail offline)
         for name in state.OUTPUTS:  # an old run's files never mix with this one's
             if os.path.exists(os.path.join(args.out, name)):
                 os.unlink(os.path.join(args.out, name))
     if resume is not None:
-        print(f"resuming {args.out} after epoch {resume['epoch']} (its recipe; --epochs {recipe.epochs})")
-    try:
-        history = trainer.run()
-    except BaseException:
-        if created:  # failed before its first epoch's files: no empty RUN_DIR left (rmdir keeps a non-empty one)
-            with contextlib.suppress(OSError):
-                os.rmdir(args.out)
-        raise
+        print(f"resuming {args.out} after epoch {resume['epoch']} (its recipe and preprocessing; "
+              f"--epochs {recipe.epochs})")
+    history = trainer.run()
     best = best_epoch(history)
     v = trainer.validation
     if v.get("loader") == "none":

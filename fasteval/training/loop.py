@@ -181,7 +181,7 @@ class Trainer:
 
         out = self.options.out
         ckpt = state.checkpoint(self.model, self.optimizer, self.scheduler, epoch, self.recipe.to_dict(),
-                                self.train_samples.classes, self.history)
+                                self.train_samples.classes, self.history, self.spec)
         if best == epoch:  # the weights and what they are; the optimizer's state (2x the model's size) is last.pt's
             state.save({k: v for k, v in ckpt.items() if k not in state.RESUME_ONLY}, os.path.join(out, state.BEST))
             write_predictions(os.path.join(out, state.PREDICTIONS), self.val_samples, val)

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import argparse
 
+DEFAULT_PRESET = "seed"  # the validation preset of a new run (a resumed run keeps its own)
+
 
 def _float_above(minimum: float, inclusive: bool):
     """An argparse type: a finite float > ``minimum`` (>= with ``inclusive``)."""
@@ -42,8 +44,8 @@ def add_train_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--gamma", type=_float_above(0, False), default=0.6, help="StepLR factor (default 0.6)")
     p.add_argument("--seed", type=_non_negative_int, default=0, help="fixes initialisation, shuffling and "
                                                                      "augmentation (default 0)")
-    p.add_argument("--preset", default="seed", help="validation preprocessing: seed (default: Resize(224) only) or "
-                                                    "imagenet; the training crop follows its input size")
+    p.add_argument("--preset", help=f"validation preprocessing: {DEFAULT_PRESET} (default: Resize(224) only) or "
+                                    "imagenet; the training crop follows its input size; --resume keeps the run's")
     p.add_argument("--resize", type=_positive_int, help="override the preset's shorter-side resize")
     p.add_argument("--crop", type=_positive_int, help="override the preset's center crop")
     p.add_argument("--workers", type=_non_negative_int, default=2, help="DataLoader workers (default 2)")

@@ -2,10 +2,10 @@
 
 ``best.pt`` and ``last.pt`` are dicts whose ``model_state_dict`` ``fasteval eval --weights`` loads
 unchanged (fasteval/model/models.py read_state_dict); beside it: the epoch, the architecture, the class
-names, the recipe and the history so far, and in last.pt the optimizer, the scheduler and the RNG states. Every
-file is written to a temporary file and renamed over the old one; the files of one epoch are written
-with SIGINT/SIGTERM held back, so an interrupted run leaves the folder as its last finished epoch
-left it.
+names, the recipe, the validation preprocessing (which ``--resume`` keeps) and the history so far, and
+in last.pt the optimizer, the scheduler and the RNG states. Every file is written to a temporary file
+and renamed over the old one; the files of one epoch are written with SIGINT/SIGTERM held back, so an
+interrupted run leaves the folder as its last finished epoch left it.
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ from collections.abc import Iterator
 
 import torch
 
+from fasteval.data.preprocess import PreprocessSpec
 from fasteval.errors import FastevalError
 from fasteval.output.files import atomic_write
 
@@ -26,6 +27,7 @@ BEST, LAST, HISTORY, CURVES, PREDICTIONS = "best.pt", "last.pt", "history.json",
 CLASSES = "best_classes.json"  # the best epoch's class report: per-class recall, confusion matrix, calibration
 OUTPUTS = (BEST, LAST, HISTORY, CURVES, PREDICTIONS, CLASSES)
 RESUME_ONLY = ("optimizer_state_dict", "scheduler_state_dict", "rng")  # in last.pt, not in best.pt
+PREPROCESS = "preprocess"  # {"preset", "resize", "crop"}: absent from an older fasteval's checkpoints
 
 
 def rng_state() -> dict:
@@ -43,12 +45,14 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def checkpoint(model, optimizer, scheduler, epoch: int, recipe: dict, classes: list[str], history: list[dict]) -> dict:
+def checkpoint(model, optimizer, scheduler, epoch: int, recipe: dict, classes: list[str], history: list[dict],
+               spec: PreprocessSpec) -> dict:
     """Everything a resumed run needs, with the model's weights where ``fasteval eval`` looks."""
     return {"model_state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
             "optimizer_state_dict": optimizer.state_dict(), "scheduler_state_dict": scheduler.state_dict(),
             "epoch": epoch, "rng": rng_state(), "arch": recipe["arch"], "classes": list(classes),
-            "recipe": recipe, "history": history}
+            "recipe": recipe, PREPROCESS: {"preset": spec.name, "resize": spec.resize, "crop": spec.crop},
+            "history": history}
 
 
 def save(obj: dict, path: str) -> None:
