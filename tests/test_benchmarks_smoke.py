@@ -94,14 +94,15 @@ def test_sweep_benchmarks(small_data, monkeypatch):
 
 
 def test_cache_benchmarks(small_data, small_spec, tmp_path, monkeypatch):
-    """Each variant reads a 21-sample store as a hit; ``unverified`` skips the checksums, ``verified`` runs them."""
+    """Each variant reads a 21-sample store as a hit; ``unverified`` skips the checksums, ``verified`` and
+    ``stat-keyed`` run them."""
     mod = _module("bench_cache")
     store = mod.build_store(small_data, str(tmp_path), 1, small_spec)
-    for variant in ("unverified", "verified"):
+    for variant in ("unverified", "verified", "stat-keyed"):
         for pages in ("warm", "cold"):
             with monkeypatch.context() as m:
                 calls = []
                 real = mod.decoded.checksums
                 m.setattr(mod.decoded, "checksums", lambda images: calls.append(1) or real(images))
                 _run(mod.bench_cache_hit, store, m, variant, pages)
-                assert calls == ([1] if variant == "verified" else [])
+                assert calls == ([] if variant == "unverified" else [1])

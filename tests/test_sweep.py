@@ -204,11 +204,12 @@ def test_refused_before_any_work(small_data, checkpoints, tmp_path, capsys):
 
 
 def test_cache_hit_stale_and_rebuilt(small_data, small_spec, tmp_path, monkeypatch, capsys):
-    """A second run reads the memory-mapped entry without decoding; a touched file, a truncated data
-    file, content changed at the same size, a description claiming other checksums (or none, or too
-    many), an edited key, one written by the previous format, a damaged one, or none after a crash
-    between the data and their description: stale, rebuilt (never used), with the same pixels, and
-    one line on stderr says why."""
+    """A second run reads the memory-mapped entry without decoding, and so does one after a file is
+    touched (the entry is keyed by the files' bytes); a file whose bytes changed (a byte appended after
+    the JPEG's end: the same pixels), a truncated or missing data file, content changed at the same
+    size, a description claiming other checksums (or none, or too many), an edited key, one written by
+    a previous format, a damaged one, or none after a crash between the data and their description:
+    stale, rebuilt (never used), with the same pixels, and one line on stderr says why."""
     import shutil
 
     data = shutil.copytree(small_data, tmp_path / "data")
@@ -248,10 +249,15 @@ def test_cache_hit_stale_and_rebuilt(small_data, small_spec, tmp_path, monkeypat
     path = samples.paths[5]
     st = os.stat(path)
     os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
-    stale("the files")
+    assert DecodedSource(cache)("torchvision", discover(str(data)), small_spec, **args).info["cache"] == "hit"
+    with open(path, "ab") as f:
+        f.write(b"\0")
+    stale("the files (their contents)")
     with open(entry, "r+b") as f:
         f.truncate(100)
     stale("holds 100 bytes")
+    os.unlink(entry)
+    stale("its data file is missing")
     size = os.path.getsize(entry)
     with open(entry, "r+b") as f:  # one bit of one byte in the middle, same size
         f.seek(size // 2)
@@ -264,9 +270,8 @@ def test_cache_hit_stale_and_rebuilt(small_data, small_spec, tmp_path, monkeypat
     edit_description(lambda d: d.pop("checksum"))
     stale("no checksum")
 
-    def previous_format(d: dict) -> None:  # what the code before the checksum wrote
-        d.pop("checksum")
-        d["parts"]["format"] = 1
+    def previous_format(d: dict) -> None:  # what the code before the content key wrote: sizes and mtimes
+        d["parts"].update(format=2, files="0" * 64)
         d["key"] = decoded._digest(d["parts"])
 
     edit_description(previous_format)
@@ -279,9 +284,8 @@ def test_cache_hit_stale_and_rebuilt(small_data, small_spec, tmp_path, monkeypat
     def crash(*a, **k):  # killed after the data file is renamed into place, before its description
         raise KeyboardInterrupt
 
-    path = samples.paths[3]
-    st = os.stat(path)
-    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
+    with open(samples.paths[3], "ab") as f:
+        f.write(b"\0")
     with monkeypatch.context() as m:
         m.setattr("fasteval.output.files.atomic_write", crash)
         with pytest.raises(KeyboardInterrupt):
