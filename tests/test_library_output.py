@@ -45,3 +45,80 @@ def test_images_over_pils_bomb_warning_size_are_one_note(tmp_path):
         results.append(json.loads(out.read_text()))
     assert results[0]["samples"] == results[1]["samples"] == 11
     assert results[0]["correct_top1"] == results[1]["correct_top1"]
+
+
+def jpeg_with_bytes_before_a_marker(image) -> bytes:
+    """A JPEG with restart markers and 3 stray bytes before the first: libjpeg warns "Corrupt JPEG data: 3
+    extraneous bytes before marker 0xd0", skips them and decodes the same pixels (PIL as DALI)."""
+    buf = io.BytesIO()
+    image.save(buf, "JPEG", quality=90, restart_marker_rows=1)
+    data = buf.getvalue()
+    at = data.index(b"\xff\xd0", data.index(b"\xff\xda"))
+    return data[:at] + b"\x00\x11\x22" + data[at:]
+
+
+def gray_png_with_an_rgb_profile(image) -> bytes:
+    """A grayscale PNG carrying an RGB ICC profile: libpng warns ("iCCP: ... RGB color space not permitted
+    on grayscale PNG", the family of "iCCP: known incorrect sRGB profile") and ignores it, as PIL does."""
+    from PIL import ImageCms
+
+    buf = io.BytesIO()
+    image.convert("L").save(buf, "PNG", icc_profile=ImageCms.ImageCmsProfile(ImageCms.createProfile("sRGB")).tobytes())
+    return buf.getvalue()
+
+
+def test_dali_decoders_warnings_stay_off_stderr(tmp_path):
+    """DALI's CPU decoders (libjpeg, libpng) wrote their warnings to fd 2 on every decode of such a file; the
+    run now shows one note at its end, fasteval's own lines still pass, and each such file's result is its
+    clean twin's (the same image without the stray bytes, without the profile)."""
+    from PIL import Image
+
+    from fasteval.data.loader_dali import dali_available
+
+    if not dali_available():
+        pytest.skip("DALI not installed")
+    data = synth_dataset(str(tmp_path / "data"), classes=2, per_class=6, size="64x48", seed=3)
+    stray = jpeg_with_bytes_before_a_marker(make_image(7, 0, 2, 0, (64, 48)))
+    files = {"class_000/stray.jpg": stray, "class_000/stray_clean.jpg": stray.replace(b"\x00\x11\x22\xff\xd0", b"\xff\xd0"),
+             "class_001/profile.png": gray_png_with_an_rgb_profile(make_image(8, 1, 2, 0, (64, 48)))}
+    buf = io.BytesIO()
+    Image.open(io.BytesIO(files["class_001/profile.png"])).save(buf, "PNG")  # the same pixels, no profile
+    files["class_001/profile_clean.png"] = buf.getvalue()
+    for rel, content in files.items():
+        with open(os.path.join(data, rel), "wb") as f:
+            f.write(content)
+    csv = tmp_path / "p.csv"
+    proc = run(["eval", data, *FAST, "--workers", "1", "--loader", "dali", "--no-compile", "--exact", "off",
+                "--predictions", str(csv)])
+    assert proc.returncode == 0, proc.stderr
+    assert "Corrupt JPEG" not in proc.stderr and "libpng warning" not in proc.stderr, proc.stderr
+    assert "fasteval: no --weights" in proc.stderr  # fasteval's lines pass
+    note = proc.stderr.splitlines()[-1]
+    assert note.startswith("fasteval: note: the image decoders warned ") and "libjpeg: bytes before a marker: " \
+        in note and "libpng: an ICC profile it rejects: " in note
+    rows = {row.split(",")[0]: row.split(",")[1:] for row in csv.read_text().splitlines()[1:]}  # paths under DATA
+    assert len(rows) == 16 and rows["class_000/stray.jpg"] == rows["class_000/stray_clean.jpg"] and \
+        rows["class_001/profile.png"] == rows["class_001/profile_clean.png"]
+
+
+def test_only_the_known_decoder_warnings_are_held_back():
+    """fd 2 while held: other lines (and a progress bar's unfinished line) pass at once and in order; fd 2
+    is back after release; the count is said once, at exit."""
+    code = ("import os, sys\n"
+            "from fasteval.data.decoder_output import hold\n"
+            "h = hold()\n"
+            "os.write(2, b'bar 10%\\r')\n"
+            "os.write(2, b'Corrupt JPEG data: 2 extraneous bytes before marker 0xd9\\n')\n"
+            "os.write(2, b'libpng warning: iCCP: known incorrect sRGB profile\\nother library line\\n')\n"
+            "print('fasteval line', file=sys.stderr)\n"
+            "os.write(2, b'Corrupt JPEG data: premature end of data segment\\n')\n"
+            "h.release()\n"
+            "os.write(2, b'Corrupt JPEG data: 1 extraneous bytes before marker 0xd0\\n')\n")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, timeout=60)
+    assert proc.returncode == 0
+    assert proc.stderr.decode().split("\n") == [
+        "bar 10%\rother library line", "fasteval line", "Corrupt JPEG data: premature end of data segment",
+        "Corrupt JPEG data: 1 extraneous bytes before marker 0xd0",
+        "fasteval: note: the image decoders warned 2 time(s) about defects that do not change the pixels (libjpeg: "
+        "bytes before a marker: 1; libpng: an ICC profile it rejects: 1), not shown: they decode those files as PIL "
+        "does", ""]

@@ -15,6 +15,7 @@ from collections.abc import Iterator
 import torch
 
 from fasteval.errors import FastevalError, message_lines
+from fasteval.data.decoder_output import hold
 from fasteval.data.loaders import Batch, find_undecodable
 from fasteval.data.preprocess import PreprocessSpec
 from fasteval.data.samples import SampleList
@@ -107,6 +108,9 @@ class DaliLoader:
         self._mid_epoch = False
         self.name = "dali-gpu" if device.type == "cuda" else "dali-cpu"
         self._pipe = None
+        # DALI decodes from here on (the first batches while the model warms up) to the end of the first pass:
+        # the C decoders' harmless warnings stay off stderr meanwhile (fasteval/data/decoder_output.py).
+        self._quiet = hold()
         try:
             self._pipe = build_pipeline(samples, spec, batch_size, threads, device, half, raw)
             self._pipe.build()
@@ -123,6 +127,8 @@ class DaliLoader:
 
     def __iter__(self) -> Iterator[Batch]:
         seen = 0
+        if not self._quiet.held:
+            self._quiet = hold()
         try:
             if self._mid_epoch:  # an earlier pass stopped early: DALI cannot rewind, so finish that epoch
                 for _ in self._iter:
@@ -141,6 +147,8 @@ class DaliLoader:
             self._mid_epoch, self._ended = False, True
         except Exception as exc:
             raise self._failure(exc, seen, f"DALI failed after {seen} samples") from None
+        finally:
+            self._quiet.release()
 
     def _failure(self, exc: Exception, seen: int, what: str) -> FastevalError:
         """The error to raise: the undecodable file among the batches in flight (the pipeline
@@ -148,6 +156,7 @@ class DaliLoader:
         pipeline is stopped first, so that its decoders' last log lines come before this one."""
         if self._pipe is not None:
             getattr(self._pipe, "_shutdown", lambda: None)()
+        self._quiet.release()
         path, reason = find_undecodable(self.samples.paths[seen:seen + 4 * self.batch_size])
         if path is not None:
             return FastevalError(f"cannot decode image {path}: {reason}")
