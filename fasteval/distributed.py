@@ -15,7 +15,9 @@ from __future__ import annotations
 import hashlib
 import os
 import re
+import socket
 import sys
+import time
 import traceback
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
@@ -23,7 +25,7 @@ from dataclasses import dataclass, replace
 from datetime import timedelta
 from typing import TYPE_CHECKING
 
-from fasteval.errors import FastevalError, describe_error, first_line, printable
+from fasteval.errors import FastevalError, Terminated, describe_error, first_line, printable
 
 if TYPE_CHECKING:  # torch and the evaluators load when a rank starts: the CLI imports this module first
     from fasteval.data.samples import SampleList
@@ -126,6 +128,18 @@ class CommunicationFailed(FastevalError):
     """A collective failed: a rank died or did not answer within the timeout."""
 
 
+class RankDied(FastevalError):
+    """A rank's process ended without a word (a signal, a crash): torchrun stopped the others with SIGTERM,
+    or their collective broke. Raised on the ranks of its machine that see it."""
+
+
+# A rank whose collective broke waits this long for the rank that broke it to be seen ended: a killed
+# process closes its sockets before it ends.
+DEATH_WAIT_S = 2.0
+# How a rank ends when torchrun stops it, or when its own collective broke: never the first to end.
+_STOPPED = ("signal TERM", "exit code 143", "exit code 2")
+
+
 def dataset_entries(samples: SampleList) -> list[tuple[str, int, int]]:
     """(path relative to the root, size in bytes, label) of every sample: what must match across ranks."""
     from fasteval.data.samples import relative_path
@@ -207,12 +221,14 @@ class Ranks:
 class TorchrunRanks(Ranks):
     """One rank of a torchrun job, in an initialised process group."""
 
-    def __init__(self, launch: Launch, backend: str, device: str, debug: bool = False) -> None:
+    def __init__(self, launch: Launch, backend: str, device: str, debug: bool = False,
+                 places: list[tuple[str, int]] | None = None) -> None:
         import torch
 
         self.rank, self.world_size, self.backend = launch.rank, launch.world_size, backend
         self.is_main, self.launched = launch.rank == 0, True
         self.device, self.debug = device, debug
+        self.places = places  # every rank's (host name, pid): which process on this machine is which rank
         # Where tensors travel: NCCL moves CUDA tensors only, gloo CPU ones.
         self.comm_device = torch.device(device) if backend == "nccl" else torch.device("cpu")
 
@@ -259,6 +275,39 @@ class TorchrunRanks(Ranks):
             raise AssertionError("unreachable: an exchange carrying an error raises")  # pragma: no cover
         self.exchange()
         return value
+
+    def died(self, wait_s: float = 0.0) -> RankDied | None:
+        """A rank of this machine whose process has ended, found within ``wait_s`` seconds, named with its
+        signal or exit code where that can still be read (before torchrun reaps it); a rank gone already
+        ended first (torchrun reaps a rank before it stops the others), though not always by a signal (a
+        rank that timed out exits 2). None if every one runs: the run stopped for another reason (a
+        timeout, the user's SIGTERM, a rank elsewhere)."""
+        from fasteval.procs import process_end
+
+        if not self.places:
+            return None
+        host = self.places[self.rank][0]
+        others = [(rank, pid) for rank, (name, pid) in enumerate(self.places) if name == host and rank != self.rank]
+        deadline = time.monotonic() + wait_s
+        while True:
+            ended = [(rank, pid, how) for rank, pid in others if (how := process_end(pid)) is not None]
+            if ended or time.monotonic() >= deadline:
+                break
+            time.sleep(0.02)
+        if not ended:
+            return None
+        # Not one that torchrun stopped; a signal first (the rank that was killed), then one gone already.
+        first = [e for e in ended if e[2] not in _STOPPED] or ended
+        rank, pid, how = min(first, key=lambda e: (not e[2].startswith("signal"), e[2] != "", e[0]))
+        if how.startswith("signal"):
+            what = f"died ({how}; pid {pid})"
+        else:
+            code = how or "its exit code in torchrun's summary"
+            what = f"ended first, without a word ({code}; pid {pid})"
+        died = RankDied(f"rank {rank} {what}: the run stopped without a result")
+        # A rank killed by a signal said nothing: where every rank before this one ended, this one says it.
+        died.fasteval_report = how.startswith("signal") and all(r in {e[0] for e in ended} for r in range(self.rank))
+        return died
 
     def bounds(self, num_samples: int) -> tuple[int, int]:
         return shard_bounds(num_samples, self.rank, self.world_size)
@@ -416,13 +465,31 @@ def start_ranks(device: str, *, debug: bool = False, environ: Mapping[str, str] 
     if backend == "nccl":
         torch.cuda.set_device(torch.device(name))
         options["device_id"] = torch.device(name)
+
+    def cannot_join(exc: Exception) -> FastevalError:
+        return FastevalError(f"rank {launch.rank}: cannot join the torchrun process group ({backend}): "
+                             f"{first_line(exc)[:300]}")
+
     try:
         dist.init_process_group(backend, timeout=timeout, **options)
     except Exception as exc:
-        raise FastevalError(f"rank {launch.rank}: cannot join the torchrun process group ({backend}): "
-                            f"{first_line(exc)[:300]}") from None
+        raise cannot_join(exc) from None
     try:
-        yield TorchrunRanks(launch, backend, name, debug)
+        try:  # every rank's (host, pid): which process is which rank, if one dies
+            places: list = [None] * launch.world_size
+            dist.all_gather_object(places, (socket.gethostname(), os.getpid()))
+        except Exception as exc:
+            raise cannot_join(exc) from None
+        ranks = TorchrunRanks(launch, backend, name, debug, places)
+        try:
+            yield ranks
+        except (Terminated, CommunicationFailed) as exc:
+            # torchrun stops every rank with SIGTERM once one has ended, and a collective breaks when a rank
+            # ends: where a rank of this machine did, that is the news (else the user's SIGTERM, a timeout).
+            died = ranks.died(wait_s=DEATH_WAIT_S if isinstance(exc, CommunicationFailed) else 0.0)
+            if died is None:
+                raise
+            raise died from None
     finally:
         try:
             dist.destroy_process_group()

@@ -40,6 +40,28 @@ def alive(pid: int) -> bool:
     return True
 
 
+def process_end(pid: int) -> str | None:
+    """How the process ``pid`` (not a child of this one) ended: None while it runs; ``"signal KILL"`` or
+    ``"exit code 3"`` while it is a zombie (Linux keeps its wait status in ``/proc/PID/stat`` until its
+    parent reaps it); ``""`` once it is gone, when only its parent knew how."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rpartition(")")[2].split()  # after the command name, which may hold spaces
+    except FileNotFoundError:
+        return "" if os.path.isdir("/proc/self") else (None if alive(pid) else "")
+    except OSError:
+        return None if alive(pid) else ""
+    if not fields or fields[0] not in ("Z", "X"):
+        return None
+    status = int(fields[49]) if len(fields) > 49 and fields[49].lstrip("-").isdigit() else 0  # field 52: exit_code
+    if status & 0x7F:
+        try:
+            return f"signal {signal.Signals(status & 0x7F).name.removeprefix('SIG')}"
+        except ValueError:
+            return f"signal {status & 0x7F}"
+    return f"exit code {status >> 8}" if status >> 8 else ""
+
+
 def die_with_parent(parent_pid: int) -> None:
     """In a child: be sent SIGTERM when the parent dies (Linux ``prctl``), and exit at once if the
     parent is already gone (it died before the call)."""

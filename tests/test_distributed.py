@@ -10,6 +10,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -199,6 +200,44 @@ def test_a_failing_step_tells_the_others_or_says_it_itself(monkeypatch):
                                                   r"Connection closed by peer$") as lost:
         ranks_at(1).exchange()
     assert not reports_error(lost.value, {"RANK": "1"}) and reports_error(lost.value, {"RANK": "0"})
+
+
+def test_a_rank_whose_process_ended_is_named_with_its_signal_while_it_can_be_read():
+    """``died``: a rank of this machine whose process ended, named with its signal while it is a zombie (not
+    yet reaped by torchrun), as the one that ended first once gone (a rank that timed out exits too); one
+    that torchrun stopped (SIGTERM) is never the news; None while every rank runs. A rank killed by a signal
+    is reported by the first rank still running."""
+    import signal
+    import socket
+
+    killed = os.fork()
+    if killed == 0:
+        os.kill(os.getpid(), signal.SIGKILL)
+    stopped = os.fork()
+    if stopped == 0:
+        os.kill(os.getpid(), signal.SIGTERM)
+    gone = os.fork()
+    if gone == 0:
+        os._exit(0)
+    os.waitpid(gone, 0)  # reaped, as torchrun reaps a rank before it stops the others
+    time.sleep(0.2)
+    try:
+        host, me = socket.gethostname(), os.getpid()
+        ranks = TorchrunRanks(Launch(rank=2, world_size=4, local_rank=2), "gloo", "cpu",
+                              places=[(host, stopped), (host, killed), (host, me), ("elsewhere", 1)])
+        died = ranks.died()
+        assert str(died) == f"rank 1 died (signal KILL; pid {killed}): the run stopped without a result"
+        assert isinstance(died, FastevalError) and died.fasteval_report  # ranks 0 and 1 ended: rank 2 says it
+        ranks.places[1] = (host, gone)
+        died = ranks.died()
+        assert str(died) == (f"rank 1 ended first, without a word (its exit code in torchrun's summary; pid {gone}): "
+                             f"the run stopped without a result")
+        assert not died.fasteval_report  # it may have said its own line
+        ranks.places[:2] = [(host, me), (host, me)]
+        assert ranks.died(wait_s=0.1) is None  # every rank here runs; rank 3 is on another machine
+    finally:
+        os.waitpid(killed, 0)
+        os.waitpid(stopped, 0)
 
 
 class ShardScope(WholeRun):
@@ -443,6 +482,31 @@ def test_a_rank_that_dies_ends_every_rank_promptly(tmp_path, weights_3cls):
     # whichever comes first, and says so in at most one line
     assert "exitcode  : 3" in proc.stderr and len(error_lines(proc)) <= 1
     assert "fasteval/" not in proc.stderr
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("busy", [True, False], ids=["while-rank-0-works", "while-rank-0-waits"])
+def test_a_killed_rank_is_named_by_rank_0(tmp_path, weights_3cls, busy):
+    """``kill -9`` of rank 1: torchrun stops rank 0 with SIGTERM (it was working), or rank 0's collective
+    breaks (it was waiting for rank 1). Either way rank 0 names rank 1 and its pid, which torchrun's summary
+    confirms, with its signal where it could still be read; not "terminated (SIGTERM)"."""
+    data = tree(tmp_path / "data", 3, 7)
+    env = {"FASTEVAL_TEST_FAULT": "kill", "FASTEVAL_DIST_TIMEOUT": "600"}
+    if busy:
+        env["FASTEVAL_TEST_BUSY_S"] = "30"
+    proc, seconds = torchrun(2, "eval", data, "--weights", weights_3cls, *SMALL, "--json", str(tmp_path / "r.json"),
+                             script=RANK_SCRIPT, env=env)
+    assert proc.returncode != 0 and seconds < 60, proc.stderr
+    cause = re.search(r"Root Cause.*?rank\s*: 1 .*?exitcode\s*: -9 \(pid: (\d+)\)", proc.stderr, re.S)
+    assert cause, proc.stderr
+    pid = cause.group(1)
+    gone = rf"ended first, without a word \(its exit code in torchrun's summary; pid {pid}\)"
+    how = gone if busy else rf"(died \(signal KILL; pid {pid}\)|{gone})"
+    lines = error_lines(proc)
+    assert len(lines) == 1 and re.fullmatch(rf"fasteval: error: rank 1 {how}: the run stopped without a result",
+                                            lines[0]), proc.stderr
+    assert "terminated" not in proc.stderr.split("Traceback")[0] and "fasteval/" not in proc.stderr
+    assert not (tmp_path / "r.json").exists()
 
 
 @pytest.mark.slow
