@@ -10,11 +10,12 @@ import time
 import torch
 from torch import nn
 
-from fasteval.model.compile_cache import (Profile, config_key, decide, leaf_modules, load_profile, profile_dir,
-                            resolve_compile_mode, save_profile, use_compile_cache)
+from fasteval.model import cache_damage
+from fasteval.model.compile_cache import (Profile, compile_dir, config_key, decide, leaf_modules, load_profile,
+                                          profile_dir, resolve_compile_mode, save_profile, use_compile_cache)
 from fasteval.choices import PRECISIONS
 from fasteval.devices import synchronize
-from fasteval.errors import FastevalError, first_line
+from fasteval.errors import FastevalError
 
 # torch.compile on a CUDA build without a GPU warns that no CUDA runtime exists: noise here.
 logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
@@ -144,25 +145,39 @@ class FastModel:
 
     def _compile(self, example: torch.Tensor, calls: int, reason: str, key: dict | None = None,
                  profile: Profile | None = None) -> None:
-        """Compile into fasteval's cache, run ``calls`` times, record the costs in the profile."""
+        """Compile into fasteval's cache, run ``calls`` times, record the costs in the profile. A damaged cache
+        (fasteval/model/cache_damage.py) costs one line: entries torch cannot load are removed; a compiled
+        file that fails the compile clears the cache's artifacts (fasteval's own folder, never a user's
+        ``TORCHINDUCTOR_CACHE_DIR``) and the model is compiled once more, afresh."""
         from torch._dynamo.utils import counters
 
-        use_compile_cache(self.device)
+        folder = use_compile_cache(self.device)
         if key is None or profile is None:
             key = config_key(self.model, self.device, self.precision, example)
             profile = load_profile(profile_dir(self.device), key)
         hits, misses = counters["inductor"]["fxgraph_cache_hit"], counters["inductor"]["fxgraph_cache_miss"]
-        self._forward = torch.compile(self._eager, dynamic=False, options=COMPILE_OPTIONS)
+        cleared = None
         try:
-            first = self._timed(example)
-            batch = min((self._timed(example) for _ in range(calls - 1)), default=None)
+            first, batch, removed = self._compiled_calls(example, calls, folder)
         except Exception as exc:
-            print(f"fasteval: warning: torch.compile failed, running eager: {first_line(exc)[:200]}",
-                  file=sys.stderr)
-            self._forward = self._eager
-            self._timed(example)
-            self.compile_reason = f"{reason}; torch.compile failed, eager: {first_line(exc)[:120]}"
-            return
+            if folder != compile_dir(self.device) or not cache_damage.implicates(exc, folder):
+                self._fall_back(example, reason, exc)
+                return
+            cleared = cache_damage.reason(exc, folder)
+            cache_damage.clear(folder)
+            self._reset_torch_caches()
+            hits, misses = counters["inductor"]["fxgraph_cache_hit"], counters["inductor"]["fxgraph_cache_miss"]
+            try:
+                first, batch, removed = self._compiled_calls(example, calls, folder)
+            except Exception as again:
+                self._fall_back(example, reason, again, f" (also after clearing the damaged compile cache {folder})")
+                return
+        if cleared is not None:
+            print(f"fasteval: warning: the compile cache {folder} was damaged ({cleared[:160]}); cleared it and "
+                  f"compiled afresh", file=sys.stderr)
+        elif removed:
+            print(f"fasteval: warning: removed {removed} damaged file(s) from the compile cache {folder} that torch "
+                  f"could not load (the results are unaffected)", file=sys.stderr)
         hit = counters["inductor"]["fxgraph_cache_hit"] > hits
         miss = counters["inductor"]["fxgraph_cache_miss"] > misses
         seconds = max(0.0, first - (batch or 0.0))
@@ -175,8 +190,39 @@ class FastModel:
             outcome = f"cache miss: compiled in {seconds:.1f} s, cached for the next run"
         else:  # this process had compiled the same graph already
             outcome = f"reused this process's compiled graph ({seconds:.1f} s)"
+        if cleared is not None:
+            outcome += ", after clearing a damaged compile cache"
         if batch is not None:  # the best seen: other load on the machine only ever adds time
             profile.compiled_batch_seconds = min(batch, profile.compiled_batch_seconds or batch)
         save_profile(profile_dir(self.device), profile)
         self.compiled = True
         self.compile_reason = f"{reason}; {outcome}"
+
+    def _compiled_calls(self, example: torch.Tensor, calls: int, folder: str) -> tuple[float, float | None, int]:
+        """Compile (on the first call) and run ``calls`` times: the first call's seconds, the best other's, and
+        how many cache entries torch could not load meanwhile (removed; its warnings about them kept off
+        stderr; removed too where the compile fails)."""
+        self._forward = torch.compile(self._eager, dynamic=False, options=COMPILE_OPTIONS)
+        with cache_damage.watch(folder) as unloadable:
+            try:
+                first = self._timed(example)
+                batch = min((self._timed(example) for _ in range(calls - 1)), default=None)
+            finally:
+                removed = cache_damage.remove(unloadable.paths, folder)
+        return first, batch, removed
+
+    @staticmethod
+    def _reset_torch_caches() -> None:
+        """Forget this process's compiled graphs and loaded kernels: the next compile reads the cache afresh."""
+        from torch._inductor.utils import clear_caches
+
+        torch._dynamo.reset()
+        clear_caches()
+
+    def _fall_back(self, example: torch.Tensor, reason: str, exc: BaseException, after: str = "") -> None:
+        """Eager, with one warning line saying why compiling failed."""
+        why = cache_damage.reason(exc)
+        print(f"fasteval: warning: torch.compile failed, running eager: {why[:200]}{after}", file=sys.stderr)
+        self._forward = self._eager
+        self._timed(example)
+        self.compile_reason = f"{reason}; torch.compile failed, eager: {why[:120]}"
