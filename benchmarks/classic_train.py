@@ -1,5 +1,5 @@
 """The classic fine-tuning script ``fasteval train`` replaces, as issue 14 describes it (the baseline of
-the README's comparison): ImageFolder + DataLoader (2 workers, batch 32 shuffled, 16 for validation),
+docs/training.md's comparison): ImageFolder + DataLoader (2 workers, batch 32 shuffled, 16 for validation),
 ResNet-18 with its head replaced by ``nn.Sequential(nn.Linear(512, n))``, AdamW, ``StepLR(4, 0.6)``,
 tqdm, three ``.item()`` calls per batch, the loss as the mean of per-batch means, and a final line that
 prints the last epoch's accuracy as the best. Its flaws are kept on purpose: it is the "before".

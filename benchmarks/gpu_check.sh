@@ -201,7 +201,7 @@ if ranks:
         one, many = evals[ranks[0]], evals[ranks[-1]]
         dist["eval"] = {"one_gpu": one, "all_gpus": many,
                         "counts_equal": all(one[k] == many[k] for k in ("samples", "correct_top1", "correct_top5")),
-                        # equal to rounding only (README): a sample's last bits can depend on its batch
+                        # equal to rounding only (docs/distributed.md): a sample's last bits can depend on its batch
                         "loss_sum_relative_difference": abs(one["loss_sum"] - many["loss_sum"])
                         / max(abs(one["loss_sum"]), 1e-12),
                         "predictions_equal": [r[:3] for r in csv.reader(open(os.path.join(out, f"ranks{ranks[0]}_eval.csv")))]

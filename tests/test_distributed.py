@@ -318,10 +318,10 @@ COUNTS = ("samples", "correct_top1", "correct_top5", "loss_sum", "loss_batch_mea
 # The class report comes from the gathered per-sample outputs: its counts are one process's.
 CLASS_REPORT = ("per_class", "confusion_matrix", "macro", "balanced_accuracy", "calibration", "intervals",
                 "worst_classes", "confused_pairs")
-# What holds across world sizes (README, "What is guaranteed"): every count, prediction and top-5 set is
-# one process's; a float only to the rounding of the arithmetic that made it. A sample's logits can
-# depend on the rest of its batch (oneDNN with AMX on Intel CPUs: last-bit differences), and a rank's
-# batches are not one process's. fp32 values: 1e-5 relative; bf16 ones (the fast path's unrechecked
+# What holds across world sizes (docs/distributed.md, "What is guaranteed"): every count, prediction
+# and top-5 set is one process's; a float only to the rounding of the arithmetic that made it. A
+# sample's logits can depend on the rest of its batch (oneDNN with AMX on Intel CPUs: last-bit
+# differences), and a rank's batches are not one process's. fp32 values: 1e-5 relative; bf16 ones (the fast path's unrechecked
 # samples): 1e-2, a few bf16 roundings.
 FP32_REL, BF16_REL = 1e-5, 1e-2
 
@@ -420,7 +420,7 @@ def test_recheck_and_validate_under_torchrun_match_one_process(tmp_path, weights
     ref_one, ref_many = one["reference"], many["reference"]
     assert [ref_many[k] for k in COUNTS[:3]] == [ref_one[k] for k in COUNTS[:3]]
     # The one-process reference sums float64 batch losses; sharded, it is the float64 sum of its fp32 per-sample
-    # losses (README), each from a rank's own batches: equal to fp32 rounding.
+    # losses (docs/distributed.md), each from a rank's own batches: equal to fp32 rounding.
     assert ref_many["loss_sum"] == pytest.approx(ref_one["loss_sum"], rel=FP32_REL)
     assert many["validation"]["flipped"] == one["validation"]["flipped"]
 
