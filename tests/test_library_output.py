@@ -23,8 +23,11 @@ def run(args: list[str], env: dict | None = None, prelude: str = "") -> subproce
     """``fasteval ARGS`` in a process of its own; ``prelude``: Python run before the command."""
     code = f"import sys\n{prelude}\nsys.argv = ['fasteval', *{args!r}]\nfrom fasteval.cli import console_main\n" \
            "console_main()\n"
+    # Without the compile caches' folders an earlier in-process test left in os.environ: the command's
+    # FASTEVAL_CACHE decides where they are.
+    base = {k: v for k, v in os.environ.items() if k not in ("TORCHINDUCTOR_CACHE_DIR", "TRITON_CACHE_DIR")}
     return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, errors="replace",
-                          timeout=600, env={**os.environ, **(env or {})})
+                          timeout=600, env={**base, **(env or {})})
 
 
 def test_images_over_pils_bomb_warning_size_are_one_note(tmp_path):
