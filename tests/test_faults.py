@@ -123,6 +123,15 @@ def bomb_png() -> bytes:
     return png_bytes(side, side, 8, 0, [b"\0" * 8])
 
 
+def stray_bytes_before(jpeg: bytes, marker: int) -> bytes:
+    """The JPEG with 3 stray bytes inserted just before its first ``marker`` segment (libjpeg, so PIL,
+    skips them with a warning; DALI's parser refused the file, or crashed the process)."""
+    i = 2
+    while jpeg[i + 1] != marker:
+        i += 2 + struct.unpack(">H", jpeg[i + 2:i + 4])[0]
+    return jpeg[:i] + b"\x00\x13\x37" + jpeg[i:]
+
+
 # --- 1. routing by content ---------------------------------------------------------------------
 
 def test_files_go_to_pil_by_content_not_by_name(tmp_path):
@@ -140,10 +149,44 @@ def test_files_go_to_pil_by_content_not_by_name(tmp_path):
     image.convert("P").save(root / "b" / "palette.tif")
     (root / "b" / "maxval100.ppm").write_bytes(b"P6\n60 50\n100\n" + bytes(60 * 50 * 3))
     image.save(root / "b" / "rgb.tif")
+    for marker, name in ((0xDB, "stray_before_dqt.jpg"), (0xC0, "stray_before_sof.jpg"),
+                         (0xC4, "stray_before_dht.jpg"), (0xDA, "stray_before_sos.jpg")):
+        (root / "b" / name).write_bytes(stray_bytes_before(jpeg, marker))
+        with Image.open(root / "b" / name) as im:
+            im.load()  # PIL decodes it: the reference's result exists
     samples = discover(root)
     routed = {os.path.basename(samples.paths[i]) for i in needs_pil(samples)}
     assert routed == {"gray16_named.jpg", "rgb16.png", "gif_named.jpg", "no_end_marker.jpg", "palette.tif",
-                      "maxval100.ppm"}
+                      "maxval100.ppm", "stray_before_dqt.jpg", "stray_before_sof.jpg", "stray_before_dht.jpg",
+                      "stray_before_sos.jpg"}
+
+
+@needs_dali
+def test_a_jpeg_with_stray_bytes_between_segments_gives_the_reference_result(small_data, weights_3cls, tmp_path,
+                                                                              capfd):
+    """Stray bytes before DHT or SOS: DALI's parser refused the file in the fast path ('nvImageCodec
+    failure', naming no file) or crashed it (SIGSEGV); the reference (PIL) decodes it. Now PIL decodes it
+    on both paths."""
+    data = copy_tree(small_data, tmp_path)
+    for marker, name in ((0xC4, "class_001/img_00002.jpg"), (0xDA, "class_002/img_00004.jpg")):
+        path = os.path.join(data, name)
+        with open(path, "rb") as f:
+            jpeg = f.read()
+        with open(path, "wb") as f:
+            f.write(stray_bytes_before(jpeg, marker))
+    rows = {}
+    for name, mode in (("fast", [*FAST, "--loader", "dali", "--compile", "off", "--exact", "off"]),
+                       ("reference", PATHS["reference"])):
+        rc, out, err = run(capfd, data, "--weights", weights_3cls, *mode, "--predictions", str(tmp_path / "p.csv"),
+                           "--json", str(tmp_path / f"{name}.json"))
+        assert rc == 0, err
+        assert "Invalid marker" not in err and "ERROR" not in err, err
+        rows[name] = {r["path"]: r for r in predictions(tmp_path / "p.csv")}
+    fast = json.loads((tmp_path / "fast.json").read_text())
+    assert fast["loader"].startswith("dali") and fast["pil_fallback_files"] == 2
+    for name in ("class_001/img_00002.jpg", "class_002/img_00004.jpg"):  # the reference's code: its values
+        assert rows["fast"][name]["prediction"] == rows["reference"][name]["prediction"]
+        assert float(rows["fast"][name]["loss"]) == pytest.approx(float(rows["reference"][name]["loss"]), abs=1e-5)
 
 
 def test_sixteen_bit_files_whatever_their_name_give_the_reference_result(small_data, weights_3cls, tmp_path,

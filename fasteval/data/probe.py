@@ -178,27 +178,39 @@ def _jpeg_safe(image, head: bytes, f) -> bool:
 
 
 def jpeg_frame(f) -> tuple[int, int, int] | None:
-    """(SOF marker, sample precision, components) of a JPEG, walking its segments from the start."""
+    """(SOF marker, sample precision, components) of a JPEG whose segments, from its start to its first
+    scan, follow one another with nothing between them; None for any other. libjpeg (PIL) skips stray
+    bytes between segments with a warning and decodes the image; DALI's parser refuses the file
+    ("Invalid marker") or crashes, so such a file is PIL's to decode."""
     f.seek(2)
+    frame = None
     while True:
-        byte = f.read(1)
-        if byte != b"\xff":
+        if f.read(1) != b"\xff":  # stray bytes where a marker must start
             return None
         marker = f.read(1)
         while marker == b"\xff":  # fill bytes
             marker = f.read(1)
-        if not marker:
+        if not marker or marker[0] == 0xD9:  # the end before any scan
             return None
         code = marker[0]
         if code == 0x01 or 0xD0 <= code <= 0xD8:  # standalone markers
             continue
         length = f.read(2)
-        if len(length) < 2 or code == 0xDA:  # a scan before any frame header
+        if len(length) < 2:
             return None
+        if code == 0xDA:  # the first scan: the header is complete
+            return frame
+        size = struct.unpack(">H", length)[0]
         if 0xC0 <= code <= 0xCF and code not in JPEG_NON_FRAME:
-            frame = f.read(6)
-            return (code, frame[0], frame[5]) if len(frame) == 6 else None
-        f.seek(struct.unpack(">H", length)[0] - 2, os.SEEK_CUR)
+            header = f.read(6)
+            if frame is not None or size < 8 or len(header) < 6:  # a second frame (hierarchical) or a short one
+                return None
+            frame = (code, header[0], header[5])
+            f.seek(size - 8, os.SEEK_CUR)
+        elif size < 2:
+            return None
+        else:
+            f.seek(size - 2, os.SEEK_CUR)
 
 
 def _png_safe(image, head: bytes, f) -> bool:
