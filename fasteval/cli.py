@@ -61,16 +61,31 @@ def _add_run_options(p: argparse.ArgumentParser, sweep: bool = False) -> None:
     p.add_argument("--debug", action="store_true", help="show tracebacks")
 
 
+class _CompileAction(argparse.Action):
+    """``--compile MODE`` and ``--no-compile`` set one value: given both with different values (``--compile
+    on --no-compile``, either order) they are refused, where argparse would let the last one win silently."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        value = self.const if self.nargs == 0 else values
+        given = f"{option_string}{'' if self.nargs == 0 else ' ' + value}"
+        action, earlier, earlier_value = getattr(namespace, "_compile_given", (self, "", value))
+        if action is not self and earlier_value != value:
+            parser.error(f"{earlier} and {given} contradict each other: choose one")
+        setattr(namespace, "_compile_given", (self, given, value))
+        setattr(namespace, self.dest, value)
+
+
 def _add_fast_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--loader", default="auto",
                    help="auto (default: DALI where installed, else torchvision's loaders; a CPU run of at most 512 "
                         "images reads PIL's pixels, decoded at start-up), dali or torchvision")
     p.add_argument("--precision", default="auto", help="auto (bf16 where fast, else fp32), fp32, bf16 or fp16")
-    p.add_argument("--compile", default="auto",
+    p.add_argument("--compile", default="auto", action=_CompileAction,
                    help="auto (default: torch.compile where the model time it saves exceeds the compile's cost, "
                         "given the compile cache's state; and on a dataset too small for the fast path to pay, "
                         "every sample by the reference's code), on, or off (eager: channels-last + autocast)")
-    p.add_argument("--no-compile", dest="compile", action="store_const", const="off", help="same as --compile off")
+    p.add_argument("--no-compile", dest="compile", action=_CompileAction, nargs=0, const="off",
+                   help="same as --compile off")
     p.add_argument("--exact", default="auto",
                    help="auto (default) or on: recheck near-tie samples with the reference's own code, so the "
                         "top-1/top-5 counts are the reference's; off: keep the fast path's values")
@@ -167,7 +182,7 @@ def _check_options(args, outputs: bool = True) -> None:
     from fasteval.devices import resolve_device
     from fasteval.model.inference import resolve_precision
     from fasteval.data.loaders import resolve_loader
-    from fasteval.output.files import check_distinct, check_output_file
+    from fasteval.output.files import check_distinct, check_not_inside, check_output_file
     from fasteval.data.preprocess import get_spec
 
     get_spec(args.preset, args.resize, args.crop)
@@ -184,8 +199,9 @@ def _check_options(args, outputs: bool = True) -> None:
         resolve_loader(args.loader)
     outputs = {option: getattr(args, name, None) if outputs else None
                for option, name in (("--json", "json"), ("--predictions", "predictions"), ("--plot", "plot"))}
-    inputs = {"--weights": args.weights} if args.weights and os.path.isfile(args.weights) else {}
-    check_distinct({**inputs, **outputs})
+    checkpoints = getattr(args, "checkpoints", None) or [args.weights]  # eval's (a sweep's several), or bench's one
+    check_not_inside(outputs, {"--weights": [path for path in checkpoints if path and os.path.isfile(path)]})
+    check_distinct(outputs)
     if args.command == "eval" and outputs.get("--plot"):  # a folder of PNGs, unlike bench's --plot file
         from fasteval.output.plots import check_plot_folder
 
@@ -225,9 +241,6 @@ def _prepare(args, ranks=None, samples=None):
     if ranks.is_main:
         check_not_samples(samples, {"--json": args.json, "--predictions": getattr(args, "predictions", None),
                                     "--plot": args.plot if args.command == "bench" else None})
-    if weights is None and ranks.is_main:
-        print("fasteval: no --weights: the model is randomly initialised (seed 0, the same in every run), "
-              "its accuracy means nothing", file=sys.stderr)
     spec = get_spec(args.preset, args.resize, args.crop)
     device = resolve_device(ranks.device_name(args.device), make_current=True)
     with torch.random.fork_rng(devices=[]):  # a random init is seed 0's: `eval` and `--reference` see one model
@@ -242,6 +255,9 @@ def _prepare(args, ranks=None, samples=None):
         check_eval_memory(model, args.arch, spec, image_hw, min(args.batch_size, len(samples)), args.workers, device)
         check_input_fits(model, args.arch, spec, spec.output_hw(*image_hw))
     check_headers(ranks.shard(samples))
+    if weights is None and ranks.is_main:  # once every check passed: a refused run prints its one error line
+        print("fasteval: no --weights: the model is randomly initialised (seed 0, the same in every run), "
+              "its accuracy means nothing", file=sys.stderr)
     config = {
         "path": os.path.abspath(data),
         "arch": args.arch,

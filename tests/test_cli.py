@@ -185,6 +185,68 @@ def test_outputs_inside_data_are_refused_before_any_work(command, option, path, 
     assert _tree(data) == before
 
 
+# An output naming (or, a folder, holding) a checkpoint the same command reads. Paths relative to a folder
+# holding the checkpoint best.pt, its hard link hard.pt, a second checkpoint b2.pt, and run/best.pt.
+@pytest.mark.parametrize("argv, words", [
+    (["eval", "DATA", "--weights", "best.pt", "--json", "best.pt"], "--weights and --json name the same file"),
+    (["eval", "DATA", "--weights", "best.pt", "--predictions", "./best.pt"],
+     "--weights and --predictions name the same file"),
+    (["eval", "DATA", "--weights", "best.pt", "--json", "hard.pt"], "--weights and --json name the same file"),
+    (["eval", "DATA", "--weights", "run/best.pt", "--plot", "run"], "--plot run holds the --weights file run/best.pt"),
+    (["eval", "DATA", "--weights", "best.pt", "b2.pt", "--json", "b2.pt"], "--weights and --json name the same file"),
+    (["eval", "DATA", "--weights", "best.pt", "run/best.pt", "--plot", "run"],
+     "--plot run holds the --weights file run/best.pt"),
+    (["eval", "DATA", "--weights", "run", "--plot", "run"], "--plot run holds the --weights file run/best.pt"),
+    (["bench", "DATA", "--weights", "best.pt", "--plot", "best.pt"], "--weights and --plot name the same file"),
+    (["train", "DATA", "DATA", "--weights", "best.pt", "--out", "new", "--json", "best.pt"],
+     "--weights and --json name the same file"),
+    (["train", "DATA", "DATA", "--weights", "run/best.pt", "--out", "run", "--overwrite"],
+     "--out run holds the --weights file run/best.pt"),
+])
+def test_an_output_naming_an_input_file_is_refused(argv, words, small_data, weights_3cls, tmp_path, monkeypatch,
+                                                   capsys):
+    """``--json best.pt --weights best.pt`` (or a folder output holding the checkpoint) overwrote the
+    checkpoint the run reads: now one line naming both options, exit 2, every checkpoint untouched."""
+    shutil.copy(weights_3cls, tmp_path / "best.pt")
+    shutil.copy(weights_3cls, tmp_path / "b2.pt")
+    os.link(tmp_path / "best.pt", tmp_path / "hard.pt")
+    (tmp_path / "run").mkdir()
+    shutil.copy(weights_3cls, tmp_path / "run" / "best.pt")
+    monkeypatch.chdir(tmp_path)
+    before = _tree(tmp_path)
+    argv = [small_data if arg == "DATA" else arg for arg in argv]
+    rc = main([*argv, "--resize", "40", "--crop", "32", "--workers", "0", "--no-progress", "--device", "cpu"])
+    out, err = capsys.readouterr()
+    assert rc == 2 and len(err.splitlines()) == 1 and err.startswith("fasteval: error: ") and words in err, err
+    assert _tree(tmp_path) == before
+
+
+@pytest.mark.parametrize("argv", [["--arch", "alexnet", "--resize", "32", "--crop", "32"],
+                                  ["--reference", "--arch", "alexnet", "--resize", "32", "--crop", "32"]])
+def test_a_refused_run_without_weights_prints_only_its_error(argv, small_data, capsys):
+    """The random-init note came before the error line of a run refused by its checks: two stderr lines.
+    It is printed once the checks have passed, so a refused run prints exactly one."""
+    assert main(["eval", small_data, *argv, "--workers", "0", "--no-progress", "--device", "cpu"]) == 2
+    err = capsys.readouterr().err.splitlines()
+    assert len(err) == 1 and err[0].startswith("fasteval: error: --arch alexnet does not accept 32x32"), err
+
+
+@pytest.mark.parametrize("command", [["eval", "DATA"], ["bench", "DATA"], ["train", "DATA", "DATA", "--out", "run"]])
+@pytest.mark.parametrize("options, first, second", [
+    (["--compile", "on", "--no-compile"], "--compile on", "--no-compile"),
+    (["--no-compile", "--compile=auto"], "--no-compile", "--compile auto"),
+])
+def test_compile_and_no_compile_together_are_refused(command, options, first, second, tmp_path, capsys):
+    """``--compile on --no-compile`` let the last one win silently: now one line naming both, exit 2."""
+    with pytest.raises(SystemExit) as exc:
+        main([str(tmp_path) if arg == "DATA" else arg for arg in command] + options)
+    err = capsys.readouterr().err.splitlines()
+    assert exc.value.code == 2 and len(err) == 1, err
+    assert f"error: {first} and {second} contradict each other" in err[0]
+    same = fasteval.cli.build_parser().parse_args([*command, "--no-compile", "--compile", "off"])
+    assert same.compile == "off"  # one value given twice: no conflict
+
+
 @pytest.mark.parametrize("size, message", [("100000x100000", "at most 65535 pixels a side"),
                                            ("20000x20000", "decompression bomb"), ("4x4", "at least 8x8")])
 def test_synth_refuses_sizes_it_cannot_write_or_read_back(size, message, tmp_path, capsys):

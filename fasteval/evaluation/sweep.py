@@ -220,13 +220,10 @@ def cmd_sweep(args, prepare) -> int:
     from fasteval.cli import fast_options
     from fasteval.data.decoded import DecodedSource, check_cache_dir
     from fasteval.evaluation.fast import FastEvaluator
-    from fasteval.output.files import check_distinct
     from fasteval.output.report import write_json
 
     if args.cache:
         check_cache_dir(args.cache)
-    check_distinct({**{f"--weights {p}": p for p in args.checkpoints if os.path.isfile(p)},
-                    "--json": args.json, "--plot": args.plot})
     samples, spec, device, model, config = prepare(args)
     check_checkpoints(args.arch, args.checkpoints, samples.num_classes)
     start = time.perf_counter()

@@ -5,8 +5,9 @@ one line naming the option and the path. A file is written to a temporary file b
 it and renamed over it once complete, so a full disk or an interrupted run leaves the old
 file intact. Devices and pipes (``/dev/null``, ``/dev/stdout``, ``>(jq .)``) are written directly.
 Temporary names keep at most ``TEMP_NAME_CHARS`` of the target's name, so every name that passes the
-checks (its length included) can be written. No output may land inside a dataset it reads
-(``check_not_inside``), and a folder that one run fills is held by that run alone (``locked_folder``).
+checks (its length included) can be written. No output may land inside a dataset it reads, nor be (or
+hold) an input file such as ``--weights`` (``check_not_inside``), and a folder that one run fills is held
+by that run alone (``locked_folder``).
 """
 
 from __future__ import annotations
@@ -274,20 +275,38 @@ def atomic_write_bytes(path: str, data: bytes) -> None:
         f.write(data)
 
 
-def check_not_inside(outputs: dict[str, str | None], folders: dict[str, str | None]) -> None:
-    """Refuse an output (``{option: path}``) that is, or lies inside, one of the input folders
-    (``{name: folder}``, e.g. DATA): a PNG or a cache folder written into a dataset changes what every
-    later run reads. Real paths are compared, so neither a link nor ``..`` can hide where it lands."""
-    roots = {name: os.path.realpath(folder) for name, folder in folders.items() if folder}
+def check_not_inside(outputs: dict[str, str | None], inputs: dict[str, str | list[str] | None]) -> None:
+    """Refuse an output (``{option: path}``) that would change what the command reads (``{name: path or
+    paths}``): one that is, or lies inside, an input folder (e.g. DATA: a PNG or a cache folder written into
+    a dataset changes what every later run reads); one that is an input file (``--json best.pt --weights
+    best.pt`` would overwrite the checkpoint) or a folder holding one. Real paths are compared, and an
+    existing output with ``os.path.samefile``, so neither a link, a hard link nor ``..`` can hide where it
+    lands."""
+    named = [(name, path) for name, paths in inputs.items()
+             for path in ([paths] if isinstance(paths, str) else paths or []) if path]
     for option, path in outputs.items():
         if not path:
             continue
         real = os.path.realpath(path)
-        for name, root in roots.items():
-            if os.path.commonpath([real, root]) == root:
-                where = f"is {name}" if real == root else f"is inside {name} {printable(folders[name])}"
+        for name, source in named:
+            root = os.path.realpath(source)
+            if os.path.isfile(source):
+                _check_not_file(option, path, real, name, source, root)
+            elif os.path.commonpath([real, root]) == root:
+                where = f"is {name}" if real == root else f"is inside {name} {printable(source)}"
                 raise FastevalError(f"{option} {printable(path)} {where}: writing there would change the dataset; "
                                     f"choose a path outside it")
+
+
+def _check_not_file(option: str, path: str, real: str, name: str, source: str, root: str) -> None:
+    """Refuse the output ``option path`` (real path ``real``) that is the input file ``name source`` (real
+    path ``root``) or a folder holding it: the run would overwrite, or write beside, what it reads."""
+    if real == root or (os.path.exists(path) and os.path.samefile(path, source)):
+        raise FastevalError(f"{name} and {option} name the same file: {printable(path)}; writing {option} would "
+                            f"overwrite the file this run reads, choose another path")
+    if os.path.commonpath([real, root]) == real:
+        raise FastevalError(f"{option} {printable(path)} holds the {name} file {printable(source)} that this run "
+                            f"reads; choose another folder")
 
 
 @contextmanager

@@ -39,7 +39,9 @@ def check_options(args) -> None:
     get_spec(args.preset or DEFAULT_PRESET, args.resize, args.crop)
     resolve_precision(args.precision, resolve_device(args.device))
     warn_many_workers(args.workers)
-    check_not_inside({"--out": args.out, "--json": args.json}, {"TRAIN_DIR": args.train, "VAL_DIR": args.val})
+    weights = args.weights if args.weights and os.path.isfile(args.weights) else None  # not DEFAULT
+    check_not_inside({"--out": args.out, "--json": args.json},
+                     {"TRAIN_DIR": args.train, "VAL_DIR": args.val, "--weights": weights})
     check_run_folder(args.out, args.resume, args.overwrite)
     if args.json:
         check_output_file(args.json, "--json")
