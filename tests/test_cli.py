@@ -185,18 +185,16 @@ def test_outputs_inside_data_are_refused_before_any_work(command, option, path, 
     assert _tree(data) == before
 
 
-# An output naming (or, a folder, holding) a checkpoint the same command reads. Paths relative to a folder
+# An output naming (or, a folder the run may empty, holding) a checkpoint the same command reads. Paths relative to a folder
 # holding the checkpoint best.pt, its hard link hard.pt, a second checkpoint b2.pt, and run/best.pt.
 @pytest.mark.parametrize("argv, words", [
     (["eval", "DATA", "--weights", "best.pt", "--json", "best.pt"], "--weights and --json name the same file"),
     (["eval", "DATA", "--weights", "best.pt", "--predictions", "./best.pt"],
      "--weights and --predictions name the same file"),
     (["eval", "DATA", "--weights", "best.pt", "--json", "hard.pt"], "--weights and --json name the same file"),
-    (["eval", "DATA", "--weights", "run/best.pt", "--plot", "run"], "--plot run holds the --weights file run/best.pt"),
     (["eval", "DATA", "--weights", "best.pt", "b2.pt", "--json", "b2.pt"], "--weights and --json name the same file"),
-    (["eval", "DATA", "--weights", "best.pt", "run/best.pt", "--plot", "run"],
-     "--plot run holds the --weights file run/best.pt"),
-    (["eval", "DATA", "--weights", "run", "--plot", "run"], "--plot run holds the --weights file run/best.pt"),
+    (["eval", "DATA", "--weights", "best.pt", "run/best.pt", "--json", "run/best.pt"],
+     "--weights and --json name the same file"),
     (["bench", "DATA", "--weights", "best.pt", "--plot", "best.pt"], "--weights and --plot name the same file"),
     (["train", "DATA", "DATA", "--weights", "best.pt", "--out", "new", "--json", "best.pt"],
      "--weights and --json name the same file"),
@@ -229,6 +227,20 @@ def test_a_refused_run_without_weights_prints_only_its_error(argv, small_data, c
     assert main(["eval", small_data, *argv, "--workers", "0", "--no-progress", "--device", "cpu"]) == 2
     err = capsys.readouterr().err.splitlines()
     assert len(err) == 1 and err[0].startswith("fasteval: error: --arch alexnet does not accept 32x32"), err
+
+
+def test_plots_beside_the_checkpoint_they_evaluate_are_written(small_data, weights_3cls, tmp_path, capsys):
+    """``--plot run/`` beside ``run/best.pt``: the pictures are added by name, the checkpoint is untouched."""
+    (tmp_path / "run").mkdir()
+    shutil.copy(weights_3cls, tmp_path / "run" / "best.pt")
+    before = (tmp_path / "run" / "best.pt").read_bytes()
+    pytest.importorskip("matplotlib")
+    rc = main(["eval", small_data, "--weights", str(tmp_path / "run" / "best.pt"), "--plot", str(tmp_path / "run"),
+               "--resize", "40", "--crop", "32", "--workers", "0", "--no-progress", "--device", "cpu",
+               "--compile", "off"])
+    assert rc == 0, capsys.readouterr().err
+    assert (tmp_path / "run" / "best.pt").read_bytes() == before
+    assert any(name.endswith(".png") for name in os.listdir(tmp_path / "run"))
 
 
 @pytest.mark.parametrize("command", [["eval", "DATA"], ["bench", "DATA"], ["train", "DATA", "DATA", "--out", "run"]])

@@ -275,13 +275,15 @@ def atomic_write_bytes(path: str, data: bytes) -> None:
         f.write(data)
 
 
-def check_not_inside(outputs: dict[str, str | None], inputs: dict[str, str | list[str] | None]) -> None:
+def check_not_inside(outputs: dict[str, str | None], inputs: dict[str, str | list[str] | None],
+                     clears: tuple[str, ...] = ()) -> None:
     """Refuse an output (``{option: path}``) that would change what the command reads (``{name: path or
     paths}``): one that is, or lies inside, an input folder (e.g. DATA: a PNG or a cache folder written into
     a dataset changes what every later run reads); one that is an input file (``--json best.pt --weights
-    best.pt`` would overwrite the checkpoint) or a folder holding one. Real paths are compared, and an
-    existing output with ``os.path.samefile``, so neither a link, a hard link nor ``..`` can hide where it
-    lands."""
+    best.pt`` would overwrite the checkpoint); and, for the options in ``clears`` (a folder the run may
+    empty: train's ``--out --overwrite``), a folder holding one. A folder the run only adds named files to
+    (``--plot run/`` beside ``run/best.pt``) may hold inputs. Real paths are compared, and an existing
+    output with ``os.path.samefile``, so neither a link, a hard link nor ``..`` can hide where it lands."""
     named = [(name, path) for name, paths in inputs.items()
              for path in ([paths] if isinstance(paths, str) else paths or []) if path]
     for option, path in outputs.items():
@@ -291,20 +293,20 @@ def check_not_inside(outputs: dict[str, str | None], inputs: dict[str, str | lis
         for name, source in named:
             root = os.path.realpath(source)
             if os.path.isfile(source):
-                _check_not_file(option, path, real, name, source, root)
+                _check_not_file(option, path, real, name, source, root, option in clears)
             elif os.path.commonpath([real, root]) == root:
                 where = f"is {name}" if real == root else f"is inside {name} {printable(source)}"
                 raise FastevalError(f"{option} {printable(path)} {where}: writing there would change the dataset; "
                                     f"choose a path outside it")
 
 
-def _check_not_file(option: str, path: str, real: str, name: str, source: str, root: str) -> None:
+def _check_not_file(option: str, path: str, real: str, name: str, source: str, root: str, clears: bool) -> None:
     """Refuse the output ``option path`` (real path ``real``) that is the input file ``name source`` (real
-    path ``root``) or a folder holding it: the run would overwrite, or write beside, what it reads."""
+    path ``root``), or, where the run may empty it (``clears``), a folder holding it."""
     if real == root or (os.path.exists(path) and os.path.samefile(path, source)):
         raise FastevalError(f"{name} and {option} name the same file: {printable(path)}; writing {option} would "
                             f"overwrite the file this run reads, choose another path")
-    if os.path.commonpath([real, root]) == real:
+    if clears and os.path.commonpath([real, root]) == real:
         raise FastevalError(f"{option} {printable(path)} holds the {name} file {printable(source)} that this run "
                             f"reads; choose another folder")
 

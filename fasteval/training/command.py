@@ -41,7 +41,7 @@ def check_options(args) -> None:
     warn_many_workers(args.workers)
     weights = args.weights if args.weights and os.path.isfile(args.weights) else None  # not DEFAULT
     check_not_inside({"--out": args.out, "--json": args.json},
-                     {"TRAIN_DIR": args.train, "VAL_DIR": args.val, "--weights": weights})
+                     {"TRAIN_DIR": args.train, "VAL_DIR": args.val, "--weights": weights}, clears=("--out",))
     check_run_folder(args.out, args.resume, args.overwrite)
     if args.json:
         check_output_file(args.json, "--json")
