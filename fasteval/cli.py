@@ -100,7 +100,10 @@ class _Parser(argparse.ArgumentParser):
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from fasteval import __version__
+
     parser = _Parser(prog="fasteval", description="The fasteval command: eval, bench, train and synth.")
+    parser.add_argument("--version", action="version", version=f"fasteval {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
 
     ev = sub.add_parser("eval", help="evaluate a classifier on an ImageFolder dataset")
@@ -137,10 +140,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     sy = sub.add_parser("synth", help="write a deterministic synthetic ImageFolder of JPEGs")
     sy.add_argument("out", metavar="OUT", type=_path, help="output folder")
-    sy.add_argument("--classes", type=_positive_int, default=10)
-    sy.add_argument("--per-class", type=_positive_int, default=20)
-    sy.add_argument("--size", default="imagenet", help="imagenet (varied, around 500x375) or WxH, e.g. 100x100")
-    sy.add_argument("--seed", type=_non_negative_int, default=0)
+    sy.add_argument("--classes", type=_positive_int, default=10, help="number of class folders (default 10)")
+    sy.add_argument("--per-class", type=_positive_int, default=20, help="images per class (default 20)")
+    sy.add_argument("--size", default="imagenet", help="imagenet (varied, around 500x375; the default) or WxH, "
+                                                       "e.g. 100x100")
+    sy.add_argument("--seed", type=_non_negative_int, default=0, help="the same seed gives the same files "
+                                                                      "(default 0)")
     sy.add_argument("--quality", type=_positive_int, default=90, help="JPEG quality (default 90)")
     sy.add_argument("--overwrite", action="store_true", help="replace the contents of a non-empty OUT")
     sy.add_argument("--debug", action="store_true", help="show tracebacks")

@@ -374,3 +374,11 @@ def test_a_run_stopped_mid_progress_bar_ends_with_its_message_on_a_line_of_its_o
     err = capsys.readouterr().err
     assert err.rstrip("\n").split("\n")[-1].startswith(message), repr(err)  # the last line, whole
     assert err.count("reference") >= 1 and not tqdm._instances
+
+
+def test_version_is_the_package_version():
+    """``fasteval --version`` answered 'the following arguments are required: command' (new-user trial)."""
+    import fasteval
+
+    proc = subprocess.run([sys.executable, "-m", "fasteval", "--version"], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0 and proc.stdout.strip() == f"fasteval {fasteval.__version__}", proc.stderr
