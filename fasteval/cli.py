@@ -202,8 +202,8 @@ def _check_options(args, outputs: bool = True) -> None:
     resolve_precision(args.precision, resolve_device(args.device))
     if args.loader == "dali":  # "auto" needs no check, and importing DALI to find out costs a third of a second
         resolve_loader(args.loader)
-    outputs = {option: getattr(args, name, None) if outputs else None
-               for option, name in (("--json", "json"), ("--predictions", "predictions"), ("--plot", "plot"))}
+    files = {option: path for option, path in output_paths(args).items() if option != "--cache"}  # a folder
+    outputs = {option: path if outputs else None for option, path in files.items()}
     checkpoints = getattr(args, "checkpoints", None) or [args.weights]  # eval's (a sweep's several), or bench's one
     check_not_inside(outputs, {"--weights": [path for path in checkpoints if path and os.path.isfile(path)]})
     check_distinct(outputs)
@@ -244,8 +244,9 @@ def _prepare(args, ranks=None, samples=None):
     samples = samples if samples is not None else discover(data, quiet=not ranks.is_main)
     ranks.check_same_data(samples)
     if ranks.is_main:
-        check_not_samples(samples, {"--json": args.json, "--predictions": getattr(args, "predictions", None),
-                                    "--plot": args.plot if args.command == "bench" else None})
+        files = output_paths(args)  # the files a run writes (eval's --plot and --cache are folders)
+        check_not_samples(samples, {**files, "--plot": files["--plot"] if args.command == "bench" else None,
+                                    "--cache": None})
     spec = get_spec(args.preset, args.resize, args.crop)
     device = resolve_device(ranks.device_name(args.device), make_current=True)
     with torch.random.fork_rng(devices=[]):  # a random init is seed 0's: `eval` and `--reference` see one model
@@ -279,13 +280,17 @@ def _prepare(args, ranks=None, samples=None):
     return samples, spec, device, model, config
 
 
+def output_paths(args) -> dict[str, str | None]:
+    """Every path ``eval`` (a sweep's too) or ``bench`` writes, by option (None where not given)."""
+    return {option: getattr(args, option[2:], None) for option in ("--json", "--predictions", "--plot", "--cache")}
+
+
 def check_outside_data(args, data: str | None) -> None:
     """Refuse any output of ``eval`` (a sweep's too) or ``bench`` inside the dataset ``data``; first of
     all, before an output's folder is even probed."""
     from fasteval.output.files import check_not_inside
 
-    check_not_inside({"--json": args.json, "--predictions": getattr(args, "predictions", None), "--plot": args.plot,
-                      "--cache": getattr(args, "cache", None)}, {"DATA" if args.data else "the demo dataset": data})
+    check_not_inside(output_paths(args), {"DATA" if args.data else "the demo dataset": data})
 
 
 def fast_options(args):
