@@ -6,89 +6,10 @@ import argparse
 import os
 import sys
 
-from fasteval.choices import CPU_BATCH_PIXELS_PER_CORE
 from fasteval.errors import FastevalError, Terminated, describe_error
-from fasteval.procs import exit_promptly, usable_cores
-
-
-def _int_at_least(minimum: int):
-    """An argparse type: an integer >= ``minimum``."""
-
-    def parse(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            value = None
-        if value is None or value < minimum:
-            raise argparse.ArgumentTypeError(f"expected an integer >= {minimum}, got {text!r}")
-        return value
-
-    return parse
-
-
-_positive_int = _int_at_least(1)
-_non_negative_int = _int_at_least(0)
-
-
-def _path(text: str) -> str:
-    """An argparse type: a non-empty path (an empty one would resolve to the current folder)."""
-    if not text.strip():
-        raise argparse.ArgumentTypeError("expected a path, got an empty string")
-    return text
-
-
-def _add_run_options(p: argparse.ArgumentParser, sweep: bool = False) -> None:
-    p.add_argument("data", nargs="?", metavar="DATA", type=_path,
-                   help="ImageFolder root (ROOT/CLASS/IMAGE); omitted: the built-in demo dataset and model")
-    p.add_argument("--arch", default="resnet18", help="torchvision classification model name (default resnet18)")
-    p.add_argument("--weights", type=_path, help="checkpoint file (state_dict or a dict holding one), or DEFAULT for "
-                                     "torchvision's pretrained weights; omitted: random init (demo: its fitted model)"
-                                     + ("; several files, a folder of *.pt/*.pth or a glob: a sweep, decoded and "
-                                        "compiled once, ranked with paired statistics" if sweep else ""),
-                   nargs="+" if sweep else None)
-    p.add_argument("--preset", default="imagenet", help="preprocessing preset: imagenet (default) or seed")
-    p.add_argument("--resize", type=_positive_int, help="override the preset's shorter-side resize")
-    p.add_argument("--crop", type=_positive_int, help="override the preset's center crop")
-    p.add_argument("--batch-size", type=_positive_int, default=64,
-                   help="the reference's batch size and the fast path's largest (default 64); the fast path makes "
-                        f"its batches as equal as they can be, on the CPU at most {CPU_BATCH_PIXELS_PER_CORE // 224**2} "
-                        "images of 224x224 per core")
-    p.add_argument("--workers", type=_non_negative_int, default=min(8, usable_cores()),
-                   help="decoding workers/threads (default: min(8, cores))")
-    p.add_argument("--device", default="auto", help="auto (default), cpu, cuda or cuda:N")
-    p.add_argument("--json", metavar="PATH", type=_path, help="write every figure, the configuration and the environment")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
-    p.add_argument("--debug", action="store_true", help="show tracebacks")
-
-
-class _CompileAction(argparse.Action):
-    """``--compile MODE`` and ``--no-compile`` set one value: given both with different values (``--compile
-    on --no-compile``, either order) they are refused, where argparse would let the last one win silently."""
-
-    def __call__(self, parser, namespace, values, option_string=None):
-        value = self.const if self.nargs == 0 else values
-        given = f"{option_string}{'' if self.nargs == 0 else ' ' + value}"
-        action, earlier, earlier_value = getattr(namespace, "_compile_given", (self, "", value))
-        if action is not self and earlier_value != value:
-            parser.error(f"{earlier} and {given} contradict each other: choose one")
-        setattr(namespace, "_compile_given", (self, given, value))
-        setattr(namespace, self.dest, value)
-
-
-def _add_fast_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--loader", default="auto",
-                   help="auto (default: DALI where installed, else torchvision's loaders; a CPU run of at most 512 "
-                        "images reads PIL's pixels, decoded at start-up), dali or torchvision")
-    p.add_argument("--precision", default="auto", help="auto (bf16 where fast, else fp32), fp32, bf16 or fp16")
-    p.add_argument("--compile", default="auto", action=_CompileAction,
-                   help="auto (default: torch.compile where the model time it saves exceeds the compile's cost, "
-                        "given the compile cache's state; and on a dataset too small for the fast path to pay, "
-                        "every sample by the reference's code), on, or off (eager: channels-last + autocast)")
-    p.add_argument("--no-compile", dest="compile", action=_CompileAction, nargs=0, const="off",
-                   help="same as --compile off")
-    p.add_argument("--exact", default="auto",
-                   help="auto (default) or on: recheck near-tie samples with the reference's own code, so the "
-                        "top-1/top-5 counts are the reference's; off: keep the fast path's values")
+from fasteval.options import (add_fast_options, add_run_options, fast_options, non_empty_path, non_negative_int,
+                              output_paths, positive_int, warn_many_workers)
+from fasteval.procs import exit_promptly
 
 
 class _Parser(argparse.ArgumentParser):
@@ -107,28 +28,30 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     ev = sub.add_parser("eval", help="evaluate a classifier on an ImageFolder dataset")
-    _add_run_options(ev, sweep=True)
-    _add_fast_options(ev)
+    add_run_options(ev, sweep=True)
+    add_fast_options(ev)
     mode = ev.add_mutually_exclusive_group()
     mode.add_argument("--reference", action="store_true",
                       help="run the plain PyTorch reference loop (torchvision + PIL + eager fp32)")
     mode.add_argument("--validate", action="store_true",
                       help="run the fast path and the reference, and compare them sample by sample")
-    ev.add_argument("--predictions", metavar="PATH", type=_path,
+    ev.add_argument("--predictions", metavar="PATH", type=non_empty_path,
                     help="write per sample: path, label, prediction, loss, top-5 classes, confidence, margin, "
                          "rechecked (CSV)")
-    ev.add_argument("--cache", metavar="DIR", type=_path, help="keep the decoded images in DIR (memory-mapped, keyed by content): "
-                                                   "a later run skips decoding")
-    ev.add_argument("--plot", metavar="DIR", type=_path, help="write PNGs into DIR (needs matplotlib): the confusion matrix, recall by "
-                                                  "class with intervals, the reliability diagram; a sweep: top-1 per "
-                                                  "checkpoint with its 95%% interval (checkpoints.png)")
+    ev.add_argument("--cache", metavar="DIR", type=non_empty_path,
+                    help="keep the decoded images in DIR (memory-mapped, keyed by content): a later run skips decoding")
+    ev.add_argument("--plot", metavar="DIR", type=non_empty_path,
+                    help="write PNGs into DIR (needs matplotlib): the confusion matrix, recall by class with "
+                         "intervals, the reliability diagram; a sweep: top-1 per checkpoint with its 95%% interval "
+                         "(checkpoints.png)")
 
     be = sub.add_parser("bench", help="the reference loop and the fast path side by side, with a stage breakdown")
-    _add_run_options(be)
-    _add_fast_options(be)
-    be.add_argument("--repeats", type=_positive_int, default=3, help="end-to-end runs per path; the median is "
-                                                                     "reported (default 3)")
-    be.add_argument("--plot", metavar="PNG", type=_path, help="bar chart of images/s per stage (needs matplotlib)")
+    add_run_options(be)
+    add_fast_options(be)
+    be.add_argument("--repeats", type=positive_int, default=3,
+                    help="end-to-end runs per path; the median is reported (default 3)")
+    be.add_argument("--plot", metavar="PNG", type=non_empty_path,
+                    help="bar chart of images/s per stage (needs matplotlib)")
     be.add_argument("--no-time-to-result", action="store_true",
                     help="skip timing the whole eval commands (each path cold, then --repeats times warm)")
 
@@ -136,17 +59,17 @@ def build_parser() -> argparse.ArgumentParser:
 
     tr = sub.add_parser("train", help="fine-tune a classifier, with exact per-epoch train and validation metrics")
     add_train_options(tr)
-    _add_fast_options(tr)
+    add_fast_options(tr)
 
     sy = sub.add_parser("synth", help="write a deterministic synthetic ImageFolder of JPEGs")
-    sy.add_argument("out", metavar="OUT", type=_path, help="output folder")
-    sy.add_argument("--classes", type=_positive_int, default=10, help="number of class folders (default 10)")
-    sy.add_argument("--per-class", type=_positive_int, default=20, help="images per class (default 20)")
+    sy.add_argument("out", metavar="OUT", type=non_empty_path, help="output folder")
+    sy.add_argument("--classes", type=positive_int, default=10, help="number of class folders (default 10)")
+    sy.add_argument("--per-class", type=positive_int, default=20, help="images per class (default 20)")
     sy.add_argument("--size", default="imagenet", help="imagenet (varied, around 500x375; the default) or WxH, "
                                                        "e.g. 100x100")
-    sy.add_argument("--seed", type=_non_negative_int, default=0, help="the same seed gives the same files "
-                                                                      "(default 0)")
-    sy.add_argument("--quality", type=_positive_int, default=90, help="JPEG quality (default 90)")
+    sy.add_argument("--seed", type=non_negative_int, default=0,
+                    help="the same seed gives the same files (default 0)")
+    sy.add_argument("--quality", type=positive_int, default=90, help="JPEG quality (default 90)")
     sy.add_argument("--overwrite", action="store_true", help="replace the contents of a non-empty OUT")
     sy.add_argument("--debug", action="store_true", help="show tracebacks")
     return parser
@@ -165,19 +88,6 @@ def _check_names(args) -> None:
             raise FastevalError(f"unknown {option} {value!r}; choose from {', '.join(allowed)}")
     if not re.fullmatch(DEVICE_PATTERN, args.device):
         raise FastevalError(f"--device must be auto, cpu, cuda or cuda:N, got {args.device!r}")
-
-
-def warn_many_workers(workers: int) -> None:
-    """More workers than cores only adds memory and start-up time: one line of ours, in place of
-    torch's DataLoader warning (several lines with a source path, once per loader)."""
-    import warnings
-
-    cores = usable_cores()
-    if workers > cores:
-        print(f"fasteval: warning: --workers {workers} is more than the {cores} cores this process may use: each "
-              f"worker is a process (PIL) or a thread (DALI), and more than the cores only add memory and start-up "
-              f"time", file=sys.stderr)
-        warnings.filterwarnings("ignore", message="This DataLoader will create")
 
 
 def _check_options(args, outputs: bool = True) -> None:
@@ -280,24 +190,12 @@ def _prepare(args, ranks=None, samples=None):
     return samples, spec, device, model, config
 
 
-def output_paths(args) -> dict[str, str | None]:
-    """Every path ``eval`` (a sweep's too) or ``bench`` writes, by option (None where not given)."""
-    return {option: getattr(args, option[2:], None) for option in ("--json", "--predictions", "--plot", "--cache")}
-
-
 def check_outside_data(args, data: str | None) -> None:
     """Refuse any output of ``eval`` (a sweep's too) or ``bench`` inside the dataset ``data``; first of
     all, before an output's folder is even probed."""
     from fasteval.output.files import check_not_inside
 
     check_not_inside(output_paths(args), {"DATA" if args.data else "the demo dataset": data})
-
-
-def fast_options(args):
-    from fasteval.evaluation.fast import FastOptions
-
-    return FastOptions(loader=args.loader, precision=args.precision, compile=args.compile,
-                       batch_size=args.batch_size, workers=args.workers, exact=args.exact, route=True)
 
 
 # Device nodes whose presence means torch may find a GPU (NVIDIA's driver, ROCm's): with --device auto
@@ -340,7 +238,7 @@ def cmd_eval(args) -> int:
         from fasteval.model.torchvision_import import import_torchvision
 
         import_torchvision()
-    from fasteval.evaluation.sweep import cmd_sweep, split_sweep
+    from fasteval.sweep_command import cmd_sweep, split_sweep
 
     if split_sweep(args):
         return cmd_sweep(args, _prepare)

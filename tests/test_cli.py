@@ -289,10 +289,11 @@ def test_default_workers_fit_the_usable_cores(monkeypatch):
     """The default never draws the warning: it counts the cores this process may use (a container's or
     taskset's share), not the machine's."""
     import fasteval.cli as cli
+    import fasteval.options as options
     import fasteval.procs as procs
 
     monkeypatch.setattr(procs.os, "sched_getaffinity", lambda pid: {0, 1, 2}, raising=False)
-    monkeypatch.setattr(cli, "usable_cores", procs.usable_cores)
+    monkeypatch.setattr(options, "usable_cores", procs.usable_cores)
     assert procs.usable_cores() == 3
     assert cli.build_parser().parse_args(["eval", "x"]).workers == 3
 

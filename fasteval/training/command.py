@@ -6,6 +6,7 @@ import os
 import sys
 
 from fasteval.errors import FastevalError
+from fasteval.options import warn_many_workers
 from fasteval.training import state
 from fasteval.training.options import DEFAULT_PRESET
 
@@ -27,7 +28,6 @@ def check_run_folder(out: str, resume: bool, overwrite: bool) -> None:
 
 def check_options(args) -> None:
     """Every option of ``train``, before anything heavy runs."""
-    from fasteval.cli import warn_many_workers
     from fasteval.data.preprocess import get_spec
     from fasteval.devices import resolve_device
     from fasteval.model.inference import resolve_precision
