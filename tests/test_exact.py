@@ -151,13 +151,13 @@ def test_cli_exact_option_and_prediction_columns(small_data, weights_3cls, tmp_p
 def test_metrics_fall_back_to_the_twin_when_triton_cannot_run(small_data, model_3cls, small_spec, monkeypatch,
                                                               capsys):
     """Triton builds a C launcher at run time: where it cannot, the run goes on with the PyTorch twin."""
-    import fasteval.evaluation.fast
+    import fasteval.evaluation.plan
     import fasteval.kernels.fused_metrics as fm
 
     def broken(*args, **kwargs):
         raise RuntimeError("Failed to build the launcher: gcc not found")
 
-    monkeypatch.setattr(fasteval.evaluation.fast, "resolve_backend", lambda backend, device: "triton")
+    monkeypatch.setattr(fasteval.evaluation.plan, "resolve_backend", lambda backend, device: "triton")
     monkeypatch.setattr(fm, "metrics_triton", broken)
     samples = discover(small_data)
     fast = _fast(samples, model_3cls, small_spec, "off", precision="fp32")

@@ -13,7 +13,8 @@ from fasteval.cli import main
 from fasteval.errors import FastevalError
 from fasteval.evaluation.fast import FastEvaluator, FastOptions, evaluate_fast, run_loop
 from fasteval.model.inference import FastModel, resolve_precision
-from fasteval.data.loaders import Batch, make_loader
+from fasteval.data.batch import Batch
+from fasteval.data.loaders import make_loader
 from fasteval.model.models import build_model
 from fasteval.data.preprocess import PRESETS, get_spec
 from fasteval.evaluation.reference import evaluate_reference
@@ -197,9 +198,9 @@ def test_every_file_kind_matches_reference_through_the_evaluator(kinds_data, mon
     assert cmp["max_sample_loss_diff"] < 5e-3
     assert fast.loss_sum == pytest.approx(ref.loss_sum, rel=1e-3)
     # Without the PIL fallback, the 16-bit file would be decoded differently from the reference.
-    import fasteval.evaluation.fast
+    import fasteval.evaluation.plan
 
-    monkeypatch.setattr(fasteval.evaluation.fast, "needs_pil", lambda samples: [])
+    monkeypatch.setattr(fasteval.evaluation.plan, "needs_pil", lambda samples: [])
     unsplit = FastEvaluator(samples, net, spec, CPU, FastOptions(loader="dali", precision="fp32", compile=False,
                                                                  batch_size=4, workers=1, exact="off")
                             ).run(progress=False)
@@ -253,7 +254,7 @@ def test_equal_batches_compute_no_padding_and_keep_the_reference_figures(small_d
     samples = discover(small_data)  # 21 samples: --batch-size 8 makes 8+8+5, the fast path 7+7+7
     options = FastOptions(precision="fp32", compile=False, batch_size=8, workers=0, exact="off")
     ev = FastEvaluator(samples, build_model("resnet18", weights_3cls, 3), small_spec, CPU, options)
-    assert ev.batch_shape == 7 and [b.real for b in ev.loader] == [7, 7, 7]
+    assert ev.plan.batch_shape.value == 7 and [b.real for b in ev.loader] == [7, 7, 7]
     assert {tuple(b.images.shape) for b in ev.loader} == {(7, 3, 32, 32)}
     fast = ev.run(progress=False)
     ref = evaluate_reference(samples, build_model("resnet18", weights_3cls, 3), small_spec, batch_size=8,

@@ -124,7 +124,7 @@ def test_a_small_cpu_run_without_start_up_pixels_decodes_them_each_pass(small_da
     samples = discover(small_data, quiet=True)
     options = FastOptions(batch_size=4, workers=1, compile=False)
     evaluator = FastEvaluator(samples, model_3cls, small_spec, CPU, options)
-    assert evaluator.pil_pixels and evaluator.pixels is None and evaluator.reference_only == []
+    assert evaluator.plan.loader.value == "pil-pixels" and evaluator.pixels is None and evaluator.reference_only == []
     first = evaluator.run(progress=False)
     kept = evaluator.loader.pixels
     assert first.extra["loader"] == "pil-cpu, 1 thread(s) between batches" and sorted(kept.images) == list(range(len(samples)))

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from fasteval.cli import main
+from fasteval.model.inference import resolve_precision
 from fasteval.evaluation.route import DEFAULTS, Rates, choose_route, load_rates, rates_key, record, save_rates
 
 CPU = torch.device("cpu")
@@ -151,7 +152,8 @@ def test_small_dataset_goes_to_the_reference_then_fast_once_it_pays(small_data, 
     assert routed["loss_sum"] == pytest.approx(reference["loss_sum"], rel=1e-6)
     # The run recorded the reference's per-image cost for the next decision (under the key of runs whose
     # images the command decoded at start-up: 21 samples on the CPU).
-    key = rates_key(model_3cls, CPU, routed["precision"], (32, 32), decoded_at_start=True)
+    assert routed["precision"] == "fp32" and routed["plan"]["route"]["value"] == "reference"  # what ran
+    key = rates_key(model_3cls, CPU, resolve_precision("auto", CPU), (32, 32), decoded_at_start=True)
     rates = load_rates(CPU, key)
     assert rates.reference_image_seconds and rates.reference_image_seconds > 0
     save_rates(CPU, Rates(key=key, reference_image_seconds=1.0, fast_image_seconds=1e-4, fast_setup_seconds=0.0,
@@ -187,4 +189,5 @@ def test_a_sweep_records_no_rates(small_data, weights_3cls, tmp_path, fresh_cach
 
 def test_explicit_compile_mode_always_runs_the_fast_path(small_data, weights_3cls, tmp_path, fresh_cache):
     report = _eval_json(tmp_path / "o.json", small_data, weights_3cls, "--compile", "off")
-    assert report["route"] is None and report["loader"] != "none"
+    assert report["plan"]["route"] == {"value": "fast", "reason": "--compile off: the fast path as asked"}
+    assert report["route"] == "--compile off: the fast path as asked" and report["loader"] != "none"

@@ -10,7 +10,6 @@ import copy
 import sys
 import time
 from collections.abc import Iterable
-from dataclasses import dataclass, replace
 
 import torch
 from torch import nn
@@ -18,39 +17,18 @@ from tqdm import tqdm
 
 from fasteval.devices import synchronize, use_device
 from fasteval.errors import first_line
-from fasteval.evaluation.exact import CALIBRATION_SAMPLES, WholeRun, apply_reference, recheck, resolve_exact
-from fasteval.model.inference import DTYPES, FastModel, resolve_precision
-from fasteval.kernels.accumulator import MetricsAccumulator
-from fasteval.kernels.fused_metrics import resolve_backend
+from fasteval.data.loaders import Batch
 from fasteval.data.loader_torch import PixelLoader
-from fasteval.data.prefetch import MAX_SAMPLES, reads_pil_pixels
-from fasteval.data.loaders import Batch, batch_shape, batch_shape_reason, make_loader, needs_pil, resolve_loader
-from fasteval.evaluation.metrics import TOPK, EvalResult, totals_from_samples
-from fasteval.data.preprocess import PreprocessSpec, check_batchable, image_size
-from fasteval.data.probe import check_headers
-from fasteval.evaluation.reference import reference_logits
-from fasteval.evaluation.route import Rates, Route, choose_route, load_rates, rates_key, record
-from fasteval.model.compile_cache import resolve_compile_mode
+from fasteval.data.loaders import make_loader
+from fasteval.data.preprocess import PreprocessSpec
 from fasteval.data.samples import SampleList
-
-
-@dataclass(frozen=True)
-class FastOptions:
-    loader: str = "auto"
-    precision: str = "auto"
-    compile: bool | str = True  # True/"on", False/"off", or "auto" (fasteval/model/compile_cache.py)
-    batch_size: int = 64
-    workers: int = 2
-    metrics_backend: str = "auto"
-    exact: str = "auto"
-    # Let the measured costs send a run the fast path would not pay for through the reference's code
-    # whole (fasteval/evaluation/route.py). The command sets it; callers timing the fast loop do not.
-    route: bool = False
-
-
-# With --exact on, datasets this small go through the reference's code whole: every sample would be a
-# calibration sample, so the fast pass (and its setup: loader, warm-up) would be spent for nothing.
-SMALL_DATASET = CALIBRATION_SAMPLES
+from fasteval.evaluation.exact import WholeRun, apply_reference, recheck
+from fasteval.evaluation.metrics import TOPK, EvalResult, totals_from_samples
+from fasteval.evaluation.plan import Decision, FastOptions, Plan, make_plan
+from fasteval.evaluation.reference import reference_logits
+from fasteval.evaluation.route import record
+from fasteval.kernels.accumulator import MetricsAccumulator
+from fasteval.model.inference import DTYPES, FastModel
 
 
 def run_loop(batches: Iterable[Batch], forward, accumulator: MetricsAccumulator, bar=None) -> None:
@@ -64,114 +42,83 @@ def run_loop(batches: Iterable[Batch], forward, accumulator: MetricsAccumulator,
 
 
 class FastEvaluator:
-    """Builds the loader and the compiled model once; ``run()`` evaluates (repeatable, for benches).
-
-    Samples the fast loader would decode differently from the reference (``needs_pil``) are
-    evaluated by the reference's own code, batched, at a cost in proportion to their number.
-    With ``--exact`` on (the default), near-tie samples are rechecked the same way (fasteval/evaluation/exact.py).
-    ``scope``: where ``samples`` are one shard of a run (fasteval/distributed.py), the run-wide decisions
-    (static batch, small-dataset rule, calibration, tau) are the one-process ones over the whole run.
-    """
+    """Follows a plan (fasteval/evaluation/plan.py): builds the loader and the compiled model once; ``run()``
+    evaluates (repeatable, for benches and sweeps). It decides nothing: the plan names the samples the
+    fast pass reads, those the reference's code evaluates (with ``--exact``, near-ties too:
+    fasteval/evaluation/exact.py), the calibration samples, the loader, the batch shape, the precision and
+    whether to compile. ``executed_plan`` is the plan as it ran (the compile's outcome, the loader built)."""
 
     def __init__(self, samples: SampleList, model: torch.nn.Module, spec: PreprocessSpec, device: torch.device,
                  options: FastOptions, batch_source=make_loader, passes: int = 1,
-                 scope: WholeRun | None = None, pixels=None) -> None:
+                 scope: WholeRun | None = None, pixels=None, plan: Plan | None = None) -> None:
         """``batch_source``: makes the batches (``make_loader``'s signature); the checkpoint sweep passes
         fasteval/data/decoded.py's store, decoded once for every checkpoint. ``passes``: how many times
-        ``run()`` will be called (the sweep's checkpoints), for ``--compile auto``'s decision.
-        A small run on the CPU (``prefetch.reads_pil_pixels``) reads the reference's
-        own pixels (``PixelLoader``), not DALI's; ``pixels``: ``samples`` decoded so since the command
-        started (fasteval/data/prefetch.py), else stopped and dropped."""
+        ``run()`` will be called (the sweep's checkpoints). ``scope``: where ``samples`` are one shard of a
+        run (fasteval/distributed.py). ``pixels``: ``samples`` decoded since the command started
+        (fasteval/data/prefetch.py), used where the plan reads PIL's pixels, else stopped and dropped.
+        ``plan``: made here from the rest when not given."""
         start = time.perf_counter()
-        self.passes = passes
         self.scope = scope or WholeRun()
-        total = self.scope.total(len(samples))
-        check_batchable(spec, samples.paths)
-        check_headers(samples)  # a bad file fails here, in seconds, not after the fast pass (cached per file)
-        self.input_hw = spec.output_hw(*image_size(samples.paths[0])) if len(samples) else None
-        # The whole run's size, so that every torchrun rank decides as one process does. A sweep's decoded
-        # store (another batch_source) holds the PIL loader's pixels then: the same bytes.
-        self.pil_pixels = reads_pil_pixels(device.type, options.loader, total, self.input_hw)
-        in_process = self.pil_pixels and batch_source is make_loader
-        self.pixels = pixels if in_process and pixels is not None and pixels.samples is samples else None
+        source = "loader" if batch_source is make_loader else "store"
+        self.plan = plan = plan or make_plan(
+            samples, model, spec, device, options, source=source, passes=passes, scope=self.scope,
+            decoded_at_start=pixels is not None and pixels.samples is samples)
+        self.pixels = pixels if plan.decoded_at_start else None
         if pixels is not None and self.pixels is None:
             pixels.stop()
-        how = ("decoded while torch imported" if self.pixels is not None else
-               "decoded between the model's batches" if in_process else "decoded into the store")
-        self.loader_reason = (f"{total} image(s) on the CPU (at most {MAX_SAMPLES}): PIL's pixels, the reference's, "
-                              f"{how}; DALI's import and set-up would not pay") if self.pil_pixels else None
-        # A static batch larger than the dataset would be mostly padding: clamp it (to the whole run's
-        # size, so that every shard runs the one-process batch shape). ``options.batch_size`` stays the
-        # reference's (its batch means, the recheck's batches); the fast pass runs ``batch_shape``.
-        asked, options = options.batch_size, replace(options, batch_size=min(options.batch_size, total))
-        shape_of = dict(device_type=device.type, input_hw=self.input_hw)
-        self.batch_shape = batch_shape(total, options.batch_size, **shape_of)
-        self.batch_shape_reason = batch_shape_reason(total, asked, self.batch_shape, **shape_of)
         device = use_device(device)  # work not given a device (Triton, nvJPEG, pinning) runs on it
         self.samples, self.spec, self.device, self.options = samples, spec, device, options
-        self.exact, self.exact_reason = resolve_exact(options.exact)
-        self.precision = resolve_precision(options.precision, device)
-        half = self.precision == "fp16"
-        # The torchvision loaders decode with PIL already; DALI hands those files to the reference.
-        pil = needs_pil(samples) if options.loader in ("auto", "dali") and not self.pil_pixels else []
-        self.rates, self.route = self._route(model, len(pil))
-        # A sweep's costs are not a single run's (its setup decodes every image into a store, its passes read
-        # the store): only a single pass through a loader records rates for later routes.
-        self.records_rates = passes == 1 and batch_source is make_loader
-        self.all_by_reference = (self.exact and total <= SMALL_DATASET) or (self.route is not None and not self.route.fast)
-        if self.all_by_reference:  # the reference's code alone is exact, and here the quicker way
-            self.reference_only = list(range(len(samples)))
-        elif self.pil_pixels:
-            self.reference_only = []
-        else:  # DALI is imported only when the fast path runs
-            self.reference_only = pil if resolve_loader(options.loader) == "dali" else []
-        kind = "torchvision" if self.pil_pixels else options.loader
-        excluded = set(self.reference_only)
-        self.main = [i for i in range(len(samples)) if i not in excluded]
+        self.main, self.reference_only = list(plan.main), list(plan.reference_only)
+        self.calibration = list(plan.calibration_indices)
+        self.metrics_backend = plan.metrics_backend.value
         # The reference's model is the caller's module as it is (eager fp32, NCHW); the fast model is a
         # copy, converted to channels-last with its head kept in fp32, so the caller's module is unchanged.
-        self.reference_model = model.to(device).eval() if self.reference_only or self.exact else None
-        self.model = None
+        self.reference_model = model.to(device).eval() if self.reference_only or plan.exact.value else None
+        self.model = self.loader = None
         if self.main:
             fast_model = copy.deepcopy(model)
-            self.logits_dtype = torch.float32 if keep_head_fp32(fast_model) or self.precision == "fp32" else \
-                DTYPES[self.precision]
-            self.model = FastModel(fast_model, device, self.precision, options.compile,
-                                   num_samples=len(self.main) * passes)
-        self.calibration, self.calibration_total = self.scope.calibration(self.main) if self.exact else ([], 0)
-        self.loader = None
-        self.metrics_backend = resolve_backend(options.metrics_backend, device)
-        if self.main:
-            part = samples if not excluded else samples.subset(self.main)
+            precision = plan.precision.value
+            self.logits_dtype = torch.float32 if keep_head_fp32(fast_model) or precision == "fp32" else \
+                DTYPES[precision]
+            compile_value = plan.compile.value
+            self.model = FastModel(fast_model, device, precision,
+                                   "auto" if compile_value == "measure" else bool(compile_value),
+                                   num_samples=len(self.main) * plan.passes, reason=plan.compile.reason,
+                                   key=plan.compile_key)
+            half = precision == "fp16"
+            shape = plan.batch_shape.value
             # Built in inference mode, so that loaders that preallocate their outputs (DALI) hand out
             # inference tensors, like the warm-up example: one compiled graph serves every batch.
             with torch.inference_mode():
-                if in_process:
-                    self.loader = PixelLoader(samples, self.main, self.batch_shape, spec, device,
-                                              pixels=self.pixels, workers=options.workers, keep=passes > 1)
+                if plan.in_process:
+                    self.loader = PixelLoader(samples, self.main, shape, spec, device, pixels=self.pixels,
+                                              workers=options.workers, keep=plan.passes > 1)
                 else:
-                    self.loader = batch_source(kind, part, spec, batch_size=self.batch_shape,
-                                              workers=options.workers, device=device, half=half)
-            h, w = self.input_hw
+                    part = samples.subset(self.main) if self.reference_only else samples
+                    self.loader = batch_source(plan.loader_kind, part, spec, batch_size=shape,
+                                               workers=options.workers, device=device, half=half)
+            h, w = plan.input_hw
             with torch.inference_mode():  # an inference tensor, like the loader's: no recompile on the first batch
-                example = torch.zeros(self.batch_shape, 3, h, w, device=device,
-                                      dtype=torch.float16 if half else torch.float32)
+                example = torch.zeros(shape, 3, h, w, device=device, dtype=torch.float16 if half else torch.float32)
                 example = example.contiguous(memory_format=torch.channels_last)
             self.model.warm_up(example)
             self._warm_up_metrics(example)
         self.warmup_seconds = time.perf_counter() - start
+        self.executed_plan = self._executed()
 
-    def _route(self, model: torch.nn.Module, pil_files: int) -> tuple[Rates | None, Route | None]:
-        """With ``options.route`` and ``--compile auto`` (where fasteval weighs every cost of the fast path):
-        this configuration's measured rates and the route chosen from them (None, None: no route, the fast
-        path). ``--compile on``/``off`` ask for the fast path itself."""
-        if (not self.options.route or resolve_compile_mode(self.options.compile) != "auto" or not len(self.samples)
-                or self.scope.sharded):  # every rank must take the same route: torchrun runs the fast path
-            return None, None
-        rates = load_rates(self.device, rates_key(model, self.device, self.precision, self.input_hw,
-                                                  decoded_at_start=self.pixels is not None))
-        return rates, choose_route(rates, self.device.type, len(self.samples), pil_files,
-                                   min(CALIBRATION_SAMPLES, len(self.samples)), self.exact, passes=self.passes)
+    def _executed(self) -> Plan:
+        """The plan as it ran: the compile's outcome (decided at warm-up where the plan said ``measure``, or
+        fallen back to eager), the loader that was built, the metrics backend that runs."""
+        plan = self.plan
+        if self.model is None:
+            return plan
+        loader = self.loader.name if self.loader is not None else plan.loader.value
+        info = getattr(self.loader, "info", None)
+        loader_reason = plan.loader.reason + (f"; {info['reason']}" if info and info.get("reason") else "")
+        backend = plan.metrics_backend if self.metrics_backend == plan.metrics_backend.value else \
+            Decision(self.metrics_backend, "the Triton kernel could not run: its PyTorch twin")
+        return plan.executed(compile=Decision(self.model.compiled, self.model.compile_reason or plan.compile.reason),
+                             loader=Decision(loader, loader_reason), metrics_backend=backend)
 
     def load_weights(self, model: nn.Module) -> None:
         """Copy ``model``'s weights (same architecture) into the fast model and the reference's model, in
@@ -223,6 +170,7 @@ class FastEvaluator:
         return totals["kept_logits"], totals["nonfinite"]
 
     def run(self, progress: bool = True) -> EvalResult:
+        plan = self.plan
         desc = f"fast ({self.loader.name if self.loader else 'reference decode'})"
         bar = tqdm(total=len(self.samples), unit="img", desc=desc, file=sys.stderr, disable=not progress)
         start = time.perf_counter()
@@ -230,55 +178,53 @@ class FastEvaluator:
         with torch.inference_mode():
             kept, nonfinite = self._fast_pass(outputs, bar)
         pass_seconds = time.perf_counter() - start
-        run = dict(batch_size=self.options.batch_size, workers=self.options.workers, device=self.device)
+        run = dict(batch_size=plan.reference_batch_size, workers=self.options.workers, device=self.device)
         pixels = self.loader.pixels if isinstance(self.loader, PixelLoader) else self.pixels
         if self.reference_only:
             # The whole dataset by the reference's code: its workers too, as the reference's loop has them.
             logits = reference_logits(self.samples, self.reference_only, self.reference_model, self.spec, **run,
-                                      always_workers=self.all_by_reference, pixels=pixels)
+                                      always_workers=plan.by_reference_only, pixels=pixels)
             apply_reference(outputs, self.samples, self.reference_only, logits)
             bar.update(len(self.reference_only))
         by_reference = (len(self.reference_only), time.perf_counter() - start - pass_seconds)
-        exact = {"enabled": False, "mode": self.options.exact, "reason": self.exact_reason}
-        if self.all_by_reference:
-            routed = self.route is not None and not self.route.fast
-            reason = self.route.reason if routed else (f"{self.scope.total(len(self.samples))} samples (<= "
-                                                       f"{SMALL_DATASET}, the calibration's size): every sample "
-                                                       f"evaluated by the reference's code")
-            exact.update(enabled=True, rechecked=len(self.samples), all_by_reference=True, reason=reason)
-        elif self.exact and self.calibration_total:
+        exact = {"enabled": False, "mode": self.options.exact, "reason": plan.exact.reason}
+        if plan.by_reference_only:
+            exact.update(enabled=True, rechecked=len(self.samples), all_by_reference=True, reason=plan.route.reason)
+        elif plan.exact.value and plan.calibration_total:
             exact.update(recheck(self.samples, outputs, self.calibration, kept, self.reference_model, self.spec,
                                  **run, scope=self.scope, pixels=pixels))
             by_reference = (by_reference[0] + exact["rechecked"], by_reference[1] + exact["seconds"])
         seconds = time.perf_counter() - start
-        if self.rates is not None and self.records_rates:  # this run's costs, for the next run's route
+        if plan.rates is not None and plan.records_rates:  # this run's costs, for the next run's route
             main = len(self.main)
-            record(self.rates, self.device, reference=by_reference,
+            record(plan.rates, self.device, reference=by_reference,
                    fast=(main, pass_seconds) if main else None,
-                   setup=None if self.all_by_reference else self.warmup_seconds,
+                   setup=None if plan.by_reference_only else self.warmup_seconds,
                    recheck_share=exact["gated"] / main if main and "gated" in exact else None)
         bar.close()
         labels = torch.tensor(self.samples.labels, dtype=torch.int64)
         totals = totals_from_samples(labels, outputs["predictions"], outputs["topk_hits"], outputs["losses"],
-                                     self.options.batch_size)
+                                     plan.reference_batch_size)
+        ran = self.executed_plan
         return EvalResult(
             **totals,
             **outputs,
             seconds=seconds,
             warmup_seconds=self.warmup_seconds,
             extra={
-                "loader": self.loader.name if self.loader else "none",
-                "loader_reason": self.loader_reason if self.loader else None,
-                "batch_shape": self.batch_shape if self.loader else None,
-                "batch_shape_reason": self.batch_shape_reason if self.loader else None,
-                "precision": self.precision,
-                "compile": self.model.compiled if self.model else False,
-                "compile_reason": self.model.compile_reason if self.model else "no fast pass",
-                "metrics_backend": self.metrics_backend,
+                "plan": ran.to_json(),
+                "loader": ran.loader.value,
+                "loader_reason": ran.loader.reason if self.loader else None,
+                "batch_shape": ran.batch_shape.value if self.loader else None,
+                "batch_shape_reason": ran.batch_shape.reason if self.loader else None,
+                "precision": ran.precision.value,
+                "compile": ran.compile.value,
+                "compile_reason": ran.compile.reason,
+                "metrics_backend": ran.metrics_backend.value,
                 "nonfinite_rows": nonfinite,
-                "pil_fallback_files": 0 if self.all_by_reference else len(self.reference_only),
+                "pil_fallback_files": 0 if plan.by_reference_only else len(self.reference_only),
                 "exact": exact,
-                "route": self.route.reason if self.route else None,
+                "route": ran.route.reason,
                 **({"decoded": dict(self.loader.info)} if hasattr(self.loader, "info") else {}),
             },
         )

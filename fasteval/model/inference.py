@@ -55,6 +55,43 @@ def resolve_precision(requested: str, device: torch.device) -> str:
     return "bf16" if cpu_has_fast_bf16() else "fp32"
 
 
+def precision_reason(requested: str, device: torch.device, resolved: str) -> str:
+    """Why ``resolve_precision`` chose ``resolved``."""
+    if requested != "auto":
+        return f"--precision {requested}"
+    if device.type == "cuda":
+        return ("auto: the GPU computes bf16 natively (compute capability 8.0+)" if resolved == "bf16" else
+                "auto: the GPU has no native bf16 (compute capability below 8.0): fp16")
+    return ("auto: the CPU computes bf16 fast (AVX-512 BF16 or AMX)" if resolved == "bf16" else
+            "auto: the CPU has no fast bf16 (no AVX-512 BF16 or AMX): fp32")
+
+
+def plan_compile(model: nn.Module, device: torch.device, precision: str, requested: bool | str, *,
+                 num_samples: int, example_shape: tuple[int, ...],
+                 example_dtype: torch.dtype) -> tuple[bool | str, str, dict]:
+    """Whether the fast model is compiled, why, and its compile profile's key, decided before any work from
+    the compile cache's profile (``--compile auto``: fasteval/model/compile_cache.py's rule). Where the
+    configuration's eager batch time was never measured the value is ``"measure"``: ``FastModel.warm_up``
+    times one eager batch and applies the same rule. The key is the caller's model's (not the fast copy's)."""
+    mode = resolve_compile_mode(requested)
+    example = torch.empty(example_shape, dtype=example_dtype, device="meta").contiguous(memory_format=torch.channels_last)
+    key = config_key(model, device, precision, example)
+    if mode == "off":
+        return False, "--compile off: eager (channels-last + autocast)", key
+    if mode == "on":
+        return True, "--compile on", key
+    profile = load_profile(profile_dir(device), key)
+    batches = -(-num_samples // example_shape[0])
+    if profile.eager_batch_seconds is None:
+        cache = "a cache hit" if profile.artifacts else "a cold cache"
+        return ("measure", f"auto: this configuration's eager batch time is not measured yet: the warm-up times one "
+                           f"eager batch and compiles where {batches} batch(es) x that time x (1 - 1/speedup) "
+                           f"exceeds the cost of compiling ({cache})", key)
+    decision = decide(profile, device.type, num_samples, example_shape[0], profile.eager_batch_seconds,
+                      leaf_modules(model))
+    return decision.compile, decision.reason, key
+
+
 # Inductor rounds each intermediate where eager autocast rounds it (to bf16/fp16 after every op, not only
 # where a fused kernel stores): on the CPU the compiled logits then equal eager's bit for bit
 # (tests/test_fast.py), so compiling never moves a result. Without it, Inductor's fused kernels keep more
@@ -67,18 +104,21 @@ COMPILE_OPTIONS = {"emulate_precision_casts": True}
 class FastModel:
     """A model moved once, channels-last, run under autocast, and ``torch.compile``d for one static shape
     where that pays. ``compile``: ``on``/True, ``off``/False or ``auto`` (decided in ``warm_up`` from the
-    number of samples, the measured eager batch time and the compile cache: fasteval/model/compile_cache.py)."""
+    number of samples, the measured eager batch time and the compile cache: fasteval/model/compile_cache.py).
+    A plan (``plan_compile``) passes its decision as on/off with its ``reason`` and profile ``key``, or
+    ``auto`` where the decision waits for the warm-up's measurement."""
 
     def __init__(self, model: nn.Module, device: torch.device, precision: str, compile: bool | str,
-                 num_samples: int | None = None) -> None:
+                 num_samples: int | None = None, reason: str | None = None, key: dict | None = None) -> None:
         self.device, self.precision = device, precision
         self.mode = resolve_compile_mode(compile)
         self.num_samples = num_samples
+        self.key, self.planned_reason = key, reason
         self.model = model.eval().to(device, memory_format=torch.channels_last)  # one conversion, one copy
         for p in self.model.parameters():
             p.requires_grad_(False)
         self.compiled = False
-        self.compile_reason = "--compile off: eager (channels-last + autocast)" if self.mode == "off" else ""
+        self.compile_reason = (reason or "--compile off: eager (channels-last + autocast)") if self.mode == "off" else ""
         self._forward = self._eager
 
     def _autocast(self):
@@ -108,7 +148,7 @@ class FastModel:
         start = time.perf_counter()
         with torch.inference_mode():
             if self.mode == "on":
-                self._compile(example, calls, "--compile on")
+                self._compile(example, calls, self.planned_reason or "--compile on", self.key)
             elif self.mode == "auto":
                 self._auto(example, calls)
             else:
@@ -116,7 +156,7 @@ class FastModel:
         return time.perf_counter() - start
 
     def _auto(self, example: torch.Tensor, calls: int) -> None:
-        key = config_key(self.model, self.device, self.precision, example)
+        key = self.key or config_key(self.model, self.device, self.precision, example)
         folder = profile_dir(self.device)
         profile = load_profile(folder, key)
         if self.num_samples is None:
@@ -152,8 +192,9 @@ class FastModel:
         from torch._dynamo.utils import counters
 
         folder = use_compile_cache(self.device)
-        if key is None or profile is None:
+        if key is None:
             key = config_key(self.model, self.device, self.precision, example)
+        if profile is None:
             profile = load_profile(profile_dir(self.device), key)
         hits, misses = counters["inductor"]["fxgraph_cache_hit"], counters["inductor"]["fxgraph_cache_miss"]
         cleared = None

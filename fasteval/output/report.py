@@ -71,8 +71,13 @@ def _fmt(value: float, digits: int = 4) -> str:
 
 
 def format_table(report: dict, title: str = "fasteval") -> str:
-    """The human-readable summary of one run."""
-    rows = [
+    """The human-readable summary of one run; its last rows are the plan as it ran (``report["plan"]``)."""
+    plan = report.get("plan") or {}
+    rows = []
+    route = plan.get("route", {})
+    if route.get("value") == "reference":  # said first: nothing below is the fast path's
+        rows.append(("route", f"every sample by the reference's code: PIL, fp32, NCHW, eager  ({route['reason']})"))
+    rows += [
         ("samples", str(report["samples"])),
         ("top-1", f"{_fmt(report['top1'], 3)} %  ({report['correct_top1']}/{report['samples']})"),
         ("top-5", f"{_fmt(report['top5'], 3)} %  ({report['correct_top5']}/{report['samples']})"),
@@ -84,33 +89,40 @@ def format_table(report: dict, title: str = "fasteval") -> str:
     ]
     rows += class_rows(report)
     cfg = report.get("config", {})
-    for key in ("path", "arch", "weights", "device", "loader", "precision", "compile", "batch_size", "workers"):
-        if key in report:
-            rows.append((key, str(report[key])))
-        elif key in cfg:
+    for key in ("path", "arch", "weights", "device"):
+        if key in cfg:
             rows.append((key, str(cfg[key])))
-    if report.get("batch_shape_reason"):
-        rows.append(("fast batch shape", report["batch_shape_reason"]))
     if report.get("distributed"):
         d = report["distributed"]
         rows.append(("ranks", f"{d['world_size']} ({d['backend']}), samples per rank "
                               f"{' '.join(str(n) for n in d['samples_per_rank'])}"))
-    if report.get("route") and not report.get("exact", {}).get("all_by_reference"):
-        rows.append(("route", report["route"]))  # (a run sent to the reference says why under exact counts)
-    if report.get("loader_reason"):
-        rows.append(("loader reason", report["loader_reason"]))
-    if report.get("compile_reason") and report.get("loader") != "none":
-        rows.append(("compile reason", report["compile_reason"]))
+    rows += plan_rows(plan)
     if report.get("warmup_seconds"):
         rows.append(("warm-up seconds", _fmt(report["warmup_seconds"], 2)))
-    if "exact" in report:
+    if "exact" in report and plan.get("route", {}).get("value") != "reference":
         rows.append(("exact counts", exact_summary(report["exact"])))
-    if report.get("pil_fallback_files"):
-        rows.append(("reference-decoded", f"{report['pil_fallback_files']} file(s) the fast loader would decode "
-                                          f"differently (16-bit/float): evaluated by the reference's code"))
     width = max(len(k) for k, _ in rows)
     lines = [title, "-" * len(title)] + [f"{k.ljust(width)}  {v}" for k, v in rows]
     return "\n".join(lines)
+
+
+# The plan's decisions a run's table shows, under these labels; a reason is shown where it adds to the value.
+PLAN_ROWS = {"route": "route", "loader": "loader", "batch_shape": "batch shape", "precision": "precision",
+             "compile": "compile", "by_reference": "by reference's code", "workers": "workers"}
+
+
+def plan_rows(plan: dict) -> list[tuple[str, str]]:
+    """The executed plan as table rows: ``value (reason)``, without what says nothing (no PIL-only file)."""
+    rows = []
+    for name, label in PLAN_ROWS.items():
+        decision = plan.get(name)
+        if decision is None or (name == "by_reference" and not decision["value"]) or (
+                name in ("route", "by_reference") and plan["route"]["value"] == "reference"):  # said first
+            continue
+        value = decision["value"]
+        shown = {True: "yes", False: "no"}.get(value, value) if isinstance(value, bool) else value
+        rows.append((label, f"{shown}  ({decision['reason']})" if decision.get("reason") else str(shown)))
+    return rows
 
 
 def exact_summary(exact: dict) -> str:
