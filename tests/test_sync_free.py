@@ -20,7 +20,7 @@ from sync_trace import HostSyncError, fake_cuda  # noqa: E402
 
 from fasteval.kernels.accumulator import MetricsAccumulator  # noqa: E402
 from fasteval.data.loader_torch import GpuDecodeLoader, TorchvisionLoader  # noqa: E402
-from fasteval.data.loaders import Batch  # noqa: E402
+from fasteval.data.batch import Batch  # noqa: E402
 from fasteval.data.samples import discover  # noqa: E402
 
 CUDA = torch.device("cuda")

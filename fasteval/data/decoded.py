@@ -31,7 +31,8 @@ from dataclasses import asdict
 import numpy as np
 import torch
 
-from fasteval.data.loaders import Batch, make_loader, resolve_loader
+from fasteval.data.batch import Batch
+from fasteval.data.loaders import make_loader, resolve_loader
 from fasteval.data.preprocess import PreprocessSpec, image_size
 from fasteval.data.samples import SampleList
 from fasteval.errors import FastevalError

@@ -16,8 +16,9 @@ import torch
 
 from fasteval.errors import FastevalError, message_lines
 from fasteval.data.decoder_output import hold
-from fasteval.data.loaders import Batch, find_undecodable
+from fasteval.data.batch import Batch
 from fasteval.data.preprocess import PreprocessSpec
+from fasteval.data.probe import find_undecodable
 from fasteval.data.samples import SampleList
 
 

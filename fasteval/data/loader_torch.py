@@ -22,11 +22,11 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from fasteval.errors import FastevalError
-from fasteval.data.loaders import Batch
+from fasteval.data.batch import Batch
 from fasteval.data.preprocess import PreprocessSpec, image_size
 from fasteval.data.probe import probe
 from fasteval.data.pixels import load_rgb, reference_pixels
-from fasteval.evaluation.reference import ImageDataset
+from fasteval.data.dataset import ImageDataset
 from fasteval.data.samples import SampleList
 
 

@@ -1,21 +1,16 @@
-"""Choosing a loader for the fast path, and what every loader yields.
-
-Every loader is fed the one sample list, yields batches of the static batch size (the last
-one padded; its ``real`` rows are the samples), images already normalised, channels-last,
-on the evaluation device. A batch is valid until the next one is asked for: the PIL pixel loader
-writes every batch into one buffer, and DALI's iterator may reuse its outputs (clone what you keep).
-"""
+"""Choosing a loader for the fast path, and the shape of its batches (what each loader yields:
+fasteval/data/batch.py)."""
 
 from __future__ import annotations
 
 import math
-from typing import NamedTuple
 
 import torch
 
 from fasteval.choices import CPU_BATCH_PIXELS_PER_CORE, LOADERS
 from fasteval.errors import FastevalError
 from fasteval.procs import usable_cores
+from fasteval.data.batch import Batch  # noqa: F401  (fasteval/evaluation/fast.py imports it from here)
 from fasteval.data.preprocess import PreprocessSpec
 from fasteval.data.samples import SampleList
 
@@ -66,24 +61,6 @@ def batch_shape_reason(total: int, batch_size: int, shape: int, device_type: str
     return (f"{batches} batch(es) of {shape}: {why}as equal as --batch-size {batch_size} allows, "
             f"{padding} padding row(s) in one process" +
             (f" (batches of {clamped} would pad {before})" if before != padding else ""))
-
-
-class Batch(NamedTuple):
-    images: torch.Tensor  # [B, 3, H, W] float, channels-last, on the device
-    labels: torch.Tensor  # [B] int64, on the device
-    real: int  # the first `real` rows are samples; the rest is padding
-
-
-def find_undecodable(paths: list[str]) -> tuple[str | None, str]:
-    """The first file the reference cannot decode (to name it when a batched decoder fails), or
-    (None, ""): header problems first (cheap), then PIL's full decode, as the reference does it."""
-    from fasteval.data.probe import full_decode_error, probe
-
-    for path in paths:
-        reason = probe(path).error or full_decode_error(path)
-        if reason is not None:
-            return path, reason
-    return None, ""
 
 
 def needs_pil(samples: SampleList) -> list[int]:

@@ -332,3 +332,13 @@ def _note_large(probes: list[FileProbe]) -> None:
     (width, height), path = large[0].size, printable(large[0].path)
     print(f"fasteval: note: {len(large)} image(s) above PIL's decompression-bomb warning size of {limit:,} pixels, "
           f"e.g. {path} ({width}x{height}): decoded as the reference decodes them", file=sys.stderr)
+
+
+def find_undecodable(paths: list[str]) -> tuple[str | None, str]:
+    """The first file the reference cannot decode (to name it when a batched decoder fails), or
+    (None, ""): header problems first (cheap), then PIL's full decode, as the reference does it."""
+    for path in paths:
+        reason = probe(path).error or full_decode_error(path)
+        if reason is not None:
+            return path, reason
+    return None, ""

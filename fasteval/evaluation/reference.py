@@ -23,6 +23,7 @@ from fasteval.errors import FastevalError
 from fasteval.procs import dataloader_batches
 from fasteval.kernels.fused_metrics import metrics_torch
 from fasteval.evaluation.metrics import TOPK, EvalResult
+from fasteval.data.dataset import ImageDataset
 from fasteval.data.pixels import load_rgb
 from fasteval.data.preprocess import PreprocessSpec, check_batchable
 from fasteval.data.samples import SampleList
@@ -98,21 +99,6 @@ def score_batch(outputs: torch.Tensor, labels: torch.Tensor) -> BatchScore:
         margins=torch.minimum(twin.margin_top1, twin.margin_topk).cpu(),
         prob_sq_sums=torch.softmax(outputs, 1).pow(2).sum(1).cpu(),
     )
-
-
-class ImageDataset(Dataset):
-    """``(transform(image), label)`` per sample of the list, the image decoded by ``load_rgb``: ImageFolder's
-    ``__getitem__`` over fasteval's sample list (the recheck, the PIL loader and training all read through it)."""
-
-    def __init__(self, samples: SampleList, transform) -> None:
-        self.samples, self.transform = samples.samples, transform
-
-    def __len__(self) -> int:
-        return len(self.samples)
-
-    def __getitem__(self, index: int):
-        path, label = self.samples[index]
-        return self.transform(load_rgb(path)), label
 
 
 # Samples per worker from which the reference's code decodes in worker processes (a worker's start-up

@@ -12,7 +12,7 @@ import random
 import torch
 from torch.utils.data import DataLoader
 
-from fasteval.evaluation.reference import ImageDataset
+from fasteval.data.dataset import ImageDataset
 
 
 def epoch_seed(seed: int, epoch: int) -> int:

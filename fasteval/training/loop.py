@@ -23,12 +23,12 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
+from fasteval.data.dataset import ImageDataset
 from fasteval.data.loader_torch import to_device
 from fasteval.data.preprocess import PreprocessSpec
 from fasteval.data.samples import SampleList
 from fasteval.evaluation.fast import FastEvaluator, FastOptions
 from fasteval.evaluation.metrics import TOPK, EvalResult, batch_means
-from fasteval.evaluation.reference import ImageDataset
 from fasteval.kernels.accumulator import MetricsAccumulator
 from fasteval.kernels.fused_metrics import resolve_backend
 from fasteval.memory import check_train_memory
