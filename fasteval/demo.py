@@ -24,6 +24,7 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 
+from fasteval.cache_dir import cache_base
 from fasteval.errors import FastevalError
 from fasteval.model.models import build_model
 from fasteval.output.files import staged_folder
@@ -39,11 +40,6 @@ DEMO_PER_CLASS = 24
 TRAIN_PER_CLASS = 12
 EVAL_SEED = 0
 TRAIN_SEED = 1000
-
-
-def cache_base() -> str:
-    """``$FASTEVAL_CACHE``, default ``~/.cache/fasteval``."""
-    return os.environ.get("FASTEVAL_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "fasteval")
 
 
 def cache_dir() -> str:

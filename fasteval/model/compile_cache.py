@@ -37,6 +37,7 @@ from dataclasses import asdict, dataclass, field, fields
 import torch
 from torch import nn
 
+from fasteval.cache_dir import cache_base
 from fasteval.choices import COMPILE_MODES
 from fasteval.errors import FastevalError
 
@@ -105,8 +106,6 @@ def device_tag(device: torch.device) -> str:
 
 def compile_dir(device: torch.device) -> str:
     """Where this torch and device keep their compiled artifacts and profiles (under ``$FASTEVAL_CACHE``)."""
-    from fasteval.demo import cache_base
-
     return os.path.join(cache_base(), "compile", f"torch-{_slug(torch.__version__)}", device_tag(device))
 
 

@@ -22,6 +22,7 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
+from fasteval.cache_dir import cache_base
 from fasteval.model.compile_cache import load_profile, model_signature, save_profile
 
 FACTS_VERSION = 1
@@ -36,8 +37,6 @@ class MetaFact:
 
 
 def facts_dir() -> str:
-    from fasteval.demo import cache_base
-
     return os.path.join(cache_base(), "meta")
 
 
