@@ -1,0 +1,195 @@
+"""The plan as a function: table-driven cases, no model run (the model given raises if called)."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import pytest
+import torch
+from torch import nn
+
+import fasteval.evaluation.plan as plan_module
+from fasteval.data.samples import discover
+from fasteval.errors import FastevalError
+from fasteval.evaluation.exact import WholeRun
+from fasteval.evaluation.plan import DECISIONS, SMALL_DATASET, FastOptions, make_plan, reference_plan
+from fasteval.evaluation.route import Rates, rates_key, save_rates
+from fasteval.model.compile_cache import Profile, decide, leaf_modules, profile_dir, save_profile
+from fasteval.model.inference import resolve_precision
+
+CPU = torch.device("cpu")
+
+
+class NoRun(nn.Module):
+    """A 3-class ResNet-18's parameters that refuses to run: planning must not evaluate anything."""
+
+    def __init__(self) -> None:
+        import torchvision
+
+        super().__init__()
+        torch.manual_seed(0)
+        self.net = torchvision.models.resnet18(num_classes=3)
+
+    def forward(self, x):
+        raise AssertionError("the planner ran the model")
+
+
+@pytest.fixture(scope="module")
+def no_run():
+    return NoRun()
+
+
+@pytest.fixture
+def fresh_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("FASTEVAL_CACHE", str(tmp_path / "cache"))
+    monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR", raising=False)
+
+
+class Sharded(WholeRun):
+    """One shard of a larger run: the whole-run decisions must be the one-process ones."""
+
+    sharded = True
+
+    def __init__(self, total: int) -> None:
+        self.whole = total
+
+    def total(self, local: int) -> int:
+        return self.whole
+
+
+# (name, options, make_plan keywords, expected decisions' values). 21 samples of 72x60, crop 32.
+CASES = [
+    ("small CPU run, decoded at start", dict(compile="off"), dict(decoded_at_start=True),
+     dict(route="fast", loader="pil-pixels", startup_decoding=True, batch_shape=21, compile=False, exact=True,
+          calibration=8, by_reference=0)),
+    ("small CPU run, no start-up decoding", dict(compile="off"), {},
+     dict(route="fast", loader="pil-pixels", startup_decoding=False, compile=False)),
+    ("batch shape: equal batches on the CPU", dict(compile="off", batch_size=8), {},
+     dict(batch_shape=7, route="fast")),
+    ("torchvision loader asked", dict(compile="off", loader="torchvision"), {},
+     dict(loader="pil-pixels")),
+    ("a decoded store (sweep)", dict(compile="off"), dict(source="store", passes=3),
+     dict(loader="decoded store (pil-pixels)", startup_decoding=False)),
+    ("exact off", dict(compile="off", exact="off"), {}, dict(exact=False, calibration=0)),
+    ("compile on", dict(compile="on"), {}, dict(compile=True)),
+    ("compile auto, never measured", dict(compile="auto"), {}, dict(compile="measure", route="fast")),
+    ("a shard of a 600-image run: the loader a 600-image run gets",
+     dict(compile="off", loader="torchvision"), dict(scope=Sharded(600)),
+     dict(loader="torchvision-cpu", route="fast", batch_shape=60)),  # 10 equal batches of 600
+]
+
+
+@pytest.mark.parametrize("name,options,kwargs,expected", CASES, ids=[c[0] for c in CASES])
+def test_plan_cases(name, options, kwargs, expected, small_data, small_spec, no_run, fresh_cache):
+    samples = discover(small_data, quiet=True)
+    plan = make_plan(samples, no_run, small_spec, CPU, FastOptions(**{"batch_size": 64, **options}), **kwargs)
+    values = {key: plan.decisions()[key].value for key in expected}
+    assert values == expected
+    for decision in plan.decisions().values():  # every decision says why
+        assert isinstance(decision.reason, str) and decision.reason
+    assert sorted(plan.main + plan.reference_only) == list(range(len(samples)))
+
+
+def test_plan_is_a_frozen_value_with_a_json_form(small_data, small_spec, no_run, fresh_cache):
+    samples = discover(small_data, quiet=True)
+    options = FastOptions(compile="off", batch_size=8)
+    plan = make_plan(samples, no_run, small_spec, CPU, options)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        plan.route = None
+    as_json = json.loads(json.dumps(plan.to_json()))
+    assert list(as_json) == list(DECISIONS)
+    assert {"route", "loader", "batch_shape", "precision", "compile", "exact"} <= set(as_json)
+    assert all(set(d) == {"value", "reason"} for d in as_json.values())
+    assert as_json["batch_shape"] == {"value": 7, "reason": "3 batch(es) of 7: as equal as --batch-size 8 "
+                                                            "allows, 0 padding row(s) in one process (batches "
+                                                            "of 8 would pad 3)"}
+    assert make_plan(samples, no_run, small_spec, CPU, options) == plan  # a function of its inputs
+    assert as_json["precision"]["value"] == resolve_precision("auto", CPU)
+
+
+def test_a_tiny_run_goes_wholly_by_the_reference_and_says_fp32_eager(small_data, small_spec, no_run, fresh_cache):
+    samples = discover(small_data, quiet=True).subset(list(range(SMALL_DATASET)))
+    plan = make_plan(samples, no_run, small_spec, CPU, FastOptions(compile="on", precision="bf16"))
+    got = {k: d.value for k, d in plan.decisions().items()}
+    assert got == {"route": "reference", "loader": "none", "startup_decoding": False, "batch_shape": SMALL_DATASET,
+                   "precision": "fp32", "compile": False, "exact": True, "calibration": 0,
+                   "by_reference": SMALL_DATASET, "workers": 2, "metrics_backend": "torch"}
+    assert plan.main == () and plan.reference_only == tuple(range(SMALL_DATASET))
+    # --exact off: nothing forces the reference's code; the fast path runs as asked
+    off = make_plan(samples, no_run, small_spec, CPU, FastOptions(compile="on", precision="bf16", exact="off"))
+    assert (off.route.value, off.precision.value, off.compile.value) == ("fast", "bf16", True)
+
+
+def test_compile_auto_decides_from_the_profile(small_data, small_spec, no_run, fresh_cache):
+    """A profile with a measured eager batch: the plan decides with compile_cache.decide's rule and says so."""
+    samples = discover(small_data, quiet=True)
+    options = FastOptions(compile="auto", batch_size=8, exact="off")
+    first = make_plan(samples, no_run, small_spec, CPU, options)
+    assert first.compile.value == "measure" and first.compile_key is not None
+    for eager, compiled in ((0.001, 0.0009), (100.0, 1.0)):  # a saving far below and far above the cost
+        profile = Profile(key=first.compile_key, eager_batch_seconds=eager, compiled_batch_seconds=compiled)
+        save_profile(profile_dir(CPU), profile)
+        plan = make_plan(samples, no_run, small_spec, CPU, options)
+        expected = decide(profile, "cpu", len(samples), 7, eager, leaf_modules(no_run))
+        assert (plan.compile.value, plan.compile.reason) == (expected.compile, expected.reason)
+    assert plan.compile.value is True
+
+
+def test_route_from_measured_rates(small_data, small_spec, no_run, fresh_cache):
+    """With the route on and --compile auto, rates saying the fast path cannot pay send every sample to the
+    reference's code; rates saying it pays keep the fast path. Both keep the rates to record into."""
+    samples = discover(small_data, quiet=True)
+    options = FastOptions(compile="auto", route=True)
+    precision = resolve_precision("auto", CPU)
+    key = rates_key(no_run, CPU, precision, (32, 32))
+    save_rates(CPU, Rates(key=key, reference_image_seconds=1e-4, fast_image_seconds=1.0, fast_setup_seconds=9.0))
+    slow = make_plan(samples, no_run, small_spec, CPU, options)
+    assert slow.route.value == "reference" and "would not pay" in slow.route.reason
+    assert (slow.precision.value, slow.compile.value, slow.loader.value) == ("fp32", False, "none")
+    assert slow.rates is not None and slow.records_rates
+    save_rates(CPU, Rates(key=key, reference_image_seconds=1.0, fast_image_seconds=1e-4, fast_setup_seconds=0.0))
+    fast = make_plan(samples, no_run, small_spec, CPU, options)
+    assert fast.route.value == "fast" and fast.route.reason.startswith("fast path")
+    assert fast.precision.value == precision
+    # A shard never routes (every rank must take the same route), nor does --compile on
+    assert make_plan(samples, no_run, small_spec, CPU, options, scope=Sharded(21)).route.value == "fast"
+    assert make_plan(samples, no_run, small_spec, CPU, FastOptions(compile="on", route=True)).rates is None
+
+
+def test_files_dali_decodes_differently_go_by_the_reference(small_data, small_spec, no_run, fresh_cache,
+                                                            monkeypatch):
+    """With DALI (a run too large for PIL's pixels), the files ``needs_pil`` names are the reference's."""
+    monkeypatch.setattr(plan_module, "needs_pil", lambda samples: [2, 5])
+    monkeypatch.setattr(plan_module, "resolve_loader", lambda kind: "dali")
+    samples = discover(small_data, quiet=True)
+    plan = make_plan(samples, no_run, small_spec, CPU, FastOptions(compile="off", loader="dali"),
+                     scope=Sharded(1000))
+    assert plan.loader.value == "dali-cpu" and plan.by_reference.value == 2 and plan.reference_only == (2, 5)
+    assert 2 not in plan.main and 5 not in plan.main and len(plan.main) == 19
+    assert set(plan.calibration_indices) <= set(plan.main)
+    # The torchvision loaders decode with PIL already: no file goes by the reference
+    monkeypatch.setattr(plan_module, "resolve_loader", lambda kind: "torchvision")
+    tv = make_plan(samples, no_run, small_spec, CPU, FastOptions(compile="off"), scope=Sharded(1000))
+    assert tv.by_reference.value == 0 and tv.reference_only == ()
+
+
+def test_bad_options_and_files_are_refused_while_planning(small_data, small_spec, no_run, fresh_cache, tmp_path):
+    samples = discover(small_data, quiet=True)
+    with pytest.raises(FastevalError, match="--precision fp16"):
+        make_plan(samples, no_run, small_spec, CPU, FastOptions(precision="fp16"))
+    with pytest.raises(FastevalError, match="--exact"):
+        make_plan(samples, no_run, small_spec, CPU, FastOptions(exact="maybe"))
+    bad = tmp_path / "data" / "a"
+    bad.mkdir(parents=True)
+    (bad / "x.jpg").write_bytes(b"not an image")
+    with pytest.raises(FastevalError, match="x.jpg"):
+        make_plan(discover(str(tmp_path / "data"), quiet=True), no_run, small_spec, CPU, FastOptions())
+
+
+def test_reference_plan_is_the_plain_loop():
+    plan = reference_plan(21, 64, 2)
+    assert {k: d.value for k, d in plan.decisions().items()} == {
+        "route": "reference", "loader": "none", "startup_decoding": False, "batch_shape": 21, "precision": "fp32",
+        "compile": False, "exact": True, "calibration": 0, "by_reference": 21, "workers": 2,
+        "metrics_backend": "torch"}
