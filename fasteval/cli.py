@@ -33,6 +33,8 @@ def build_parser() -> argparse.ArgumentParser:
     mode = ev.add_mutually_exclusive_group()
     mode.add_argument("--reference", action="store_true",
                       help="run the plain PyTorch reference loop (torchvision + PIL + eager fp32)")
+    ev.add_argument("--explain", action="store_true",
+                    help="print the plan, every decision with its reason, and exit without evaluating")
     mode.add_argument("--validate", action="store_true",
                       help="run the fast path and the reference, and compare them sample by sample")
     ev.add_argument("--predictions", metavar="PATH", type=non_empty_path,
@@ -54,6 +56,8 @@ def build_parser() -> argparse.ArgumentParser:
                     help="bar chart of images/s per stage (needs matplotlib)")
     be.add_argument("--no-time-to-result", action="store_true",
                     help="skip timing the whole eval commands (each path cold, then --repeats times warm)")
+    be.add_argument("--verbose", action="store_true",
+                    help="print the stage breakdown, the time split, memory and every reason")
 
     from fasteval.training.options import add_train_options  # light: argparse only
 
@@ -206,8 +210,8 @@ GPU_NODES = ("/dev/nvidiactl", "/dev/kfd")
 def _start_prefetch(args):
     """Before torch is imported, for a single fast eval on the CPU: list DATA and, for a small dataset,
     start decoding it as the reference does (fasteval/data/prefetch.py). Returns (the sample list or
-    None, the decoder or None); any problem with DATA or the options is left to the checks that report
-    it (None, None here)."""
+    None, the decoder or None; ``--explain``: True where it would start one); any problem with DATA or the
+    options is left to the checks that report it (None, None here)."""
     if (args.reference or args.validate or args.cache or args.data is None or args.loader not in ("auto", "torchvision")
             or len(args.weights or []) > 1 or "RANK" in os.environ or "WORLD_SIZE" in os.environ):
         return None, None
@@ -227,7 +231,7 @@ def _start_prefetch(args):
     hw = input_hw(spec, samples.paths[0]) if samples.paths else None
     if not prefetch.reads_pil_pixels("cpu", args.loader, len(samples), hw):
         return samples, None
-    return samples, prefetch.start(samples, spec)
+    return samples, True if args.explain else prefetch.start(samples, spec)
 
 
 def cmd_eval(args) -> int:
@@ -247,6 +251,7 @@ def cmd_eval(args) -> int:
 
         check_cache_dir(args.cache)
     from fasteval.evaluation.fast import evaluate_fast
+    from fasteval.evaluation.plan import make_plan, reference_plan
     from fasteval.evaluation.reference import REFERENCE_SETTINGS, evaluate_reference
     from fasteval.output.report import build_report, format_table, write_json, write_predictions
     from fasteval.evaluation.validate import compare, format_comparison
@@ -255,10 +260,21 @@ def cmd_eval(args) -> int:
     with start_ranks(args.device, debug=args.debug) as ranks:  # one process, or one rank under torchrun
         samples, spec, device, model, config = ranks.step(_prepare, args, ranks, listed)
         shard, batch, progress = ranks.shard(samples), config["batch_size"], not args.no_progress and ranks.is_main
+        plain = reference_plan(len(samples), args.batch_size, args.workers,
+                               "--reference" if args.reference else "--validate's reference").to_json()
+        if args.explain:  # the plans, nothing evaluated
+            fast = None if args.reference else ranks.step(
+                make_plan, shard, model, spec, device, fast_options(args), source="store" if args.cache else "loader",
+                scope=ranks.scope(samples), decoded_at_start=pixels is not None)
+            if not ranks.is_main:
+                return 0
+            return _explain(args, config, samples, fast.to_json() if fast else None,
+                            plain if args.reference or args.validate else None)
         reference = fast = None
         if args.reference or args.validate:
             reference = ranks.gather(ranks.step(evaluate_reference, shard, model, spec, batch_size=args.batch_size,
                                                 workers=args.workers, device=device, progress=progress), samples, batch)
+            reference.extra["plan"] = plain
         if not args.reference:
             fast = ranks.gather(ranks.step(evaluate_fast, shard, model, spec, device=device, options=fast_options(args),
                                            progress=progress, scope=ranks.scope(samples), pixels=pixels,
@@ -283,6 +299,17 @@ def cmd_eval(args) -> int:
 
         write_plots(report, args.plot)
     return 0 if printed else _stdout_closed(bool(args.json or args.predictions or args.plot))
+
+
+def _explain(args, config: dict, samples, fast: dict | None, reference: dict | None) -> int:
+    """``--explain``: print the plan(s) and write them to ``--json``; nothing evaluated, nothing else written."""
+    from fasteval.output.report import explain_report, write_json
+
+    text, report = explain_report(f"fasteval {args.command}", config, samples, fast, reference)
+    printed = _print_report(text)
+    if args.json:
+        write_json(report, args.json)
+    return 0 if printed else _stdout_closed(bool(args.json))
 
 
 def _print_report(text: str) -> bool:
@@ -324,7 +351,8 @@ def _decoded_source(args) -> dict:
 def cmd_bench(args) -> int:
     _check_names(args)
     check_outside_data(args, args.data)
-    from fasteval.bench import format_bench, plot_bench, run_bench
+    from fasteval.bench import run_bench
+    from fasteval.output.bench_table import format_bench, plot_bench
     from fasteval.output.report import write_json
 
     if args.plot:
@@ -348,7 +376,7 @@ def cmd_bench(args) -> int:
         return 0
     result["config"].update(arch=config["arch"], weights=config["weights"], preset=spec.name,
                             batch_size=config["batch_size"], batch_size_requested=config["batch_size_requested"])
-    printed = _print_report(format_bench(result) + format_ranks_bench(result))
+    printed = _print_report(format_bench(result, verbose=args.verbose) + format_ranks_bench(result))
     if args.json:
         write_json(result, args.json)
     if args.plot:

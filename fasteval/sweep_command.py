@@ -51,6 +51,18 @@ def cmd_sweep(args, prepare) -> int:
         check_cache_dir(args.cache)
     samples, spec, device, model, config = prepare(args)
     check_checkpoints(args.arch, args.checkpoints, samples.num_classes)
+    if args.explain:
+        from fasteval.evaluation.plan import make_plan
+        from fasteval.output.report import explain_report
+
+        plan = make_plan(samples, model, spec, device, fast_options(args), source="store",
+                         passes=len(args.checkpoints))
+        text, report = explain_report(f"fasteval eval (a sweep of {len(args.checkpoints)} checkpoints)", config,
+                                      samples, plan.to_json())
+        print(text)
+        if args.json:
+            write_json(report, args.json)
+        return 0
     start = time.perf_counter()
     source = DecodedSource(args.cache)
     evaluator = FastEvaluator(samples, model, spec, device, fast_options(args), batch_source=source,
@@ -61,6 +73,7 @@ def cmd_sweep(args, prepare) -> int:
     decoded = dict(source.info) if source.info else {"placement": "none", "reason": "every sample by the reference's "
                                                                                      "code", "cache": "off"}
     report = build_sweep_report(args.checkpoints, results, seconds, labels, config, device, decoded, setup, samples)
+    report["plan"] = evaluator.executed_plan.to_json()
     print(format_sweep(report))
     if args.json:
         write_json(report, args.json)

@@ -17,7 +17,7 @@ from tqdm import tqdm
 
 from fasteval.devices import synchronize, use_device
 from fasteval.errors import first_line
-from fasteval.data.loaders import Batch
+from fasteval.data.batch import Batch
 from fasteval.data.loader_torch import PixelLoader
 from fasteval.data.loaders import make_loader
 from fasteval.data.preprocess import PreprocessSpec

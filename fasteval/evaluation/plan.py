@@ -136,9 +136,9 @@ def make_plan(samples: SampleList, model: nn.Module, spec: PreprocessSpec, devic
     in_process = pil_pixels and source == "loader"
     at_start = in_process and decoded_at_start
     startup = Decision(at_start, "the command decodes these images with PIL while torch imports" if at_start else
-                       "no: " + ("a decoded store feeds the passes" if source == "store" else
-                                 "not started by the command" if in_process else
-                                 f"{total} image(s) on {device.type}: a loader decodes them"))
+                       "a decoded store feeds the passes" if source == "store" else
+                       "the command did not start it (a library call, --validate, a bench, a torchrun rank)"
+                       if in_process else f"{total} image(s) on {device.type}: a loader decodes them")
 
     # Batch shape: a static batch larger than the dataset would be mostly padding: clamped to the whole run's
     # size, so that every shard runs the one-process shape. The reference keeps --batch-size (clamped).

@@ -6,6 +6,7 @@ import json
 import math
 import os
 import platform
+import textwrap
 
 import torch
 
@@ -102,8 +103,15 @@ def format_table(report: dict, title: str = "fasteval") -> str:
     if "exact" in report and plan.get("route", {}).get("value") != "reference":
         rows.append(("exact counts", exact_summary(report["exact"])))
     width = max(len(k) for k, _ in rows)
-    lines = [title, "-" * len(title)] + [f"{k.ljust(width)}  {v}" for k, v in rows]
+    lines = [title, "-" * len(title)]
+    for k, v in rows:  # long values (reasons) wrap under their value's column
+        wrapped = textwrap.wrap(v, max(40, TABLE_WIDTH - width - 2), subsequent_indent="  ",
+                                break_on_hyphens=False, break_long_words=False) or [""]
+        lines += [f"{(k if i == 0 else '').ljust(width)}  {line}" for i, line in enumerate(wrapped)]
     return "\n".join(lines)
+
+
+TABLE_WIDTH = 110  # the report's lines, a reason wrapped (a path or a class name longer than that stays whole)
 
 
 # The plan's decisions a run's table shows, under these labels; a reason is shown where it adds to the value.
@@ -123,6 +131,46 @@ def plan_rows(plan: dict) -> list[tuple[str, str]]:
         shown = {True: "yes", False: "no"}.get(value, value) if isinstance(value, bool) else value
         rows.append((label, f"{shown}  ({decision['reason']})" if decision.get("reason") else str(shown)))
     return rows
+
+
+# The decisions under their printed names, in the order a reader follows a run.
+PLAN_LABELS = {"route": "route", "loader": "loader", "startup_decoding": "start-up decoding",
+               "batch_shape": "batch shape", "precision": "precision", "compile": "compile", "exact": "exact counts",
+               "calibration": "calibration", "by_reference": "by reference's code", "workers": "workers",
+               "metrics_backend": "metrics"}
+
+
+def format_plan(plan: dict, title: str, header: list[tuple[str, str]] = ()) -> str:
+    """``--explain``: each decision's value on its row, its reason wrapped below it (as a query planner's
+    EXPLAIN shows each node with what it will do and why). ``header``: (label, value) rows first."""
+    width = max(len(label) for label in (*PLAN_LABELS.values(), *(k for k, _ in header)))
+    lines = [title, "-" * len(title)] + [f"{k.ljust(width)}  {v}" for k, v in header]
+    for name, decision in plan.items():
+        value = decision["value"]
+        shown = {True: "yes", False: "no"}.get(value, value) if isinstance(value, bool) else value
+        lines.append(f"{PLAN_LABELS.get(name, name).ljust(width)}  {shown}")
+        lines += textwrap.wrap(decision["reason"], 110, initial_indent=" " * (width + 4),
+                               subsequent_indent=" " * (width + 4), break_on_hyphens=False)
+    return "\n".join(lines)
+
+
+def explain_report(command: str, config: dict, samples, fast: dict | None,
+                   reference: dict | None = None) -> tuple[str, dict]:
+    """``--explain``'s text and JSON: the fast path's plan and, for ``--reference``/``--validate`` (and a
+    bench), the reference's; the JSON holds ``plan`` (and ``reference.plan``) beside the ``config``."""
+    header = [("data", f"{config['path']}: {len(samples)} sample(s), {samples.num_classes} class(es)"),
+              ("model", f"{config['arch']}, weights {config['weights'] or 'none (random init)'}"),
+              ("device", config["device"])]
+    parts = []
+    if fast is not None:
+        parts.append(format_plan(fast, f"{command} --explain: the fast path's plan (nothing evaluated)", header))
+    if reference is not None:
+        parts.append(format_plan(reference, f"{command} --explain: the reference's plan (nothing evaluated)",
+                                 [] if parts else header))
+    report = {"explain": True, "plan": fast or reference, "config": config}
+    if fast is not None and reference is not None:
+        report["reference"] = {"plan": reference}
+    return "\n\n".join(parts), report
 
 
 def exact_summary(exact: dict) -> str:
