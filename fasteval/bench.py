@@ -35,11 +35,12 @@ from torch import nn
 
 from fasteval.devices import synchronize
 from fasteval.evaluation.fast import FastEvaluator, FastOptions
+from fasteval.evaluation.plan import reference_plan
 from fasteval.kernels.accumulator import MetricsAccumulator
 from fasteval.evaluation.metrics import TOPK, EvalResult
 from fasteval.data.preprocess import PreprocessSpec
 from fasteval.evaluation.reference import REFERENCE_SETTINGS, evaluate_reference, reference_loader, reference_logits, score_batch
-from fasteval.output.files import atomic_write
+from fasteval.output.bench_table import STAGES
 from fasteval.output.report import build_report, environment
 from fasteval.procs import children
 from fasteval.data.samples import SampleList
@@ -48,11 +49,6 @@ from fasteval.evaluation.validate import compare
 MIN_STAGE_BATCHES = 8  # a stage runs at least this many batches (the dataset's own, repeated if fewer)
 KEEP_BATCHES = 4  # distinct decoded batches held for the model and metrics stages
 POLL_SECONDS = 0.02  # memory sampling interval of the time-to-result commands
-STAGES = {"decode": "decode+preprocess", "model": "model", "metrics": "metrics",
-          "reference_code": "reference code"}
-METRICS_NOTE = ("metrics: the fast path's twin also computes per row the decision margins, the top-5 classes and the "
-                "confidence, which the reference does not, so on the CPU it can read slower than the reference's; "
-                "either is a small fraction of a batch's time")
 
 
 def _rate(images: int, seconds: float) -> float:
@@ -105,7 +101,7 @@ def _fast_stages(evaluator: FastEvaluator, median: EvalResult) -> dict:
     # The samples the reference's code evaluates: the PIL-only files (timed here) and the recheck (the run's own).
     start = time.perf_counter()
     reference_logits(samples, evaluator.reference_only, evaluator.reference_model, evaluator.spec,
-                     batch_size=evaluator.options.batch_size, workers=evaluator.options.workers, device=device)
+                     batch_size=evaluator.plan.reference_batch_size, workers=evaluator.options.workers, device=device)
     seconds = time.perf_counter() - start + median.extra["exact"].get("seconds", 0.0)
     return {**stages, "reference_code": _rate(len(samples), seconds) if seconds > 0 else float("inf"),
             "reference_code_samples": int(median.rechecked.sum())}
@@ -271,6 +267,12 @@ def time_to_result(config: dict, options: FastOptions, repeats: int = 3, progres
 # --- the bench --------------------------------------------------------------------------------------------
 
 
+def bench_loop_options(options: FastOptions) -> FastOptions:
+    """The options of the fast loop a bench times: always the fast path (no route to the reference's code),
+    compiled where ``--compile auto`` would compile a long run."""
+    return replace(options, compile="on" if options.compile == "auto" else options.compile, route=False)
+
+
 def run_bench(samples: SampleList, model: nn.Module, spec: PreprocessSpec, device: torch.device,
               options: FastOptions, repeats: int = 3, progress: bool = True, eval_config: dict | None = None,
               measure_time_to_result: bool = True, scope=None) -> dict:
@@ -296,7 +298,7 @@ def run_bench(samples: SampleList, model: nn.Module, spec: PreprocessSpec, devic
         torch.cuda.reset_peak_memory_stats(device)
 
     # The fast loop itself, always (no route to the reference); compiled where auto would compile a long run.
-    loop_options = replace(options, compile="on" if options.compile == "auto" else options.compile, route=False)
+    loop_options = bench_loop_options(options)
     evaluator = FastEvaluator(samples, model, spec, device, loop_options, scope=scope)
     fast_runs = [evaluator.run(progress)]
     if device.type == "cuda":
@@ -322,6 +324,7 @@ def run_bench(samples: SampleList, model: nn.Module, spec: PreprocessSpec, devic
         "agreement": cmp["agreement"],
         "config": config,
         "reference": {**build_report(ref, REFERENCE_SETTINGS, device),
+                      "plan": reference_plan(len(samples), options.batch_size, options.workers, "bench").to_json(),
                       "runs_images_per_sec": [r.images_per_sec for r in ref_runs]},
         "fast": {**build_report(fast, {}, device), "runs_images_per_sec": [r.images_per_sec for r in fast_runs]},
         "stages": {"reference": ref_stages, "fast": fast_stages},
@@ -334,124 +337,3 @@ def run_bench(samples: SampleList, model: nn.Module, spec: PreprocessSpec, devic
         del evaluator  # its DALI threads and buffers would compete with the commands
         result["time_to_result"] = time_to_result(eval_config, options, repeats, progress=progress)
     return result
-
-
-def _n(value: float | None, digits: int = 1) -> str:
-    return "-" if value is None else "nan" if value != value else f"{value:,.{digits}f}"
-
-
-def _rechecked(exact: dict) -> str:
-    return f"{exact['rechecked']} samples" if exact.get("enabled") else "off"
-
-
-def _yes(flag) -> str:
-    return "yes" if flag else "no"
-
-
-def _time_rows(t: dict) -> list[tuple[str, str, str, str]]:
-    ref, fast = t["reference"], t["fast"]
-    rows = [("time to result (s)", "reference", "fast", ""),
-            ("cold: whole command", _n(ref["cold"]["wall_seconds"], 2), _n(fast["cold"]["wall_seconds"], 2),
-             f"{t['ratio_cold']:.2f}x"),
-            (f"warm: whole command (median of {t['repeats']})", _n(ref["warm"]["wall_seconds"], 2),
-             _n(fast["warm"]["wall_seconds"], 2), f"{t['ratio_warm']:.2f}x")]
-    for key, label in (("setup_seconds", "  start, imports, setup, report"), ("warmup_seconds", "  warm-up+compile"),
-                       ("loop_seconds", "  loop"), ("recheck_seconds", "  exact recheck")):
-        rows.append((label, _n(ref["warm"][key], 2), _n(fast["warm"][key], 2), "warm run"))
-    rows += [("fast compile (cold, warm)", "", f"{_yes(fast['cold']['compile'])}, {_yes(fast['warm']['compile'])}",
-              "see below"),
-             ("peak RSS MB, main process", _n(ref["warm"]["main_peak_rss_mb"], 0),
-              _n(fast["warm"]["main_peak_rss_mb"], 0), "warm run, per process"),
-             ("peak RSS MB, largest worker", _workers(ref["warm"]), _workers(fast["warm"]), "not added to the main's")]
-    return rows
-
-
-def _workers(run: dict) -> str:
-    return _n(run["largest_worker_peak_rss_mb"], 0) if run["largest_worker_peak_rss_mb"] else "none"
-
-
-def format_bench(b: dict) -> str:
-    """The side-by-side table."""
-    ref, fast, cfg = b["reference"], b["fast"], b["config"]
-    rows = [
-        (f"loop images/s (median of {cfg['repeats']})", _n(ref["images_per_sec"]), _n(fast["images_per_sec"]),
-         f"{b['speedup']:.2f}x"),
-        ("top-1 %", _n(ref["top1"], 3), _n(fast["top1"], 3), f"{fast['top1'] - ref['top1']:+.3f}"),
-        ("top-5 %", _n(ref["top5"], 3), _n(fast["top5"], 3), f"{fast['top5'] - ref['top5']:+.3f}"),
-        ("loss (per sample)", _n(ref["loss"], 6), _n(fast["loss"], 6), f"{fast['loss'] - ref['loss']:+.6f}"),
-        ("agreement (top-1)", "", f"{100 * b['agreement']:.2f} %", f"{b['validation']['flipped']} flipped"),
-        ("exact recheck", "", _rechecked(fast.get("exact", {})), "included in images/s"),
-        ("warm-up s (excluded)", "0.0", _n(fast["warmup_seconds"], 1), ""),
-    ]
-    mem = b["memory"]
-    if "time_to_result" not in b:  # no per-process sampling: the kernel's figure for this process only
-        inproc = mem["in_process"]
-        rows += [("peak RSS MB, this process", _n(inproc["after_reference"]["main_peak_rss_mb"], 0),
-                  _n(inproc["after_fast"]["main_peak_rss_mb"], 0), "cumulative: fast includes the reference's")]
-    if "fast_peak_gpu_mb" in mem:
-        rows.append(("peak GPU MB", _n(mem["reference_peak_gpu_mb"], 0), _n(mem["fast_peak_gpu_mb"], 0), ""))
-    loop_compile = _yes(fast["compile"]) + (" (steady state)" if cfg.get("compile") == "auto" else "")
-    rows += [
-        ("loader", "DataLoader+PIL", fast["loader"], ""),
-        ("batch shape", str(cfg["batch_size"]), str(fast.get("batch_shape") or cfg["batch_size"]),
-         fast.get("batch_shape_reason") or ""),
-        ("precision", "fp32", fast["precision"], ""),
-        ("compile (loop)", "no", loop_compile, ""),
-        ("", "", "", ""),
-        ("stage (images/s)", "reference", "fast", ""),
-    ]
-    for key, label in (*STAGES.items(), ("end_to_end", "end to end")):
-        ref_value = b["stages"]["reference"].get(key)
-        if key == "reference_code":
-            label = f"{label} ({b['stages']['fast'].get('reference_code_samples', 0)} samples)"
-        rows.append((label, _n(ref_value), _n(b["stages"]["fast"][key]), ""))
-    if "time_to_result" in b:
-        rows += [("", "", "", "")] + _time_rows(b["time_to_result"])
-    widths = [max(len(r[i]) for r in rows) for i in range(4)]
-    title = (f"fasteval bench: {cfg['samples']} images, batch {cfg['batch_size']}, {cfg['workers']} workers, "
-             f"{cfg['device']}")
-    lines = [title, "-" * len(title), f"{'':{widths[0]}}  {'reference':>{widths[1]}}  {'fast':>{widths[2]}}"]
-    for r in rows:
-        lines.append(f"{r[0]:{widths[0]}}  {r[1]:>{widths[1]}}  {r[2]:>{widths[2]}}  {r[3]}".rstrip())
-    m = b["machine"]
-    lines += [
-        f"reference {b['verdict']['reference']}",
-        f"fast      {b['verdict']['fast']}",
-        "stages: each alone over the dataset's batches; end to end they share the machine (a loader decodes beside "
-        "the model, DALI, or between its batches, PIL on the CPU), so end to end is below the slowest stage",
-    ]
-    if b["stages"]["fast"]["metrics"] < b["stages"]["reference"]["metrics"]:
-        lines.append(METRICS_NOTE)
-    if "time_to_result" in b:
-        t = b["time_to_result"]["fast"]
-        for what, key in (("route", "route"), ("compile", "compile_reason")):
-            lines += [f"fast {what}, {run}: {t[run][key]}" for run in ("cold", "warm") if t[run].get(key)]
-    lines.append(f"machine: {m['cpu']} ({m['cpu_cores']} cores), GPU: {m.get('gpu', 'none')}, torch {m['torch']}, "
-                 f"torchvision {m['torchvision']}, triton {m['triton']}, DALI {m['dali'] or 'not installed'}")
-    return "\n".join(lines)
-
-
-def plot_bench(b: dict, path: str) -> None:
-    """A PNG bar chart of images/s per stage for both paths (needs matplotlib: pip install fasteval[plot])."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    stages = ["decode", "model", "metrics", "end_to_end"]
-    labels = [STAGES.get(s, "end to end") for s in stages]
-    fig, ax = plt.subplots(figsize=(8, 4.5))
-    width = 0.38
-    for offset, key, colour in ((-width / 2, "reference", "#999999"), (width / 2, "fast", "#1f77b4")):
-        values = [b["stages"][key][s] for s in stages]
-        bars = ax.bar([i + offset for i in range(len(stages))], values, width, label=key, color=colour)
-        ax.bar_label(bars, labels=[f"{v:,.0f}" for v in values], fontsize=8)
-    ax.set_yscale("log")
-    ax.set_xticks(range(len(stages)), labels)
-    ax.set_ylabel("images/s (log scale)")
-    ax.set_title(f"fasteval bench: {b['speedup']:.2f}x end to end ({b['config']['device']})")
-    ax.legend()
-    fig.tight_layout()
-    with atomic_write(path, binary=True) as f:  # complete or not at all, like every output
-        fig.savefig(f, format="png", dpi=120)
-    plt.close(fig)

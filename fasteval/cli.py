@@ -56,6 +56,8 @@ def build_parser() -> argparse.ArgumentParser:
                     help="bar chart of images/s per stage (needs matplotlib)")
     be.add_argument("--no-time-to-result", action="store_true",
                     help="skip timing the whole eval commands (each path cold, then --repeats times warm)")
+    be.add_argument("--explain", action="store_true",
+                    help="print the plans of the timed fast loop and of the reference, and exit without running")
     be.add_argument("--verbose", action="store_true",
                     help="print the stage breakdown, the time split, memory and every reason")
 
@@ -64,6 +66,8 @@ def build_parser() -> argparse.ArgumentParser:
     tr = sub.add_parser("train", help="fine-tune a classifier, with exact per-epoch train and validation metrics")
     add_train_options(tr)
     add_fast_options(tr)
+    tr.add_argument("--explain", action="store_true",
+                    help="print the plan each epoch's validation follows, and exit without training")
 
     sy = sub.add_parser("synth", help="write a deterministic synthetic ImageFolder of JPEGs")
     sy.add_argument("out", metavar="OUT", type=non_empty_path, help="output folder")
@@ -351,7 +355,8 @@ def _decoded_source(args) -> dict:
 def cmd_bench(args) -> int:
     _check_names(args)
     check_outside_data(args, args.data)
-    from fasteval.bench import run_bench
+    from fasteval.bench import bench_loop_options, run_bench
+    from fasteval.evaluation.plan import make_plan, reference_plan
     from fasteval.output.bench_table import format_bench, plot_bench
     from fasteval.output.report import write_json
 
@@ -367,6 +372,13 @@ def cmd_bench(args) -> int:
         if len(samples) < ranks.world_size:
             raise FastevalError(f"bench under torchrun needs a sample per rank: {len(samples)} samples, "
                                 f"{ranks.world_size} ranks")
+        if args.explain:  # the timed loop's plan and the reference's, nothing evaluated
+            plan = ranks.step(make_plan, ranks.shard(samples), model, spec, device,
+                              bench_loop_options(fast_options(args)), scope=ranks.scope(samples))
+            if not ranks.is_main:
+                return 0
+            return _explain(args, config, samples, plan.to_json(),
+                            reference_plan(len(samples), args.batch_size, args.workers, "bench").to_json())
         result = ranks.step(run_bench, ranks.shard(samples), model, spec, device, fast_options(args),
                             repeats=args.repeats, progress=not args.no_progress and ranks.is_main, eval_config=config,
                             measure_time_to_result=not args.no_time_to_result and not ranks.launched,

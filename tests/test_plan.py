@@ -193,3 +193,87 @@ def test_reference_plan_is_the_plain_loop():
         "route": "reference", "loader": "none", "startup_decoding": False, "batch_shape": 21, "precision": "fp32",
         "compile": False, "exact": True, "calibration": 0, "by_reference": 21, "workers": 2,
         "metrics_backend": "torch"}
+
+
+# --- the commands: --explain, the JSON plan, the table -------------------------------------------------------
+
+SMALL = ["--resize", "40", "--crop", "32", "--workers", "0", "--no-progress"]
+
+
+@pytest.fixture
+def nothing_runs(monkeypatch):
+    """--explain evaluates nothing: any evaluation fails the test."""
+    import fasteval.evaluation.fast as fast
+    import fasteval.evaluation.reference as reference
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("--explain evaluated")
+
+    monkeypatch.setattr(fast.FastEvaluator, "__init__", refuse)
+    monkeypatch.setattr(reference, "evaluate_reference", refuse)
+
+
+def test_eval_explain_prints_and_writes_the_plan(small_data, weights_3cls, tmp_path, capsys, nothing_runs,
+                                                 fresh_cache):
+    from fasteval.cli import main
+
+    out = tmp_path / "plan.json"
+    assert main(["eval", small_data, "--weights", weights_3cls, *SMALL, "--explain", "--json", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert text.startswith("fasteval eval --explain: the fast path's plan (nothing evaluated)")
+    report = json.loads(out.read_text())
+    assert report["explain"] is True and list(report["plan"]) == list(DECISIONS)
+    for name, decision in report["plan"].items():  # each value printed on its row, its reason below it
+        assert set(decision) == {"value", "reason"} and decision["reason"]
+        assert decision["reason"].split()[0] in text
+    assert "correct_top1" not in report and "samples" not in report
+
+
+def test_validate_explain_gives_both_plans_and_reference_explain_the_plain_loop(small_data, weights_3cls, tmp_path,
+                                                                                capsys, nothing_runs, fresh_cache):
+    from fasteval.cli import main
+
+    out = tmp_path / "v.json"
+    assert main(["eval", small_data, "--weights", weights_3cls, *SMALL, "--validate", "--explain",
+                 "--json", str(out)]) == 0
+    report = json.loads(out.read_text())
+    assert report["reference"]["plan"]["precision"]["value"] == "fp32" and list(report["plan"]) == list(DECISIONS)
+    assert "the reference's plan" in capsys.readouterr().out
+    assert main(["eval", small_data, "--weights", weights_3cls, *SMALL, "--reference", "--explain"]) == 0
+    text = capsys.readouterr().out
+    assert "the reference's plan" in text and "fast path's plan" not in text
+
+
+def test_train_and_bench_explain_write_nothing(small_data, tmp_path, capsys, nothing_runs, fresh_cache):
+    from fasteval.cli import main
+
+    run = tmp_path / "run"
+    assert main(["train", small_data, small_data, "--out", str(run), *SMALL, "--epochs", "2", "--explain"]) == 0
+    assert "fasteval train (validation, 2 epoch(s)) --explain" in capsys.readouterr().out and not run.exists()
+    assert main(["bench", small_data, *SMALL, "--explain"]) == 0
+    text = capsys.readouterr().out
+    assert "fasteval bench --explain: the fast path's plan" in text and "the reference's plan" in text
+
+
+def test_a_run_reports_the_plan_it_executed(small_data, weights_3cls, tmp_path, capsys, fresh_cache):
+    """The JSON's plan is the executed one (compile resolved from 'measure'), and the table shows it; a run the
+    route sends to the reference's code says so first and shows fp32 eager, no loader."""
+    from fasteval.cli import main
+
+    out = tmp_path / "r.json"
+    assert main(["eval", small_data, "--weights", weights_3cls, *SMALL, "--compile", "auto", "--json", str(out)]) == 0
+    report = json.loads(out.read_text())
+    plan = report["plan"]
+    text = capsys.readouterr().out.splitlines()
+    if plan["route"]["value"] == "reference":  # 21 samples with the assumed rates: the reference's code
+        assert text[2].startswith("route") and "every sample by the reference's code" in text[2]
+        assert (plan["precision"]["value"], plan["compile"]["value"], plan["loader"]["value"]) == ("fp32", False,
+                                                                                                    "none")
+        assert report["precision"] == "fp32" and not any(line.startswith("exact counts") for line in text)
+    assert plan["compile"]["value"] in (True, False) and report["compile"] == plan["compile"]["value"]
+    assert any(line.startswith("compile ") for line in text)
+    ran = main(["eval", small_data, "--weights", weights_3cls, *SMALL, "--compile", "off", "--json", str(out)])
+    plan = json.loads(out.read_text())["plan"]
+    assert ran == 0 and plan["route"]["value"] == "fast" and plan["compile"] == {
+        "value": False, "reason": "--compile off: eager (channels-last + autocast)"}
+    assert plan["precision"]["value"] == resolve_precision("auto", CPU)

@@ -248,7 +248,8 @@ def _route(samples, model, device, options, precision, input_hw, at_start, pil_f
         return Decision("fast" if chosen.fast else "reference", chosen.reason), rates
     why = ("torchrun: every rank takes the fast path" if scope.sharded else
            f"--compile {mode}: the fast path as asked" if mode != "auto" else
-           "no samples" if not len(samples) else "the fast path, as the caller asked")
+           "no samples" if not len(samples) else
+           "no route asked: the fast path (a bench's timed loop, train's validation, a library call)")
     return Decision("fast", why), None
 
 

@@ -132,8 +132,30 @@ def train_command(args) -> int:
     from fasteval.output.files import locked_folder
 
     check_options(args)
+    if args.explain:  # nothing written: RUN_DIR is neither created nor locked
+        return _explain(args)
     with locked_folder(args.out, "--out"):  # one run writes RUN_DIR at a time; a new one is removed on failure
         return _train(args)
+
+
+def _explain(args) -> int:
+    """``train --explain``: the plan each epoch's validation would follow; nothing trained or written."""
+    from fasteval.output.report import explain_report
+    from fasteval.training.loop import RunOptions, Trainer
+
+    spec = preprocessing(args, None)
+    recipe = recipe_from(args, None)
+    train, val, device = prepare(args, spec)
+    options = RunOptions(out=args.out, device=device, precision=train_precision(args.precision, device),
+                         loader=args.loader, compile=args.compile, exact=args.exact, workers=args.workers,
+                         progress=False)
+    trainer = Trainer(train, val, spec, recipe, options, None)
+    config = {"path": os.path.abspath(args.val), "arch": recipe.arch, "weights": recipe.weights,
+              "device": str(device)}
+    text, _ = explain_report(f"fasteval train (validation, {recipe.epochs} epoch(s))", config, val,
+                             trainer.validation_plan().to_json())
+    print(text)
+    return 0
 
 
 def _train(args) -> int:

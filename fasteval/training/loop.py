@@ -28,6 +28,7 @@ from fasteval.data.loader_torch import to_device
 from fasteval.data.preprocess import PreprocessSpec
 from fasteval.data.samples import SampleList
 from fasteval.evaluation.fast import FastEvaluator, FastOptions
+from fasteval.evaluation.plan import Plan, make_plan
 from fasteval.evaluation.metrics import TOPK, EvalResult, batch_means
 from fasteval.kernels.accumulator import MetricsAccumulator
 from fasteval.kernels.fused_metrics import resolve_backend
@@ -89,15 +90,25 @@ class Trainer:
         self.evaluator: FastEvaluator | None = None
         self.validation: dict = {}  # how the last validation ran (loader, precision, compile, exact counts)
 
-    def build_evaluator(self) -> FastEvaluator:
-        """The validation evaluator, built once, on a copy of the model (its reference model is that copy
-        itself, switched to eval mode: the training model's mode is never touched)."""
+    def _validation_options(self) -> tuple[FastOptions, int]:
+        """The validation's fast-path options and its number of passes: one per remaining epoch (so that
+        ``--compile auto`` weighs all of them against one compile)."""
         o = self.options
         fast = FastOptions(loader=o.loader, precision=o.precision, compile=o.compile,
                            batch_size=self.recipe.val_batch_size, workers=o.workers, exact=o.exact)
-        # One validation pass per remaining epoch: --compile auto weighs all of them against one compile.
+        return fast, max(1, self.recipe.epochs - self.start_epoch)
+
+    def validation_plan(self) -> Plan:
+        """The plan every epoch's validation follows (``train --explain`` prints it)."""
+        fast, passes = self._validation_options()
+        return make_plan(self.val_samples, self.model, self.spec, self.device, fast, passes=passes)
+
+    def build_evaluator(self) -> FastEvaluator:
+        """The validation evaluator, built once, on a copy of the model (its reference model is that copy
+        itself, switched to eval mode: the training model's mode is never touched)."""
+        fast, passes = self._validation_options()
         self.evaluator = FastEvaluator(self.val_samples, copy.deepcopy(self.model).eval(), self.spec, self.device,
-                                       fast, passes=max(1, self.recipe.epochs - self.start_epoch))
+                                       fast, passes=passes)
         return self.evaluator
 
     def _autocast(self):
