@@ -442,6 +442,10 @@ def merge_extra(extras: list[dict], counts: list[int]) -> dict:
     for key in _SUMMED_EXTRA:
         if key in base:
             base[key] = sum(e.get(key, 0) for e in extras)
+    if "plan" in base:  # the plan's per-rank count: the whole run's is the sum over the ranks
+        by_reference = dict(base["plan"]["by_reference"], value=sum(e["plan"]["by_reference"]["value"]
+                                                                     for e in extras if "plan" in e))
+        base["plan"] = {**base["plan"], "by_reference": by_reference}
     if "exact" in base:
         base["exact"] = merge_reports([e["exact"] for e in extras])
     return base

@@ -277,3 +277,17 @@ def test_a_run_reports_the_plan_it_executed(small_data, weights_3cls, tmp_path, 
     assert ran == 0 and plan["route"]["value"] == "fast" and plan["compile"] == {
         "value": False, "reason": "--compile off: eager (channels-last + autocast)"}
     assert plan["precision"]["value"] == resolve_precision("auto", CPU)
+
+
+def test_torchrun_merges_the_ranks_plans_counting_every_rank():
+    """Each rank plans its shard: the merged plan is the first evaluating rank's, its count of samples by the
+    reference's code the sum over the ranks (one process would count them all)."""
+    from fasteval.distributed import merge_extra
+
+    def extra(count: int) -> dict:
+        plan = reference_plan(4, 4, 0).to_json()
+        return {"plan": {**plan, "by_reference": {"value": count, "reason": "r"}}, "pil_fallback_files": count}
+
+    merged = merge_extra([extra(1), extra(0), extra(2)], [4, 4, 4])
+    assert merged["plan"]["by_reference"] == {"value": 3, "reason": "r"} and merged["pil_fallback_files"] == 3
+    assert merged["plan"]["precision"] == reference_plan(4, 4, 0).to_json()["precision"]

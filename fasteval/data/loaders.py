@@ -10,7 +10,6 @@ import torch
 from fasteval.choices import CPU_BATCH_PIXELS_PER_CORE, LOADERS
 from fasteval.errors import FastevalError
 from fasteval.procs import usable_cores
-from fasteval.data.batch import Batch  # noqa: F401  (fasteval/evaluation/fast.py imports it from here)
 from fasteval.data.preprocess import PreprocessSpec
 from fasteval.data.samples import SampleList
 
