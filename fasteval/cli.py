@@ -105,7 +105,7 @@ def _check_options(args, outputs: bool = True) -> None:
     from fasteval.devices import resolve_device
     from fasteval.model.inference import resolve_precision
     from fasteval.data.loaders import resolve_loader
-    from fasteval.output.files import check_distinct, check_not_inside, check_output_file
+    from fasteval.files import check_distinct, check_not_inside, check_output_file
     from fasteval.data.preprocess import get_spec
 
     get_spec(args.preset, args.resize, args.crop)
@@ -201,7 +201,7 @@ def _prepare(args, ranks=None, samples=None):
 def check_outside_data(args, data: str | None) -> None:
     """Refuse any output of ``eval`` (a sweep's too) or ``bench`` inside the dataset ``data``; first of
     all, before an output's folder is even probed."""
-    from fasteval.output.files import check_not_inside
+    from fasteval.files import check_not_inside
 
     check_not_inside(output_paths(args), {"DATA" if args.data else "the demo dataset": data})
 

@@ -27,7 +27,7 @@ from torch import nn
 from fasteval.cache_dir import cache_base
 from fasteval.errors import FastevalError
 from fasteval.model.models import build_model
-from fasteval.output.files import staged_folder
+from fasteval.files import staged_folder
 from fasteval.data.preprocess import PRESETS
 from fasteval.evaluation.reference import reference_dataset
 from fasteval.data.samples import discover

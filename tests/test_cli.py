@@ -299,7 +299,7 @@ def test_default_workers_fit_the_usable_cores(monkeypatch):
 
 
 def test_output_checks_refuse_an_empty_path():
-    from fasteval.output.files import check_output_file, check_output_folder
+    from fasteval.files import check_output_file, check_output_folder
 
     for check in (lambda: check_output_file("", "--json"), lambda: check_output_folder("", "OUT", overwrite=True)):
         with pytest.raises(FastevalError, match="empty string"):

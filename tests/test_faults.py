@@ -27,7 +27,7 @@ from fasteval.cli import main
 from fasteval.errors import FastevalError
 from fasteval.data.loader_dali import dali_available
 from fasteval.data.loaders import needs_pil
-from fasteval.output.files import atomic_write
+from fasteval.files import atomic_write
 from fasteval.output.report import write_json
 from fasteval.data.samples import discover
 from fasteval.data.synth import make_image

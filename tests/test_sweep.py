@@ -287,7 +287,7 @@ def test_cache_hit_stale_and_rebuilt(small_data, small_spec, tmp_path, monkeypat
     with open(samples.paths[3], "ab") as f:
         f.write(b"\0")
     with monkeypatch.context() as m:
-        m.setattr("fasteval.output.files.atomic_write", crash)
+        m.setattr("fasteval.files.atomic_write", crash)
         with pytest.raises(KeyboardInterrupt):
             DecodedSource(cache)("torchvision", discover(str(data)), small_spec, **args)
     assert not os.path.exists(meta) and os.path.getsize(entry) == pixels.numel()

@@ -115,7 +115,7 @@ def loader_name(kind: str, device: torch.device) -> str:
 
 def decoder_versions() -> dict[str, str | None]:
     """The versions of the packages whose code makes the pixels (part of the cache key)."""
-    from fasteval.output.report import package_version
+    from fasteval.versions import package_version
 
     return {name: package_version(name) for name in ("pillow", "torchvision", "nvidia-dali-cuda130",
                                                      "nvidia-dali-cuda120")}
@@ -297,7 +297,7 @@ class DiskCache:
         The file has no name until ``commit`` where the file system allows (O_TMPFILE): a run killed, or
         refused its rename by a folder made read-only, leaves nothing behind; elsewhere it is a hidden
         temporary that the next run removes once its owner is dead. Fill it, then ``commit`` or ``discard``."""
-        from fasteval.output.files import remove_stale_temps
+        from fasteval.files import remove_stale_temps
 
         try:
             os.makedirs(self.folder, exist_ok=True)
@@ -362,7 +362,7 @@ class DiskCache:
         """Flush the images to disk, checksum them as written (the file's own pages), then name them and
         rename them and their description into place: the old description goes first, so a crash in
         between leaves an entry that reads as stale; a description beside other data fails their checksum."""
-        from fasteval.output.files import atomic_write
+        from fasteval.files import atomic_write
 
         try:
             array.flush()
@@ -384,7 +384,7 @@ class DiskCache:
 def check_cache_dir(path: str) -> None:
     """Refuse a ``--cache`` path that is a file or cannot be written, before any work; the temporary
     files of dead runs are removed first (one killed while writing may have filled the disk)."""
-    from fasteval.output.files import check_output_folder, remove_stale_temps
+    from fasteval.files import check_output_folder, remove_stale_temps
 
     if os.path.isdir(path):
         remove_stale_temps(path, ".decoded-")

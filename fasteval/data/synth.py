@@ -16,7 +16,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from fasteval.errors import FastevalError
-from fasteval.output.files import check_output_folder, staged_folder
+from fasteval.files import check_output_folder, staged_folder
 from fasteval.procs import pool_map, usable_cores
 
 IMAGENET_LIKE = "imagenet"

@@ -12,7 +12,7 @@ from __future__ import annotations
 import math
 import textwrap
 
-from fasteval.output.files import atomic_write
+from fasteval.files import atomic_write
 
 WIDTH = 100  # no printed line is longer
 STAGES = {"decode": "decode+preprocess", "model": "model", "metrics": "metrics",

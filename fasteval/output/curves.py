@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from fasteval.output.files import atomic_write
+from fasteval.files import atomic_write
 
 
 def plot_curves(history: list[dict], path: str, best: int | None = None) -> None:

@@ -22,7 +22,7 @@ import warnings
 
 from fasteval.errors import FastevalError, first_line
 from fasteval.evaluation.classes import worst_classes
-from fasteval.output.files import atomic_write, check_output_folder
+from fasteval.files import atomic_write, check_output_folder
 
 MAX_CLASSES = 50  # every class is drawn up to this many
 SHOWN_CONFUSED = 30  # beyond it, the confusion matrix of the most confused classes

@@ -13,7 +13,8 @@ import torch
 from fasteval.evaluation.classes import Labelled, class_report
 from fasteval.evaluation.metrics import EvalResult
 from fasteval.output.class_table import class_rows
-from fasteval.output.files import atomic_write
+from fasteval.versions import package_version
+from fasteval.files import atomic_write
 
 
 def cpu_name() -> str:
@@ -25,17 +26,6 @@ def cpu_name() -> str:
     except OSError:
         pass
     return platform.processor() or platform.machine()
-
-
-def package_version(name: str) -> str | None:
-    from importlib import metadata
-
-    for candidate in (name, name.replace("_", "-")):
-        try:
-            return metadata.version(candidate)
-        except metadata.PackageNotFoundError:
-            continue
-    return None
 
 
 def environment(device: torch.device | str | None = None) -> dict:

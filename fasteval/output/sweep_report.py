@@ -80,7 +80,7 @@ def plot_sweep(report: dict, path: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from fasteval.output.files import atomic_write_bytes
+    from fasteval.files import atomic_write_bytes
 
     entries = report["checkpoints"]
     x = list(range(len(entries)))

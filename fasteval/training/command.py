@@ -13,7 +13,7 @@ from fasteval.training.options import DEFAULT_PRESET
 
 def check_run_folder(out: str, resume: bool, overwrite: bool) -> None:
     """A new or empty RUN_DIR; a non-empty one only with ``--overwrite``; ``--resume`` needs its last.pt."""
-    from fasteval.output.files import check_output_folder
+    from fasteval.files import check_output_folder
 
     if resume:
         if overwrite:
@@ -31,7 +31,7 @@ def check_options(args) -> None:
     from fasteval.data.preprocess import get_spec
     from fasteval.devices import resolve_device
     from fasteval.model.inference import resolve_precision
-    from fasteval.output.files import check_distinct, check_not_inside, check_output_file
+    from fasteval.files import check_distinct, check_not_inside, check_output_file
 
     if args.precision == "fp16":
         raise FastevalError("--precision fp16 is not supported by fasteval train (it would need loss scaling); "
@@ -129,7 +129,7 @@ def recipe_from(args, resume: dict | None):
 
 
 def train_command(args) -> int:
-    from fasteval.output.files import locked_folder
+    from fasteval.files import locked_folder
 
     check_options(args)
     if args.explain:  # nothing written: RUN_DIR is neither created nor locked

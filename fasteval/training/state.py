@@ -21,7 +21,7 @@ import torch
 
 from fasteval.data.preprocess import PreprocessSpec
 from fasteval.errors import FastevalError
-from fasteval.output.files import atomic_write
+from fasteval.files import atomic_write
 
 BEST, LAST, HISTORY, CURVES, PREDICTIONS = "best.pt", "last.pt", "history.json", "curves.png", "best_predictions.csv"
 CLASSES = "best_classes.json"  # the best epoch's class report: per-class recall, confusion matrix, calibration
