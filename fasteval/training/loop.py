@@ -160,8 +160,8 @@ class Trainer:
         evaluator = self.evaluator or self.build_evaluator()
         evaluator.load_weights(self.model)  # in place: the compiled graph is reused as it is
         result = evaluator.run(progress=self.options.progress)
-        self.validation = {k: result.extra.get(k) for k in ("loader", "precision", "compile", "compile_reason",
-                                                             "metrics_backend", "exact")}
+        self.validation = {k: result.extra.get(k) for k in ("plan", "loader", "precision", "compile",
+                                                             "compile_reason", "metrics_backend", "exact")}
         return result
 
     def run(self) -> list[dict]:
