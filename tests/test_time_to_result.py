@@ -263,6 +263,17 @@ def test_off_runs_one_eager_warm_up_call(monkeypatch):
     assert len(calls) == 1 and model.compile_reason.startswith("--compile off")
 
 
+def test_a_planned_auto_eager_choice_runs_no_warm_up_call(monkeypatch):
+    """--compile auto's eager choice from a measured eager time (made by the plan) spends no batch on a
+    warm-up call, as the in-model decision did before the plan; the planned reason is the model's."""
+    model = FastModel(_tiny_model(), CPU, "fp32", False, reason="auto: eager, compiling would not pay",
+                      eager_call=False)
+    calls = []
+    monkeypatch.setattr(model, "_forward", lambda x: calls.append(x) or model._eager(x))
+    model.warm_up(_example())
+    assert calls == [] and model.compile_reason == "auto: eager, compiling would not pay" and not model.compiled
+
+
 _REAL_COMPILE = textwrap.dedent("""
     import json, sys, torch
     from torch._dynamo.utils import counters

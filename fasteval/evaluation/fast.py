@@ -28,6 +28,7 @@ from fasteval.evaluation.plan import Decision, FastOptions, Plan, make_plan
 from fasteval.evaluation.reference import reference_logits
 from fasteval.evaluation.route import record
 from fasteval.kernels.accumulator import MetricsAccumulator
+from fasteval.model.compile_cache import resolve_compile_mode
 from fasteval.model.inference import DTYPES, FastModel
 
 
@@ -84,7 +85,7 @@ class FastEvaluator:
             self.model = FastModel(fast_model, device, precision,
                                    "auto" if compile_value == "measure" else bool(compile_value),
                                    num_samples=len(self.main) * plan.passes, reason=plan.compile.reason,
-                                   key=plan.compile_key)
+                                   key=plan.compile_key, eager_call=resolve_compile_mode(options.compile) == "off")
             half = precision == "fp16"
             shape = plan.batch_shape.value
             # Built in inference mode, so that loaders that preallocate their outputs (DALI) hand out

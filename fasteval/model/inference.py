@@ -74,7 +74,8 @@ def plan_compile(model: nn.Module, device: torch.device, precision: str, request
     configuration's eager batch time was never measured the value is ``"measure"``: ``FastModel.warm_up``
     times one eager batch and applies the same rule. The key is the caller's model's (not the fast copy's)."""
     mode = resolve_compile_mode(requested)
-    example = torch.empty(example_shape, dtype=example_dtype, device="meta").contiguous(memory_format=torch.channels_last)
+    example = torch.empty(example_shape, dtype=example_dtype, device="meta")
+    example = example.contiguous(memory_format=torch.channels_last)
     key = config_key(model, device, precision, example)
     if mode == "off":
         return False, "--compile off: eager (channels-last + autocast)", key
@@ -105,20 +106,24 @@ class FastModel:
     """A model moved once, channels-last, run under autocast, and ``torch.compile``d for one static shape
     where that pays. ``compile``: ``on``/True, ``off``/False or ``auto`` (decided in ``warm_up`` from the
     number of samples, the measured eager batch time and the compile cache: fasteval/model/compile_cache.py).
-    A plan (``plan_compile``) passes its decision as on/off with its ``reason`` and profile ``key``, or
+    A plan (``plan_compile``) passes its decision as on/off with its ``reason`` and profile ``key`` (and, where
+    ``--compile auto`` chose eager from a measured eager time, no eager warm-up call: ``eager_call``), or
     ``auto`` where the decision waits for the warm-up's measurement."""
 
     def __init__(self, model: nn.Module, device: torch.device, precision: str, compile: bool | str,
-                 num_samples: int | None = None, reason: str | None = None, key: dict | None = None) -> None:
+                 num_samples: int | None = None, reason: str | None = None, key: dict | None = None,
+                 eager_call: bool = True) -> None:
         self.device, self.precision = device, precision
         self.mode = resolve_compile_mode(compile)
         self.num_samples = num_samples
         self.key, self.planned_reason = key, reason
+        self.eager_call = eager_call  # an eager model's warm-up call (none where --compile auto chose eager)
         self.model = model.eval().to(device, memory_format=torch.channels_last)  # one conversion, one copy
         for p in self.model.parameters():
             p.requires_grad_(False)
         self.compiled = False
-        self.compile_reason = (reason or "--compile off: eager (channels-last + autocast)") if self.mode == "off" else ""
+        off = reason or "--compile off: eager (channels-last + autocast)"
+        self.compile_reason = off if self.mode == "off" else ""
         self._forward = self._eager
 
     def _autocast(self):
@@ -151,7 +156,7 @@ class FastModel:
                 self._compile(example, calls, self.planned_reason or "--compile on", self.key)
             elif self.mode == "auto":
                 self._auto(example, calls)
-            else:
+            elif self.eager_call:
                 self._timed(example)
         return time.perf_counter() - start
 
