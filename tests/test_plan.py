@@ -291,3 +291,19 @@ def test_torchrun_merges_the_ranks_plans_counting_every_rank():
     merged = merge_extra([extra(1), extra(0), extra(2)], [4, 4, 4])
     assert merged["plan"]["by_reference"] == {"value": 3, "reason": "r"} and merged["pil_fallback_files"] == 3
     assert merged["plan"]["precision"] == reference_plan(4, 4, 0).to_json()["precision"]
+
+
+def test_a_bicubic_resize_never_goes_to_dali(small_data, small_spec, no_run, fresh_cache, monkeypatch):
+    """DALI's resize filters are not PIL's: a bicubic spec takes torchvision's loader under auto (counting no
+    file as DALI's), and --loader dali is refused while planning, in one line."""
+    monkeypatch.setattr(plan_module, "resolve_loader", lambda kind: "dali" if kind in ("auto", "dali") else kind)
+    monkeypatch.setattr(plan_module, "needs_pil", lambda samples: [1])
+    samples = discover(small_data, quiet=True)
+    bicubic = dataclasses.replace(small_spec, interpolation="bicubic")
+    plan = make_plan(samples, no_run, bicubic, CPU, FastOptions(compile="off"), scope=Sharded(1000))
+    assert plan.loader.value == "torchvision-cpu" and "bicubic" in plan.loader.reason
+    assert plan.by_reference.value == 0
+    assert make_plan(samples, no_run, small_spec, CPU, FastOptions(compile="off"),
+                     scope=Sharded(1000)).loader.value == "dali-cpu"  # bilinear: DALI where installed
+    with pytest.raises(FastevalError, match="--loader dali: DALI's bicubic resize is not PIL's"):
+        make_plan(samples, no_run, bicubic, CPU, FastOptions(loader="dali"), scope=Sharded(1000))

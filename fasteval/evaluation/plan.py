@@ -26,6 +26,7 @@ from fasteval.data.prefetch import MAX_SAMPLES, reads_pil_pixels
 from fasteval.data.preprocess import PreprocessSpec, check_batchable, image_size
 from fasteval.data.probe import check_headers
 from fasteval.data.samples import SampleList
+from fasteval.errors import FastevalError
 from fasteval.evaluation.exact import CALIBRATION_SAMPLES, WholeRun, resolve_exact
 from fasteval.evaluation.route import Rates, choose_route, load_rates, rates_key
 from fasteval.kernels.fused_metrics import resolve_backend
@@ -154,11 +155,16 @@ def make_plan(samples: SampleList, model: nn.Module, spec: PreprocessSpec, devic
 
     # Files DALI would decode differently from PIL (only headers are read; DALI itself is imported only when
     # the fast path runs): the route counts them, and with DALI they go by the reference's code.
-    pil_only = needs_pil(samples) if options.loader in ("auto", "dali") and not pil_pixels else []
+    # DALI resizes with its own filters: only its bilinear matches PIL's within the recheck's margin.
+    if options.loader == "dali" and spec.interpolation != "bilinear":
+        raise FastevalError(f"--loader dali: DALI's {spec.interpolation} resize is not PIL's; use --loader "
+                            f"torchvision or auto")
+    asked = options.loader if spec.interpolation == "bilinear" else "torchvision"
+    pil_only = needs_pil(samples) if asked in ("auto", "dali") and not pil_pixels else []
     route, rates = _route(samples, model, device, options, precision, input_hw, at_start, len(pil_only),
                           exact_on, passes, scope, total)
     reference_route = route.value == "reference"
-    kind = "torchvision" if pil_pixels or reference_route else resolve_loader(options.loader)
+    kind = "torchvision" if pil_pixels or reference_route else resolve_loader(asked)
     if reference_route:
         reference_only = tuple(range(len(samples)))
         by_reference = Decision(len(samples), "every sample: " + route.reason)
@@ -192,7 +198,8 @@ def make_plan(samples: SampleList, model: nn.Module, spec: PreprocessSpec, devic
         compile_decision = Decision(False, f"{why}: eager, as the plain loop")
         metrics = Decision("torch", f"{why}: torch.max and nn.CrossEntropyLoss, as the plain loop")
     else:
-        loader = _loader(kind, pil_pixels, in_process, at_start, source, options.loader, device, total)
+        loader = _loader(kind, pil_pixels, in_process, at_start, source, options.loader, device, total,
+                         spec.interpolation)
         precision_decision = Decision(precision, precision_reason(options.precision, device, precision))
         value, reason, key = plan_compile(model, device, precision, options.compile, num_samples=len(main) * passes,
                                           example_shape=(shape, 3, *input_hw),
@@ -214,7 +221,7 @@ def make_plan(samples: SampleList, model: nn.Module, spec: PreprocessSpec, devic
 
 
 def _loader(kind: str, pil_pixels: bool, in_process: bool, at_start: bool, source: str, asked: str,
-            device: torch.device, total: int) -> Decision:
+            device: torch.device, total: int, interpolation: str = "bilinear") -> Decision:
     """The fast pass's batch source and why."""
     if pil_pixels:
         how = ("decoded while torch imported" if at_start else
@@ -224,6 +231,7 @@ def _loader(kind: str, pil_pixels: bool, in_process: bool, at_start: bool, sourc
                         f"DALI's import and set-up would not pay")
     name = f"{kind}-{'gpu' if device.type == 'cuda' else 'cpu'}"
     why = (f"--loader {asked}" if asked != "auto" else
+           f"auto: a {interpolation} resize, DALI's is not PIL's" if interpolation != "bilinear" else
            "auto: DALI is installed" if kind == "dali" else "auto: DALI is not installed")
     if source == "store":
         return Decision(f"decoded store ({name})", f"{why}; decoded once into a store that every pass reads")
