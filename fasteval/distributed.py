@@ -143,11 +143,12 @@ _STOPPED = ("signal TERM", "exit code 143", "exit code 2")
 def dataset_entries(samples: SampleList) -> list[tuple[str, int, int]]:
     """(path relative to the root, size in bytes, label) of every sample: what must match across ranks."""
     from fasteval.data.samples import relative_path
+    from fasteval.data.sources import sample_size
 
     entries = []
     for path, label in samples.samples:
         try:
-            size = os.stat(path).st_size
+            size = sample_size(path)  # a tar member's own size
         except OSError:
             size = -1  # the header check names the file
         entries.append((relative_path(samples, path), size, label))

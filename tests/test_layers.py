@@ -33,7 +33,8 @@ LAYERS: dict[str, tuple[str, ...]] = {
     "model": (
         "fasteval.model", "fasteval.model.cache_damage", "fasteval.model.compile_cache",
         "fasteval.model.footprint", "fasteval.model.inference", "fasteval.model.init_skip",
-        "fasteval.model.meta_facts", "fasteval.model.models", "fasteval.model.torchvision_import",
+        "fasteval.model.meta_facts", "fasteval.model.models", "fasteval.model.timm_models",
+        "fasteval.model.torchvision_import",
         "fasteval.memory",
     ),
     "evaluation": (

@@ -35,6 +35,7 @@ from fasteval.data.batch import Batch
 from fasteval.data.loaders import make_loader, resolve_loader
 from fasteval.data.preprocess import PreprocessSpec, image_size
 from fasteval.data.samples import SampleList
+from fasteval.data.sources import read_bytes, sample_stat, split_member
 from fasteval.errors import FastevalError
 
 FORMAT = 3  # bump when the file layout, the description or what the images hold changes (2: the checksum,
@@ -146,6 +147,10 @@ def _file_digest(path: str) -> tuple[str, int, tuple]:
     h = hashlib.sha256()
     size = 0
     try:
+        if split_member(path) is not None:  # a tar member: its bytes, and its shard's identity
+            st, data = sample_stat(path), read_bytes(path)
+            h.update(data)
+            return h.hexdigest(), len(data), identity(st)
         with open(path, "rb", buffering=0) as f:
             st = os.fstat(f.fileno())
             while chunk := f.read(READ_BYTES):
@@ -339,7 +344,7 @@ class DiskCache:
         changed = []
         for path, recorded in zip(self.paths, self.identities):
             try:
-                now = identity(os.stat(path))
+                now = identity(sample_stat(path))
             except OSError:
                 now = None
             if now != recorded:

@@ -28,6 +28,7 @@ from fasteval.data.probe import probe
 from fasteval.data.pixels import load_rgb, reference_pixels
 from fasteval.data.dataset import ImageDataset
 from fasteval.data.samples import SampleList
+from fasteval.data.sources import read_bytes
 
 
 def to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
@@ -218,8 +219,7 @@ class _EncodedFiles(Dataset):
     def __getitem__(self, index: int):
         path, label = self.samples[index]
         try:
-            with open(path, "rb") as f:
-                data = f.read()
+            data = read_bytes(path)
         except OSError as exc:
             raise FastevalError(f"cannot read image {path}: {exc}") from None
         found = probe(path)

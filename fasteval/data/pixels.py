@@ -1,6 +1,7 @@
 """The reference's pixels without torch: ImageFolder's PIL decode, torchvision's PIL resize and crop.
 
-``load_rgb`` is the reference's loader (ImageFolder's, with an error that names the file).
+``load_rgb`` is the reference's loader (ImageFolder's, with an error that names the file; a tar member's bytes through
+fasteval/data/sources.py).
 ``reference_pixels`` goes on as torchvision's ``Resize(int)`` and ``CenterCrop`` do on a PIL image
 (the sizes and offsets from ``PreprocessSpec``, PIL's own resampling) and returns the uint8 HWC
 array that ``ToTensor`` would read: the same bytes, checked against torchvision in the tests. It
@@ -14,6 +15,7 @@ import numpy as np
 from PIL import Image
 
 from fasteval.data.preprocess import PreprocessSpec
+from fasteval.data.sources import open_sample
 from fasteval.errors import FastevalError
 
 RESAMPLING = {"bilinear": Image.Resampling.BILINEAR, "bicubic": Image.Resampling.BICUBIC,
@@ -25,7 +27,7 @@ def load_rgb(path: str) -> Image.Image:
     as decoded: ``convert("RGB")`` would return a copy of the same pixels (0.2 of the demo's 2.8 ms an
     image)."""
     try:
-        with open(path, "rb") as f:
+        with open_sample(path) as f:
             image = Image.open(f)
             image.load()
             return image if image.mode == "RGB" else image.convert("RGB")
@@ -41,7 +43,7 @@ def _reason(path: str, exc: Exception) -> str:
 
     if isinstance(exc, UnidentifiedImageError):
         try:
-            with open(path, "rb") as f:
+            with open_sample(path) as f:
                 return describe_content(f.read(64))
         except OSError:
             pass

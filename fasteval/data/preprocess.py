@@ -14,6 +14,7 @@ from dataclasses import dataclass, replace
 
 from PIL import Image
 
+from fasteval.data.sources import open_sample, sample_stat
 from fasteval.errors import FastevalError
 
 # An image above PIL's MAX_IMAGE_PIXELS (up to twice it, beyond which PIL refuses) is decoded anyway, by the
@@ -110,7 +111,7 @@ def get_spec(preset: str = "imagenet", resize: int | None = None, crop: int | No
 def image_size(path: str) -> tuple[int, int]:
     """(height, width) from the file header, without decoding the pixels."""
     try:
-        with Image.open(path) as im:
+        with open_sample(path) as f, Image.open(f) as im:
             width, height = im.size
     except Exception as exc:
         raise FastevalError(f"cannot read image {path}: {exc}") from None
@@ -124,7 +125,7 @@ def input_hw(spec: PreprocessSpec, first_path: str) -> tuple[int, int] | None:
     if spec.crop is not None:
         return spec.crop, spec.crop
     try:
-        if not stat.S_ISREG(os.stat(first_path).st_mode):
+        if not stat.S_ISREG(sample_stat(first_path).st_mode):
             return None
         return spec.output_hw(*image_size(first_path))
     except (OSError, FastevalError):

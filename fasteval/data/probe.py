@@ -26,6 +26,7 @@ from dataclasses import dataclass
 
 from fasteval.errors import FastevalError, first_line, printable
 from fasteval.data.samples import SampleList
+from fasteval.data.sources import open_sample, sample_size, sample_stat, split_member
 
 HEAD_BYTES = 64  # enough for every signature and PNG's IHDR
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -61,7 +62,7 @@ _cache: dict[str, tuple[tuple, FileProbe]] = {}
 def probe(path: str) -> FileProbe:
     """The probe of one file (cached while the file is unchanged)."""
     try:
-        st = os.stat(path)
+        st = sample_stat(path)  # a tar member's: its shard's
     except OSError as exc:
         return FileProbe(path, error=_stat_error(path, exc))
     key = (st.st_size, st.st_mtime_ns, st.st_ino, st.st_dev)
@@ -97,12 +98,13 @@ def _kind_of(mode: int) -> str:
 def _probe(path: str, st: os.stat_result) -> FileProbe:
     if not stat.S_ISREG(st.st_mode):
         return FileProbe(path, error=f"not a regular file ({_kind_of(st.st_mode)})")
-    if st.st_size == 0:
-        return FileProbe(path, error="empty file (0 bytes)")
     try:
-        with open(path, "rb") as f:
+        size = st.st_size if split_member(path) is None else sample_size(path)
+        if size == 0:
+            return FileProbe(path, error="empty file (0 bytes)")
+        with open_sample(path) as f:
             head = f.read(HEAD_BYTES)
-            return _probe_open(path, f, head, st.st_size)
+            return _probe_open(path, f, head, size)
     except OSError as exc:
         return FileProbe(path, error=f"cannot read it: {exc.strerror or exc}")
 
@@ -279,7 +281,7 @@ def full_decode_error(path: str) -> str | None:
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            with open(path, "rb") as f:
+            with open_sample(path) as f:
                 Image.open(f).convert("RGB")
     except Exception as exc:
         return first_line(exc)

@@ -1,8 +1,12 @@
-"""The sample list: the one place where a dataset folder is turned into (path, label) pairs.
+"""The sample list: the one place where DATA is turned into (path, label) pairs.
 
-Discovery follows torchvision's ``ImageFolder`` exactly (class folders sorted by name,
-files sorted per folder while walking nested folders, the same case-insensitive extension
-filter), so every loader evaluates the identical list in the identical order.
+DATA's layout is decided by content: an ImageFolder tree (class folders), a CSV file list (a file whose
+first line is ``path,label``) or WebDataset tar shards (a ``.tar`` file, a brace pattern, a folder of
+``.tar`` files and no class folders); the last two are listed by fasteval/data/layouts.py. A tree's
+discovery follows torchvision's ``ImageFolder`` exactly (class folders sorted by name, files sorted per
+folder while walking nested folders, the same case-insensitive extension filter), so every loader
+evaluates the identical list in the identical order. A sample's bytes are read through
+fasteval/data/sources.py (a tar member's path is ``SHARD::MEMBER``).
 """
 
 from __future__ import annotations
@@ -13,6 +17,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+from fasteval.data.sources import sample_stat
 from fasteval.errors import FastevalError, printable
 
 # torchvision's ImageFolder extensions (``torchvision.datasets.folder.IMG_EXTENSIONS``; a test keeps them
@@ -21,13 +26,18 @@ from fasteval.errors import FastevalError, printable
 IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
 
 
+LAYOUTS = ("folder", "csv", "webdataset")
+
+
 @dataclass(frozen=True)
 class SampleList:
-    """Every sample of a dataset folder, in ImageFolder order."""
+    """Every sample of a dataset, in ImageFolder order (a tree, a CSV list) or the shards' order (WebDataset).
+    ``root``: the folder paths are reported relative to (the tree, the CSV's folder, the shards' folder)."""
 
     root: str
     classes: list[str]
     samples: list[tuple[str, int]]
+    layout: str = "folder"  # one of LAYOUTS
 
     @property
     def class_to_idx(self) -> dict[str, int]:
@@ -50,7 +60,8 @@ class SampleList:
 
     def subset(self, indices: list[int]) -> SampleList:
         """The samples at ``indices`` (same root and classes), in that order."""
-        return SampleList(root=self.root, classes=self.classes, samples=[self.samples[i] for i in indices])
+        return SampleList(root=self.root, classes=self.classes, samples=[self.samples[i] for i in indices],
+                          layout=self.layout)
 
 
 def check_not_samples(samples: SampleList, outputs: dict[str, str | None]) -> None:
@@ -64,7 +75,7 @@ def check_not_samples(samples: SampleList, outputs: dict[str, str | None]) -> No
         found = os.stat(path)
         for sample, _ in samples.samples:
             try:
-                same = os.path.samestat(os.stat(sample), found)
+                same = os.path.samestat(sample_stat(sample), found)  # a tar member: its shard
             except OSError:
                 continue  # a broken link: the header check names it
             if same:
@@ -78,7 +89,8 @@ def is_image_file(path: str) -> bool:
 
 
 def discover(root: str | os.PathLike, quiet: bool = False) -> SampleList:
-    """List the samples of ``root`` exactly as ``torchvision.datasets.ImageFolder`` does.
+    """List the samples of DATA (``root``): a CSV list or WebDataset shards (fasteval/data/layouts.py,
+    decided by content), else a folder listed exactly as ``torchvision.datasets.ImageFolder`` does.
 
     Raises FastevalError for a missing folder, a folder without class folders, or a
     class folder without images, named unreadable where that is why (ImageFolder refuses those
@@ -87,10 +99,14 @@ def discover(root: str | os.PathLike, quiet: bool = False) -> SampleList:
     more than once (symlinks, folder loops) or folders cannot be read (ImageFolder skips them).
     """
     root = os.fspath(root)
+    other = _other_layout(root)
+    if other is not None:
+        return other
     if not os.path.exists(root):
         raise FastevalError(f"dataset folder not found: {root}")
     if not os.path.isdir(root):
-        raise FastevalError(f"dataset path is not a folder: {root}")
+        raise FastevalError(f"dataset path is not a folder, nor a CSV list (first line path,label), nor a tar "
+                            f"shard: {root}")
     try:
         classes = sorted(entry.name for entry in os.scandir(root) if entry.is_dir())
     except OSError as exc:
@@ -118,6 +134,20 @@ def discover(root: str | os.PathLike, quiet: bool = False) -> SampleList:
         for line in _warnings(root, samples, unreadable):
             print(f"fasteval: warning: {line}", file=sys.stderr)
     return SampleList(root=root, classes=classes, samples=samples)
+
+
+def _other_layout(data: str) -> SampleList | None:
+    """DATA listed as a CSV list or as WebDataset shards, where its content is one; else None."""
+    from fasteval.data import layouts
+
+    if layouts.is_csv_list(data):
+        found = layouts.csv_listing(data)
+    else:
+        shards = layouts.shards_of(data)
+        if shards is None:
+            return None
+        found = layouts.webdataset_listing(shards, layouts.shards_root(data))
+    return SampleList(root=found.root, classes=found.classes, samples=found.samples, layout=found.layout)
 
 
 def _refuse_unreadable(class_dir: str, errors: list[OSError]) -> None:
@@ -171,5 +201,21 @@ def _warnings(root: str, samples: list[tuple[str, int]], unreadable: list[OSErro
 
 
 def relative_path(samples: SampleList, path: str) -> str:
-    """A sample's path relative to the dataset root, for reports."""
-    return str(Path(path).relative_to(samples.root))
+    """A sample's path for reports: relative to the root (a tree's, the CSV's folder, the shards' folder;
+    ``SHARD::MEMBER`` with the shard's path relative), or absolute where the file lies outside it (a CSV's
+    absolute path elsewhere)."""
+    from fasteval.data.sources import member_path, split_member
+
+    found = split_member(path)
+    if found is not None:
+        return member_path(_relative(samples.root, found[0]), found[1])
+    return _relative(samples.root, path)
+
+
+def _relative(root: str, path: str) -> str:
+    try:
+        return str(Path(path).relative_to(root))
+    except ValueError:
+        pass
+    full, base = os.path.abspath(path), os.path.abspath(root)
+    return os.path.relpath(full, base) if os.path.commonpath([full, base]) == base else full

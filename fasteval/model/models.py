@@ -1,4 +1,5 @@
-"""Model construction: any torchvision classifier by name, with weights from a checkpoint file.
+"""Model construction: any torchvision classifier by name, or a timm one (``timm:NAME``,
+fasteval/model/timm_models.py), with weights from a checkpoint file.
 
 Checkpoints are read with ``torch.load(weights_only=True)``, so a file can never run code.
 The number of classes is read from the checkpoint's classification head.
@@ -22,8 +23,12 @@ from torch.utils._pytree import tree_leaves, tree_map_only
 
 from fasteval.errors import FastevalError, first_line, message_lines
 from fasteval.model.init_skip import initialisers_skipped
+from fasteval.model.timm_models import is_timm
 
-CHECKPOINT_KEYS = ("state_dict", "model", "model_state_dict")
+# Where training scripts keep the weights, in order of preference: timm's train.py saves "state_dict" and,
+# with --model-ema, "state_dict_ema" beside it; the plain weights are taken first, as timm's validate.py
+# does by default, and the EMA's where a file holds only those.
+CHECKPOINT_KEYS = ("state_dict", "model", "model_state_dict", "state_dict_ema", "model_ema")
 STRIPPED_PREFIXES = ("module.", "_orig_mod.")
 ZIP_MAGIC = b"PK\x03\x04"  # torch.save's default format is a zip archive
 PICKLE_PROTO = 0x80  # a pickle (protocol >= 2) starts with PROTO: torch.save's legacy format
@@ -129,6 +134,10 @@ def _construct(arch: str, num_classes: int, device: str | torch.device = "cpu", 
 
 def head_name(arch: str) -> str:
     """Qualified name of the module that produces the logits (e.g. ``fc``, ``classifier.1``)."""
+    if is_timm(arch):
+        from fasteval.model.timm_models import head_name as timm_head_name
+
+        return timm_head_name(arch)
     probe = _construct_for_loading(arch, num_classes=1000)
     name = None
     for qualified, module in probe.named_modules():
@@ -294,8 +303,10 @@ def build_model(arch: str, weights: str | None = None, num_classes: int | None =
     pretrained weights) or a checkpoint path. The head's size must equal ``num_classes``
     when both are known. ``check_only``: a checkpoint is mapped, not read, and its model is left
     without values (its tensors on the meta device): every check of a real load, none of its reading
-    (a sweep's check of every file). Only its structure may be used.
+    (a sweep's check of every file). Only its structure may be used. A ``timm:NAME`` arch: ``_build_timm``.
     """
+    if is_timm(arch):
+        return _build_timm(arch, weights, num_classes, check_only)
     _check_arch(arch)
     if weights is None:
         if num_classes is None:
@@ -350,6 +361,31 @@ def build_model(arch: str, weights: str | None = None, num_classes: int | None =
         model = _construct(arch, head_classes)
         model.load_state_dict(state, strict=True)
     return model.eval()
+
+
+def _build_timm(arch: str, weights: str | None, num_classes: int | None, check_only: bool) -> nn.Module:
+    """``build_model`` for ``timm:NAME``: the same weights forms, class-count check and one-line errors."""
+    from fasteval.model import timm_models
+
+    if weights is None:
+        if num_classes is None:
+            raise FastevalError("num_classes is needed to build a model without --weights")
+        return timm_models.create(arch, num_classes)
+    if weights == "DEFAULT":
+        # timm would silently replace a pretrained head of another size by a random one: refused before.
+        classes = timm_models.pretrained_classes(arch)
+        if classes:
+            _check_classes(classes, num_classes, "timm's pretrained weights")
+        model = timm_models.create(arch, pretrained=True)
+        _check_classes(timm_models.head_classes(model), num_classes, "timm's pretrained weights")
+        return model
+    state = read_state_dict(weights, mmap=check_only)
+    head_classes = timm_models.state_classes(arch, state, weights)
+    _check_classes(head_classes, num_classes, f"--weights {weights}")
+    try:
+        return timm_models.load(arch, state, head_classes, check_only=check_only)
+    except RuntimeError as exc:
+        raise FastevalError(f"--weights {weights} do not fit --arch {arch}: {_load_error(exc)}") from None
 
 
 def _load_error(exc: RuntimeError) -> str:
