@@ -38,7 +38,7 @@ from fasteval.evaluation.fast import FastEvaluator, FastOptions
 from fasteval.evaluation.plan import reference_plan
 from fasteval.kernels.accumulator import MetricsAccumulator
 from fasteval.evaluation.metrics import TOPK, EvalResult
-from fasteval.data.preprocess import PreprocessSpec
+from fasteval.data.preprocess import PRESETS, PreprocessSpec
 from fasteval.evaluation.reference import REFERENCE_SETTINGS, evaluate_reference, reference_loader, reference_logits, score_batch
 from fasteval.output.bench_table import STAGES
 from fasteval.output.report import build_report, environment
@@ -205,8 +205,9 @@ def run_command(argv: list[str], env: dict[str, str]) -> dict:
 
 def eval_argv(config: dict, options: FastOptions, reference: bool, json_path: str) -> list[str]:
     """``python -m fasteval eval`` with the bench's dataset, model and settings (the demo by its files)."""
-    argv = [sys.executable, "-m", "fasteval", "eval", config["path"], "--arch", config["arch"],
-            "--preset", config["preset"], "--batch-size", str(config.get("batch_size_requested", config["batch_size"])),
+    preset = ["--preset", config["preset"]] if config["preset"] in PRESETS else []  # else the weights' or timm's own
+    argv = [sys.executable, "-m", "fasteval", "eval", config["path"], "--arch", config["arch"], *preset,
+            "--batch-size", str(config.get("batch_size_requested", config["batch_size"])),
             "--workers", str(config["workers"]), "--device", config["device"], "--no-progress", "--json", json_path]
     for option in ("resize", "crop", "weights"):
         if config.get(option) is not None:
@@ -324,7 +325,8 @@ def run_bench(samples: SampleList, model: nn.Module, spec: PreprocessSpec, devic
         "agreement": cmp["agreement"],
         "config": config,
         "reference": {**build_report(ref, REFERENCE_SETTINGS, device),
-                      "plan": reference_plan(len(samples), options.batch_size, options.workers, "bench").to_json(),
+                      "plan": reference_plan(len(samples), options.batch_size, options.workers, "bench",
+                                             spec).to_json(),
                       "runs_images_per_sec": [r.images_per_sec for r in ref_runs]},
         "fast": {**build_report(fast, {}, device), "runs_images_per_sec": [r.images_per_sec for r in fast_runs]},
         "stages": {"reference": ref_stages, "fast": fast_stages},

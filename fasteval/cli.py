@@ -108,7 +108,8 @@ def _check_options(args, outputs: bool = True) -> None:
     from fasteval.files import check_distinct, check_not_inside, check_output_file
     from fasteval.data.preprocess import get_spec
 
-    get_spec(args.preset, args.resize, args.crop)
+    if args.preset is not None:  # the sizes alone are checked against the spec they change (fasteval/spec_choice.py)
+        get_spec(args.preset, args.resize, args.crop)
     if outputs:
         warn_many_workers(args.workers)
     if outputs and getattr(args, "reference", False):  # once under torchrun: by the rank that writes
@@ -149,13 +150,14 @@ def _prepare(args, ranks=None, samples=None):
     from fasteval.data.probe import check_headers, probe
     from fasteval.data.samples import check_not_samples, discover
     from fasteval.distributed import Ranks
+    from fasteval.spec_choice import choose_spec
 
     ranks = ranks or Ranks()
     _check_options(args, outputs=ranks.is_main)
     weights = args.weights
     data = args.data
     if data is None:
-        if args.arch != "resnet18" or args.weights:
+        if args.arch not in (None, "resnet18") or args.weights:
             raise FastevalError("the built-in demo uses its own resnet18 model: give DATA to choose --arch/--weights")
         data, weights = ensure_demo()
         check_outside_data(args, data)
@@ -165,30 +167,34 @@ def _prepare(args, ranks=None, samples=None):
         files = output_paths(args)  # the files a run writes (eval's --plot and --cache are folders)
         check_not_samples(samples, {**files, "--plot": files["--plot"] if args.command == "bench" else None,
                                     "--cache": None})
-    spec = get_spec(args.preset, args.resize, args.crop)
+    choice = choose_spec(args.arch, args.weights, args.preset, args.resize, args.crop)  # the demo's: the default
+    spec, arch = choice.spec, choice.arch
     device = resolve_device(ranks.device_name(args.device), make_current=True)
     with torch.random.fork_rng(devices=[]):  # a random init is seed 0's: `eval` and `--reference` see one model
         if weights is None:
             torch.manual_seed(0)
-        model = build_model(args.arch, weights, samples.num_classes)
+        model = build_model(arch, weights, samples.num_classes)
     if weights is None:
         ranks.share_random_init(model)
     first = probe(samples.paths[0])
     if first.size is not None:
         image_hw = (first.size[1], first.size[0])
-        check_eval_memory(model, args.arch, spec, image_hw, min(args.batch_size, len(samples)), args.workers, device)
-        check_input_fits(model, args.arch, spec, spec.output_hw(*image_hw))
+        check_eval_memory(model, arch, spec, image_hw, min(args.batch_size, len(samples)), args.workers, device)
+        check_input_fits(model, arch, spec, spec.output_hw(*image_hw))
     check_headers(ranks.shard(samples))
     if weights is None and ranks.is_main:  # once every check passed: a refused run prints its one error line
         print("fasteval: no --weights: the model is randomly initialised (seed 0, the same in every run), "
               "its accuracy means nothing", file=sys.stderr)
+    if choice.note and ranks.is_main:
+        print(f"fasteval: note: {choice.note}", file=sys.stderr)
     config = {
         "path": os.path.abspath(data),
-        "arch": args.arch,
+        "arch": arch,
         "weights": weights,
         "preset": spec.name,
         "resize": spec.resize,
         "crop": spec.crop,
+        "preprocessing": spec.describe(),
         "batch_size": min(args.batch_size, len(samples)),  # what both paths use on a smaller dataset
         "batch_size_requested": args.batch_size,
         "workers": args.workers,
@@ -223,12 +229,15 @@ def _start_prefetch(args):
         return None, None  # a GPU run: neither listed early nor decoded at start-up
     if args.weights and args.weights[0] != "DEFAULT" and not os.path.isfile(args.weights[0]):  # a folder or a glob
         return None, None
+    if args.arch and args.arch.startswith("timm:"):  # its preprocessing is timm's, known once torch is imported
+        return None, None
     from fasteval.data import prefetch
-    from fasteval.data.preprocess import get_spec, input_hw
+    from fasteval.data.preprocess import input_hw
     from fasteval.data.samples import discover
+    from fasteval.spec_choice import choose_spec
 
-    try:
-        spec = get_spec(args.preset, args.resize, args.crop)
+    try:  # the run's own preprocessing (a checkpoint's record is read without torch)
+        spec = choose_spec(args.arch, (args.weights or [None])[0], args.preset, args.resize, args.crop).spec
         samples = discover(args.data)
     except FastevalError:
         return None, None
@@ -265,7 +274,7 @@ def cmd_eval(args) -> int:
         samples, spec, device, model, config = ranks.step(_prepare, args, ranks, listed)
         shard, batch, progress = ranks.shard(samples), config["batch_size"], not args.no_progress and ranks.is_main
         plain = reference_plan(len(samples), args.batch_size, args.workers,
-                               "--reference" if args.reference else "--validate's reference").to_json()
+                               "--reference" if args.reference else "--validate's reference", spec).to_json()
         if args.explain:  # the plans, nothing evaluated
             fast = None if args.reference else ranks.step(
                 make_plan, shard, model, spec, device, fast_options(args), source="store" if args.cache else "loader",
@@ -378,7 +387,7 @@ def cmd_bench(args) -> int:
             if not ranks.is_main:
                 return 0
             return _explain(args, config, samples, plan.to_json(),
-                            reference_plan(len(samples), args.batch_size, args.workers, "bench").to_json())
+                            reference_plan(len(samples), args.batch_size, args.workers, "bench", spec).to_json())
         result = ranks.step(run_bench, ranks.shard(samples), model, spec, device, fast_options(args),
                             repeats=args.repeats, progress=not args.no_progress and ranks.is_main, eval_config=config,
                             measure_time_to_result=not args.no_time_to_result and not ranks.launched,

@@ -41,14 +41,16 @@ def add_run_options(p: argparse.ArgumentParser, sweep: bool = False) -> None:
     takes several checkpoints)."""
     p.add_argument("data", nargs="?", metavar="DATA", type=non_empty_path,
                    help="ImageFolder root (ROOT/CLASS/IMAGE); omitted: the built-in demo dataset and model")
-    p.add_argument("--arch", default="resnet18", help="torchvision classification model name (default resnet18)")
+    p.add_argument("--arch", help="torchvision classification model name, or timm:NAME for a timm model (default: the "
+                                  "architecture a fasteval train checkpoint records, else resnet18)")
     p.add_argument("--weights", type=non_empty_path,
                    help="checkpoint file (state_dict or a dict holding one), or DEFAULT for torchvision's pretrained "
                         "weights; omitted: random init (demo: its fitted model)"
                         + ("; several files, a folder of *.pt/*.pth or a glob: a sweep, decoded and compiled once, "
                            "ranked with paired statistics" if sweep else ""),
                    nargs="+" if sweep else None)
-    p.add_argument("--preset", default="imagenet", help="preprocessing preset: imagenet (default) or seed")
+    p.add_argument("--preset", help="preprocessing preset: imagenet or seed (default: what a fasteval train checkpoint "
+                                    "records, a timm model's own configuration, else imagenet)")
     p.add_argument("--resize", type=positive_int, help="override the preset's shorter-side resize")
     p.add_argument("--crop", type=positive_int, help="override the preset's center crop")
     p.add_argument("--batch-size", type=positive_int, default=64,

@@ -50,7 +50,7 @@ def cmd_sweep(args, prepare) -> int:
     if args.cache:
         check_cache_dir(args.cache)
     samples, spec, device, model, config = prepare(args)
-    check_checkpoints(args.arch, args.checkpoints, samples.num_classes)
+    check_checkpoints(config["arch"], args.checkpoints, samples.num_classes)
     if args.explain:
         from fasteval.evaluation.plan import make_plan
         from fasteval.output.report import explain_report
@@ -68,7 +68,7 @@ def cmd_sweep(args, prepare) -> int:
     evaluator = FastEvaluator(samples, model, spec, device, fast_options(args), batch_source=source,
                               passes=len(args.checkpoints))
     setup = time.perf_counter() - start
-    results, seconds = run_sweep(evaluator, args.arch, args.checkpoints, progress=not args.no_progress)
+    results, seconds = run_sweep(evaluator, config["arch"], args.checkpoints, progress=not args.no_progress)
     labels = torch.tensor(samples.labels)
     decoded = dict(source.info) if source.info else {"placement": "none", "reason": "every sample by the reference's "
                                                                                      "code", "cache": "off"}

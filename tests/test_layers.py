@@ -21,7 +21,7 @@ KERNELS = "fasteval.kernels"
 LAYERS: dict[str, tuple[str, ...]] = {
     "base": (
         "fasteval", "fasteval.errors", "fasteval.choices", "fasteval.procs", "fasteval.devices",
-        "fasteval.cache_dir", "fasteval.files", "fasteval.versions",
+        "fasteval.cache_dir", "fasteval.files", "fasteval.versions", "fasteval.checkpoint_record",
         "fasteval.kernels", "fasteval.kernels.accumulator", "fasteval.kernels.fused_metrics",
     ),
     "data": (
@@ -29,6 +29,7 @@ LAYERS: dict[str, tuple[str, ...]] = {
         "fasteval.data.decoder_output", "fasteval.data.loader_dali", "fasteval.data.loader_torch",
         "fasteval.data.loaders", "fasteval.data.pixels", "fasteval.data.prefetch", "fasteval.data.preprocess",
         "fasteval.data.probe", "fasteval.data.samples", "fasteval.data.synth",
+        "fasteval.data.layouts", "fasteval.data.sources",
     ),
     "model": (
         "fasteval.model", "fasteval.model.cache_damage", "fasteval.model.compile_cache",
@@ -50,7 +51,7 @@ LAYERS: dict[str, tuple[str, ...]] = {
     ),
     "commands": (
         "fasteval.__main__", "fasteval.cli", "fasteval.options", "fasteval.bench", "fasteval.demo",
-        "fasteval.distributed", "fasteval.sweep_command",
+        "fasteval.distributed", "fasteval.sweep_command", "fasteval.spec_choice",
         "fasteval.training", "fasteval.training.command", "fasteval.training.data", "fasteval.training.history",
         "fasteval.training.loop", "fasteval.training.options", "fasteval.training.recipe",
         "fasteval.training.state",

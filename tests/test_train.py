@@ -208,8 +208,9 @@ def test_resume_keeps_the_runs_preprocessing(folders, tmp_path, capsys):
                  "--json", str(report)]) == 0
     config = json.loads(report.read_text())["config"]
     assert (config["preset"], config["resize"], config["crop"]) == ("imagenet", 40, 32)
-    assert torch.load(out / "last.pt", weights_only=True)["preprocess"] == {"preset": "imagenet", "resize": 40,
-                                                                            "crop": 32}
+    assert torch.load(out / "last.pt", weights_only=True)["preprocess"] == {
+        "preset": "imagenet", "resize": 40, "crop": 32, "interpolation": "bilinear", "antialias": True,
+        "mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225]}  # the whole transform
     capsys.readouterr()
     files = {name: (out / name).read_bytes() for name in os.listdir(out)}
     for extra, named in ((["--crop", "36"], "--crop 36"), (["--preset", "seed"], "--preset seed"),

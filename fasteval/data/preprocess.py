@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 import stat
 import warnings
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 
 from PIL import Image
 
@@ -38,6 +38,7 @@ class PreprocessSpec:
     antialias: bool = True
     mean: tuple[float, float, float] = IMAGENET_MEAN
     std: tuple[float, float, float] = IMAGENET_STD
+    source: str = field(default="", compare=False)  # where the spec comes from (a report's reason), not part of it
 
     def resized_hw(self, height: int, width: int) -> tuple[int, int]:
         """Size after the resize, floored on the long side exactly as torchvision does."""
@@ -81,6 +82,40 @@ class PreprocessSpec:
 
         return T.Compose([*self.pil_geometry(), *self.tensor_steps()])
 
+    def describe(self) -> str:
+        """The transform in one line, as a report prints it."""
+        crop = f" + CenterCrop({self.crop})" if self.crop is not None else ""
+        mean = ", ".join(f"{v:g}" for v in self.mean)
+        std = ", ".join(f"{v:g}" for v in self.std)
+        return (f"{self.name}: Resize({self.resize}, {self.interpolation}{'' if self.antialias else ', no antialias'})"
+                f"{crop}, mean ({mean}), std ({std})")
+
+    def record(self) -> dict:
+        """The spec as plain data (what a checkpoint records; ``spec_from_record`` reads it back)."""
+        return {"preset": self.name, "resize": self.resize, "crop": self.crop, "interpolation": self.interpolation,
+                "antialias": self.antialias, "mean": list(self.mean), "std": list(self.std)}
+
+
+def spec_from_record(record: dict, source: str) -> PreprocessSpec:
+    """A spec from ``PreprocessSpec.record``'s form (an older record holds preset, resize and crop only: the
+    rest is the preset's); ``source`` names where the record came from in the one-line error."""
+    try:
+        base = PRESETS.get(record["preset"], PRESETS["imagenet"])
+        spec = PreprocessSpec(str(record["preset"]), int(record["resize"]),
+                              None if record.get("crop") is None else int(record["crop"]),
+                              interpolation=str(record.get("interpolation", base.interpolation)),
+                              antialias=bool(record.get("antialias", base.antialias)),
+                              mean=tuple(float(v) for v in record.get("mean", base.mean)),
+                              std=tuple(float(v) for v in record.get("std", base.std)))
+    except (KeyError, TypeError, ValueError) as exc:
+        raise FastevalError(f"{source}: its recorded preprocessing is malformed ({exc.__class__.__name__}: "
+                            f"{exc})") from None
+    if (spec.resize < 1 or (spec.crop is not None and not 1 <= spec.crop <= spec.resize)
+            or spec.interpolation not in INTERPOLATIONS or len(spec.mean) != 3 or len(spec.std) != 3
+            or not all(v > 0 for v in spec.std)):
+        raise FastevalError(f"{source}: its recorded preprocessing is not one fasteval can run: {record}")
+    return spec
+
 
 PRESETS = {
     # torchvision's ImageNet evaluation transform.
@@ -90,11 +125,13 @@ PRESETS = {
 }
 
 
-def get_spec(preset: str = "imagenet", resize: int | None = None, crop: int | None = None) -> PreprocessSpec:
-    """A preset, optionally with its resize/crop sizes overridden."""
-    if preset not in PRESETS:
+def get_spec(preset: str = "imagenet", resize: int | None = None, crop: int | None = None,
+             base: PreprocessSpec | None = None) -> PreprocessSpec:
+    """A preset (or ``base``, a spec from elsewhere: a checkpoint's, a timm model's), optionally with its
+    resize/crop sizes overridden."""
+    if base is None and preset not in PRESETS:
         raise FastevalError(f"unknown --preset {preset!r}; choose from {', '.join(PRESETS)}")
-    spec = PRESETS[preset]
+    spec = base or PRESETS[preset]
     if resize is not None:
         if resize < 1:
             raise FastevalError(f"--resize must be positive, got {resize}")

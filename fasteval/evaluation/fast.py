@@ -63,7 +63,7 @@ class FastEvaluator:
         source = "loader" if batch_source is make_loader else "store"
         self.plan = plan = plan or make_plan(
             samples, model, spec, device, options, source=source, passes=passes, scope=self.scope,
-            decoded_at_start=pixels is not None and pixels.samples is samples)
+            decoded_at_start=pixels is not None and pixels.samples is samples and pixels.spec == spec)
         self.pixels = pixels if plan.decoded_at_start else None
         if pixels is not None and self.pixels is None:
             pixels.stop()

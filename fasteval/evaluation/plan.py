@@ -71,6 +71,7 @@ class Plan:
     """Every decision of one evaluation (``DECISIONS``, printed and recorded), and what the executors need
     to follow them. Sample indices are this evaluator's; counts named ``total`` are the whole run's."""
 
+    preprocessing: Decision  # the transform, and where it comes from
     route: Decision  # "fast" or "reference"
     loader: Decision
     startup_decoding: Decision
@@ -210,7 +211,7 @@ def make_plan(samples: SampleList, model: nn.Module, spec: PreprocessSpec, devic
                            "auto: the Triton kernel on CUDA" if backend == "triton" else
                            "auto: the kernel's PyTorch twin off CUDA")
     return Plan(
-        route=route, loader=loader, startup_decoding=startup, batch_shape=shape_decision,
+        preprocessing=_preprocessing(spec), route=route, loader=loader, startup_decoding=startup, batch_shape=shape_decision,
         precision=precision_decision, compile=compile_decision, exact=exact, calibration=calibration_decision,
         by_reference=by_reference,
         workers=Decision(options.workers, _workers_reason(options.workers, loader.value, reference_route)),
@@ -218,6 +219,10 @@ def make_plan(samples: SampleList, model: nn.Module, spec: PreprocessSpec, devic
         calibration_indices=tuple(calibration), calibration_total=calibration_total, loader_kind=kind,
         in_process=in_process, decoded_at_start=at_start, reference_batch_size=reference_batch, passes=passes,
         records_rates=passes == 1 and source == "loader", compile_key=key, rates=rates)
+
+
+def _preprocessing(spec: PreprocessSpec) -> Decision:
+    return Decision(spec.describe(), spec.source or "given by the caller")
 
 
 def _loader(kind: str, pil_pixels: bool, in_process: bool, at_start: bool, source: str, asked: str,
@@ -281,12 +286,14 @@ def plan_dict(plan: Plan) -> dict:
     return {k: v for k, v in asdict(plan).items() if k not in ("rates", "compile_key")}
 
 
-def reference_plan(samples: int, batch_size: int, workers: int, reason: str = "--reference") -> Plan:
+def reference_plan(samples: int, batch_size: int, workers: int, reason: str = "--reference",
+                   spec: PreprocessSpec | None = None) -> Plan:
     """The plain PyTorch loop's plan (``--reference``, and the reference side of ``--validate`` and ``bench``):
     nothing to decide, every value the tutorial loop's."""
     why = f"{reason}: the plain PyTorch loop"
     batch = min(batch_size, samples)
     return Plan(
+        preprocessing=_preprocessing(spec) if spec is not None else Decision(None, "not given"),
         route=Decision("reference", why), loader=Decision("none", "the reference's DataLoader + PIL"),
         startup_decoding=Decision(False, "no: the plain loop decodes in its DataLoader"),
         batch_shape=Decision(batch, f"--batch-size {batch_size}" + (f", clamped to the {samples} sample(s)"

@@ -105,8 +105,8 @@ TABLE_WIDTH = 110  # the report's lines, a reason wrapped (a path or a class nam
 
 
 # The plan's decisions a run's table shows, under these labels; a reason is shown where it adds to the value.
-PLAN_ROWS = {"route": "route", "loader": "loader", "batch_shape": "batch shape", "precision": "precision",
-             "compile": "compile", "by_reference": "by reference's code", "workers": "workers"}
+PLAN_ROWS = {"preprocessing": "preprocessing", "route": "route", "loader": "loader", "batch_shape": "batch shape",
+             "precision": "precision", "compile": "compile", "by_reference": "by reference's code", "workers": "workers"}
 
 
 def plan_rows(plan: dict) -> list[tuple[str, str]]:
@@ -124,8 +124,8 @@ def plan_rows(plan: dict) -> list[tuple[str, str]]:
 
 
 # The decisions under their printed names, in the order a reader follows a run.
-PLAN_LABELS = {"route": "route", "loader": "loader", "startup_decoding": "start-up decoding",
-               "batch_shape": "batch shape", "precision": "precision", "compile": "compile", "exact": "exact counts",
+PLAN_LABELS = {"preprocessing": "preprocessing", "route": "route", "loader": "loader",
+               "startup_decoding": "start-up decoding", "batch_shape": "batch shape", "precision": "precision", "compile": "compile", "exact": "exact counts",
                "calibration": "calibration", "by_reference": "by reference's code", "workers": "workers",
                "metrics_backend": "metrics"}
 

@@ -65,7 +65,7 @@ def preprocessing(args, resume: dict | None):
     """The validation preprocessing: the flags' for a new run; a resumed run's own, as its last.pt records
     it (one history, one preprocessing), a flag that contradicts it refused. A checkpoint of an older
     fasteval records none: the flags' then, said in one line."""
-    from fasteval.data.preprocess import get_spec
+    from fasteval.data.preprocess import get_spec, spec_from_record
 
     kept = resume.get(state.PREPROCESS) if resume is not None else None
     if kept is None:
@@ -80,7 +80,7 @@ def preprocessing(args, resume: dict | None):
         raise FastevalError(f"--resume: {args.out}/{state.LAST} was trained with "
                             f"{_describe(kept['preset'], kept['resize'], kept['crop'])}, not {' '.join(conflicts)}; "
                             f"a resumed run keeps its preprocessing: drop {'it' if len(conflicts) == 1 else 'them'}")
-    return get_spec(kept["preset"], kept["resize"], kept["crop"])
+    return spec_from_record(kept, f"{args.out}/{state.LAST}")
 
 
 def _describe(preset: str, resize: int, crop: int | None) -> str:

@@ -27,7 +27,7 @@ BEST, LAST, HISTORY, CURVES, PREDICTIONS = "best.pt", "last.pt", "history.json",
 CLASSES = "best_classes.json"  # the best epoch's class report: per-class recall, confusion matrix, calibration
 OUTPUTS = (BEST, LAST, HISTORY, CURVES, PREDICTIONS, CLASSES)
 RESUME_ONLY = ("optimizer_state_dict", "scheduler_state_dict", "rng")  # in last.pt, not in best.pt
-PREPROCESS = "preprocess"  # {"preset", "resize", "crop"}: absent from an older fasteval's checkpoints
+PREPROCESS = "preprocess"  # PreprocessSpec.record(); older checkpoints: preset, resize, crop, or nothing
 
 
 def rng_state() -> dict:
@@ -51,7 +51,7 @@ def checkpoint(model, optimizer, scheduler, epoch: int, recipe: dict, classes: l
     return {"model_state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
             "optimizer_state_dict": optimizer.state_dict(), "scheduler_state_dict": scheduler.state_dict(),
             "epoch": epoch, "rng": rng_state(), "arch": recipe["arch"], "classes": list(classes),
-            "recipe": recipe, PREPROCESS: {"preset": spec.name, "resize": spec.resize, "crop": spec.crop},
+            "recipe": recipe, PREPROCESS: spec.record(),
             "history": history}
 
 
