@@ -25,7 +25,7 @@ LAYERS: dict[str, tuple[str, ...]] = {
         "fasteval.kernels", "fasteval.kernels.accumulator", "fasteval.kernels.fused_metrics",
     ),
     "data": (
-        "fasteval.data", "fasteval.data.batch", "fasteval.data.dataset", "fasteval.data.decoded",
+        "fasteval.data", "fasteval.data.batch", "fasteval.data.transform_spec", "fasteval.data.dataset", "fasteval.data.decoded",
         "fasteval.data.decoder_output", "fasteval.data.loader_dali", "fasteval.data.loader_torch",
         "fasteval.data.loaders", "fasteval.data.pixels", "fasteval.data.prefetch", "fasteval.data.preprocess",
         "fasteval.data.probe", "fasteval.data.samples", "fasteval.data.synth",
@@ -51,7 +51,7 @@ LAYERS: dict[str, tuple[str, ...]] = {
     ),
     "commands": (
         "fasteval.__main__", "fasteval.cli", "fasteval.options", "fasteval.bench", "fasteval.demo",
-        "fasteval.distributed", "fasteval.sweep_command", "fasteval.spec_choice",
+        "fasteval.distributed", "fasteval.sweep_command", "fasteval.spec_choice", "fasteval.api",
         "fasteval.training", "fasteval.training.command", "fasteval.training.data", "fasteval.training.history",
         "fasteval.training.loop", "fasteval.training.options", "fasteval.training.recipe",
         "fasteval.training.state",

@@ -1,0 +1,123 @@
+"""fasteval.evaluate / fasteval.compare on a module of the caller's own, with the caller's own transform:
+the counts and predictions of an independent plain loop, the module left as it was."""
+
+from __future__ import annotations
+
+import copy
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+from torch import nn
+from torch.utils.data import DataLoader
+from torchvision import datasets
+from torchvision.transforms import v2
+from torchvision import transforms as v1
+
+import fasteval
+from fasteval.cli import main
+
+
+class TinyNet(nn.Module):
+    """Not a torchvision model: a conv stem, global pooling and a two-layer head."""
+
+    def __init__(self, classes: int) -> None:
+        super().__init__()
+        torch.manual_seed(7)
+        self.stem = nn.Sequential(nn.Conv2d(3, 8, 3, stride=2), nn.BatchNorm2d(8), nn.ReLU())
+        self.head = nn.Sequential(nn.Flatten(), nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, classes))
+
+    def forward(self, x):
+        return self.head(nn.functional.adaptive_avg_pool2d(self.stem(x), 1))
+
+
+def plain_loop(model: nn.Module, root: str, transform) -> dict:
+    """The tutorial's loop, written here independently: ImageFolder, DataLoader, eager fp32, torch.max/topk."""
+    model = copy.deepcopy(model).eval()
+    loader = DataLoader(datasets.ImageFolder(root, transform=transform), batch_size=5)
+    predictions, top1, top5 = [], 0, 0
+    with torch.no_grad():
+        for images, labels in loader:
+            logits = model(images)
+            predicted = torch.max(logits, 1).indices
+            predictions += predicted.tolist()
+            top1 += int((predicted == labels).sum())
+            k = min(5, logits.shape[1])
+            top5 += int((logits.topk(k, 1).indices == labels[:, None]).any(1).sum())
+    return {"predictions": predictions, "top1": top1, "top5": top5}
+
+
+TRANSFORMS = {
+    "v2 bicubic, other sizes and stats": v2.Compose([
+        v2.Resize(50, interpolation=v2.InterpolationMode.BICUBIC), v2.CenterCrop(40), v2.ToImage(),
+        v2.ToDtype(torch.float32, scale=True), v2.Normalize([0.5, 0.4, 0.3], [0.2, 0.3, 0.25])]),
+    "v1 bilinear, no crop": v1.Compose([v1.Resize(36), v1.CenterCrop([36, 36]), v1.ToTensor(),
+                                        v1.Normalize([0.485, 0.456, 0.406], [0.229, 0.224, 0.225])]),
+    "not reproduced: a fixed-size squash and a flip": v1.Compose([
+        v1.Resize((40, 40)), v1.RandomHorizontalFlip(p=1.0), v1.ToTensor(), v1.Normalize([0.5] * 3, [0.5] * 3)]),
+}
+
+
+@pytest.mark.parametrize("name", list(TRANSFORMS))
+def test_evaluate_gives_the_plain_loops_counts_and_leaves_the_module(name, varied_data):
+    transform = TRANSFORMS[name]
+    model = TinyNet(4).train()  # in training mode, as a notebook may leave it
+    before = copy.deepcopy(model.state_dict())
+    expected = plain_loop(model, varied_data, transform)
+    result = fasteval.evaluate(model, varied_data, transform=transform, batch_size=4, workers=0, progress=False)
+    assert (result.correct_top1, result.correct_top5, result.samples) == (expected["top1"], expected["top5"], 12)
+    assert result.run.predictions.tolist() == expected["predictions"]
+    assert model.training and all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+    assert next(model.parameters()).device.type == "cpu" and next(model.parameters()).dtype == torch.float32
+    plan = result.plan
+    if name.startswith("not reproduced"):
+        assert plan["route"]["value"] == "reference" and plan["preprocessing"]["value"].startswith("custom:")
+    else:
+        assert plan["preprocessing"]["reason"].startswith("the transform given, recognised as")
+        assert len(result.per_class) == 4
+
+
+def test_compare_and_reference(varied_data):
+    model = TinyNet(4)
+    transform = TRANSFORMS["v1 bilinear, no crop"]
+    both = fasteval.compare(model, varied_data, transform=transform, batch_size=4, workers=0, progress=False)
+    assert both["validation"]["flipped"] == 0 and both["fast"].correct_top1 == both["reference"].correct_top1
+    ref = fasteval.evaluate(model, varied_data, transform=transform, reference=True, workers=0, progress=False)
+    assert ref.plan["precision"]["value"] == "fp32" and ref.correct_top1 == both["reference"].correct_top1
+    assert ref.loss == pytest.approx(both["reference"].loss, rel=1e-6)
+
+
+def test_to_dict_has_the_commands_json_keys(small_data, weights_3cls, tmp_path):
+    import torchvision
+
+    model = torchvision.models.resnet18(num_classes=3)
+    model.load_state_dict(torch.load(weights_3cls, weights_only=True))
+    transform = v1.Compose([v1.Resize(40), v1.CenterCrop(32), v1.ToTensor(),
+                            v1.Normalize([0.485, 0.456, 0.406], [0.229, 0.224, 0.225])])
+    result = fasteval.evaluate(model, small_data, transform=transform, batch_size=8, workers=0, progress=False)
+    out = tmp_path / "r.json"
+    assert main(["eval", small_data, "--weights", weights_3cls, "--resize", "40", "--crop", "32", "--batch-size", "8",
+                 "--workers", "0", "--no-progress", "--json", str(out)]) == 0
+    report = json.loads(out.read_text())
+    assert set(result.to_dict()) == set(report)
+    assert result.correct_top1 == report["correct_top1"] and result.correct_top5 == report["correct_top5"]
+
+
+def test_bad_arguments_are_one_line_errors(small_data):
+    from fasteval.errors import FastevalError
+
+    with pytest.raises(FastevalError, match="model must be a torch.nn.Module"):
+        fasteval.evaluate(lambda x: x, small_data)
+    with pytest.raises(FastevalError, match="dataset folder not found"):
+        fasteval.evaluate(TinyNet(3), "/nonexistent/data")
+    with pytest.raises(FastevalError, match="transform: expected a square 3-channel tensor"):
+        fasteval.evaluate(TinyNet(3), small_data, transform=v1.Compose([v1.Resize((40, 30)), v1.ToTensor()]))
+
+
+def test_the_public_names_and_a_light_import():
+    assert {"evaluate", "compare", "Result"} <= set(fasteval.__all__)
+    code = "import sys, fasteval; assert 'torch' not in sys.modules; print(fasteval.evaluate.__module__)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "fasteval.api"
