@@ -135,3 +135,172 @@ def test_an_image_the_reference_cannot_decode_is_named(tree, tmp_path, capsys):
     assert main(["eval", data, *SMALL]) == 2
     err = _one_line(capsys)
     assert "broken.jpg" in err and "not an image" in err
+
+
+# -- WebDataset shards ---------------------------------------------------------------------------------------
+
+SHARD_SIZES = (7, 2, 9)  # uneven, 18 in all: the tree's samples in order
+
+
+def write_shard(path, members: list[tuple[str, bytes]]) -> str:
+    """A tar as webdataset's TarWriter writes one: regular members, in the order given."""
+    import io
+    import tarfile
+
+    with tarfile.open(path, "w") as archive:
+        for name, data in members:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            archive.addfile(info, io.BytesIO(data))
+    return str(path)
+
+
+def tree_members(tree: str) -> list[list[tuple[str, bytes]]]:
+    """The tree's samples as webdataset samples (KEY.jpg + KEY.cls), split into shards of SHARD_SIZES."""
+    listed = ImageFolder(tree)
+    members = []
+    for i, (path, label) in enumerate(listed.samples):
+        with open(path, "rb") as f:
+            members.append([(f"sample{i:06d}.jpg", f.read()), (f"sample{i:06d}.cls", str(label).encode())])
+    shards, start = [], 0
+    for size in SHARD_SIZES:
+        shards.append([m for sample in members[start:start + size] for m in sample])
+        start += size
+    return shards
+
+
+@pytest.fixture(scope="module")
+def shards(tree, tmp_path_factory) -> str:
+    """The tree as 3 shards val-000000..000002.tar in a folder of their own."""
+    folder = tmp_path_factory.mktemp("shards")
+    for i, members in enumerate(tree_members(tree)):
+        write_shard(folder / f"val-{i:06d}.tar", members)
+    return str(folder)
+
+
+def test_brace_patterns_expand_as_the_shell_does():
+    from fasteval.data.layouts import expand_braces
+
+    assert expand_braces("val-{000000..000002}.tar") == ["val-000000.tar", "val-000001.tar", "val-000002.tar"]
+    assert expand_braces("{a,b}/x-{8..10}.tar") == ["a/x-8.tar", "a/x-9.tar", "a/x-10.tar", "b/x-8.tar",
+                                                   "b/x-9.tar", "b/x-10.tar"]
+    assert expand_braces("plain.tar") == ["plain.tar"]
+
+
+@pytest.mark.parametrize("form", ["folder", "pattern", "list"])
+def test_shards_list_the_trees_samples_in_shard_order(tree, shards, form):
+    data = {"folder": shards, "pattern": os.path.join(shards, "val-{000000..000002}.tar"),
+            "list": os.path.join(shards, "val-{000000,000001,000002}.tar")}[form]
+    listed = discover(data)
+    truth = ImageFolder(tree)
+    assert listed.layout == "webdataset"
+    assert listed.classes == ["0", "1", "2"]
+    assert listed.labels == truth.targets
+    assert [relative_path(listed, p) for p in listed.paths][:8] == [
+        *(f"val-000000.tar::sample{i:06d}.jpg" for i in range(7)), "val-000001.tar::sample000007.jpg"]
+
+
+def test_one_shard_is_data_too(shards):
+    listed = discover(os.path.join(shards, "val-000001.tar"))
+    assert [relative_path(listed, p) for p in listed.paths] == ["val-000001.tar::sample000007.jpg",
+                                                                "val-000001.tar::sample000008.jpg"]
+
+
+def _without_path(rows: list[list[str]]) -> list[list[str]]:
+    return [row[1:] for row in rows]
+
+
+# The reference builds torchvision's ImageFolder over the root: a list that is no tree needs its dataset from
+# the sample list (evaluation/reference.py, the lead's file); strict, so that the fix removes these marks.
+AWAITS_REFERENCE = pytest.mark.xfail(strict=True, reason="evaluation/reference.py: ImageFolder over a list that is "
+                                                        "no tree (issue 26 part 3's report)")
+
+
+@pytest.mark.parametrize("extra", [(), pytest.param(("--reference",), marks=AWAITS_REFERENCE)],
+                         ids=["fast", "reference"])
+def test_shards_give_the_trees_counts_and_predictions(tree, shards, weights_3cls, tmp_path, extra):
+    report, rows = _run(tree, tmp_path, "folder", weights_3cls, *extra)
+    other, other_rows = _run(shards, tmp_path, "shards", weights_3cls, *extra)
+    assert {k: other[k] for k in COUNTS} == {k: report[k] for k in COUNTS}
+    assert _without_path(other_rows) == _without_path(rows)  # the path column: SHARD::MEMBER
+    assert other_rows[1][0] == "val-000000.tar::sample000000.jpg"
+
+
+def _bad_shard_cases(tree: str) -> dict[str, tuple[list, str, str]]:
+    """(the second shard's members, the member an error names, what it says)."""
+    members = tree_members(tree)[1]
+    image = members[0][1]
+    return {
+        "no cls": ([*members, ("extra.jpg", image)], "extra.jpg", "has no extra.cls"),
+        "no image": ([*members, ("extra.cls", b"1")], "extra.cls", "has no image"),
+        "cls not an integer": ([*members, ("extra.jpg", image), ("extra.cls", b"one")], "extra.cls",
+                               "not a class index"),
+        "cls out of range": ([*members, ("extra.jpg", image), ("extra.cls", b"-1")], "extra.cls", "out of range"),
+        "damaged image": ([*members, ("extra.jpg", b"\xff\xd8\xff" + b"\x00" * 40), ("extra.cls", b"1")],
+                          "extra.jpg", "damaged JPEG"),
+    }
+
+
+@pytest.mark.parametrize("case", ["no cls", "no image", "cls not an integer", "cls out of range", "damaged image"])
+def test_bad_shard_is_one_line_naming_shard_and_member(case, tree, tmp_path, capsys):
+    members, member, reason = _bad_shard_cases(tree)[case]
+    good = tree_members(tree)
+    write_shard(tmp_path / "val-000000.tar", good[0])
+    write_shard(tmp_path / "val-000001.tar", members)
+    write_shard(tmp_path / "val-000002.tar", good[2])
+    assert main(["eval", str(tmp_path), *SMALL]) == 2
+    err = _one_line(capsys)
+    assert "val-000001.tar" in err and member in err and reason in err, err
+
+
+def test_a_cut_short_shard_is_named(shards, tmp_path, capsys):
+    for name in ("val-000000.tar", "val-000001.tar", "val-000002.tar"):
+        shutil.copy(os.path.join(shards, name), tmp_path / name)
+    last = tmp_path / "val-000002.tar"
+    data = last.read_bytes()
+    last.write_bytes(data[:len(data) // 2])  # inside a member's bytes
+    assert main(["eval", str(tmp_path / "val-{000000..000002}.tar"), *SMALL]) == 2
+    err = _one_line(capsys)
+    assert "val-000002.tar" in err and "sample0000" in err and "cut short" in err, err
+
+
+@pytest.mark.parametrize("extra", [("--exact", "off"), pytest.param(("--reference",), marks=AWAITS_REFERENCE)],
+                         ids=["fast", "reference"])
+def test_a_csv_outside_the_tree_gives_its_counts(tree, weights_3cls, tmp_path, extra):
+    data = write_csv(str(tmp_path / "list.csv"), csv_rows(tree, absolute=True))
+    report, rows = _run(tree, tmp_path, "folder", weights_3cls, *extra)
+    other, other_rows = _run(data, tmp_path, "elsewhere", weights_3cls, *extra)
+    assert {k: other[k] for k in COUNTS} == {k: report[k] for k in COUNTS}
+    assert _without_path(other_rows) == _without_path(rows)
+    assert other_rows[1][0] == os.path.join(tree, "class_000", "img_00000.jpg")
+
+
+def test_cache_and_loaders_read_shards(tree, shards, weights_3cls, tmp_path):
+    """The decoded store (--cache, keyed by each member's bytes) and the torchvision loader over shards."""
+    report, rows = _run(tree, tmp_path, "folder", weights_3cls, "--exact", "off")
+    for name, extra in {"cache": ("--cache", str(tmp_path / "store")), "again": ("--cache", str(tmp_path / "store")),
+                        "torchvision": ("--loader", "torchvision")}.items():
+        other, other_rows = _run(shards, tmp_path, name, weights_3cls, "--exact", "off", *extra)
+        assert {k: other[k] for k in COUNTS} == {k: report[k] for k in COUNTS}
+        assert _without_path(other_rows) == _without_path(rows)
+
+
+@pytest.mark.parametrize("layout", ["csv", "shards"])
+def test_dali_decodes_a_list_as_it_decodes_the_tree(tree, layouts, shards, layout, small_spec):
+    """DALI's file reader for a CSV's files; tar members through its external source: the same batches."""
+    import torch
+
+    from fasteval.data.loader_dali import dali_available
+    from fasteval.data.loaders import make_loader
+
+    if not dali_available():
+        pytest.skip("needs nvidia-dali")
+    cpu = torch.device("cpu")
+    data = layouts["csv"] if layout == "csv" else shards
+    want = list(make_loader("dali", discover(tree), small_spec, batch_size=5, workers=1, device=cpu))
+    loader = make_loader("dali", discover(data), small_spec, batch_size=5, workers=1, device=cpu)
+    for _ in range(2):  # a second pass too: the external source starts again
+        got = list(loader)
+        assert [b.real for b in got] == [b.real for b in want] == [5, 5, 5, 3]
+        for a, b in zip(got, want):
+            assert torch.equal(a.images, b.images) and torch.equal(a.labels, b.labels)

@@ -4,7 +4,8 @@ The pipeline reproduces torchvision's geometry exactly: resize sizes are compute
 image's header (shorter side to ``spec.resize``, longer side floored) and the crop offset
 is torchvision's (half to even), passed as explicit positions. DALI's own
 ``resize_shorter`` and centre crop round differently (../shared/FACTS.md).
-The reader gets the shared sample list, never its own directory scan.
+The reader gets the shared sample list, never its own directory scan; tar members (WebDataset) are fed
+to the same decoder by an external source reading their bytes through fasteval/data/sources.py.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from fasteval.data.batch import Batch
 from fasteval.data.preprocess import PreprocessSpec
 from fasteval.data.probe import find_undecodable
 from fasteval.data.samples import SampleList
+from fasteval.data.sources import read_bytes
 
 
 # DALI's decoders log to stderr when one declines a file that another then decodes: nvImageCodec's
@@ -70,8 +72,12 @@ def build_pipeline(samples: SampleList, spec: PreprocessSpec, batch_size: int, t
     @pipeline_def(batch_size=batch_size, num_threads=max(1, threads), device_id=(device.index or 0) if gpu else None,
                   prefetch_queue_depth=2)
     def pipeline():
-        encoded, labels = fn.readers.file(files=samples.paths, labels=samples.labels, pad_last_batch=True,
-                                          random_shuffle=False, name="Reader")
+        if _on_disk(samples):
+            encoded, labels = fn.readers.file(files=samples.paths, labels=samples.labels, pad_last_batch=True,
+                                              random_shuffle=False, name="Reader")
+        else:
+            encoded, labels = fn.external_source(source=_member_source(samples, batch_size), num_outputs=2,
+                                                 batch=False, dtype=[types.UINT8, types.INT32])
         shape = fn.peek_image_shape(encoded, adjust_orientation=False, dtype=types.INT64)
         h, w = shape[0], shape[1]
         new_long = (spec.resize * dmath.max(h, w)) // dmath.min(h, w)
@@ -98,6 +104,32 @@ def build_pipeline(samples: SampleList, spec: PreprocessSpec, batch_size: int, t
     return pipeline()
 
 
+def _on_disk(samples: SampleList) -> bool:
+    """Whether every sample is a file DALI's file reader can open (not a tar member)."""
+    return samples.layout != "webdataset"
+
+
+def _member_source(samples: SampleList, batch_size: int):
+    """DALI's per-sample source for tar members: each sample's bytes (fasteval/data/sources.py, the offsets
+    recorded once per shard) and its label, by its index in the pass; the last batch is filled with the last
+    sample, as the file reader's ``pad_last_batch`` fills it. DALI's webdataset reader reads whole shards,
+    where a run may evaluate a subset of them (the files that go by the reference's code, a torchrun rank's
+    block); this reads exactly the list, in order, and DALI decodes it as it decodes files."""
+    import numpy as np
+
+    paths, labels = samples.paths, samples.labels
+    whole = -(-len(paths) // batch_size) * batch_size
+
+    def source(info):
+        if info.idx_in_epoch >= whole:
+            raise StopIteration
+        index = min(info.idx_in_epoch, len(paths) - 1)
+        return (np.frombuffer(read_bytes(paths[index]), dtype=np.uint8),
+                np.array([labels[index]], dtype=np.int32))
+
+    return source
+
+
 class DaliLoader:
     """Batches of channels-last images on ``device``; the last batch is filled to the static size."""
 
@@ -119,7 +151,9 @@ class DaliLoader:
             # sample up to the static size, and those rows are marked ignored downstream.
             # Reset by hand when the next pass starts: DALI's auto_reset would start decoding the next pass
             # at once, beside whatever runs between passes (a bench's reference run, a training epoch).
-            self._iter = DALIGenericIterator([self._pipe], ["images", "labels"], reader_name="Reader",
+            # Tar members come from an external source, which ends the pass itself (StopIteration).
+            by_reader = dict(reader_name="Reader") if _on_disk(samples) else {}
+            self._iter = DALIGenericIterator([self._pipe], ["images", "labels"], **by_reader,
                                              last_batch_policy=LastBatchPolicy.FILL, auto_reset=False)
             self._ended = False  # the epoch is over: reset() before the next pass
         except Exception as exc:
