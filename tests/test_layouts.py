@@ -253,15 +253,29 @@ def test_bad_shard_is_one_line_naming_shard_and_member(case, tree, tmp_path, cap
     assert "val-000001.tar" in err and member in err and reason in err, err
 
 
-def test_a_cut_short_shard_is_named(shards, tmp_path, capsys):
+@pytest.mark.parametrize("damage, reason", [("inside a member", "member sample000012.jpg is cut short"),
+                                            ("between members", "it ends after member sample000011.cls"),
+                                            ("a header", "header cut short or damaged after member sample000011.cls")])
+def test_a_damaged_shard_is_named(shards, tmp_path, capsys, damage, reason):
+    """tarfile stops silently at a header it cannot read, or at the file's end: the shard's end is checked."""
+    import tarfile
+
     for name in ("val-000000.tar", "val-000001.tar", "val-000002.tar"):
         shutil.copy(os.path.join(shards, name), tmp_path / name)
     last = tmp_path / "val-000002.tar"
-    data = last.read_bytes()
-    last.write_bytes(data[:len(data) // 2])  # inside a member's bytes
+    with tarfile.open(last) as archive:
+        member = {m.name: m for m in archive}["sample000012.jpg"]  # the third shard's third sample
+    data = bytearray(last.read_bytes())
+    if damage == "inside a member":
+        data = data[:member.offset_data + 10]
+    elif damage == "between members":
+        data = data[:member.offset]
+    else:
+        data[member.offset:member.offset + 100] = b"x" * 100
+    last.write_bytes(bytes(data))
     assert main(["eval", str(tmp_path / "val-{000000..000002}.tar"), *SMALL]) == 2
     err = _one_line(capsys)
-    assert "val-000002.tar" in err and "sample0000" in err and "cut short" in err, err
+    assert "val-000002.tar" in err and reason in err, err
 
 
 @pytest.mark.parametrize("extra", [("--exact", "off"), pytest.param(("--reference",), marks=AWAITS_REFERENCE)],

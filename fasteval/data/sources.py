@@ -62,8 +62,10 @@ def shard_members(shard: str, st: os.stat_result | None = None) -> dict[str, Mem
     if cached is not None and cached[0] == key:
         return cached[1]
     members: dict[str, Member] = {}
+    last = None
     with tarfile.open(shard, "r:") as archive:
         for info in archive:
+            last = info.name
             if not info.isfile():
                 continue
             if info.name in members:
@@ -71,9 +73,23 @@ def shard_members(shard: str, st: os.stat_result | None = None) -> dict[str, Mem
             if info.offset_data + info.size > st.st_size:
                 raise tarfile.TarError(f"member {info.name} is cut short")
             members[info.name] = Member(info.offset_data, info.size)
+        _check_end(archive, last)
     with _lock:
         _shards[shard] = (key, members)
     return members
+
+
+def _check_end(archive: tarfile.TarFile, last: str | None) -> None:
+    """``tarfile`` ends an archive silently at a header it cannot read (past the first), or at the end of the
+    file: a shard cut inside a header or between members, or with a damaged header, would lose its later
+    members unseen. Where the members stop, a shard holds tar's end-of-archive zero block (every tar writer,
+    ``tarfile`` and so ``webdataset`` included, writes it)."""
+    archive.fileobj.seek(archive.offset)
+    block = archive.fileobj.read(tarfile.BLOCKSIZE)
+    if block != tarfile.NUL * tarfile.BLOCKSIZE:
+        where = f"after member {last}" if last else "at its start"
+        what = "ends" if not block else "has a header cut short or damaged"
+        raise tarfile.TarError(f"it {what} {where}, without tar's end-of-archive block (cut short?)")
 
 
 def read_bytes(path: str) -> bytes:
