@@ -212,11 +212,8 @@ def _without_path(rows: list[list[str]]) -> list[list[str]]:
 
 # The reference builds torchvision's ImageFolder over the root: a list that is no tree needs its dataset from
 # the sample list (evaluation/reference.py, the lead's file); strict, so that the fix removes these marks.
-AWAITS_REFERENCE = pytest.mark.xfail(strict=True, reason="evaluation/reference.py: ImageFolder over a list that is "
-                                                        "no tree (issue 26 part 3's report)")
 
-
-@pytest.mark.parametrize("extra", [(), pytest.param(("--reference",), marks=AWAITS_REFERENCE)],
+@pytest.mark.parametrize("extra", [(), ("--reference",)],
                          ids=["fast", "reference"])
 def test_shards_give_the_trees_counts_and_predictions(tree, shards, weights_3cls, tmp_path, extra):
     report, rows = _run(tree, tmp_path, "folder", weights_3cls, *extra)
@@ -278,7 +275,7 @@ def test_a_damaged_shard_is_named(shards, tmp_path, capsys, damage, reason):
     assert "val-000002.tar" in err and reason in err, err
 
 
-@pytest.mark.parametrize("extra", [("--exact", "off"), pytest.param(("--reference",), marks=AWAITS_REFERENCE)],
+@pytest.mark.parametrize("extra", [("--exact", "off"), ("--reference",)],
                          ids=["fast", "reference"])
 def test_a_csv_outside_the_tree_gives_its_counts(tree, weights_3cls, tmp_path, extra):
     data = write_csv(str(tmp_path / "list.csv"), csv_rows(tree, absolute=True))

@@ -31,7 +31,10 @@ from fasteval.data.samples import SampleList
 
 def reference_dataset(samples: SampleList, spec: PreprocessSpec) -> Dataset:
     """torchvision's ImageFolder over the dataset, checked against the shared sample list; where that
-    list is one contiguous block of ImageFolder's (a distributed rank's shard), the Subset of that block."""
+    list is one contiguous block of ImageFolder's (a distributed rank's shard), the Subset of that block.
+    A CSV list or tar shards have no tree for ImageFolder: the list itself, decoded as ImageFolder decodes."""
+    if samples.layout != "folder":
+        return ImageDataset(samples, spec.torchvision_transform())
     dataset = ImageFolder(samples.root, transform=spec.torchvision_transform(), loader=load_rgb)
     block = _block(dataset.samples, samples.samples) if dataset.classes == samples.classes else None
     if block is None:
