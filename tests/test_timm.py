@@ -233,3 +233,19 @@ def test_timm_missing_names_the_extra(monkeypatch):
         with pytest.raises(FastevalError) as info:
             call()
         assert _one_line(info) == "--arch timm:resnet18: needs timm: pip install 'fasteval[timm]'"
+
+
+def test_benchmark_against_timms_loader(small_data, capsys):
+    """benchmarks/timm_validate.py on the small fixture: ``fasteval eval --arch timm:NAME`` (its default, timm's
+    configuration) gives validate.py's loader's counts and per-file predictions."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parent.parent / "benchmarks" / "timm_validate.py"
+    spec = importlib.util.spec_from_file_location("timm_validate", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    assert bench.main([small_data, "--model", TINY]) == 0
+    out = capsys.readouterr().out
+    assert "21 of 21 equal" in out and "same counts, file by file" in out
+    assert "fasteval's preprocessing: timm:test_resnet.r160_in1k: Resize(168, bilinear) + CenterCrop(160)" in out
