@@ -108,8 +108,8 @@ def validate_py_run(script: str, name: str, data: str, weights: str, num_classes
     with open(results) as f:
         found = json.load(f)
     found = found[0] if isinstance(found, list) else found
-    return {"samples": samples, "top1": round(found["top1"] * samples / 100), "top5": round(found["top5"] * samples / 100),
-            "seconds": seconds}
+    return {"samples": samples, "top1": round(found["top1"] * samples / 100),
+            "top5": round(found["top5"] * samples / 100), "seconds": seconds}
 
 
 def fasteval_run(name: str, data: str, weights: str, work: str) -> dict:

@@ -152,7 +152,8 @@ def test_checkpoint_forms_load_as_timm_loads_them(form, use_ema, two_models, tmp
     model, ema = two_models
     state = model.state_dict()
     content = {"bare": state, "state_dict": {"state_dict": state}, "model": {"model": state},
-               "ddp": _prefixed(state, "module."), "compiled_ddp": {"state_dict": _prefixed(state, "_orig_mod.module.")},
+               "ddp": _prefixed(state, "module."),
+               "compiled_ddp": {"state_dict": _prefixed(state, "_orig_mod.module.")},
                "training": _timm_training_checkpoint(model, ema),
                "ema_only": {"state_dict_ema": ema.state_dict(), "epoch": 1}}[form]
     path = tmp_path / "checkpoint.pth.tar"

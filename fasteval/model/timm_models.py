@@ -46,7 +46,8 @@ def _name(arch: str) -> str:
     name = arch[len(PREFIX):]
     if not name or not timm.is_model(name):
         close = difflib.get_close_matches(name, timm.list_models(), n=3)
-        hint = f"did you mean {', '.join(PREFIX + c for c in close)}?" if close else "e.g. timm:resnet50, timm:convnext_tiny"
+        hint = (f"did you mean {', '.join(PREFIX + c for c in close)}?" if close
+                else "e.g. timm:resnet50, timm:convnext_tiny")
         raise FastevalError(f"unknown --arch {arch}: not a timm model (see timm.list_models(); {hint})")
     from timm.models import get_pretrained_cfg, split_model_name_tag
 
