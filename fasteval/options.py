@@ -44,8 +44,8 @@ def add_run_options(p: argparse.ArgumentParser, sweep: bool = False) -> None:
     p.add_argument("--arch", help="torchvision classification model name, or timm:NAME for a timm model (default: the "
                                   "architecture a fasteval train checkpoint records, else resnet18)")
     p.add_argument("--weights", type=non_empty_path,
-                   help="checkpoint file (state_dict or a dict holding one), or DEFAULT for torchvision's pretrained "
-                        "weights; omitted: random init (demo: its fitted model)"
+                   help="checkpoint file (state_dict or a dict holding one), or DEFAULT for the pretrained weights "
+                        "(torchvision's, or timm's for timm:NAME); omitted: random init (demo: its fitted model)"
                         + ("; several files, a folder of *.pt/*.pth or a glob: a sweep, decoded and compiled once, "
                            "ranked with paired statistics" if sweep else ""),
                    nargs="+" if sweep else None)

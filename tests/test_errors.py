@@ -81,7 +81,8 @@ def test_a_real_full_shared_memory_through_the_command(small_data, weights_3cls)
     full = subprocess.run(["unshare", "-m", "sh", "-c", script, "sh", *command, "--workers", "2"],
                           capture_output=True, text=True, env=env, timeout=120)
     assert full.returncode == 2 and full.stdout == "", full.stderr
-    (line,) = full.stderr.splitlines()
+    note, line = full.stderr.splitlines()  # a plain state_dict on the default preset: its one note first
+    assert note.startswith("fasteval: note: --weights ") and "records no preprocessing" in note
     assert_shared_memory_line(line.removeprefix("fasteval: error: "))
     assert "(0.1 MiB)" in line
     fine = subprocess.run(["unshare", "-m", "sh", "-c", script, "sh", *command, "--workers", "0"],

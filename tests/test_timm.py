@@ -250,3 +250,16 @@ def test_benchmark_against_timms_loader(small_data, capsys):
     out = capsys.readouterr().out
     assert "21 of 21 equal" in out and "same counts, file by file" in out
     assert "fasteval's preprocessing: timm:test_resnet.r160_in1k: Resize(168, bilinear) + CenterCrop(160)" in out
+
+
+def test_kept_model_facts_are_keyed_by_timms_release_for_a_timm_model():
+    """A timm model's code is its timm release's: the kept meta-device facts (fasteval/model/meta_facts.py) are
+    keyed by that release too; a torchvision model's are not."""
+    import torchvision
+
+    from fasteval.model.meta_facts import fact_key
+    from fasteval.versions import package_version
+
+    timm_key = fact_key("input_fits", timm.create_model("resnet10t", pretrained=False, num_classes=3), {})
+    tv_key = fact_key("input_fits", torchvision.models.resnet18(num_classes=3), {})
+    assert timm_key["timm"] == package_version("timm") == timm.__version__ and "timm" not in tv_key

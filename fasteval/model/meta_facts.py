@@ -43,8 +43,14 @@ def facts_dir() -> str:
 def fact_key(kind: str, model: nn.Module, shapes: dict) -> dict:
     import torchvision
 
-    return {"kind": kind, "facts_version": FACTS_VERSION, "torch": torch.__version__, "torchvision": torchvision.__version__,
-            "model": f"{type(model).__module__}.{type(model).__qualname__}/{model_signature(model)}", **shapes}
+    model_name = f"{type(model).__module__}.{type(model).__qualname__}/{model_signature(model)}"
+    key = {"kind": kind, "facts_version": FACTS_VERSION, "torch": torch.__version__,
+           "torchvision": torchvision.__version__, "model": model_name, **shapes}
+    if type(model).__module__.startswith("timm."):  # a timm model's code is timm's release's
+        from fasteval.versions import package_version
+
+        key["timm"] = package_version("timm")
+    return key
 
 
 def _is_byte_count(value: Any) -> bool:
