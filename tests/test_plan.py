@@ -70,7 +70,7 @@ CASES = [
     ("torchvision loader asked", dict(compile="off", loader="torchvision"), {},
      dict(loader="pil-pixels")),
     ("a decoded store (sweep)", dict(compile="off"), dict(source="store", passes=3),
-     dict(loader="decoded store (pil-pixels)", startup_decoding=False)),
+     dict(loader="decoded store (pil-pixels, host)", startup_decoding=False)),
     ("exact off", dict(compile="off", exact="off"), {}, dict(exact=False, calibration=0)),
     ("compile on", dict(compile="on"), {}, dict(compile=True)),
     ("compile auto, never measured", dict(compile="auto"), {}, dict(compile="measure", route="fast")),
@@ -307,3 +307,21 @@ def test_a_bicubic_resize_never_goes_to_dali(small_data, small_spec, no_run, fre
                      scope=Sharded(1000)).loader.value == "dali-cpu"  # bilinear: DALI where installed
     with pytest.raises(FastevalError, match="--loader dali: DALI's bicubic resize is not PIL's"):
         make_plan(samples, no_run, bicubic, CPU, FastOptions(loader="dali"), scope=Sharded(1000))
+
+
+def test_a_stores_placement_is_planned(small_data, small_spec, no_run, fresh_cache, monkeypatch):
+    """A decoded store's placement is the plan's, from its size and the memory free: host memory where it fits;
+    else the --cache file memory-mapped, or decoding again each pass without a cache."""
+    import fasteval.data.decoded as decoded
+
+    samples = discover(small_data, quiet=True)
+    options = FastOptions(compile="off", exact="off")
+    plan = make_plan(samples, no_run, small_spec, CPU, options, source="store", passes=2)
+    assert plan.store_placement == decoded.choose_placement(21 * 3 * 32 * 32, CPU, False)
+    assert plan.store_placement[0] == "host" and plan.loader.value == "decoded store (pil-pixels, host)"
+    monkeypatch.setattr(decoded, "available_host_memory", lambda: 1024)
+    mapped = make_plan(samples, no_run, small_spec, CPU, options, source="store", passes=2, cached=True)
+    again = make_plan(samples, no_run, small_spec, CPU, options, source="store", passes=2)
+    assert (mapped.store_placement[0], again.store_placement[0]) == ("mapped", "redecode")
+    assert "memory-mapped --cache file" in mapped.loader.reason
+    assert make_plan(samples, no_run, small_spec, CPU, options).store_placement is None  # a loader: no store

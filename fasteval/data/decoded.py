@@ -445,14 +445,16 @@ class DecodedSource:
         self.info: dict = {}
 
     def __call__(self, kind: str, samples: SampleList, spec: PreprocessSpec, *, batch_size: int, workers: int,
-                 device: torch.device, half: bool = False):
+                 device: torch.device, half: bool = False, placement: tuple[str, str] | None = None):
+        """``placement``: the plan's (where, why: fasteval/evaluation/plan.py); chosen here from the memory
+        free now where no plan gave one."""
         start = time.perf_counter()
         h, w = spec.output_hw(*image_size(samples.paths[0]))
         shape = (len(samples), 3, h, w)
         nbytes = int(np.prod(shape))
         name = loader_name(kind, device)
         cache = DiskCache(self.cache_dir, samples, spec, name, shape) if self.cache_dir else None
-        placement, reason = choose_placement(nbytes, device, cached=cache is not None)
+        placement, reason = placement or choose_placement(nbytes, device, cached=cache is not None)
         self.info = {"placement": placement, "reason": reason, "bytes": nbytes, "loader": name,
                      "cache": "off" if cache is None else None, "decoded": False}
         if placement == "redecode":

@@ -63,6 +63,7 @@ class FastEvaluator:
         source = "loader" if batch_source is make_loader else "store"
         self.plan = plan = plan or make_plan(
             samples, model, spec, device, options, source=source, passes=passes, scope=self.scope,
+            cached=getattr(batch_source, "cache_dir", None) is not None,
             decoded_at_start=pixels is not None and pixels.samples is samples and pixels.spec == spec)
         self.pixels = pixels if plan.decoded_at_start else None
         if pixels is not None and self.pixels is None:
@@ -96,8 +97,9 @@ class FastEvaluator:
                                               workers=options.workers, keep=plan.passes > 1)
                 else:
                     part = samples.subset(self.main) if self.reference_only else samples
+                    placed = {"placement": plan.store_placement} if plan.store_placement else {}
                     self.loader = batch_source(plan.loader_kind, part, spec, batch_size=shape,
-                                               workers=options.workers, device=device, half=half)
+                                               workers=options.workers, device=device, half=half, **placed)
             h, w = plan.input_hw
             with torch.inference_mode():  # an inference tensor, like the loader's: no recompile on the first batch
                 example = torch.zeros(shape, 3, h, w, device=device, dtype=torch.float16 if half else torch.float32)

@@ -21,6 +21,7 @@ from dataclasses import asdict, dataclass, field, fields, replace
 import torch
 from torch import nn
 
+from fasteval.data.decoded import choose_placement
 from fasteval.data.loaders import batch_shape, batch_shape_reason, needs_pil, resolve_loader
 from fasteval.data.prefetch import MAX_SAMPLES, reads_pil_pixels
 from fasteval.data.preprocess import PreprocessSpec, check_batchable, image_size
@@ -92,6 +93,8 @@ class Plan:
     calibration_total: int = 0
     loader_kind: str = "none"  # the batch source's ``kind``
     in_process: bool = False  # PIL's pixels decoded in this process (``PixelLoader``)
+    store_placement: tuple[str, str] | None = None  # a decoded store's (device, pinned, host, mapped or redecode;
+    # why), from decoded.choose_placement
     decoded_at_start: bool = False  # those pixels decoded since the command started (fasteval/data/prefetch.py)
     reference_batch_size: int = 0  # the reference's batch size (its batch means, the recheck's batches)
     passes: int = 1
@@ -121,12 +124,13 @@ DECISIONS = tuple(f.name for f in fields(Plan) if f.type == "Decision")
 
 def make_plan(samples: SampleList, model: nn.Module, spec: PreprocessSpec, device: torch.device,
               options: FastOptions, *, source: str = "loader", passes: int = 1, scope: WholeRun | None = None,
-              decoded_at_start: bool = False) -> Plan:
+              decoded_at_start: bool = False, cached: bool = False) -> Plan:
     """Every decision of a fast evaluation of ``samples`` (the module's docstring). ``source``: ``loader``
     (a loader decodes each pass) or ``store`` (a sweep's or ``--cache``'s decoded store feeds the passes);
     ``passes``: how many times the evaluator runs (a sweep's checkpoints); ``scope``: a torchrun shard's
     view of the whole run; ``decoded_at_start``: the command is decoding these samples with PIL since it
-    started (fasteval/data/prefetch.py). Refuses, before any work, files the reference cannot decode."""
+    started (fasteval/data/prefetch.py); ``cached``: the store is kept in a ``--cache`` folder. Refuses, before
+    any work, files the reference cannot decode."""
     scope = scope or WholeRun()
     total = scope.total(len(samples))
     check_batchable(spec, samples.paths)
@@ -189,7 +193,7 @@ def make_plan(samples: SampleList, model: nn.Module, spec: PreprocessSpec, devic
             f"{calibration_total} sample(s) spread over the run, evaluated by the reference's code, measure the "
             f"fast path's logit error; samples within 3 x twice that error of a tie are rechecked") if exact_on
             else "--exact off: no recheck")
-    key = None
+    key, placement = None, None
     if not main:
         why = "every sample by the reference's code" if reference_route else "no sample for the fast pass here"
         loader = Decision("none", f"no fast pass ({why})" + ("; the reference's DataLoader + PIL"
@@ -201,6 +205,10 @@ def make_plan(samples: SampleList, model: nn.Module, spec: PreprocessSpec, devic
     else:
         loader = _loader(kind, pil_pixels, in_process, at_start, source, options.loader, device, total,
                          spec.interpolation)
+        if source == "store":  # where the decoded images are kept, from their size and the memory free now
+            placement = choose_placement(len(main) * 3 * input_hw[0] * input_hw[1], device, cached)
+            loader = Decision(f"{loader.value[:-1]}, {placement[0]})", f"{loader.reason}; {placement[0]}: "
+                                                                       f"{placement[1]}")
         precision_decision = Decision(precision, precision_reason(options.precision, device, precision))
         value, reason, key = plan_compile(model, device, precision, options.compile, num_samples=len(main) * passes,
                                           example_shape=(shape, 3, *input_hw),
@@ -218,7 +226,8 @@ def make_plan(samples: SampleList, model: nn.Module, spec: PreprocessSpec, devic
         metrics_backend=metrics, total=total, input_hw=input_hw, main=main, reference_only=reference_only,
         calibration_indices=tuple(calibration), calibration_total=calibration_total, loader_kind=kind,
         in_process=in_process, decoded_at_start=at_start, reference_batch_size=reference_batch, passes=passes,
-        records_rates=passes == 1 and source == "loader", compile_key=key, rates=rates)
+        records_rates=passes == 1 and source == "loader", compile_key=key, rates=rates,
+        store_placement=placement if source == "store" and main else None)
 
 
 def _preprocessing(spec: PreprocessSpec) -> Decision:
