@@ -231,7 +231,8 @@ def _timed_eval(config: dict, options: FastOptions, reference: bool, env: dict[s
     run.update(samples=result["samples"], top1=result["top1"], warmup_seconds=result.get("warmup_seconds") or 0.0,
                loop_seconds=result["seconds"] - recheck, recheck_seconds=recheck,
                setup_seconds=run["wall_seconds"] - (result.get("warmup_seconds") or 0.0) - result["seconds"],
-               compile=result.get("compile"), compile_reason=result.get("compile_reason"), route=result.get("route"))
+               compile=result.get("compile"), compile_reason=result.get("compile_reason"), route=result.get("route"),
+               route_value=((result.get("plan") or {}).get("route") or {}).get("value"))
     return run
 
 

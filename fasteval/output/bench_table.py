@@ -54,9 +54,12 @@ def _workers(run: dict) -> str:
     return _n(run["largest_worker_peak_rss_mb"], 0) if run["largest_worker_peak_rss_mb"] else "none"
 
 
-def _route(reason: str | None) -> str:
-    """A whole command's route, from its reason, in two words: which code evaluated its samples (no
-    reason: no route was weighed, the fast path ran)."""
+def _route(run: dict) -> str:
+    """A whole command's route in two words: which code evaluated its samples (its executed plan's route; for
+    a command of an older fasteval, from the route's reason: none, the fast path ran)."""
+    if run.get("route_value") is not None:
+        return "reference's code" if run["route_value"] == "reference" else "fast path"
+    reason = run.get("route")
     if reason and not reason.startswith("fast path") and "every sample" in reason:
         return "reference's code"
     return "fast path"
@@ -109,7 +112,7 @@ def _short_rows(b: dict) -> list[Row]:
     ]
     if "time_to_result" in b:
         t = b["time_to_result"]["fast"]
-        value, note = _cold_warm(_route(t["cold"].get("route")), _route(t["warm"].get("route")))
+        value, note = _cold_warm(_route(t["cold"]), _route(t["warm"]))
         rows.append(("route (whole command)", "", value, note))
     rows += [
         ("loader", "DataLoader+PIL", loader, loader_detail),
