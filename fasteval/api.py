@@ -15,7 +15,6 @@ from torch import nn
 
 from fasteval.data.preprocess import PRESETS, PreprocessSpec
 from fasteval.data.samples import SampleList, discover
-from fasteval.data.transform_spec import GivenTransform
 from fasteval.errors import FastevalError
 from fasteval.evaluation.metrics import EvalResult
 
@@ -108,16 +107,15 @@ def _reference(samples, model, spec, device, batch_size, workers, progress, reas
     return result
 
 
-def _run(model, data, transform, batch_size, device, precision, exact, reference, progress, workers):
+def _run(model, data, transform, batch_size, device, precision, compile, exact, reference, progress, workers):
     from fasteval.evaluation.fast import evaluate_fast
     from fasteval.evaluation.plan import FastOptions
 
     samples, spec, device, workers, work = _setup(model, data, transform, device, workers)
-    if reference or (isinstance(spec, GivenTransform) and not spec.reproduced):
-        why = "reference=True" if reference else "a transform fasteval does not reproduce"
-        result = _reference(samples, work, spec, device, batch_size, workers, progress, why)
+    if reference:
+        result = _reference(samples, work, spec, device, batch_size, workers, progress, "reference=True")
     else:
-        options = FastOptions(loader="auto", precision=precision, compile="auto", batch_size=batch_size,
+        options = FastOptions(loader="auto", precision=precision, compile=compile, batch_size=batch_size,
                               workers=workers, exact=exact, route=True)
         result = evaluate_fast(samples, work, spec, device=device, options=options, progress=progress)
     return samples, spec, device, workers, work, result
@@ -125,28 +123,31 @@ def _run(model, data, transform, batch_size, device, precision, exact, reference
 
 def evaluate(model: nn.Module, data, *, transform=None, batch_size: int = 64, device: str = "auto",
              precision: str = "auto", exact: str = "auto", reference: bool = False, progress: bool = True,
-             workers: int | None = None) -> Result:
+             workers: int | None = None, compile: str = "auto") -> Result:
     """Evaluate ``model`` (any module mapping a float image batch to logits) on ``data`` (an ImageFolder root)
     as ``fasteval eval`` does: the plan, the fast path, the exact recheck; ``reference=True``: the plain loop.
 
     ``transform``: the torchvision eval transform of your own loop (v1 or v2). Resize + optional square
     CenterCrop + ToTensor (or ToImage + ToDtype(float32, scale=True)) + Normalize is reproduced by the fast
-    path's decoders (confirmed equal on the first image); any other transform runs as given, every sample by
-    the reference's code, exact. ``None``: torchvision's ImageNet eval transform."""
-    samples, spec, device, workers, _, result = _run(model, data, transform, batch_size, device, precision, exact,
-                                                     reference, progress, workers)
+    path's decoders (confirmed equal on the first image); any other transform runs as given on PIL images in
+    DataLoader workers, feeding the same fast model and recheck, exact too. ``None``: torchvision's ImageNet
+    eval transform. ``compile``: as ``--compile`` (``auto`` also lets a run too small for the fast path to pay go
+    wholly by the reference's code; ``on``/``off`` always take the fast path)."""
+    samples, spec, device, workers, _, result = _run(model, data, transform, batch_size, device, precision, compile,
+                                                     exact, reference, progress, workers)
     return Result(_report(result, samples, spec, device, batch_size, workers), result)
 
 
 def compare(model: nn.Module, data, *, transform=None, batch_size: int = 64, device: str = "auto",
-            precision: str = "auto", exact: str = "auto", progress: bool = True, workers: int | None = None) -> dict:
+            precision: str = "auto", exact: str = "auto", progress: bool = True, workers: int | None = None,
+            compile: str = "auto") -> dict:
     """What ``fasteval eval --validate`` does: the fast path and the plain loop on the same samples, compared
     sample by sample. Returns ``{"fast": Result, "reference": Result, "validation": {...}}`` (``validation``:
     agreement, flipped samples, the largest per-sample loss difference)."""
     from fasteval.evaluation.validate import compare as compare_runs
 
     samples, spec, device, workers, work, fast = _run(model, data, transform, batch_size, device, precision,
-                                                      exact, False, progress, workers)
+                                                      compile, exact, False, progress, workers)
     ref = _reference(samples, work, spec, device, batch_size, workers, progress, "compare's reference")
     return {"fast": Result(_report(fast, samples, spec, device, batch_size, workers), fast),
             "reference": Result(_report(ref, samples, spec, device, batch_size, workers), ref),

@@ -49,6 +49,10 @@ def plain_loop(model: nn.Module, root: str, transform) -> dict:
     return {"predictions": predictions, "top1": top1, "top5": top5}
 
 
+def plan_route(result) -> str:
+    return result.plan["route"]["value"]
+
+
 TRANSFORMS = {
     "v2 bicubic, other sizes and stats": v2.Compose([
         v2.Resize(50, interpolation=v2.InterpolationMode.BICUBIC), v2.CenterCrop(40), v2.ToImage(),
@@ -66,14 +70,17 @@ def test_evaluate_gives_the_plain_loops_counts_and_leaves_the_module(name, varie
     model = TinyNet(4).train()  # in training mode, as a notebook may leave it
     before = copy.deepcopy(model.state_dict())
     expected = plain_loop(model, varied_data, transform)
-    result = fasteval.evaluate(model, varied_data, transform=transform, batch_size=4, workers=0, progress=False)
+    result = fasteval.evaluate(model, varied_data, transform=transform, batch_size=4, workers=0, progress=False,
+                               compile="off")  # the fast path (12 images: the route would send them to the reference)
+    assert plan_route(result) == "fast"
     assert (result.correct_top1, result.correct_top5, result.samples) == (expected["top1"], expected["top5"], 12)
     assert result.run.predictions.tolist() == expected["predictions"]
     assert model.training and all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
     assert next(model.parameters()).device.type == "cpu" and next(model.parameters()).dtype == torch.float32
     plan = result.plan
-    if name.startswith("not reproduced"):
-        assert plan["route"]["value"] == "reference" and plan["preprocessing"]["value"].startswith("custom:")
+    if name.startswith("not reproduced"):  # run as given, on the fast path, exact by the recheck
+        assert plan["preprocessing"]["value"].startswith("custom:") and plan["exact"]["value"] is True
+        assert plan["loader"]["value"] == "the transform given, in DataLoader workers"
     else:
         assert plan["preprocessing"]["reason"].startswith("the transform given, recognised as")
         assert len(result.per_class) == 4
@@ -82,7 +89,8 @@ def test_evaluate_gives_the_plain_loops_counts_and_leaves_the_module(name, varie
 def test_compare_and_reference(varied_data):
     model = TinyNet(4)
     transform = TRANSFORMS["v1 bilinear, no crop"]
-    both = fasteval.compare(model, varied_data, transform=transform, batch_size=4, workers=0, progress=False)
+    both = fasteval.compare(model, varied_data, transform=transform, batch_size=4, workers=0, progress=False,
+                            compile="off")
     assert both["validation"]["flipped"] == 0 and both["fast"].correct_top1 == both["reference"].correct_top1
     ref = fasteval.evaluate(model, varied_data, transform=transform, reference=True, workers=0, progress=False)
     assert ref.plan["precision"]["value"] == "fp32" and ref.correct_top1 == both["reference"].correct_top1

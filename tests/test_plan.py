@@ -325,3 +325,23 @@ def test_a_stores_placement_is_planned(small_data, small_spec, no_run, fresh_cac
     assert (mapped.store_placement[0], again.store_placement[0]) == ("mapped", "redecode")
     assert "memory-mapped --cache file" in mapped.loader.reason
     assert make_plan(samples, no_run, small_spec, CPU, options).store_placement is None  # a loader: no store
+
+
+def test_a_transform_run_as_given_takes_its_own_loader(small_data, no_run, fresh_cache):
+    """A caller's transform fasteval's decoders do not reproduce: no PIL pixels, no DALI (refused if asked), its
+    own DataLoader; the recheck still runs (it runs the same transform)."""
+    from PIL import Image
+    from torchvision import transforms as T
+
+    from fasteval.data.transform_spec import spec_from_transform
+
+    samples = discover(small_data, quiet=True)
+    flip = T.Compose([T.Resize((32, 32)), T.RandomHorizontalFlip(p=1.0), T.ToTensor()])
+    with Image.open(samples.paths[0]) as image:
+        spec = spec_from_transform(flip, image.convert("RGB"))
+    assert spec.runs_as_given and (spec.crop, spec.resize) == (32, 32)
+    plan = make_plan(samples, no_run, spec, CPU, FastOptions(compile="off"))
+    assert plan.loader.value == "the transform given, in DataLoader workers" and plan.exact.value is True
+    assert plan.startup_decoding.value is False and plan.input_hw == (32, 32)
+    with pytest.raises(FastevalError, match="--loader dali: the transform given is not one DALI reproduces"):
+        make_plan(samples, no_run, spec, CPU, FastOptions(compile="off", loader="dali"))

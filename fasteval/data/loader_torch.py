@@ -111,6 +111,29 @@ class TorchvisionLoader:
             yield self.to_batch(images, labels)
 
 
+class TransformLoader:
+    """The caller's own transform, one fasteval's decoders do not reproduce (fasteval/data/transform_spec.py), run
+    as the reference's code runs it: on PIL images, in DataLoader workers. Its float batches are made the
+    model's: on the device, in the model's input dtype, channels-last, padded to the static batch size."""
+
+    name = "the transform given, in DataLoader workers"
+
+    def __init__(self, samples: SampleList, spec: PreprocessSpec, batch_size: int, workers: int,
+                 device: torch.device, half: bool = False) -> None:
+        self.batch_size, self.device = batch_size, device
+        self.dtype = torch.float16 if half else torch.float32
+        self.loader = DataLoader(ImageDataset(samples, spec.torchvision_transform()), batch_size=batch_size,
+                                 num_workers=workers, pin_memory=device.type == "cuda", persistent_workers=workers > 0,
+                                 prefetch_factor=4 if workers > 0 else None)
+
+    def __iter__(self) -> Iterator[Batch]:
+        for images, labels in self.loader:
+            real = images.shape[0]
+            images = images.as_subclass(torch.Tensor)  # a v2 transform's tv_tensors.Image: a plain tensor
+            images, labels = _pad(to_device(images, self.device), to_device(labels, self.device), self.batch_size)
+            yield Batch(images.to(self.dtype).contiguous(memory_format=torch.channels_last), labels, real)
+
+
 class KeptPixels:
     """A pass's pixels by sample index, the HWC uint8 arrays ``ToTensor`` takes (``Prefetch``'s ``get``):
     the recheck reads the pixels the pass decoded instead of decoding again."""

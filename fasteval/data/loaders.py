@@ -101,7 +101,10 @@ def make_loader(kind: str, samples: SampleList, spec: PreprocessSpec, *, batch_s
     ``torchvision`` (nvJPEG via torchvision.io on CUDA, PIL DataLoader on the CPU), or
     ``auto``: DALI where it is installed, else torchvision."""
     from fasteval.data.loader_dali import DaliLoader
-    from fasteval.data.loader_torch import GpuDecodeLoader, TorchvisionLoader
+    from fasteval.data.loader_torch import GpuDecodeLoader, TorchvisionLoader, TransformLoader
+
+    if spec.runs_as_given:  # only the caller's transform makes its pixels
+        return TransformLoader(samples, spec, batch_size, workers, device, half)
 
     if resolve_loader(kind) == "dali":
         return DaliLoader(samples, spec, batch_size, workers, device, half)

@@ -40,6 +40,12 @@ class PreprocessSpec:
     std: tuple[float, float, float] = IMAGENET_STD
     source: str = field(default="", compare=False)  # where the spec comes from (a report's reason), not part of it
 
+    @property
+    def runs_as_given(self) -> bool:
+        """A transform fasteval's decoders do not reproduce (fasteval/data/transform_spec.py): only its own code
+        makes its pixels, in DataLoader workers."""
+        return False
+
     def resized_hw(self, height: int, width: int) -> tuple[int, int]:
         """Size after the resize, floored on the long side exactly as torchvision does."""
         short, long = (width, height) if width <= height else (height, width)

@@ -94,6 +94,10 @@ class GivenTransform(PreprocessSpec):
     def reproduced(self) -> bool:
         return self.geometry > 0
 
+    @property
+    def runs_as_given(self) -> bool:
+        return not self.reproduced
+
     def torchvision_transform(self):
         return self.transform
 

@@ -138,7 +138,7 @@ def make_plan(samples: SampleList, model: nn.Module, spec: PreprocessSpec, devic
     input_hw = spec.output_hw(*image_size(samples.paths[0])) if len(samples) else None
 
     # Start-up decoding: the whole run's size decides, so that every torchrun rank decides as one process does.
-    pil_pixels = reads_pil_pixels(device.type, options.loader, total, input_hw)
+    pil_pixels = reads_pil_pixels(device.type, options.loader, total, input_hw) and not spec.runs_as_given
     in_process = pil_pixels and source == "loader"
     at_start = in_process and decoded_at_start
     startup = Decision(at_start, "the command decodes these images with PIL while torch imports" if at_start else
@@ -161,10 +161,13 @@ def make_plan(samples: SampleList, model: nn.Module, spec: PreprocessSpec, devic
     # Files DALI would decode differently from PIL (only headers are read; DALI itself is imported only when
     # the fast path runs): the route counts them, and with DALI they go by the reference's code.
     # DALI resizes with its own filters: only its bilinear matches PIL's within the recheck's margin.
+    if options.loader == "dali" and spec.runs_as_given:
+        raise FastevalError("--loader dali: the transform given is not one DALI reproduces; use --loader torchvision "
+                            "or auto")
     if options.loader == "dali" and spec.interpolation != "bilinear":
         raise FastevalError(f"--loader dali: DALI's {spec.interpolation} resize is not PIL's; use --loader "
                             f"torchvision or auto")
-    asked = options.loader if spec.interpolation == "bilinear" else "torchvision"
+    asked = options.loader if spec.interpolation == "bilinear" and not spec.runs_as_given else "torchvision"
     pil_only = needs_pil(samples) if asked in ("auto", "dali") and not pil_pixels else []
     route, rates = _route(samples, model, device, options, precision, input_hw, at_start, len(pil_only),
                           exact_on, passes, scope, total)
@@ -205,6 +208,10 @@ def make_plan(samples: SampleList, model: nn.Module, spec: PreprocessSpec, devic
     else:
         loader = _loader(kind, pil_pixels, in_process, at_start, source, options.loader, device, total,
                          spec.interpolation)
+        if spec.runs_as_given:
+            loader = Decision("the transform given, in DataLoader workers",
+                              "a transform fasteval's decoders do not reproduce: run as given on PIL images in "
+                              "DataLoader workers (the recheck runs it too), its tensors to the fast model")
         if source == "store":  # where the decoded images are kept, from their size and the memory free now
             placement = choose_placement(len(main) * 3 * input_hw[0] * input_hw[1], device, cached)
             loader = Decision(f"{loader.value[:-1]}, {placement[0]})", f"{loader.reason}; {placement[0]}: "
