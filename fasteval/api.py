@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import copy
 import os
+import sys
 from dataclasses import dataclass, field, replace
 
 import torch
@@ -57,6 +58,9 @@ def _spec(transform, samples: SampleList) -> PreprocessSpec:
     """``None``: torchvision's ImageNet eval transform; else the caller's transform as a ``GivenTransform``
     (fasteval/data/transform_spec.py), decided by content on the first image."""
     if transform is None:
+        print("fasteval: note: transform=None: torchvision's ImageNet eval transform (Resize(256) + CenterCrop(224), "
+              "ImageNet's mean and std); pass your own eval transform if the model was trained with another",
+              file=sys.stderr)
         return replace(PRESETS["imagenet"], source="the default: torchvision's ImageNet eval transform")
     if isinstance(transform, PreprocessSpec):
         return transform
@@ -72,12 +76,16 @@ def _spec(transform, samples: SampleList) -> PreprocessSpec:
         return spec_from_transform(transform, image.convert("RGB"))
 
 
-def _setup(model: nn.Module, data, transform, device: str, workers: int | None):
+def _setup(model: nn.Module, data, transform, device: str, workers: int | None, batch_size: int):
     from fasteval.devices import resolve_device
     from fasteval.procs import usable_cores
 
     if not isinstance(model, nn.Module):
         raise FastevalError(f"model must be a torch.nn.Module, not {type(model).__name__}")
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise FastevalError(f"batch_size must be an integer >= 1, got {batch_size!r}")
+    if workers is not None and (isinstance(workers, bool) or not isinstance(workers, int) or workers < 0):
+        raise FastevalError(f"workers must be an integer >= 0 or None, got {workers!r}")
     samples = _samples(data)
     spec = _spec(transform, samples)
     device = resolve_device(device)
@@ -107,16 +115,17 @@ def _reference(samples, model, spec, device, batch_size, workers, progress, reas
     return result
 
 
-def _run(model, data, transform, batch_size, device, precision, compile, exact, reference, progress, workers):
+def _run(model, data, transform, batch_size, device, precision, compile, exact, reference, progress, workers,
+         route: bool = True):
     from fasteval.evaluation.fast import evaluate_fast
     from fasteval.evaluation.plan import FastOptions
 
-    samples, spec, device, workers, work = _setup(model, data, transform, device, workers)
+    samples, spec, device, workers, work = _setup(model, data, transform, device, workers, batch_size)
     if reference:
         result = _reference(samples, work, spec, device, batch_size, workers, progress, "reference=True")
     else:
         options = FastOptions(loader="auto", precision=precision, compile=compile, batch_size=batch_size,
-                              workers=workers, exact=exact, route=True)
+                              workers=workers, exact=exact, route=route)
         result = evaluate_fast(samples, work, spec, device=device, options=options, progress=progress)
     return samples, spec, device, workers, work, result
 
@@ -147,7 +156,7 @@ def compare(model: nn.Module, data, *, transform=None, batch_size: int = 64, dev
     from fasteval.evaluation.validate import compare as compare_runs
 
     samples, spec, device, workers, work, fast = _run(model, data, transform, batch_size, device, precision,
-                                                      compile, exact, False, progress, workers)
+                                                      compile, exact, False, progress, workers, route=False)
     ref = _reference(samples, work, spec, device, batch_size, workers, progress, "compare's reference")
     return {"fast": Result(_report(fast, samples, spec, device, batch_size, workers), fast),
             "reference": Result(_report(ref, samples, spec, device, batch_size, workers), ref),

@@ -40,7 +40,9 @@ def add_run_options(p: argparse.ArgumentParser, sweep: bool = False) -> None:
     """``eval``'s and ``bench``'s DATA, model, preprocessing and run options (``sweep``: eval's ``--weights``
     takes several checkpoints)."""
     p.add_argument("data", nargs="?", metavar="DATA", type=non_empty_path,
-                   help="ImageFolder root (ROOT/CLASS/IMAGE); omitted: the built-in demo dataset and model")
+                   help="an ImageFolder root (ROOT/CLASS/IMAGE), a CSV list (path,label) or WebDataset tar shards "
+                        "(a .tar, \"val-{000..009}.tar\" or a folder of them); omitted: the built-in demo dataset "
+                        "and model")
     p.add_argument("--arch", help="torchvision classification model name, or timm:NAME for a timm model (default: the "
                                   "architecture a fasteval train checkpoint records, else resnet18)")
     p.add_argument("--weights", type=non_empty_path,
@@ -119,5 +121,7 @@ def fast_options(args):
     """The parsed fast-path options as the evaluator's ``FastOptions``."""
     from fasteval.evaluation.fast import FastOptions
 
+    # --validate compares the fast path with the plain loop: it must run the fast path, whatever the route says.
     return FastOptions(loader=args.loader, precision=args.precision, compile=args.compile,
-                       batch_size=args.batch_size, workers=args.workers, exact=args.exact, route=True)
+                       batch_size=args.batch_size, workers=args.workers, exact=args.exact,
+                       route=not getattr(args, "validate", False))

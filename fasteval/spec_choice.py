@@ -51,8 +51,34 @@ def choose_spec(arch: str | None, weights: str | None, preset: str | None, resiz
     reason = source if not (resize or crop) else f"{source}, with {' '.join(f for f in flags if 'preset' not in f)}"
     spec = replace(get_spec(base.name, resize, crop, base=base), source=reason)
     note = None
+    if record is not None and flags:
+        recorded = spec_from_record(record["preprocess"], f"--weights {weights}").describe()
+        note = f"{' '.join(flags)} over the preprocessing --weights {weights} records ({recorded})"
     if record is None and not flags and not arch.startswith("timm:") and weights and weights != "DEFAULT":
         note = (f"--weights {weights} records no preprocessing: evaluated with the default preset {DEFAULT_PRESET} "
                 f"({spec.describe().split(': ', 1)[1]}); choose another with --preset seed (Resize(224) alone, "
                 f"the classic fine-tuning script's), or --resize/--crop")
     return SpecChoice(arch, spec, reason, note)
+
+
+def check_one_preprocessing(checkpoints: list[str], preset: str | None) -> None:
+    """A sweep evaluates every checkpoint with one preprocessing: without ``--preset``, the checkpoints must
+    record the same one (or all none), else each would be scored with another's transform."""
+    from fasteval.checkpoint_record import fasteval_record
+
+    if preset is not None:
+        return
+    first, first_spec = None, None
+    for path in checkpoints:
+        record = fasteval_record(path) if os.path.isfile(path) else None
+        spec = spec_from_record(record["preprocess"], f"--weights {path}") if record else None
+        if first is None:
+            first, first_spec = path, spec
+        elif spec != first_spec:
+            def said(s: PreprocessSpec | None) -> str:
+                return s.describe() if s is not None else "nothing recorded: the default preset"
+            from fasteval.errors import FastevalError
+
+            raise FastevalError(f"the checkpoints record different preprocessing ({first}: {said(first_spec)}; "
+                                f"{path}: {said(spec)}); a sweep evaluates every one with the same: give --preset "
+                                f"(and --resize/--crop), or sweep them apart")

@@ -47,8 +47,11 @@ def cmd_sweep(args, prepare) -> int:
     from fasteval.evaluation.fast import FastEvaluator
     from fasteval.output.report import write_json
 
+    from fasteval.spec_choice import check_one_preprocessing
+
     if args.cache:
         check_cache_dir(args.cache)
+    check_one_preprocessing(args.checkpoints, args.preset)
     samples, spec, device, model, config = prepare(args)
     check_checkpoints(config["arch"], args.checkpoints, samples.num_classes)
     if args.explain:

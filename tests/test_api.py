@@ -129,3 +129,25 @@ def test_the_public_names_and_a_light_import():
     code = "import sys, fasteval; assert 'torch' not in sys.modules; print(fasteval.evaluate.__module__)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "fasteval.api"
+
+
+def test_argument_checks_and_the_default_transform_note(small_data, capsys):
+    from fasteval.errors import FastevalError
+
+    for bad in (0, -1, 2.5, True):
+        with pytest.raises(FastevalError, match="batch_size must be an integer >= 1"):
+            fasteval.evaluate(TinyNet(3), small_data, batch_size=bad)
+    with pytest.raises(FastevalError, match="workers must be an integer >= 0 or None"):
+        fasteval.evaluate(TinyNet(3), small_data, workers=-1)
+    result = fasteval.evaluate(TinyNet(3), small_data, workers=0, progress=False, compile="off")
+    assert "note: transform=None: torchvision's ImageNet eval transform" in capsys.readouterr().err
+    assert result.plan["preprocessing"]["reason"] == "the default: torchvision's ImageNet eval transform"
+
+
+def test_a_crop_larger_than_the_resize_runs_as_given(varied_data):
+    """torchvision pads such a crop: not a spec fasteval's decoders reproduce, so the transform runs as given."""
+    transform = v1.Compose([v1.Resize(30), v1.CenterCrop(36), v1.ToTensor(), v1.Normalize([0.5] * 3, [0.5] * 3)])
+    model = TinyNet(4)
+    result = fasteval.evaluate(model, varied_data, transform=transform, workers=0, progress=False, compile="off")
+    assert result.plan["loader"]["value"] == "the transform given, in DataLoader workers"
+    assert result.correct_top1 == plain_loop(model, varied_data, transform)["top1"]

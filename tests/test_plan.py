@@ -220,7 +220,7 @@ def test_eval_explain_prints_and_writes_the_plan(small_data, weights_3cls, tmp_p
     out = tmp_path / "plan.json"
     assert main(["eval", small_data, "--weights", weights_3cls, *SMALL, "--explain", "--json", str(out)]) == 0
     text = capsys.readouterr().out
-    assert text.startswith("fasteval eval --explain: the fast path's plan (nothing evaluated)")
+    assert text.startswith("fasteval eval --explain: the plan (nothing evaluated)")
     report = json.loads(out.read_text())
     assert report["explain"] is True and list(report["plan"]) == list(DECISIONS)
     for name, decision in report["plan"].items():  # each value printed on its row, its reason below it
@@ -241,7 +241,7 @@ def test_validate_explain_gives_both_plans_and_reference_explain_the_plain_loop(
     assert "the reference's plan" in capsys.readouterr().out
     assert main(["eval", small_data, "--weights", weights_3cls, *SMALL, "--reference", "--explain"]) == 0
     text = capsys.readouterr().out
-    assert "the reference's plan" in text and "fast path's plan" not in text
+    assert "the reference's plan" in text and "--explain: the plan (" not in text
 
 
 def test_train_and_bench_explain_write_nothing(small_data, tmp_path, capsys, nothing_runs, fresh_cache):
@@ -252,7 +252,7 @@ def test_train_and_bench_explain_write_nothing(small_data, tmp_path, capsys, not
     assert "fasteval train (validation, 2 epoch(s)) --explain" in capsys.readouterr().out and not run.exists()
     assert main(["bench", small_data, *SMALL, "--explain"]) == 0
     text = capsys.readouterr().out
-    assert "fasteval bench --explain: the fast path's plan" in text and "the reference's plan" in text
+    assert "fasteval bench --explain: the plan" in text and "the reference's plan" in text
 
 
 def test_a_run_reports_the_plan_it_executed(small_data, weights_3cls, tmp_path, capsys, fresh_cache):

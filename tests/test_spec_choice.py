@@ -48,8 +48,8 @@ def test_the_record_is_read_without_torch_and_only_from_a_train_checkpoint(check
 CASES = [  # (arch, weights, preset, resize, crop) -> (arch, resize, crop, interpolation, where, note?)
     ((None, "train", None, None, None), ("resnet34", 48, None, "bicubic", "recorded in --weights", False)),
     (("resnet18", "train", None, None, None), ("resnet18", 48, None, "bicubic", "recorded in --weights", False)),
-    ((None, "train", None, 64, None), ("resnet34", 64, None, "bicubic", "with --resize 64", False)),
-    ((None, "train", "imagenet", None, None), ("resnet34", 256, 224, "bilinear", "--preset imagenet", False)),
+    ((None, "train", None, 64, None), ("resnet34", 64, None, "bicubic", "with --resize 64", True)),
+    ((None, "train", "imagenet", None, None), ("resnet34", 256, 224, "bilinear", "--preset imagenet", True)),
     ((None, "plain", None, None, None), ("resnet18", 256, 224, "bilinear", "the default preset imagenet", True)),
     ((None, "plain", None, 128, 112), ("resnet18", 128, 112, "bilinear", "with --resize 128 --crop 112", False)),
     ((None, "plain", "seed", None, None), ("resnet18", 224, None, "bilinear", "--preset seed", False)),
@@ -65,8 +65,10 @@ def test_choose_spec(given, expected, checkpoints):
     assert (choice.arch, choice.spec.resize, choice.spec.crop, choice.spec.interpolation) == expected[:4]
     assert expected[4] in choice.reason and choice.spec.source == choice.reason
     assert (choice.note is not None) == expected[5]
-    if choice.note:
+    if choice.note and weights == "plain":
         assert "--preset seed" in choice.note and "imagenet" in choice.note
+    elif choice.note:  # flags over a train checkpoint's record
+        assert " over the preprocessing --weights " in choice.note
 
 
 def test_records_old_and_malformed():
@@ -103,3 +105,36 @@ def test_a_train_checkpoint_evaluates_with_its_own_preprocessing(tmp_path, capsy
     assert main(["eval", val, "--weights", str(plain), *common, "--explain"]) == 0
     err = capsys.readouterr().err
     assert f"note: --weights {plain} records no preprocessing: evaluated with the default preset imagenet" in err
+
+
+def test_flags_over_a_record_are_noted_and_a_sweep_of_different_records_is_refused(checkpoints, tmp_path):
+    from fasteval.spec_choice import check_one_preprocessing
+
+    choice = choose_spec(None, checkpoints["train"], "seed", None, None)
+    assert choice.note.startswith(f"--preset seed over the preprocessing --weights {checkpoints['train']} records")
+    assert "Resize(48, bicubic)" in choice.note
+    with pytest.raises(FastevalError, match="the checkpoints record different preprocessing"):
+        check_one_preprocessing([checkpoints["plain"], checkpoints["train"]], None)
+    with pytest.raises(FastevalError, match="nothing recorded: the default preset"):
+        check_one_preprocessing([checkpoints["train"], checkpoints["plain"]], None)
+    check_one_preprocessing([checkpoints["train"], checkpoints["train"]], None)  # the same record
+    check_one_preprocessing([checkpoints["plain"], checkpoints["train"]], "imagenet")  # one preset for all
+
+
+def test_a_resize_below_the_presets_crop_names_the_crop_it_came_from(checkpoints):
+    with pytest.raises(FastevalError, match=r"^--resize 48 is smaller than the crop 224 of imagenet: give --crop too"):
+        choose_spec(None, checkpoints["plain"], None, 48, None)
+    with pytest.raises(FastevalError, match=r"^--crop 64 is larger than --resize 48$"):
+        choose_spec(None, checkpoints["plain"], None, 48, 64)
+
+
+def test_validate_always_runs_the_fast_path(tmp_path, capsys):
+    """--validate compares the fast path with the plain loop: a run the route would send wholly to the
+    reference's code (a tiny set, assumed rates) still runs the fast path there."""
+    data = synth_dataset(tmp_path / "d", classes=3, per_class=4, size="64x64", seed=5)
+    out = tmp_path / "v.json"
+    assert main(["eval", data, "--resize", "40", "--crop", "32", "--workers", "0", "--no-progress", "--validate",
+                 "--json", str(out)]) == 0
+    report = json.loads(out.read_text())
+    assert report["plan"]["route"]["value"] == "fast" and report["plan"]["loader"]["value"] != "none"
+    assert report["reference"]["plan"]["route"]["value"] == "reference"

@@ -147,6 +147,9 @@ def get_spec(preset: str = "imagenet", resize: int | None = None, crop: int | No
             raise FastevalError(f"--crop must be positive, got {crop}")
         spec = replace(spec, crop=crop)
     if spec.crop is not None and spec.crop > spec.resize:
+        if crop is None:  # the crop is the preset's (or the checkpoint's, or timm's), not the user's
+            raise FastevalError(f"--resize {spec.resize} is smaller than the crop {spec.crop} of {spec.name}: give "
+                                f"--crop too (at most {spec.resize})")
         raise FastevalError(f"--crop {spec.crop} is larger than --resize {spec.resize}")
     return spec
 

@@ -46,7 +46,7 @@ def spec_from_steps(transform) -> PreprocessSpec | None:
     rest, crop = steps[1:], None
     if names[1] == "CenterCrop":
         crop = _square(steps[1].size)
-        if crop is None:
+        if crop is None or crop > int(_square(size)):  # a crop beyond the image pads: run as given
             return None
         rest = steps[2:]
     kinds = [type(s).__name__ for s in rest]

@@ -143,7 +143,8 @@ def make_plan(samples: SampleList, model: nn.Module, spec: PreprocessSpec, devic
     at_start = in_process and decoded_at_start
     startup = Decision(at_start, "the command decodes these images with PIL while torch imports" if at_start else
                        "a decoded store feeds the passes" if source == "store" else
-                       "the command did not start it (a library call, --validate, a bench, a torchrun rank)"
+                       "not decoded at start-up: the command starts it for a single eval of DATA on the CPU only "
+                       "(not the demo, a sweep, --validate, --cache, a bench, a torchrun rank or a library call)"
                        if in_process else f"{total} image(s) on {device.type}: a loader decodes them")
 
     # Batch shape: a static batch larger than the dataset would be mostly padding: clamped to the whole run's
@@ -311,7 +312,7 @@ def reference_plan(samples: int, batch_size: int, workers: int, reason: str = "-
     return Plan(
         preprocessing=_preprocessing(spec) if spec is not None else Decision(None, "not given"),
         route=Decision("reference", why), loader=Decision("none", "the reference's DataLoader + PIL"),
-        startup_decoding=Decision(False, "no: the plain loop decodes in its DataLoader"),
+        startup_decoding=Decision(False, "the plain loop decodes in its DataLoader"),
         batch_shape=Decision(batch, f"--batch-size {batch_size}" + (f", clamped to the {samples} sample(s)"
                                                                      if batch != batch_size else "")),
         precision=Decision("fp32", "the plain loop: fp32, NCHW"), compile=Decision(False, "the plain loop: eager"),

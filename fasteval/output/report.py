@@ -153,7 +153,7 @@ def explain_report(command: str, config: dict, samples, fast: dict | None,
               ("device", config["device"])]
     parts = []
     if fast is not None:
-        parts.append(format_plan(fast, f"{command} --explain: the fast path's plan (nothing evaluated)", header))
+        parts.append(format_plan(fast, f"{command} --explain: the plan (nothing evaluated)", header))
     if reference is not None:
         parts.append(format_plan(reference, f"{command} --explain: the reference's plan (nothing evaluated)",
                                  [] if parts else header))
@@ -171,7 +171,8 @@ def exact_summary(exact: dict) -> str:
             f"calibration + {exact['gated']} with margin <= tau {exact['tau']:.3g} = {exact['safety']:g} x 2 x "
             f"max logit error {exact['max_logit_error']:.3g}); {exact['changed_top1']} top-1 and "
             f"{exact['changed_top5']} top-5 result(s) changed; loss of the others: fast path's, per-sample error "
-            f"up to {exact['calibration_loss_error_max']:.2g} on the calibration samples")
+            f"up to {exact['calibration_loss_error_max']:.2g} on the {exact['calibration_samples']} calibration samples "
+            f"(a bound on no other sample: --validate measures them all)")
 
 
 def write_predictions(path: str, samples, result: EvalResult) -> None:

@@ -65,11 +65,17 @@ def preprocessing(args, resume: dict | None):
     """The validation preprocessing: the flags' for a new run; a resumed run's own, as its last.pt records
     it (one history, one preprocessing), a flag that contradicts it refused. A checkpoint of an older
     fasteval records none: the flags' then, said in one line."""
+    from dataclasses import replace
+
     from fasteval.data.preprocess import get_spec, spec_from_record
 
     kept = resume.get(state.PREPROCESS) if resume is not None else None
     if kept is None:
-        spec = get_spec(args.preset or DEFAULT_PRESET, args.resize, args.crop)
+        given = " ".join(f"--{k} {v}" for k, v in (("preset", args.preset), ("resize", args.resize),
+                                                    ("crop", args.crop)) if v is not None)
+        spec = replace(get_spec(args.preset or DEFAULT_PRESET, args.resize, args.crop),
+                       source=f"train's validation: {given or f'the default preset {DEFAULT_PRESET}'}"
+                              + (f" (preset {DEFAULT_PRESET})" if given and args.preset is None else ""))
         if resume is not None:
             print(f"fasteval: warning: --resume: {args.out}/{state.LAST} does not record its preprocessing (an older "
                   f"fasteval made it); validating with {_describe(spec.name, spec.resize, spec.crop)}", file=sys.stderr)
@@ -80,7 +86,8 @@ def preprocessing(args, resume: dict | None):
         raise FastevalError(f"--resume: {args.out}/{state.LAST} was trained with "
                             f"{_describe(kept['preset'], kept['resize'], kept['crop'])}, not {' '.join(conflicts)}; "
                             f"a resumed run keeps its preprocessing: drop {'it' if len(conflicts) == 1 else 'them'}")
-    return spec_from_record(kept, f"{args.out}/{state.LAST}")
+    return replace(spec_from_record(kept, f"{args.out}/{state.LAST}"),
+                   source=f"recorded in {args.out}/{state.LAST}: a resumed run keeps its preprocessing")
 
 
 def _describe(preset: str, resize: int, crop: int | None) -> str:
