@@ -202,7 +202,9 @@ SMALL = ["--resize", "40", "--crop", "32", "--workers", "0", "--no-progress"]
 
 @pytest.fixture
 def nothing_runs(monkeypatch):
-    """--explain evaluates nothing: any evaluation fails the test."""
+    """--explain evaluates nothing: any evaluation fails the test. Modules that bind ``evaluate_reference`` at
+    import are imported first, so that they keep the real one after the test."""
+    import fasteval.bench  # noqa: F401
     import fasteval.evaluation.fast as fast
     import fasteval.evaluation.reference as reference
 
