@@ -279,7 +279,7 @@ def _route(samples, model, device, options, precision, input_hw, at_start, pil_f
     why = ("torchrun: every rank takes the fast path" if scope.sharded else
            f"--compile {mode}: the fast path as asked" if mode != "auto" else
            "no samples" if not len(samples) else
-           "no route asked: the fast path (a bench's timed loop, train's validation, a library call)")
+           "no route asked: the fast path (--validate, a bench's timed loop, train's validation, compare())")
     return Decision("fast", why), None
 
 
