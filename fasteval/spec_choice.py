@@ -12,6 +12,7 @@ import os
 from dataclasses import dataclass, replace
 
 from fasteval.data.preprocess import PRESETS, PreprocessSpec, get_spec, spec_from_record
+from fasteval.errors import FastevalError
 
 DEFAULT_ARCH = "resnet18"
 DEFAULT_PRESET = "imagenet"
@@ -75,10 +76,10 @@ def check_one_preprocessing(checkpoints: list[str], preset: str | None) -> None:
         if first is None:
             first, first_spec = path, spec
         elif spec != first_spec:
-            def said(s: PreprocessSpec | None) -> str:
-                return s.describe() if s is not None else "nothing recorded: the default preset"
-            from fasteval.errors import FastevalError
-
-            raise FastevalError(f"the checkpoints record different preprocessing ({first}: {said(first_spec)}; "
-                                f"{path}: {said(spec)}); a sweep evaluates every one with the same: give --preset "
+            raise FastevalError(f"the checkpoints record different preprocessing ({first}: {_said(first_spec)}; "
+                                f"{path}: {_said(spec)}); a sweep evaluates every one with the same: give --preset "
                                 f"(and --resize/--crop), or sweep them apart")
+
+
+def _said(spec: PreprocessSpec | None) -> str:
+    return spec.describe() if spec is not None else "nothing recorded: the default preset"

@@ -86,6 +86,12 @@ def _pil_uint8(samples: SampleList, spec: PreprocessSpec) -> ImageDataset:
     return ImageDataset(samples, T.Compose([*spec.pil_geometry(), T.PILToTensor()]))
 
 
+def _worker_loader(dataset: Dataset, batch_size: int, workers: int, device: torch.device) -> DataLoader:
+    """The DataLoader of the PIL loaders: pinned batches for CUDA, workers kept across passes, 4 batches ahead."""
+    return DataLoader(dataset, batch_size=batch_size, num_workers=workers, pin_memory=device.type == "cuda",
+                      persistent_workers=workers > 0, prefetch_factor=4 if workers > 0 else None)
+
+
 class TorchvisionLoader:
     """PIL in DataLoader workers (the last resort, and the CPU path without DALI)."""
 
@@ -95,9 +101,7 @@ class TorchvisionLoader:
                  device: torch.device, half: bool = False) -> None:
         self.batch_size, self.device = batch_size, device
         self.normalize = Normalizer(spec, device, half)
-        self.loader = DataLoader(_pil_uint8(samples, spec), batch_size=batch_size, num_workers=workers,
-                                 pin_memory=device.type == "cuda", persistent_workers=workers > 0,
-                                 prefetch_factor=4 if workers > 0 else None)
+        self.loader = _worker_loader(_pil_uint8(samples, spec), batch_size, workers, device)
 
     def to_batch(self, images: torch.Tensor, labels: torch.Tensor) -> Batch:
         """A collated host batch (pinned by the DataLoader on CUDA) -> the model's padded device batch.
@@ -122,9 +126,7 @@ class TransformLoader:
                  device: torch.device, half: bool = False) -> None:
         self.batch_size, self.device = batch_size, device
         self.dtype = torch.float16 if half else torch.float32
-        self.loader = DataLoader(ImageDataset(samples, spec.torchvision_transform()), batch_size=batch_size,
-                                 num_workers=workers, pin_memory=device.type == "cuda", persistent_workers=workers > 0,
-                                 prefetch_factor=4 if workers > 0 else None)
+        self.loader = _worker_loader(ImageDataset(samples, spec.torchvision_transform()), batch_size, workers, device)
 
     def __iter__(self) -> Iterator[Batch]:
         for images, labels in self.loader:

@@ -16,7 +16,7 @@ outcome.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field, fields, replace
+from dataclasses import dataclass, field, fields, replace
 
 import torch
 from torch import nn
@@ -207,12 +207,7 @@ def make_plan(samples: SampleList, model: nn.Module, spec: PreprocessSpec, devic
         compile_decision = Decision(False, f"{why}: eager, as the plain loop")
         metrics = Decision("torch", f"{why}: torch.max and nn.CrossEntropyLoss, as the plain loop")
     else:
-        loader = _loader(kind, pil_pixels, in_process, at_start, source, options.loader, device, total,
-                         spec.interpolation)
-        if spec.runs_as_given:
-            loader = Decision("the transform given, in DataLoader workers",
-                              "a transform fasteval's decoders do not reproduce: run as given on PIL images in "
-                              "DataLoader workers (the recheck runs it too), its tensors to the fast model")
+        loader = _loader(kind, pil_pixels, in_process, at_start, source, options.loader, device, total, spec)
         if source == "store":  # where the decoded images are kept, from their size and the memory free now
             placement = choose_placement(len(main) * 3 * input_hw[0] * input_hw[1], device, cached)
             loader = Decision(f"{loader.value[:-1]}, {placement[0]})", f"{loader.reason}; {placement[0]}: "
@@ -227,7 +222,8 @@ def make_plan(samples: SampleList, model: nn.Module, spec: PreprocessSpec, devic
                            "auto: the Triton kernel on CUDA" if backend == "triton" else
                            "auto: the kernel's PyTorch twin off CUDA")
     return Plan(
-        preprocessing=_preprocessing(spec), route=route, loader=loader, startup_decoding=startup, batch_shape=shape_decision,
+        preprocessing=_preprocessing(spec), route=route, loader=loader, startup_decoding=startup,
+        batch_shape=shape_decision,
         precision=precision_decision, compile=compile_decision, exact=exact, calibration=calibration_decision,
         by_reference=by_reference,
         workers=Decision(options.workers, _workers_reason(options.workers, loader.value, reference_route)),
@@ -243,8 +239,12 @@ def _preprocessing(spec: PreprocessSpec) -> Decision:
 
 
 def _loader(kind: str, pil_pixels: bool, in_process: bool, at_start: bool, source: str, asked: str,
-            device: torch.device, total: int, interpolation: str = "bilinear") -> Decision:
+            device: torch.device, total: int, spec: PreprocessSpec) -> Decision:
     """The fast pass's batch source and why."""
+    if spec.runs_as_given:
+        return Decision("the transform given, in DataLoader workers",
+                        "a transform fasteval's decoders do not reproduce: run as given on PIL images in DataLoader "
+                        "workers (the recheck runs it too), its tensors to the fast model")
     if pil_pixels:
         how = ("decoded while torch imported" if at_start else
                "decoded between the model's batches" if in_process else "decoded into the store")
@@ -253,7 +253,7 @@ def _loader(kind: str, pil_pixels: bool, in_process: bool, at_start: bool, sourc
                         f"DALI's import and set-up would not pay")
     name = f"{kind}-{'gpu' if device.type == 'cuda' else 'cpu'}"
     why = (f"--loader {asked}" if asked != "auto" else
-           f"auto: a {interpolation} resize, DALI's is not PIL's" if interpolation != "bilinear" else
+           f"auto: a {spec.interpolation} resize, DALI's is not PIL's" if spec.interpolation != "bilinear" else
            "auto: DALI is installed" if kind == "dali" else "auto: DALI is not installed")
     if source == "store":
         return Decision(f"decoded store ({name})", f"{why}; decoded once into a store that every pass reads")
@@ -296,11 +296,6 @@ def _workers_reason(workers: int, loader: object, reference_route: bool) -> str:
     else:
         what = "DataLoader worker processes (PIL), and the recheck's"
     return f"--workers {workers}: {what}"
-
-
-def plan_dict(plan: Plan) -> dict:
-    """Everything in the plan, decisions and the executors' fields, as plain data (for tests and debugging)."""
-    return {k: v for k, v in asdict(plan).items() if k not in ("rates", "compile_key")}
 
 
 def reference_plan(samples: int, batch_size: int, workers: int, reason: str = "--reference",
