@@ -9,6 +9,8 @@ from __future__ import annotations
 import copy
 import os
 import sys
+import time
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 
 import torch
@@ -54,13 +56,14 @@ def _samples(data) -> SampleList:
     raise FastevalError(f"data must be a dataset path (an ImageFolder root), not {type(data).__name__}")
 
 
-def _spec(transform, samples: SampleList) -> PreprocessSpec:
+def _spec(transform, samples: SampleList, quiet: bool = False) -> PreprocessSpec:
     """``None``: torchvision's ImageNet eval transform; else the caller's transform as a ``GivenTransform``
     (fasteval/data/transform_spec.py), decided by content on the first image."""
     if transform is None:
-        print("fasteval: note: transform=None: torchvision's ImageNet eval transform (Resize(256) + CenterCrop(224), "
-              "ImageNet's mean and std); pass your own eval transform if the model was trained with another",
-              file=sys.stderr)
+        if not quiet:
+            print("fasteval: note: transform=None: torchvision's ImageNet eval transform (Resize(256) + "
+                  "CenterCrop(224), ImageNet's mean and std); pass your own eval transform if the model was trained "
+                  "with another", file=sys.stderr)
         return replace(PRESETS["imagenet"], source="the default: torchvision's ImageNet eval transform")
     if isinstance(transform, PreprocessSpec):
         return transform
@@ -76,21 +79,27 @@ def _spec(transform, samples: SampleList) -> PreprocessSpec:
         return spec_from_transform(transform, image.convert("RGB"))
 
 
-def _setup(model: nn.Module, data, transform, device: str, workers: int | None, batch_size: int):
-    from fasteval.devices import resolve_device
-    from fasteval.procs import usable_cores
-
+def _check(model: nn.Module, batch_size: int, workers: int | None) -> None:
     if not isinstance(model, nn.Module):
         raise FastevalError(f"model must be a torch.nn.Module, not {type(model).__name__}")
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise FastevalError(f"batch_size must be an integer >= 1, got {batch_size!r}")
     if workers is not None and (isinstance(workers, bool) or not isinstance(workers, int) or workers < 0):
         raise FastevalError(f"workers must be an integer >= 0 or None, got {workers!r}")
+
+
+def _setup(ranks, model: nn.Module, data, transform, device: str, workers: int | None, batch_size: int):
+    """The samples (the same on every rank), the spec, this rank's device, the workers, and a copy of the model
+    (the runs move it, switch it to eval mode and convert it; the caller's module stays as it was)."""
+    from fasteval.devices import resolve_device
+    from fasteval.procs import usable_cores
+
     samples = _samples(data)
-    spec = _spec(transform, samples)
-    device = resolve_device(device)
+    ranks.check_same_data(samples)
+    ranks.check_same_model(model)
+    spec = _spec(transform, samples, quiet=not ranks.is_main)
+    device = resolve_device(ranks.device_name(device))
     workers = min(8, usable_cores()) if workers is None else workers
-    # A copy: the runs move it, switch it to eval mode and convert it; the caller's module stays as it was.
     return samples, spec, device, workers, copy.deepcopy(model)
 
 
@@ -98,36 +107,42 @@ def _report(result: EvalResult, samples: SampleList, spec: PreprocessSpec, devic
             workers: int) -> dict:
     from fasteval.output.report import build_report
 
-    config = {"path": os.path.abspath(samples.root), "arch": "module given", "weights": None, "preset": spec.name,
-              "resize": spec.resize, "crop": spec.crop, "preprocessing": spec.describe(),
-              "batch_size": min(batch_size, len(samples)), "batch_size_requested": batch_size, "workers": workers,
-              "device": str(device), "classes": samples.num_classes}
-    return build_report(result, config, device, samples)
+    return build_report(result, _config(samples, spec, device, batch_size, workers), device, samples)
 
 
-def _reference(samples, model, spec, device, batch_size, workers, progress, reason: str) -> EvalResult:
+def _config(samples: SampleList, spec: PreprocessSpec, device: torch.device, batch_size: int, workers: int) -> dict:
+    """The report's ``config`` for a module given from Python."""
+    return {"path": os.path.abspath(samples.root), "arch": "module given", "weights": None, "preset": spec.name,
+            "resize": spec.resize, "crop": spec.crop, "preprocessing": spec.describe(),
+            "batch_size": min(batch_size, len(samples)), "batch_size_requested": batch_size, "workers": workers,
+            "device": str(device), "classes": samples.num_classes}
+
+
+def _reference(ranks, samples, model, spec, device, batch_size, workers, progress, reason: str) -> EvalResult:
+    """The plain loop on this rank's shard, gathered: the whole run's result on every rank."""
     from fasteval.evaluation.plan import reference_plan
     from fasteval.evaluation.reference import evaluate_reference
 
-    result = evaluate_reference(samples, model, spec, batch_size=batch_size, workers=workers, device=device,
-                                progress=progress)
-    result.extra["plan"] = reference_plan(len(samples), batch_size, workers, reason, spec).to_json()
-    return result
+    shard = ranks.shard(samples)
+    result = ranks.step(evaluate_reference, shard, model, spec, batch_size=batch_size, workers=workers,
+                        device=device, progress=progress and ranks.is_main)
+    result.extra["plan"] = reference_plan(len(shard), batch_size, workers, reason, spec).to_json()
+    return ranks.gather(result, samples, batch_size)
 
 
-def _run(model, data, transform, batch_size, device, precision, compile, exact, reference, progress, workers,
-         route: bool = True):
+def _fast(ranks, samples, model, spec, device, options, progress) -> EvalResult:
     from fasteval.evaluation.fast import evaluate_fast
+
+    result = ranks.step(evaluate_fast, ranks.shard(samples), model, spec, device=device, options=options,
+                        progress=progress and ranks.is_main, scope=ranks.scope(samples))
+    return ranks.gather(result, samples, options.batch_size)
+
+
+def _options(precision, compile, batch_size, workers, exact, route: bool = True):
     from fasteval.evaluation.plan import FastOptions
 
-    samples, spec, device, workers, work = _setup(model, data, transform, device, workers, batch_size)
-    if reference:
-        result = _reference(samples, work, spec, device, batch_size, workers, progress, "reference=True")
-    else:
-        options = FastOptions(loader="auto", precision=precision, compile=compile, batch_size=batch_size,
-                              workers=workers, exact=exact, route=route)
-        result = evaluate_fast(samples, work, spec, device=device, options=options, progress=progress)
-    return samples, spec, device, workers, work, result
+    return FastOptions(loader="auto", precision=precision, compile=compile, batch_size=batch_size, workers=workers,
+                       exact=exact, route=route)
 
 
 def evaluate(model: nn.Module, data, *, transform=None, batch_size: int = 64, device: str = "auto",
@@ -142,8 +157,17 @@ def evaluate(model: nn.Module, data, *, transform=None, batch_size: int = 64, de
     DataLoader workers, feeding the same fast model and recheck, exact too. ``None``: torchvision's ImageNet
     eval transform. ``compile``: as ``--compile`` (``auto`` also lets a run too small for the fast path to pay go
     wholly by the reference's code; ``on``/``off`` always take the fast path)."""
-    samples, spec, device, workers, _, result = _run(model, data, transform, batch_size, device, precision, compile,
-                                                     exact, reference, progress, workers)
+    from fasteval.distributed import library_ranks
+
+    _check(model, batch_size, workers)
+    with library_ranks(device) as ranks:
+        samples, spec, device, workers, work = ranks.step(_setup, ranks, model, data, transform, device, workers,
+                                                          batch_size)
+        if reference:
+            result = _reference(ranks, samples, work, spec, device, batch_size, workers, progress, "reference=True")
+        else:
+            result = _fast(ranks, samples, work, spec, device,
+                           _options(precision, compile, batch_size, workers, exact), progress)
     return Result(_report(result, samples, spec, device, batch_size, workers), result)
 
 
@@ -153,11 +177,124 @@ def compare(model: nn.Module, data, *, transform=None, batch_size: int = 64, dev
     """What ``fasteval eval --validate`` does: the fast path and the plain loop on the same samples, compared
     sample by sample. Returns ``{"fast": Result, "reference": Result, "validation": {...}}`` (``validation``:
     agreement, flipped samples, the largest per-sample loss difference)."""
+    from fasteval.distributed import library_ranks
     from fasteval.evaluation.validate import compare as compare_runs
 
-    samples, spec, device, workers, work, fast = _run(model, data, transform, batch_size, device, precision,
-                                                      compile, exact, False, progress, workers, route=False)
-    ref = _reference(samples, work, spec, device, batch_size, workers, progress, "compare's reference")
+    _check(model, batch_size, workers)
+    with library_ranks(device) as ranks:
+        samples, spec, device, workers, work = ranks.step(_setup, ranks, model, data, transform, device, workers,
+                                                          batch_size)
+        fast = _fast(ranks, samples, work, spec, device,
+                     _options(precision, compile, batch_size, workers, exact, route=False), progress)
+        ref = _reference(ranks, samples, work, spec, device, batch_size, workers, progress, "compare's reference")
     return {"fast": Result(_report(fast, samples, spec, device, batch_size, workers), fast),
             "reference": Result(_report(ref, samples, spec, device, batch_size, workers), ref),
             "validation": compare_runs(samples, ref, fast)}
+
+
+@dataclass(frozen=True)
+class SweepResult:
+    """Several models of one architecture on one dataset: ``results`` (one ``Result`` per model, in the order
+    given), ``names``, ``best`` (the index of the best: highest top-1; ties: higher top-5, then lower loss, then
+    the first given), each model's paired test against the best in its ``Result.report["vs_best"]``, and
+    ``to_dict()``, the same keys as a checkpoint sweep's ``--json``."""
+
+    report: dict
+    results: tuple[Result, ...] = field(repr=False)
+
+    names = property(lambda self: [entry["weights"] for entry in self.report["checkpoints"]])
+    best = property(lambda self: self.report["best"])
+
+    def to_dict(self) -> dict:
+        return self.report
+
+    def __repr__(self) -> str:
+        rows = ", ".join(f"{name}: {r.top1:.3f} %" for name, r in zip(self.names, self.results))
+        return f"SweepResult(best={self.names[self.best]!r}; top-1 {rows})"
+
+
+def _named_models(models) -> tuple[list[str], list]:
+    """``models`` (a sequence, or a mapping from names) as names and entries: each an ``nn.Module`` or a
+    state_dict for a copy of the first (which must be a module)."""
+    if isinstance(models, nn.Module) or not isinstance(models, (Mapping, Sequence)) or isinstance(models, str):
+        raise FastevalError("models must be a list of torch.nn.Module (or state_dicts after the first module), "
+                            "or a dict from names to them")
+    names, entries = (list(map(str, models)), list(models.values())) if isinstance(models, Mapping) else \
+        ([f"model {i + 1}" for i in range(len(models))], list(models))
+    if not entries:
+        raise FastevalError("models is empty: give at least one model")
+    if len(set(names)) != len(names):
+        raise FastevalError("models: two models have the same name")
+    if not isinstance(entries[0], nn.Module):
+        raise FastevalError(f"models: the first ({names[0]}) must be a torch.nn.Module, not {type(entries[0]).__name__}")
+    return names, entries
+
+
+def _loaders(names: list[str], entries: list) -> list:
+    """For each entry, a call returning its module, every one checked first to have the first's state entries
+    (names and shapes): the sweep copies each model's weights into one compiled graph."""
+    first = entries[0]
+    shapes = {k: tuple(v.shape) for k, v in first.state_dict().items()}
+    loads = []
+    for name, entry in zip(names, entries):
+        if isinstance(entry, nn.Module):
+            state = entry.state_dict()
+        elif isinstance(entry, Mapping):
+            state = entry
+        else:
+            raise FastevalError(f"models: {name} is a {type(entry).__name__}, not a torch.nn.Module or a state_dict")
+        theirs = {k: tuple(getattr(v, "shape", ())) for k, v in state.items()}
+        if theirs != shapes:
+            key = next((k for k in list(shapes) + list(theirs) if shapes.get(k) != theirs.get(k)), "?")
+            raise FastevalError(f"models: {name} is not the same architecture as {names[0]} (state entry {key}: "
+                                f"{theirs.get(key, 'missing')} against {shapes.get(key, 'missing')}); a sweep runs "
+                                f"one compiled graph: evaluate other architectures with evaluate()")
+        if isinstance(entry, nn.Module):
+            loads.append(lambda entry=entry: entry)
+        else:
+            loads.append(lambda entry=entry: _with_state(first, entry))
+    return loads
+
+
+def _with_state(module: nn.Module, state: Mapping) -> nn.Module:
+    copied = copy.deepcopy(module)
+    copied.load_state_dict(state)
+    return copied
+
+
+def sweep(models, data, *, transform=None, batch_size: int = 64, device: str = "auto", precision: str = "auto",
+          exact: str = "auto", progress: bool = True, workers: int | None = None, compile: str = "auto",
+          cache: str | None = None) -> SweepResult:
+    """What ``fasteval eval DATA --weights A B C`` does, for modules: several models of one architecture (a
+    run's checkpoints, loaded by you) on ``data``, the images decoded once (kept in memory, or in ``cache``, a
+    folder for ``--cache``'s files), the model compiled once; each result is what ``evaluate()`` of that model
+    alone gives. ``models``: a list of modules (or of state_dicts after the first module), or a dict from names
+    to them. One process: under torchrun, evaluate each model with ``evaluate()`` instead."""
+    from fasteval.data.decoded import DecodedSource, check_cache_dir
+    from fasteval.distributed import Ranks, detect_launch
+    from fasteval.evaluation.fast import FastEvaluator
+    from fasteval.evaluation.sweep import run_sweep
+    from fasteval.output.sweep_report import build_sweep_report
+
+    names, entries = _named_models(models)
+    _check(entries[0], batch_size, workers)
+    launch = detect_launch()
+    if launch is not None and launch.world_size > 1:
+        raise FastevalError("sweep() runs in one process: under torchrun, evaluate each model with evaluate()")
+    if cache is not None:
+        check_cache_dir(cache)
+    loads = _loaders(names, entries)
+    start = time.perf_counter()
+    samples, spec, device, workers, work = _setup(Ranks(), entries[0], data, transform, device, workers, batch_size)
+    source = DecodedSource(cache)
+    evaluator = FastEvaluator(samples, work, spec, device, _options(precision, compile, batch_size, workers, exact),
+                              batch_source=source, passes=len(loads))
+    setup = time.perf_counter() - start
+    runs, seconds = run_sweep(evaluator, loads, progress)
+    config = _config(samples, spec, device, batch_size, workers)
+    decoded = dict(source.info) if source.info else {"placement": "none", "reason": "every sample by the reference's "
+                                                                                     "code", "cache": "off"}
+    report = build_sweep_report(names, runs, seconds, torch.tensor(samples.labels), config, device, decoded, setup,
+                                samples)
+    report["plan"] = evaluator.executed_plan.to_json()
+    return SweepResult(report, tuple(Result(entry, run) for entry, run in zip(report["checkpoints"], runs)))

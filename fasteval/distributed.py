@@ -83,12 +83,12 @@ def timeout_seconds(environ: Mapping[str, str] = os.environ) -> float:
 
 def rank_device(name: str, launch: Launch) -> str:
     """The ``--device`` of one rank: ``auto``/``cuda`` -> ``cuda:LOCAL_RANK`` (``auto`` without CUDA: the
-    CPU). ``cuda:N`` is refused: every rank of the node would share GPU N."""
+    CPU). ``cuda:N`` other than ``cuda:LOCAL_RANK`` is refused: every rank of the node would share GPU N."""
     import torch
 
     if name == "cpu" or (name == "auto" and not torch.cuda.is_available()):
         return "cpu"
-    if name not in ("auto", "cuda"):
+    if name not in ("auto", "cuda", f"cuda:{launch.local_rank}"):
         raise FastevalError(f"--device {name} under torchrun: each rank uses cuda:LOCAL_RANK; give --device cuda "
                             f"(or auto), and choose GPUs with CUDA_VISIBLE_DEVICES")
     if not torch.cuda.is_available():
@@ -176,6 +176,19 @@ def first_difference(mine: tuple[list[str], list[tuple[str, int, int]]],
     return None
 
 
+def state_digest(model) -> str:
+    """sha256 of a module's state (each entry's name, dtype, shape and bytes, in order)."""
+    import torch
+
+    digest = hashlib.sha256()
+    for name, value in model.state_dict().items():
+        if isinstance(value, torch.Tensor):
+            value = value.detach().cpu().contiguous()
+            digest.update(f"{name}:{value.dtype}:{tuple(value.shape)}".encode())
+            digest.update(value.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
 class Ranks:
     """One process evaluating every sample: every method is the identity. ``TorchrunRanks`` is one
     rank of a torchrun job; the commands call the same methods either way."""
@@ -210,6 +223,9 @@ class Ranks:
     def share_random_init(self, model) -> None:
         """Give every rank rank 0's randomly initialised weights (no ``--weights``), in place."""
 
+    def check_same_model(self, model) -> None:
+        """Stop every rank if one holds other weights than rank 0's (a caller's module, from Python)."""
+
     def gather(self, result: EvalResult, samples: SampleList, batch_size: int) -> EvalResult:
         """The whole run's result from every rank's result of its shard (on every rank)."""
         return result
@@ -223,12 +239,15 @@ class TorchrunRanks(Ranks):
     """One rank of a torchrun job, in an initialised process group."""
 
     def __init__(self, launch: Launch, backend: str, device: str, debug: bool = False,
-                 places: list[tuple[str, int]] | None = None) -> None:
+                 places: list[tuple[str, int]] | None = None, announce: bool = True) -> None:
+        """``announce``: rank 0 prints a failing rank's line as it learns of it (the command: torchrun may stop
+        it before its error reaches the top); the library raises it to the caller and prints nothing."""
         import torch
 
         self.rank, self.world_size, self.backend = launch.rank, launch.world_size, backend
         self.is_main, self.launched = launch.rank == 0, True
         self.device, self.debug = device, debug
+        self.announce = announce
         self.places = places  # every rank's (host name, pid): which process on this machine is which rank
         # Where tensors travel: NCCL moves CUDA tensors only, gloo CPU ones.
         self.comm_device = torch.device(device) if backend == "nccl" else torch.device("cpu")
@@ -253,7 +272,7 @@ class TorchrunRanks(Ranks):
             rank, message = errors[0]
             everywhere = len(errors) == self.world_size and len({m for _, m in errors}) == 1
             failed = RankFailed(message if everywhere else f"rank {rank}: {message}")
-            if self.is_main:  # at once: torchrun stops every rank as soon as one exits with an error
+            if self.is_main and self.announce:  # at once: torchrun stops every rank as soon as one exits with an error
                 global _error_said
                 print(f"fasteval: error: {describe_error(failed)}", file=sys.stderr, flush=True)
                 _error_said = True
@@ -335,6 +354,14 @@ class TorchrunRanks(Ranks):
         state = self.exchange(model.state_dict() if self.is_main else None)[0]
         if not self.is_main:
             model.load_state_dict(state)
+
+    def check_same_model(self, model) -> None:
+        """A digest of every state entry (name, dtype, shape, bytes) against rank 0's."""
+        digest = state_digest(model)
+        digests = self.exchange(digest)
+        if digest != digests[0]:
+            raise FastevalError("this rank holds other model weights than rank 0: every rank must evaluate the same "
+                                "model (load the same checkpoint, or seed the initialisation)")
 
     def gather(self, result: EvalResult, samples: SampleList, batch_size: int) -> EvalResult:
         """Every rank's per-sample tensors (EvalResult's PER_SAMPLE_FIELDS, whichever it holds) by a padded
@@ -453,7 +480,8 @@ def merge_extra(extras: list[dict], counts: list[int]) -> dict:
 
 
 @contextmanager
-def start_ranks(device: str, *, debug: bool = False, environ: Mapping[str, str] = os.environ) -> Iterator[Ranks]:
+def start_ranks(device: str, *, debug: bool = False, environ: Mapping[str, str] = os.environ,
+                announce: bool = True) -> Iterator[Ranks]:
     """This process's place in the run: ``Ranks()`` without torchrun; under torchrun, a process group
     (NCCL on ``cuda:LOCAL_RANK``, else gloo) joined with a timeout and destroyed on the way out."""
     launch = detect_launch(environ)
@@ -485,7 +513,7 @@ def start_ranks(device: str, *, debug: bool = False, environ: Mapping[str, str] 
             dist.all_gather_object(places, (socket.gethostname(), os.getpid()))
         except Exception as exc:
             raise cannot_join(exc) from None
-        ranks = TorchrunRanks(launch, backend, name, debug, places)
+        ranks = TorchrunRanks(launch, backend, name, debug, places, announce)
         try:
             yield ranks
         except (Terminated, CommunicationFailed) as exc:
@@ -500,6 +528,35 @@ def start_ranks(device: str, *, debug: bool = False, environ: Mapping[str, str] 
             dist.destroy_process_group()
         except Exception:
             pass
+
+
+@contextmanager
+def library_ranks(device: str, *, environ: Mapping[str, str] = os.environ) -> Iterator[Ranks]:
+    """This process's place in a run called from Python (``fasteval.evaluate``): where the caller's script
+    has initialised torch.distributed already (a torchrun job's usual first lines), that process group,
+    left as it was on the way out; else as ``start_ranks`` (a group of its own under torchrun, made and
+    destroyed here; one process without it)."""
+    launch = detect_launch(environ)
+    if launch is None or launch.world_size == 1:
+        yield Ranks()
+        return
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        with start_ranks(device, environ=environ, announce=False) as ranks:
+            yield ranks
+        return
+    if dist.get_rank() != launch.rank or dist.get_world_size() != launch.world_size:
+        raise FastevalError(f"the initialised process group (rank {dist.get_rank()} of {dist.get_world_size()}) "
+                            f"is not torchrun's (RANK {launch.rank}, WORLD_SIZE {launch.world_size})")
+    name = rank_device(device, launch)
+    backend = dist.get_backend()
+    if backend == "nccl" and not name.startswith("cuda"):
+        raise FastevalError(f"device={device!r}: the process group is NCCL's, which moves CUDA tensors only; "
+                            f"evaluate on the GPU (device='cuda') or initialise the group with gloo")
+    places: list = [None] * launch.world_size
+    dist.all_gather_object(places, (socket.gethostname(), os.getpid()))
+    yield TorchrunRanks(launch, backend, name, places=places, announce=False)
 
 
 def reports_error(exc: BaseException, environ: Mapping[str, str] = os.environ) -> bool:

@@ -3,6 +3,7 @@ the sweep itself is fasteval/evaluation/sweep.py."""
 
 from __future__ import annotations
 
+import functools
 import os
 import sys
 import time
@@ -71,7 +72,10 @@ def cmd_sweep(args, prepare) -> int:
     evaluator = FastEvaluator(samples, model, spec, device, fast_options(args), batch_source=source,
                               passes=len(args.checkpoints))
     setup = time.perf_counter() - start
-    results, seconds = run_sweep(evaluator, config["arch"], args.checkpoints, progress=not args.no_progress)
+    from fasteval.model.models import build_model
+
+    loads = [functools.partial(build_model, config["arch"], path, None) for path in args.checkpoints]
+    results, seconds = run_sweep(evaluator, loads, progress=not args.no_progress)
     labels = torch.tensor(samples.labels)
     decoded = dict(source.info) if source.info else {"placement": "none", "reason": "every sample by the reference's "
                                                                                      "code", "cache": "off"}

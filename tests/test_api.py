@@ -151,3 +151,72 @@ def test_a_crop_larger_than_the_resize_runs_as_given(varied_data):
     result = fasteval.evaluate(model, varied_data, transform=transform, workers=0, progress=False, compile="off")
     assert result.plan["loader"]["value"] == "the transform given, in DataLoader workers"
     assert result.correct_top1 == plain_loop(model, varied_data, transform)["top1"]
+
+
+def test_sweep_gives_each_models_own_result_with_one_compile(varied_data):
+    """Modules and state_dicts of one architecture: each result is evaluate()'s of that model alone; the
+    best and the paired tests as the checkpoint sweep's --json has them; the modules left as they were."""
+    transform = TRANSFORMS["v1 bilinear, no crop"]
+    models = {"a": TinyNet(4), "b": TinyNet(4), "c": None}
+    with torch.no_grad():
+        models["b"].head[-1].bias.copy_(torch.tensor([3.0, 0.0, 0.0, 0.0]))  # predicts class 0 almost always
+    state = copy.deepcopy(models["a"].state_dict())
+    state["head.3.weight"] = state["head.3.weight"].flip(0)
+    models["c"] = state
+    before = copy.deepcopy(models["b"].state_dict())
+    run = dict(transform=transform, batch_size=4, workers=0, progress=False, compile="off")
+    swept = fasteval.sweep(models, varied_data, **run)
+    assert swept.names == ["a", "b", "c"] and len(swept.results) == 3
+    c_module = TinyNet(4)
+    c_module.load_state_dict(state)
+    for result, module in zip(swept.results, (models["a"], models["b"], c_module)):
+        alone = plain_loop(module, varied_data, transform)
+        assert (result.correct_top1, result.correct_top5) == (alone["top1"], alone["top5"])
+        assert result.run.predictions.tolist() == alone["predictions"]
+    tops = [(r.correct_top1, r.correct_top5, -r.loss) for r in swept.results]
+    assert swept.best == max(range(3), key=lambda i: (tops[i], -i))
+    report = swept.to_dict()
+    assert report["best_weights"] == swept.names[swept.best] and report["checkpoints"][swept.best]["best"]
+    assert all(torch.equal(v, before[k]) for k, v in models["b"].state_dict().items())
+
+
+def test_sweep_refuses_other_architectures_and_bad_entries(small_data):
+    from fasteval.errors import FastevalError
+
+    with pytest.raises(FastevalError, match="model 2 is not the same architecture as model 1"):
+        fasteval.sweep([TinyNet(3), TinyNet(4)], small_data)
+    with pytest.raises(FastevalError, match="models: model 2 is a str"):
+        fasteval.sweep([TinyNet(3), "ckpt.pt"], small_data)
+    with pytest.raises(FastevalError, match="the first .* must be a torch.nn.Module"):
+        fasteval.sweep([TinyNet(3).state_dict()], small_data)
+    with pytest.raises(FastevalError, match="models is empty"):
+        fasteval.sweep([], small_data)
+
+
+def test_evaluate_under_torchrun_is_the_one_process_result(varied_data, tmp_path):
+    """Two gloo ranks on the CPU, from a script: with no process group (the library makes one and removes it) and
+    in the script's own (left initialised); every rank gets the whole run's result, equal to one process's; a rank
+    with other weights stops every rank with one line; sweep() is refused."""
+    import os
+    from pathlib import Path
+
+    transform = TRANSFORMS["v1 bilinear, no crop"]
+    alone = plain_loop(TinyNet(4), varied_data, transform)
+    clean = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR",
+                                                              "MASTER_PORT")}
+    script = str(Path(__file__).with_name("api_rank.py"))
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                           script, varied_data, str(tmp_path)], capture_output=True, text=True, timeout=300,
+                          env={**clean, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    for rank in (0, 1):
+        found = json.loads((tmp_path / f"rank{rank}.json").read_text())
+        for key in ("own_group", "script_group", "reference"):
+            got = found[key]
+            assert (got["top1"], got["top5"], got["samples"]) == (alone["top1"], alone["top5"], 12), key
+            assert got["predictions"] == alone["predictions"] and got["per_rank"] == [6, 6], key
+        assert not found["initialised_after_own"] and found["initialised_after_script"]
+        assert found["script_group"]["loss"] == pytest.approx(found["reference"]["loss"], rel=1e-2)  # bf16 here
+        assert found["compare"]["flipped"] == 0 and found["compare"]["fast"]["top1"] == alone["top1"]
+        assert found["other_weights"].startswith("rank 1: this rank holds other model weights than rank 0")
+        assert "sweep() runs in one process" in found["sweep"]

@@ -166,7 +166,8 @@ def test_weights_copied_in_place_without_recompiling(small_data, small_spec, che
                               options, batch_source=DecodedSource())
     assert evaluator.model.compiled
     graphs = counters["stats"]["unique_graphs"]
-    results, _ = run_sweep(evaluator, "resnet18", checkpoints, progress=False)
+    results, _ = run_sweep(evaluator, [lambda p=p: build_model("resnet18", p, None) for p in checkpoints],
+                           progress=False)
     assert counter.frame_count == 1 and counters["stats"]["unique_graphs"] == graphs
     assert len({tuple(r.predictions.tolist()) + (r.loss_sum,) for r in results}) == 3  # the weights did change
     monkeypatch.setattr(inference.torch, "compile", real_compile)

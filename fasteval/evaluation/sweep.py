@@ -85,16 +85,15 @@ def paired_test(labels: torch.Tensor, result: EvalResult, best: EvalResult) -> d
             "p_value": mcnemar_exact(only_this, only_best)}
 
 
-def run_sweep(evaluator, arch: str, paths: list[str], progress: bool = True) -> tuple[list[EvalResult], list[float]]:
-    """Every checkpoint through one evaluator (built with the first's weights), in order; the results
-    and the seconds each pass took (loading its weights included)."""
-    from fasteval.model.models import build_model
-
+def run_sweep(evaluator, models: list, progress: bool = True) -> tuple[list[EvalResult], list[float]]:
+    """Every model through one evaluator (built with the first's weights), in order: ``models[i]`` for
+    ``i > 0`` is called for its module (a checkpoint loaded in its turn). The results and the seconds each
+    pass took (loading its weights included)."""
     results, seconds = [], []
-    for i, path in enumerate(paths):
+    for i, load in enumerate(models):
         start = time.perf_counter()
         if i > 0:
-            evaluator.load_weights(build_model(arch, path, None))
+            evaluator.load_weights(load())
         results.append(evaluator.run(progress))
         seconds.append(time.perf_counter() - start)
     return results, seconds
