@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from fasteval.data.preprocess import PRESETS, PreprocessSpec
-from fasteval.data.samples import SampleList, discover
+from fasteval.data.samples import SampleList, discover, with_classes
 from fasteval.errors import FastevalError
 from fasteval.evaluation.metrics import EvalResult
 
@@ -48,12 +48,22 @@ class Result:
                 f"top5={self.top5:.3f} % ({self.correct_top5}), loss={self.loss:.6f})")
 
 
-def _samples(data) -> SampleList:
+def _classes(classes) -> int | list[str] | None:
+    """``classes=`` checked: None, a count, or a list of distinct class names."""
+    if classes is None or (isinstance(classes, int) and not isinstance(classes, bool) and classes >= 1):
+        return classes
+    if isinstance(classes, Sequence) and not isinstance(classes, str) and classes \
+            and all(isinstance(c, str) and c for c in classes) and len(set(classes)) == len(classes):
+        return list(classes)
+    raise FastevalError(f"classes must be a class count >= 1 or a list of distinct class names, got {classes!r}")
+
+
+def _samples(data, classes) -> SampleList:
     if isinstance(data, SampleList):
-        return data
+        return with_classes(data, _classes(classes))
     if isinstance(data, (str, os.PathLike)):
-        return discover(os.fspath(data))
-    raise FastevalError(f"data must be a dataset path (an ImageFolder root), not {type(data).__name__}")
+        return discover(os.fspath(data), classes=_classes(classes))
+    raise FastevalError(f"data must be a dataset path (a folder, a CSV list or WebDataset shards), not {type(data).__name__}")
 
 
 def _spec(transform, samples: SampleList, quiet: bool = False) -> PreprocessSpec:
@@ -88,13 +98,14 @@ def _check(model: nn.Module, batch_size: int, workers: int | None) -> None:
         raise FastevalError(f"workers must be an integer >= 0 or None, got {workers!r}")
 
 
-def _setup(ranks, model: nn.Module, data, transform, device: str, workers: int | None, batch_size: int):
+def _setup(ranks, model: nn.Module, data, transform, device: str, workers: int | None, batch_size: int,
+           classes=None):
     """The samples (the same on every rank), the spec, this rank's device, the workers, and a copy of the model
     (the runs move it, switch it to eval mode and convert it; the caller's module stays as it was)."""
     from fasteval.devices import resolve_device
     from fasteval.procs import usable_cores
 
-    samples = _samples(data)
+    samples = _samples(data, classes)
     ranks.check_same_data(samples)
     ranks.check_same_model(model)
     spec = _spec(transform, samples, quiet=not ranks.is_main)
@@ -147,7 +158,7 @@ def _options(precision, compile, batch_size, workers, exact, route: bool = True)
 
 def evaluate(model: nn.Module, data, *, transform=None, batch_size: int = 64, device: str = "auto",
              precision: str = "auto", exact: str = "auto", reference: bool = False, progress: bool = True,
-             workers: int | None = None, compile: str = "auto") -> Result:
+             workers: int | None = None, compile: str = "auto", classes: int | Sequence[str] | None = None) -> Result:
     """Evaluate ``model`` (any module mapping a float image batch to logits) on ``data`` (an ImageFolder root)
     as ``fasteval eval`` does: the plan, the fast path, the exact recheck; ``reference=True``: the plain loop.
 
@@ -155,14 +166,15 @@ def evaluate(model: nn.Module, data, *, transform=None, batch_size: int = 64, de
     CenterCrop + ToTensor (or ToImage + ToDtype(float32, scale=True)) + Normalize is reproduced by the fast
     path's decoders (confirmed equal on the first image); any other transform runs as given on PIL images in
     DataLoader workers, feeding the same fast model and recheck, exact too. ``None``: torchvision's ImageNet
-    eval transform. ``compile``: as ``--compile`` (``auto`` also lets a run too small for the fast path to pay go
+    eval transform. ``classes``: the model's classes where ``data`` holds only some of them, as ``--classes``
+    (a count, or the names in the head's order). ``compile``: as ``--compile`` (``auto`` also lets a run too small for the fast path to pay go
     wholly by the reference's code; ``on``/``off`` always take the fast path)."""
     from fasteval.distributed import library_ranks
 
     _check(model, batch_size, workers)
     with library_ranks(device) as ranks:
         samples, spec, device, workers, work = ranks.step(_setup, ranks, model, data, transform, device, workers,
-                                                          batch_size)
+                                                          batch_size, classes)
         if reference:
             result = _reference(ranks, samples, work, spec, device, batch_size, workers, progress, "reference=True")
         else:
@@ -173,7 +185,7 @@ def evaluate(model: nn.Module, data, *, transform=None, batch_size: int = 64, de
 
 def compare(model: nn.Module, data, *, transform=None, batch_size: int = 64, device: str = "auto",
             precision: str = "auto", exact: str = "auto", progress: bool = True, workers: int | None = None,
-            compile: str = "auto") -> dict:
+            compile: str = "auto", classes: int | Sequence[str] | None = None) -> dict:
     """What ``fasteval eval --validate`` does: the fast path and the plain loop on the same samples, compared
     sample by sample. Returns ``{"fast": Result, "reference": Result, "validation": {...}}`` (``validation``:
     agreement, flipped samples, the largest per-sample loss difference)."""
@@ -183,7 +195,7 @@ def compare(model: nn.Module, data, *, transform=None, batch_size: int = 64, dev
     _check(model, batch_size, workers)
     with library_ranks(device) as ranks:
         samples, spec, device, workers, work = ranks.step(_setup, ranks, model, data, transform, device, workers,
-                                                          batch_size)
+                                                          batch_size, classes)
         fast = _fast(ranks, samples, work, spec, device,
                      _options(precision, compile, batch_size, workers, exact, route=False), progress)
         ref = _reference(ranks, samples, work, spec, device, batch_size, workers, progress, "compare's reference")
@@ -264,7 +276,7 @@ def _with_state(module: nn.Module, state: Mapping) -> nn.Module:
 
 def sweep(models, data, *, transform=None, batch_size: int = 64, device: str = "auto", precision: str = "auto",
           exact: str = "auto", progress: bool = True, workers: int | None = None, compile: str = "auto",
-          cache: str | None = None) -> SweepResult:
+          cache: str | None = None, classes: int | Sequence[str] | None = None) -> SweepResult:
     """What ``fasteval eval DATA --weights A B C`` does, for modules: several models of one architecture (a
     run's checkpoints, loaded by you) on ``data``, the images decoded once (kept in memory, or in ``cache``, a
     folder for ``--cache``'s files), the model compiled once; each result is what ``evaluate()`` of that model
@@ -285,7 +297,8 @@ def sweep(models, data, *, transform=None, batch_size: int = 64, device: str = "
         check_cache_dir(cache)
     loads = _loaders(names, entries)
     start = time.perf_counter()
-    samples, spec, device, workers, work = _setup(Ranks(), entries[0], data, transform, device, workers, batch_size)
+    samples, spec, device, workers, work = _setup(Ranks(), entries[0], data, transform, device, workers, batch_size,
+                                                  classes)
     source = DecodedSource(cache)
     evaluator = FastEvaluator(samples, work, spec, device, _options(precision, compile, batch_size, workers, exact),
                               batch_source=source, passes=len(loads))

@@ -148,7 +148,7 @@ def _prepare(args, ranks=None, samples=None):
     from fasteval.data.preprocess import get_spec
     from fasteval.memory import check_eval_memory
     from fasteval.data.probe import check_headers, probe
-    from fasteval.data.samples import check_not_samples, discover
+    from fasteval.data.samples import check_not_samples, discover, given_classes
     from fasteval.distributed import Ranks
     from fasteval.spec_choice import choose_spec
 
@@ -161,7 +161,8 @@ def _prepare(args, ranks=None, samples=None):
             raise FastevalError("the built-in demo uses its own resnet18 model: give DATA to choose --arch/--weights")
         data, weights = ensure_demo()
         check_outside_data(args, data)
-    samples = samples if samples is not None else discover(data, quiet=not ranks.is_main)
+    samples = samples if samples is not None else discover(data, quiet=not ranks.is_main,
+                                                           classes=given_classes(getattr(args, "classes", None)))
     ranks.check_same_data(samples)
     if ranks.is_main:
         files = output_paths(args)  # the files a run writes (eval's --plot and --cache are folders)
@@ -233,12 +234,12 @@ def _start_prefetch(args):
         return None, None
     from fasteval.data import prefetch
     from fasteval.data.preprocess import input_hw
-    from fasteval.data.samples import discover
+    from fasteval.data.samples import discover, given_classes
     from fasteval.spec_choice import choose_spec
 
     try:  # the run's own preprocessing (a checkpoint's record is read without torch)
         spec = choose_spec(args.arch, (args.weights or [None])[0], args.preset, args.resize, args.crop).spec
-        samples = discover(args.data)
+        samples = discover(args.data, classes=given_classes(args.classes))
     except FastevalError:
         return None, None
     hw = input_hw(spec, samples.paths[0]) if samples.paths else None

@@ -48,9 +48,13 @@ def add_run_options(p: argparse.ArgumentParser, sweep: bool = False) -> None:
     p.add_argument("--weights", type=non_empty_path,
                    help="checkpoint file (state_dict or a dict holding one), or DEFAULT for the pretrained weights "
                         "(torchvision's, or timm's for timm:NAME); omitted: random init (demo: its fitted model)"
-                        + ("; several files, a folder of *.pt/*.pth or a glob: a sweep, decoded and compiled once, "
-                           "ranked with paired statistics" if sweep else ""),
-                   nargs="+" if sweep else None)
+                        + ("; several files (--weights A B, or --weights A --weights B), a folder of *.pt/*.pth or a "
+                           "glob: a sweep, decoded and compiled once, ranked with paired statistics" if sweep else ""),
+                   nargs="+" if sweep else None, action="extend" if sweep else OnceAction)
+    p.add_argument("--classes", metavar="N|FILE", type=non_empty_path,
+                   help="the model's classes where DATA holds only some of them: N (WebDataset shards, whose .cls are "
+                        "the head's indices) or a file of class names, one per line in the head's order (a folder's "
+                        "or CSV's classes are found there by name); default: DATA's own classes")
     p.add_argument("--preset", help="preprocessing preset: imagenet or seed (default: what a fasteval train checkpoint "
                                     "records, a timm model's own configuration, else imagenet)")
     p.add_argument("--resize", type=positive_int, help="override the preset's shorter-side resize")
@@ -66,6 +70,15 @@ def add_run_options(p: argparse.ArgumentParser, sweep: bool = False) -> None:
                    help="write every figure, the configuration and the environment")
     p.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
     p.add_argument("--debug", action="store_true", help="show tracebacks")
+
+
+class OnceAction(argparse.Action):
+    """An option that takes one value, refused when given twice (argparse would keep the last silently)."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        if getattr(namespace, self.dest, None) is not None:
+            parser.error(f"{option_string} given twice ({getattr(namespace, self.dest)} and {values}): give it once")
+        setattr(namespace, self.dest, values)
 
 
 class CompileAction(argparse.Action):

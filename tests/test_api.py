@@ -220,3 +220,26 @@ def test_evaluate_under_torchrun_is_the_one_process_result(varied_data, tmp_path
         assert found["compare"]["flipped"] == 0 and found["compare"]["fast"]["top1"] == alone["top1"]
         assert found["other_weights"].startswith("rank 1: this rank holds other model weights than rank 0")
         assert "sweep() runs in one process" in found["sweep"]
+
+
+def test_classes_names_the_heads_classes_for_a_subset(varied_data):
+    """A 6-class head and a dataset of 4 of its classes: labels are the head's indices, as a tutorial's loop with a
+    target_transform gives them."""
+    from fasteval.errors import FastevalError
+
+    names = ["class_003", "x", "class_000", "class_002", "y", "class_001"]
+    transform = TRANSFORMS["v1 bilinear, no crop"]
+    model = TinyNet(6)
+    folder = datasets.ImageFolder(varied_data)
+    relabel = [names.index(c) for c in folder.classes]
+    data = datasets.ImageFolder(varied_data, transform=transform, target_transform=relabel.__getitem__)
+    with torch.no_grad():
+        logits = torch.cat([model.eval()(x) for x, _ in DataLoader(data, batch_size=5)])
+    labels = torch.tensor([relabel[t] for t in folder.targets])
+    result = fasteval.evaluate(model, varied_data, transform=transform, classes=names, workers=0, progress=False,
+                               compile="off")
+    assert result.correct_top1 == int((logits.argmax(1) == labels).sum())
+    assert result.run.predictions.tolist() == logits.argmax(1).tolist()
+    assert [c["class"] for c in result.per_class] == names
+    with pytest.raises(FastevalError, match="classes must be a class count >= 1 or a list of distinct class names"):
+        fasteval.evaluate(model, varied_data, classes=["a", "a"])

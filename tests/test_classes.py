@@ -58,8 +58,7 @@ def test_per_class_figures_equal_sklearn_and_torchmetrics():
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # sklearn warns about the empty class, by design of the test
         p, r, f, support = sklearn_metrics.precision_recall_fscore_support(y, pred, labels=range(C), zero_division=0)
-        macro = sklearn_metrics.precision_recall_fscore_support(y, pred, labels=range(C), zero_division=0,
-                                                                average="macro")
+        macro = sklearn_metrics.precision_recall_fscore_support(y, pred, zero_division=0, average="macro")
         balanced = sklearn_metrics.balanced_accuracy_score(y, pred)
     assert report["confusion_matrix"] == sklearn_metrics.confusion_matrix(y, pred, labels=range(C)).tolist()
     per = report["per_class"]
@@ -76,6 +75,10 @@ def test_per_class_figures_equal_sklearn_and_torchmetrics():
     assert per[5]["precision"] == 0.0 and per[6]["recall"] == 0.0 and per[6]["f1"] == 0.0
     assert [report["macro"][k] for k in ("precision", "recall", "f1")] == pytest.approx(list(macro[:3]), abs=1e-12)
     assert report["balanced_accuracy"] == pytest.approx(balanced, abs=1e-12)
+    # --classes naming more classes than the data holds (a subset): the unseen ones change no average
+    wider = class_report(result, names(C + 3, labels))
+    assert wider["macro"] == report["macro"] and wider["balanced_accuracy"] == report["balanced_accuracy"]
+    assert [c["samples"] for c in wider["per_class"][C:]] == [0, 0, 0]
 
     # torchmetrics on the same predictions (one-hot scores: its argmax is ours).
     scores = torch.nn.functional.one_hot(result.predictions, C).float()

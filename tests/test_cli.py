@@ -383,3 +383,15 @@ def test_version_is_the_package_version():
 
     proc = subprocess.run([sys.executable, "-m", "fasteval", "--version"], capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0 and proc.stdout.strip() == f"fasteval {fasteval.__version__}", proc.stderr
+
+
+def test_repeated_weights_make_a_sweep_and_bench_refuses_two(capsys):
+    """``--weights a --weights b`` on eval is the sweep of both (argparse would keep b alone); bench evaluates one
+    checkpoint and refuses a second, exit 2, one line."""
+    from fasteval.cli import build_parser
+
+    assert build_parser().parse_args(["eval", "D", "--weights", "a", "--weights", "b", "c"]).weights == ["a", "b", "c"]
+    with pytest.raises(SystemExit) as stop:
+        build_parser().parse_args(["bench", "D", "--weights", "a", "--weights", "b"])
+    assert stop.value.code == 2
+    assert "--weights given twice (a and b): give it once" in capsys.readouterr().err

@@ -315,3 +315,97 @@ def test_dali_decodes_a_list_as_it_decodes_the_tree(tree, layouts, shards, layou
         assert [b.real for b in got] == [b.real for b in want] == [5, 5, 5, 3]
         for a, b in zip(got, want):
             assert torch.equal(a.images, b.images) and torch.equal(a.labels, b.labels)
+
+
+# --- --classes: the model's classes where DATA holds only some ------------------------------------------------
+
+@pytest.fixture(scope="module")
+def head5(tmp_path_factory) -> tuple[str, list[str]]:
+    """A resnet18 with a 5-class head and the head's class names, in an order that is not sorted: the tree's
+    three classes are among them at indices 3, 0 and 4."""
+    import torch
+    import torchvision
+
+    torch.manual_seed(5)
+    path = tmp_path_factory.mktemp("head5") / "five.pt"
+    torch.save(torchvision.models.resnet18(num_classes=5).state_dict(), path)
+    return str(path), ["class_001", "zebra", "apple", "class_000", "class_002"]
+
+
+def _plain_subset_loop(tree: str, weights: str, names: list[str]) -> tuple[int, int, list[int]]:
+    """A tutorial's loop over a subset: ImageFolder with a target_transform to the head's indices, eager fp32."""
+    import torch
+    import torchvision
+    from torch.utils.data import DataLoader
+    from torchvision import transforms
+
+    from fasteval.data.preprocess import get_spec
+
+    spec = get_spec("imagenet", resize=40, crop=32)
+    folder = ImageFolder(tree)
+    relabel = [names.index(c) for c in folder.classes]
+    data = ImageFolder(tree, transform=transforms.Compose([transforms.Resize(40), transforms.CenterCrop(32),
+                                                           transforms.ToTensor(),
+                                                           transforms.Normalize(spec.mean, spec.std)]),
+                       target_transform=relabel.__getitem__)
+    model = torchvision.models.resnet18(num_classes=5)
+    model.load_state_dict(torch.load(weights, weights_only=True))
+    model.eval()
+    top1 = top5 = 0
+    predictions = []
+    with torch.no_grad():
+        for images, labels in DataLoader(data, batch_size=7):
+            logits = model(images)
+            predicted = logits.argmax(1)
+            predictions += predicted.tolist()
+            top1 += int((predicted == labels).sum())
+            top5 += int((logits.topk(5, 1).indices == labels[:, None]).any(1).sum())
+    return top1, top5, predictions
+
+
+@pytest.mark.parametrize("extra", [("--compile", "off"), ("--reference",)], ids=["fast", "reference"])
+def test_classes_file_evaluates_a_subset_against_the_heads_names(tree, layouts, head5, tmp_path, extra):
+    weights, names = head5
+    (tmp_path / "names.txt").write_text("\n".join(names) + "\n\n")
+    top1, top5, predictions = _plain_subset_loop(tree, weights, names)
+    for name in ("folder", "csv"):
+        report, rows = _run(layouts[name], tmp_path, name, weights, "--classes", str(tmp_path / "names.txt"), *extra)
+        assert (report["correct_top1"], report["correct_top5"], report["samples"]) == (top1, top5, 18), name
+        assert [c["class"] for c in report["per_class"]] == names
+        assert [c["samples"] for c in report["per_class"]] == [6, 0, 0, 6, 6]
+        assert rows[0][1:3] == ["label", "prediction"]  # the head's indices
+        assert [int(r[1]) for r in rows[1:]] == [3] * 6 + [0] * 6 + [4] * 6, name
+        assert [int(r[2]) for r in rows[1:]] == predictions, name
+
+
+def test_classes_count_lets_a_shard_with_fewer_classes_meet_its_head(tree, shards, head5, tmp_path, capsys):
+    weights, _ = head5
+    one = os.path.join(shards, "val-000001.tar")  # two samples of class 1: "2 classes" by its own count
+    assert main(["eval", one, "--weights", weights, *SMALL]) == 2
+    assert "5-class head but the dataset has 2 classes; where DATA holds only some" in _one_line(capsys)
+    report, _ = _run(one, tmp_path, "one", weights, "--classes", "5")
+    assert report["samples"] == 2 and report["config"]["classes"] == 5
+    assert [c["class"] for c in report["per_class"]] == ["0", "1", "2", "3", "4"]
+
+
+@pytest.mark.parametrize("case", ["count below a label", "count on a folder", "name missing", "repeated name",
+                                  "empty file", "no file"])
+def test_bad_classes_are_one_line(case, tree, shards, head5, tmp_path, capsys):
+    weights, names = head5
+    listing = tmp_path / "names.txt"
+    data, value, message = {
+        "count below a label": (shards, "2", "val-000002.tar::sample000012.jpg: class index 2 is outside --classes "
+                                             "(2 classes)"),
+        "count on a folder": (tree, "5", "--classes 5: DATA's classes are named (3 of them), not numbered"),
+        "name missing": (tree, "class_001\nclass_000\n", "DATA's class class_002 is not among --classes' 2 names"),
+        "repeated name": (tree, "a\nclass_000\na\n", "line 3: a is on line 1 too"),
+        "empty file": (tree, "\n\n", "is empty: expected one class name per line"),
+        "no file": (tree, None, "cannot read it"),
+    }[case]
+    if value is not None and not value.isdigit():
+        listing.write_text(value)
+        value = str(listing)
+    elif value is None:
+        value = str(tmp_path / "missing.txt")
+    assert main(["eval", data, "--weights", weights, *SMALL, "--classes", value]) == 2
+    assert message in _one_line(capsys)

@@ -88,9 +88,11 @@ def is_image_file(path: str) -> bool:
     return path.lower().endswith(IMG_EXTENSIONS)
 
 
-def discover(root: str | os.PathLike, quiet: bool = False) -> SampleList:
+def discover(root: str | os.PathLike, quiet: bool = False, classes: int | list[str] | None = None) -> SampleList:
     """List the samples of DATA (``root``): a CSV list or WebDataset shards (fasteval/data/layouts.py,
     decided by content), else a folder listed exactly as ``torchvision.datasets.ImageFolder`` does.
+
+    ``classes``: the model's classes (``--classes``), where DATA holds only some of them: see ``with_classes``.
 
     Raises FastevalError for a missing folder, a folder without class folders, or a
     class folder without images, named unreadable where that is why (ImageFolder refuses those
@@ -98,10 +100,10 @@ def discover(root: str | os.PathLike, quiet: bool = False) -> SampleList:
     as it is, but one warning line goes to stderr (unless ``quiet``) when files are counted
     more than once (symlinks, folder loops) or folders cannot be read (ImageFolder skips them).
     """
-    root = os.fspath(root)
+    root, given = os.fspath(root), classes
     other = _other_layout(root)
     if other is not None:
-        return other
+        return with_classes(other, given)
     if not os.path.exists(root):
         raise FastevalError(f"dataset folder not found: {root}")
     if not os.path.isdir(root):
@@ -133,7 +135,74 @@ def discover(root: str | os.PathLike, quiet: bool = False) -> SampleList:
     if not quiet:
         for line in _warnings(root, samples, unreadable):
             print(f"fasteval: warning: {line}", file=sys.stderr)
-    return SampleList(root=root, classes=classes, samples=samples)
+    return with_classes(SampleList(root=root, classes=classes, samples=samples), given)
+
+
+def given_classes(value: str | None) -> int | list[str] | None:
+    """``--classes``: a count (digits), or the class names its file lists; None where not given."""
+    if value is None:
+        return None
+    if value.strip().isdigit():
+        count = int(value)
+        if count < 1:
+            raise FastevalError(f"--classes {value}: expected a class count >= 1 or a file of class names")
+        return count
+    return read_class_names(value)
+
+
+def read_class_names(path: str) -> list[str]:
+    """``--classes FILE``: one class name per line, in the model's head order (line 1 is index 0)."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            lines = f.read().splitlines()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise FastevalError(f"--classes {printable(path)}: cannot read it: {getattr(exc, 'strerror', None) or exc}") from None
+    while lines and not lines[-1].strip():
+        lines.pop()
+    names = [line.strip() for line in lines]
+    if not names:
+        raise FastevalError(f"--classes {printable(path)} is empty: expected one class name per line")
+    seen: dict[str, int] = {}
+    for number, name in enumerate(names, 1):
+        if not name:
+            raise FastevalError(f"--classes {printable(path)} line {number} is empty: every line names a class")
+        if name in seen:
+            raise FastevalError(f"--classes {printable(path)} line {number}: {printable(name)} is on line "
+                                f"{seen[name]} too")
+        seen[name] = number
+    return names
+
+
+def with_classes(samples: SampleList, given: int | list[str] | None) -> SampleList:
+    """The sample list with the model's classes where DATA holds only some (a subset of a validation set):
+    ``given`` a count N (shards' ``.cls`` indices are the head's: every label must be below N) or the class
+    names in the head's order (a folder's or a CSV's classes are found there by name, and relabelled with their
+    index; shards' indices must be below their count). The samples and their order stay DATA's."""
+    if given is None:
+        return samples
+    if isinstance(given, int):
+        if samples.layout != "webdataset":
+            if given == samples.num_classes:
+                return samples
+            raise FastevalError(f"--classes {given}: DATA's classes are named ({samples.num_classes} of them), not "
+                                f"numbered: give --classes FILE, the model's class names one per line in its "
+                                f"output order")
+        names = [str(i) for i in range(given)]
+    else:
+        names = list(given)
+    if samples.layout == "webdataset":
+        outside = next(((p, t) for p, t in samples.samples if t >= len(names)), None)
+        if outside is not None:
+            raise FastevalError(f"{printable(outside[0])}: class index {outside[1]} is outside --classes "
+                                f"({len(names)} classes)")
+        return SampleList(samples.root, names, samples.samples, samples.layout)
+    index = {name: i for i, name in enumerate(names)}
+    missing = [name for name in samples.classes if name not in index]
+    if missing:
+        raise FastevalError(f"DATA's class {printable(missing[0])} is not among --classes' {len(names)} names"
+                            + (f" ({len(missing)} such classes)" if len(missing) > 1 else ""))
+    relabel = [index[name] for name in samples.classes]
+    return SampleList(samples.root, names, [(p, relabel[t]) for p, t in samples.samples], samples.layout)
 
 
 def _other_layout(data: str) -> SampleList | None:

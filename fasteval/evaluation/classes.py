@@ -11,9 +11,10 @@ on gathered per-sample outputs of several processes, and per checkpoint.
 Conventions (scikit-learn's, with ``zero_division=0``):
 - precision of a class never predicted, recall of a class with no samples, and F1 when both
   are 0 are 0; F1 = 2 TP / (samples + predicted), as scikit-learn computes it;
-- macro averages are over all C classes (``precision_recall_fscore_support(labels=range(C),
-  average="macro")``); balanced accuracy is the mean recall over the classes that have samples
-  (``balanced_accuracy_score``);
+- macro averages are over the classes that have samples or predictions (scikit-learn's default
+  ``labels``, ``precision_recall_fscore_support(average="macro")``): every class of a dataset whose
+  classes all have samples, and a subset's own where ``--classes`` names more); balanced accuracy is
+  the mean recall over the classes that have samples (``balanced_accuracy_score``);
 - the expected calibration error is torchmetrics' ``MulticlassCalibrationError(n_bins=15,
   norm="l1")``: bins ``[b_j, b_{j+1})`` on the confidence with ``b = linspace(0, 1, 16)`` in the
   confidences' dtype, so a confidence exactly on an edge falls in the bin above it, and a
@@ -40,7 +41,7 @@ CALIBRATION_BINS = 15
 LISTED = 5  # worst classes and most confused pairs in the report
 
 CONVENTIONS = ("precision of a never-predicted class, recall of a class with no samples and F1 when both are 0 "
-               "are 0 (scikit-learn's zero_division=0); macro averages over all classes; balanced accuracy: mean "
+               "are 0 (scikit-learn's zero_division=0); macro averages over the classes with samples or predictions; balanced accuracy: mean "
                "recall over the classes with samples; ECE: torchmetrics' MulticlassCalibrationError(n_bins=15, "
                "norm='l1'); Brier: mean over samples of sum over classes of (p_c - y_c)^2; per-class figures are "
                "fractions, top-1/top-5 intervals percent (95 % Wilson)")
@@ -113,6 +114,7 @@ def class_report(result: EvalResult, samples: Labelled) -> dict:
     recall = _ratio(tp, per_class_samples)
     f1 = _ratio(2 * tp, per_class_samples + predicted)
     present = per_class_samples > 0
+    seen = present | (predicted > 0)
     balanced = recall[present].mean() if bool(present.any()) else torch.tensor(math.nan)
 
     hits = predictions == labels
@@ -135,7 +137,8 @@ def class_report(result: EvalResult, samples: Labelled) -> dict:
     return {
         "per_class": per_class,
         "confusion_matrix": cm,
-        "macro": {"precision": float(precision.mean()), "recall": float(recall.mean()), "f1": float(f1.mean())},
+        "macro": {"precision": float(precision[seen].mean()), "recall": float(recall[seen].mean()),
+                  "f1": float(f1[seen].mean())},
         "balanced_accuracy": float(balanced),
         "worst_classes": worst_classes(per_class),
         "confused_pairs": confused_pairs(matrix, samples.classes),

@@ -30,13 +30,21 @@ from fasteval.data.samples import SampleList
 
 
 def reference_dataset(samples: SampleList, spec: PreprocessSpec) -> Dataset:
-    """torchvision's ImageFolder over the dataset, checked against the shared sample list; where that
+    """torchvision's ImageFolder over the dataset (its labels mapped to the model's classes where ``--classes``
+    names them), checked against the shared sample list; where that
     list is one contiguous block of ImageFolder's (a distributed rank's shard), the Subset of that block.
     A CSV list or tar shards have no tree for ImageFolder: the list itself, decoded as ImageFolder decodes."""
     if samples.layout != "folder":
         return ImageDataset(samples, spec.torchvision_transform())
     dataset = ImageFolder(samples.root, transform=spec.torchvision_transform(), loader=load_rgb)
-    block = _block(dataset.samples, samples.samples) if dataset.classes == samples.classes else None
+    listed = dataset.samples
+    if dataset.classes != samples.classes and set(dataset.classes) <= set(samples.classes):
+        # --classes: the model's class names, DATA's folders among them; relabelled as a tutorial's loop over a
+        # subset does, by ImageFolder's target_transform
+        relabel = [samples.class_to_idx[name] for name in dataset.classes]
+        dataset.target_transform = relabel.__getitem__
+        listed = [(path, relabel[label]) for path, label in listed]
+    block = _block(listed, samples.samples) if set(dataset.classes) <= set(samples.classes) else None
     if block is None:
         raise FastevalError(f"ImageFolder and fasteval list different samples under {samples.root}")
     return dataset if len(block) == len(dataset) else Subset(dataset, block)

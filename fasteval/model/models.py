@@ -453,6 +453,8 @@ def _check_classes(head_classes: int, num_classes: int | None, what: str) -> Non
     if num_classes is not None and head_classes != num_classes:
         raise FastevalError(
             f"{what} have a {head_classes}-class head but the dataset has {n_classes(num_classes)}"
+            + ("; where DATA holds only some of the model's classes, give --classes" if head_classes > num_classes
+               else "")
         )
 
 
