@@ -181,8 +181,25 @@ def test_head_size_comes_from_weights_and_must_match_dataset(net, tmp_path):
     assert build_model("resnet18", path).fc.out_features == 7
     with pytest.raises(FastevalError, match=r"7-class head but the dataset has 10 classes"):
         build_model("resnet18", path, num_classes=10)
-    with pytest.raises(FastevalError, match=r"7-class head but the dataset has 1 class$"):
+    with pytest.raises(FastevalError, match=r"7-class head but the dataset has 1 class; where DATA holds only some "
+                                            r"of the model's classes, give --classes$"):
         build_model("resnet18", path, num_classes=1)
+
+
+def test_safetensors_weights_are_read_by_content(net, tmp_path):
+    """A safetensors file (Hugging Face's format, timm's hub weights) loads as the same state as the .pt, whatever
+    its name; a damaged one is one line."""
+    from safetensors.torch import save_file
+
+    state = {k: v.contiguous() for k, v in net.state_dict().items()}
+    path = tmp_path / "weights.bin"  # not named .safetensors: decided by content
+    save_file(state, str(path))
+    model = build_model("resnet18", str(path))
+    assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
+    damaged = tmp_path / "damaged.safetensors"
+    damaged.write_bytes(path.read_bytes()[:len(path.read_bytes()) // 2])
+    with pytest.raises(FastevalError, match=r"cannot load --weights .*damaged.safetensors: a damaged safetensors file"):
+        build_model("resnet18", str(damaged))
 
 
 def test_weights_of_another_arch_are_refused(net, tmp_path):

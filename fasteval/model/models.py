@@ -194,10 +194,42 @@ def _is_torchscript(path: str) -> bool:
         return False
 
 
+def _is_safetensors(path: str) -> bool:
+    """Whether ``path`` is a safetensors file, by content: an 8-byte little-endian header length that fits the
+    file, then the header's JSON object."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(9)
+        size = os.path.getsize(path)
+    except OSError:
+        return False
+    return len(head) == 9 and head[8:9] == b"{" and 2 <= int.from_bytes(head[:8], "little") <= size - 8
+
+
+def _read_safetensors(path: str) -> dict[str, torch.Tensor]:
+    """A safetensors file's tensors (Hugging Face's format: no code, tensors only), read by the safetensors
+    library (installed with the timm extra)."""
+    try:
+        from safetensors.torch import load_file
+    except ImportError:
+        raise FastevalError(f"--weights {path} is a safetensors file: install the safetensors package "
+                            f"(pip install safetensors, or fasteval[timm], which brings it)") from None
+    try:
+        state = load_file(path, device="cpu")
+    except Exception as exc:
+        raise FastevalError(f"cannot load --weights {path}: a damaged safetensors file ({first_line(exc)[:200]})") \
+            from None
+    if not state:
+        raise FastevalError(f"--weights {path} holds no tensors")
+    return state
+
+
 def read_state_dict(path: str, mmap: bool = False) -> dict[str, torch.Tensor]:
     """A bare state_dict from a checkpoint file, unwrapped and with DDP/compile prefixes removed.
     ``mmap``: map a zip-format file rather than read it (a check of names and shapes reads no weights)."""
     _check_weights_file(path)
+    if _is_safetensors(path):
+        return _renamed(_read_safetensors(path), _unprefixed)
     if mmap:
         with open(path, "rb") as f:
             mmap = f.read(4) == ZIP_MAGIC  # torch maps only its zip format
