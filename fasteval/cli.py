@@ -114,7 +114,7 @@ def _check_options(args, outputs: bool = True) -> None:
         warn_many_workers(args.workers)
     if outputs and getattr(args, "reference", False):  # once under torchrun: by the rank that writes
         ignored = [f"--{name} {getattr(args, name)}" for name in ("loader", "precision", "compile", "exact")
-                   if getattr(args, name) != "auto"]
+                   if getattr(args, name) != "auto"] + (["--dali"] if getattr(args, "dali", None) else [])
         if ignored:
             print(f"fasteval: warning: --reference runs the plain PyTorch loop; ignored: {', '.join(ignored)}",
                   file=sys.stderr)

@@ -29,6 +29,16 @@ positive_int = int_at_least(1)
 non_negative_int = int_at_least(0)
 
 
+def dali_overrides(text: str):
+    """An argparse type: ``--dali``'s KEY=VALUE pairs (fasteval/data/dali_settings.py)."""
+    from fasteval.data.dali_settings import parse_overrides
+
+    try:
+        return parse_overrides(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
 def non_empty_path(text: str) -> str:
     """An argparse type: a non-empty path (an empty one would resolve to the current folder)."""
     if not text.strip():
@@ -100,6 +110,10 @@ def add_fast_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--loader", default="auto",
                    help="auto (default: DALI where installed, else torchvision's loaders; a CPU run of at most 512 "
                         "images reads PIL's pixels, decoded at start-up), dali or torchvision")
+    p.add_argument("--dali", type=dali_overrides, metavar="KEY=VALUE,...",
+                   help="tune the DALI pipeline over the plan's choices (--explain shows them): hw_decoder_load=0..1 "
+                        "(the GPU's hardware JPEG decoder's share), threads=N (decoding threads), prefetch=N "
+                        "(batches decoded ahead), size_hint=WxH or none (the hardware decoder's buffers)")
     p.add_argument("--precision", default="auto", help="auto (bf16 where fast, else fp32), fp32, bf16 or fp16")
     p.add_argument("--compile", default="auto", action=CompileAction,
                    help="auto (default: torch.compile where the model time it saves exceeds the compile's cost, "
@@ -137,4 +151,4 @@ def fast_options(args):
     # --validate compares the fast path with the plain loop: it must run the fast path, whatever the route says.
     return FastOptions(loader=args.loader, precision=args.precision, compile=args.compile,
                        batch_size=args.batch_size, workers=args.workers, exact=args.exact,
-                       route=not getattr(args, "validate", False))
+                       route=not getattr(args, "validate", False), **({"dali": args.dali} if args.dali else {}))

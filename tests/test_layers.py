@@ -25,7 +25,7 @@ LAYERS: dict[str, tuple[str, ...]] = {
         "fasteval.kernels", "fasteval.kernels.accumulator", "fasteval.kernels.fused_metrics",
     ),
     "data": (
-        "fasteval.data", "fasteval.data.batch", "fasteval.data.transform_spec", "fasteval.data.dataset", "fasteval.data.decoded",
+        "fasteval.data", "fasteval.data.batch", "fasteval.data.dali_settings", "fasteval.data.transform_spec", "fasteval.data.dataset", "fasteval.data.decoded",
         "fasteval.data.decoder_output", "fasteval.data.loader_dali", "fasteval.data.loader_torch",
         "fasteval.data.loaders", "fasteval.data.pixels", "fasteval.data.prefetch", "fasteval.data.preprocess",
         "fasteval.data.probe", "fasteval.data.samples", "fasteval.data.synth",

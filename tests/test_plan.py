@@ -112,7 +112,8 @@ def test_a_tiny_run_goes_wholly_by_the_reference_and_says_fp32_eager(small_data,
     samples = discover(small_data, quiet=True).subset(list(range(SMALL_DATASET)))
     plan = make_plan(samples, no_run, small_spec, CPU, FastOptions(compile="on", precision="bf16"))
     got = {k: d.value for k, d in plan.decisions().items() if k != "preprocessing"}
-    assert got == {"route": "reference", "loader": "none", "startup_decoding": False, "batch_shape": SMALL_DATASET,
+    assert got == {"route": "reference", "loader": "none", "dali": None, "startup_decoding": False,
+                   "batch_shape": SMALL_DATASET,
                    "precision": "fp32", "compile": False, "exact": True, "calibration": 0,
                    "by_reference": SMALL_DATASET, "workers": 2, "metrics_backend": "torch"}
     assert plan.main == () and plan.reference_only == tuple(range(SMALL_DATASET))
@@ -190,7 +191,8 @@ def test_bad_options_and_files_are_refused_while_planning(small_data, small_spec
 def test_reference_plan_is_the_plain_loop():
     plan = reference_plan(21, 64, 2)
     assert {k: d.value for k, d in plan.decisions().items() if k != "preprocessing"} == {
-        "route": "reference", "loader": "none", "startup_decoding": False, "batch_shape": 21, "precision": "fp32",
+        "route": "reference", "loader": "none", "dali": None, "startup_decoding": False, "batch_shape": 21,
+        "precision": "fp32",
         "compile": False, "exact": True, "calibration": 0, "by_reference": 21, "workers": 2,
         "metrics_backend": "torch"}
 
@@ -347,3 +349,58 @@ def test_a_transform_run_as_given_takes_its_own_loader(small_data, no_run, fresh
     assert plan.startup_decoding.value is False and plan.input_hw == (32, 32)
     with pytest.raises(FastevalError, match="--loader dali: the transform given is not one DALI reproduces"):
         make_plan(samples, no_run, spec, CPU, FastOptions(compile="off", loader="dali"))
+
+
+def _fake_cuda(monkeypatch) -> torch.device:
+    """A CUDA device for the planner: torch.cuda's two questions it asks answered as an H100 would (nothing runs)."""
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA H100 80GB HBM3 (fake)")
+    return torch.device("cuda")
+
+
+def test_dali_is_tuned_by_the_plan_on_a_gpu_and_on_the_cpu(small_data, small_spec, no_run, fresh_cache, monkeypatch):
+    """With DALI installed: on a (faked) H100 the plan tunes the mixed pipeline (threads, the hardware decoder's
+    share, size hints from the headers, prefetch 3, fp16 out under bf16, PIL's chroma upsampling), the compile key
+    is for fp16 input, and the fast model's calls get cudnn.benchmark; on the CPU the measured CPU path stays;
+    --dali overrides; another loader has no DALI decision."""
+    from fasteval.data.dali_settings import DaliSettings, parse_overrides
+
+    monkeypatch.setattr(plan_module, "resolve_loader", lambda kind: "dali" if kind in ("auto", "dali") else kind)
+    monkeypatch.setattr(plan_module, "usable_cores", lambda: 16)
+    samples = discover(small_data, quiet=True)  # 21 JPEGs of 72x60
+    gpu = make_plan(samples, no_run, small_spec, _fake_cuda(monkeypatch), FastOptions(compile="off"))
+    assert gpu.loader.value == "dali-gpu" and gpu.precision.value == "bf16"
+    assert gpu.dali_settings == DaliSettings(threads=14, prefetch=3, output_dtype="fp16", fancy_upsampling=True,
+                                             hw_decoder_load=0.75, size_hint=(72, 60))
+    assert gpu.dali.value == gpu.dali_settings.to_json() and "size hints 72x60" in gpu.dali.reason
+    assert gpu.input_dtype == "fp16" and gpu.compile_key["input_dtype"] == "float16"
+    assert "cudnn.benchmark on" in gpu.precision.reason and "the dali decision" in gpu.workers.reason
+    tuned = make_plan(samples, no_run, small_spec, torch.device("cuda"),
+                      FastOptions(compile="off", precision="fp32", dali=parse_overrides("threads=3,hw_decoder_load=1")))
+    assert (tuned.dali_settings.threads, tuned.dali_settings.hw_decoder_load) == (3, 1.0)
+    assert tuned.input_dtype == "fp32" and "--dali threads" in tuned.dali.reason
+
+    cpu = make_plan(samples, no_run, small_spec, CPU, FastOptions(compile="off", workers=2), scope=Sharded(1000))
+    assert cpu.loader.value == "dali-cpu"
+    assert cpu.dali_settings == DaliSettings(threads=2, prefetch=2, output_dtype="fp32", fancy_upsampling=True)
+    assert cpu.input_dtype == "fp32" and "cudnn" not in cpu.precision.reason
+    assert "DALI's decoding threads" in cpu.workers.reason
+    tv = make_plan(samples, no_run, small_spec, CPU, FastOptions(compile="off", loader="torchvision"),
+                   scope=Sharded(1000))
+    assert tv.dali.value is None and tv.dali_settings is None and "torchvision" in tv.dali.reason
+
+
+def test_explain_shows_the_dali_decision(small_data, weights_3cls, tmp_path, capsys, nothing_runs, fresh_cache,
+                                         monkeypatch):
+    """--explain prints every DALI choice with its reason, and --json holds them."""
+    if not plan_module.resolve_loader("auto") == "dali":
+        pytest.skip("DALI not installed")
+    from fasteval.cli import main
+
+    out = tmp_path / "plan.json"
+    rc = main(["eval", small_data, "--weights", weights_3cls, "--arch", "resnet18", *SMALL, "--device", "cpu",
+               "--loader", "dali", "--compile", "off", "--dali", "threads=1,prefetch=3", "--explain", "--json",
+               str(out)])
+    text = capsys.readouterr().out
+    assert rc == 0 and "dali" in text and "--dali threads" in text and "--dali prefetch" in text
+    assert json.loads(out.read_text())["plan"]["dali"]["value"]["prefetch"] == 3

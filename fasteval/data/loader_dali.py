@@ -18,6 +18,7 @@ import torch
 from fasteval.errors import FastevalError, message_lines
 from fasteval.data.decoder_output import hold
 from fasteval.data.batch import Batch
+from fasteval.data.dali_settings import CPU_PREFETCH, DaliSettings
 from fasteval.data.preprocess import PreprocessSpec
 from fasteval.data.probe import find_undecodable
 from fasteval.data.samples import SampleList
@@ -58,10 +59,11 @@ def _centre_crop_position(n, fn, types, dmath):
     return fn.cast(offset, dtype=types.FLOAT) / fn.cast(dmath.max(n, 1), dtype=types.FLOAT)
 
 
-def build_pipeline(samples: SampleList, spec: PreprocessSpec, batch_size: int, threads: int,
-                   device: torch.device, half: bool, raw: bool = False):
-    """The DALI pipeline (not built yet); outputs NHWC float images (fp16 if ``half``) and int32 labels;
-    ``raw``: NHWC uint8 images, resized and cropped but not normalised (fasteval/data/decoded.py keeps them)."""
+def build_pipeline(samples: SampleList, spec: PreprocessSpec, batch_size: int, settings: DaliSettings,
+                   device: torch.device, raw: bool = False):
+    """The DALI pipeline (not built yet), tuned by ``settings`` (the plan's: fasteval/data/dali_settings.py);
+    outputs NHWC images in ``settings.output_dtype`` and int32 labels; ``raw``: NHWC uint8 images, resized and
+    cropped but not normalised (fasteval/data/decoded.py keeps them)."""
     import nvidia.dali.fn as fn
     import nvidia.dali.math as dmath
     import nvidia.dali.types as types
@@ -69,8 +71,8 @@ def build_pipeline(samples: SampleList, spec: PreprocessSpec, batch_size: int, t
 
     gpu = device.type == "cuda"
 
-    @pipeline_def(batch_size=batch_size, num_threads=max(1, threads), device_id=(device.index or 0) if gpu else None,
-                  prefetch_queue_depth=2)
+    @pipeline_def(batch_size=batch_size, num_threads=settings.threads, device_id=(device.index or 0) if gpu else None,
+                  prefetch_queue_depth=settings.prefetch)
     def pipeline():
         if _on_disk(samples):
             encoded, labels = fn.readers.file(files=samples.paths, labels=samples.labels, pad_last_batch=True,
@@ -84,12 +86,11 @@ def build_pipeline(samples: SampleList, spec: PreprocessSpec, batch_size: int, t
         portrait = fn.cast(w <= h, dtype=types.INT64)
         rw = portrait * spec.resize + (1 - portrait) * new_long
         rh = portrait * new_long + (1 - portrait) * spec.resize
-        images = fn.decoders.image(encoded, device="mixed" if gpu else "cpu", output_type=types.RGB,
-                                   adjust_orientation=False)
+        images = fn.decoders.image(encoded, **decoder_arguments(settings, gpu))
         images = fn.resize(images, resize_x=fn.cast(rw, dtype=types.FLOAT), resize_y=fn.cast(rh, dtype=types.FLOAT),
                            interp_type=types.INTERP_LINEAR, antialias=spec.antialias)
         norm = dict(mean=[m * 255 for m in spec.mean], std=[s * 255 for s in spec.std],
-                    dtype=types.FLOAT16 if half else types.FLOAT, output_layout="HWC")
+                    dtype=types.FLOAT16 if settings.output_dtype == "fp16" else types.FLOAT, output_layout="HWC")
         if raw:
             norm.update(mean=[0.0], std=[1.0], dtype=types.UINT8)
         if spec.crop is not None:
@@ -102,6 +103,20 @@ def build_pipeline(samples: SampleList, spec: PreprocessSpec, batch_size: int, t
         return images, labels
 
     return pipeline()
+
+
+def decoder_arguments(settings: DaliSettings, gpu: bool) -> dict:
+    """``fn.decoders.image``'s keyword arguments: the GPU-only ones (hardware decoder share, buffer size hints)
+    on the ``mixed`` decoder only; EXIF orientation ignored, as PIL's ``Image.open`` ignores it."""
+    import nvidia.dali.types as types
+
+    args = dict(device="mixed" if gpu else "cpu", output_type=types.RGB, adjust_orientation=False,
+                jpeg_fancy_upsampling=settings.fancy_upsampling)
+    if gpu and settings.hw_decoder_load is not None:
+        args["hw_decoder_load"] = settings.hw_decoder_load
+    if gpu and settings.size_hint is not None:
+        args.update(preallocate_width_hint=settings.size_hint[0], preallocate_height_hint=settings.size_hint[1])
+    return args
 
 
 def _on_disk(samples: SampleList) -> bool:
@@ -134,7 +149,10 @@ class DaliLoader:
     """Batches of channels-last images on ``device``; the last batch is filled to the static size."""
 
     def __init__(self, samples: SampleList, spec: PreprocessSpec, batch_size: int, threads: int,
-                 device: torch.device, half: bool = False, raw: bool = False) -> None:
+                 device: torch.device, half: bool = False, raw: bool = False,
+                 settings: DaliSettings | None = None) -> None:
+        """``settings``: the plan's tuning (fasteval/evaluation/plan.py); without one (a loader made outside a plan),
+        ``threads`` threads, a prefetch of 2, fp16 output where ``half``, DALI's defaults for the GPU decoder."""
         from nvidia.dali.plugin.pytorch import DALIGenericIterator, LastBatchPolicy
 
         self.samples, self.batch_size = samples, batch_size
@@ -145,7 +163,9 @@ class DaliLoader:
         # the C decoders' harmless warnings stay off stderr meanwhile (fasteval/data/decoder_output.py).
         self._quiet = hold()
         try:
-            self._pipe = build_pipeline(samples, spec, batch_size, threads, device, half, raw)
+            settings = settings or DaliSettings(max(1, threads), CPU_PREFETCH, "fp16" if half else "fp32")
+            self.settings = settings
+            self._pipe = build_pipeline(samples, spec, batch_size, settings, device, raw)
             self._pipe.build()
             # FILL + pad_last_batch: every sample once, in order; the last batch repeats its last
             # sample up to the static size, and those rows are marked ignored downstream.
@@ -187,7 +207,7 @@ class DaliLoader:
 
     def _failure(self, exc: Exception, seen: int, what: str) -> FastevalError:
         """The error to raise: the undecodable file among the batches in flight (the pipeline
-        prefetches 2 ahead) named with the reference's reason, else DALI's own last line. The
+        prefetches ahead) named with the reference's reason, else DALI's own last line. The
         pipeline is stopped first, so that its decoders' last log lines come before this one."""
         if self._pipe is not None:
             getattr(self._pipe, "_shutdown", lambda: None)()

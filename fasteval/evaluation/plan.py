@@ -21,18 +21,21 @@ from dataclasses import dataclass, field, fields, replace
 import torch
 from torch import nn
 
+from fasteval.data.dali_settings import DaliOverrides, DaliSettings, choose_settings
 from fasteval.data.decoded import choose_placement
 from fasteval.data.loaders import batch_shape, batch_shape_reason, needs_pil, resolve_loader
 from fasteval.data.prefetch import MAX_SAMPLES, reads_pil_pixels
 from fasteval.data.preprocess import PreprocessSpec, check_batchable, image_size
-from fasteval.data.probe import check_headers
+from fasteval.data.probe import FileProbe, check_headers
 from fasteval.data.samples import SampleList
 from fasteval.errors import FastevalError
 from fasteval.evaluation.exact import CALIBRATION_SAMPLES, WholeRun, resolve_exact
 from fasteval.evaluation.route import Rates, choose_route, load_rates, rates_key
 from fasteval.kernels.fused_metrics import resolve_backend
 from fasteval.model.compile_cache import resolve_compile_mode
-from fasteval.model.inference import plan_compile, precision_reason, resolve_precision
+from fasteval.model.inference import (CUDNN_BENCHMARK_NOTE, DTYPES, cudnn_benchmark, plan_compile, precision_reason,
+                                      resolve_precision)
+from fasteval.procs import usable_cores
 
 
 @dataclass(frozen=True)
@@ -49,6 +52,7 @@ class FastOptions:
     # Let the measured costs send a run the fast path would not pay for through the reference's code
     # whole (fasteval/evaluation/route.py). The command sets it; callers timing the fast loop do not.
     route: bool = False
+    dali: DaliOverrides = DaliOverrides()  # --dali: the DALI pipeline's tuning, where given
 
 
 # With --exact on, datasets this small go through the reference's code whole: every sample would be a
@@ -75,6 +79,7 @@ class Plan:
     preprocessing: Decision  # the transform, and where it comes from
     route: Decision  # "fast" or "reference"
     loader: Decision
+    dali: Decision  # the DALI pipeline's tuning (None where no DALI pipeline runs)
     startup_decoding: Decision
     batch_shape: Decision
     precision: Decision
@@ -93,6 +98,8 @@ class Plan:
     calibration_total: int = 0
     loader_kind: str = "none"  # the batch source's ``kind``
     in_process: bool = False  # PIL's pixels decoded in this process (``PixelLoader``)
+    dali_settings: DaliSettings | None = None  # the dali decision, as the DALI loader takes it
+    input_dtype: str = "fp32"  # the fast model's input ("fp32" or "fp16"): what its loader writes
     store_placement: tuple[str, str] | None = None  # a decoded store's (device, pinned, host, mapped or redecode;
     # why), from decoded.choose_placement
     decoded_at_start: bool = False  # those pixels decoded since the command started (fasteval/data/prefetch.py)
@@ -134,7 +141,7 @@ def make_plan(samples: SampleList, model: nn.Module, spec: PreprocessSpec, devic
     scope = scope or WholeRun()
     total = scope.total(len(samples))
     check_batchable(spec, samples.paths)
-    check_headers(samples)  # a bad file fails here, in seconds, not after the fast pass (cached per file)
+    probes = check_headers(samples)  # a bad file fails here, in seconds, not after the fast pass (cached per file)
     input_hw = spec.output_hw(*image_size(samples.paths[0])) if len(samples) else None
 
     # Start-up decoding: the whole run's size decides, so that every torchrun rank decides as one process does.
@@ -198,6 +205,9 @@ def make_plan(samples: SampleList, model: nn.Module, spec: PreprocessSpec, devic
             f"fast path's logit error; samples within 3 x twice that error of a tie are rechecked") if exact_on
             else "--exact off: no recheck")
     key, placement = None, None
+    dali, dali_settings = _dali(kind, source, device, options, precision, probes, main)
+    input_dtype = dali_settings.output_dtype if dali_settings is not None and source == "loader" else \
+        "fp16" if precision == "fp16" else "fp32"
     if not main:
         why = "every sample by the reference's code" if reference_route else "no sample for the fast pass here"
         loader = Decision("none", f"no fast pass ({why})" + ("; the reference's DataLoader + PIL"
@@ -212,26 +222,42 @@ def make_plan(samples: SampleList, model: nn.Module, spec: PreprocessSpec, devic
             placement = choose_placement(len(main) * 3 * input_hw[0] * input_hw[1], device, cached)
             loader = Decision(f"{loader.value[:-1]}, {placement[0]})", f"{loader.reason}; {placement[0]}: "
                                                                        f"{placement[1]}")
-        precision_decision = Decision(precision, precision_reason(options.precision, device, precision))
+        precision_decision = Decision(precision, precision_reason(options.precision, device, precision) + (
+            f"; {CUDNN_BENCHMARK_NOTE}" if cudnn_benchmark(device) else ""))
         value, reason, key = plan_compile(model, device, precision, options.compile, num_samples=len(main) * passes,
-                                          example_shape=(shape, 3, *input_hw),
-                                          example_dtype=torch.float16 if precision == "fp16" else torch.float32)
+                                          example_shape=(shape, 3, *input_hw), example_dtype=DTYPES[input_dtype])
         compile_decision = Decision(value, reason)
         metrics = Decision(backend, f"--metrics-backend {options.metrics_backend}"
                            if options.metrics_backend != "auto" else
                            "auto: the Triton kernel on CUDA" if backend == "triton" else
                            "auto: the kernel's PyTorch twin off CUDA")
     return Plan(
-        preprocessing=_preprocessing(spec), route=route, loader=loader, startup_decoding=startup,
+        preprocessing=_preprocessing(spec), route=route, loader=loader, dali=dali, startup_decoding=startup,
         batch_shape=shape_decision,
         precision=precision_decision, compile=compile_decision, exact=exact, calibration=calibration_decision,
         by_reference=by_reference,
-        workers=Decision(options.workers, _workers_reason(options.workers, loader.value, reference_route)),
+        workers=Decision(options.workers, _workers_reason(options.workers, loader.value, reference_route,
+                                                          dali_settings, device)),
         metrics_backend=metrics, total=total, input_hw=input_hw, main=main, reference_only=reference_only,
         calibration_indices=tuple(calibration), calibration_total=calibration_total, loader_kind=kind,
         in_process=in_process, decoded_at_start=at_start, reference_batch_size=reference_batch, passes=passes,
         records_rates=passes == 1 and source == "loader", compile_key=key, rates=rates,
-        store_placement=placement if source == "store" and main else None)
+        store_placement=placement if source == "store" and main else None, dali_settings=dali_settings,
+        input_dtype=input_dtype)
+
+
+def _dali(kind: str, source: str, device: torch.device, options: FastOptions, precision: str,
+          probes: list[FileProbe], main: tuple[int, ...]) -> tuple[Decision, DaliSettings | None]:
+    """The DALI pipeline's tuning (fasteval/data/dali_settings.py), from the JPEG headers of the fast pass's
+    samples; None where no DALI pipeline runs."""
+    if kind != "dali" or not main:
+        return Decision(None, "no DALI pipeline" + (f": the {kind} loader" if main else ": no fast pass")), None
+    sizes = [probes[i].size for i in main if probes[i].format == "JPEG" and probes[i].size]
+    settings, reason = choose_settings(device.type == "cuda", usable_cores(), options.workers, precision, sizes,
+                                       options.dali)
+    if source == "store":
+        reason += "; the store keeps uint8 pixels (the output dtype applies to a loader's batches)"
+    return Decision(settings.to_json(), reason), settings
 
 
 def _preprocessing(spec: PreprocessSpec) -> Decision:
@@ -283,12 +309,15 @@ def _route(samples, model, device, options, precision, input_hw, at_start, pil_f
     return Decision("fast", why), None
 
 
-def _workers_reason(workers: int, loader: object, reference_route: bool) -> str:
+def _workers_reason(workers: int, loader: object, reference_route: bool, dali: DaliSettings | None,
+                    device: torch.device) -> str:
     kind = str(loader)
     if reference_route:
         what = "the reference's DataLoader worker processes (PIL)"
     elif kind.startswith("pil-pixels"):
         what = "threads decoding with PIL between the model's batches, and the recheck's DataLoader workers"
+    elif kind.startswith("dali") and (device.type == "cuda" or dali is None or dali.threads != workers):
+        what = "the recheck's DataLoader workers (DALI's decoding threads: the dali decision)"
     elif kind.startswith("dali"):
         what = "DALI's decoding threads, and the recheck's DataLoader workers"
     elif kind.startswith("decoded store"):
@@ -307,6 +336,7 @@ def reference_plan(samples: int, batch_size: int, workers: int, reason: str = "-
     return Plan(
         preprocessing=_preprocessing(spec) if spec is not None else Decision(None, "not given"),
         route=Decision("reference", why), loader=Decision("none", "the reference's DataLoader + PIL"),
+        dali=Decision(None, "no DALI pipeline: the plain loop"),
         startup_decoding=Decision(False, "the plain loop decodes in its DataLoader"),
         batch_shape=Decision(batch, f"--batch-size {batch_size}" + (f", clamped to the {samples} sample(s)"
                                                                      if batch != batch_size else "")),

@@ -66,6 +66,27 @@ def precision_reason(requested: str, device: torch.device, resolved: str) -> str
             "auto: the CPU has no fast bf16 (no AVX-512 BF16 or AMX): fp32")
 
 
+CUDNN_BENCHMARK_NOTE = ("cudnn.benchmark on for the fast model's calls (one static shape: cuDNN times its convolution "
+                        "algorithms once, at warm-up; the reference's calls keep the user's setting)")
+
+
+def cudnn_benchmark(device: torch.device) -> bool:
+    """Whether the fast model's calls run with ``torch.backends.cudnn.benchmark``: on CUDA, where every batch has
+    the one static shape, so cuDNN's search runs once (at warm-up) and every later batch gets its pick."""
+    return device.type == "cuda"
+
+
+@contextlib.contextmanager
+def _benchmarked():
+    """``cudnn.benchmark`` on within, the caller's setting restored after (the reference's calls never see it)."""
+    before = torch.backends.cudnn.benchmark
+    torch.backends.cudnn.benchmark = True
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.benchmark = before
+
+
 def plan_compile(model: nn.Module, device: torch.device, precision: str, requested: bool | str, *,
                  num_samples: int, example_shape: tuple[int, ...],
                  example_dtype: torch.dtype) -> tuple[bool | str, str, dict]:
@@ -103,12 +124,12 @@ COMPILE_OPTIONS = {"emulate_precision_casts": True}
 
 
 class FastModel:
-    """A model moved once, channels-last, run under autocast, and ``torch.compile``d for one static shape
-    where that pays. ``compile``: ``on``/True, ``off``/False or ``auto`` (decided in ``warm_up`` from the
-    number of samples, the measured eager batch time and the compile cache: fasteval/model/compile_cache.py).
-    A plan (``plan_compile``) passes its decision as on/off with its ``reason`` and profile ``key`` (and, where
-    ``--compile auto`` chose eager from a measured eager time, no eager warm-up call: ``eager_call``), or
-    ``auto`` where the decision waits for the warm-up's measurement."""
+    """A model moved once, channels-last, run under autocast (on CUDA with ``cudnn.benchmark`` within its calls),
+    and ``torch.compile``d for one static shape where that pays. ``compile``: ``on``/True, ``off``/False or ``auto``
+    (decided in ``warm_up`` from the number of samples, the measured eager batch time and the compile cache:
+    fasteval/model/compile_cache.py). A plan (``plan_compile``) passes its decision as on/off with its ``reason``
+    and profile ``key`` (and, where ``--compile auto`` chose eager from a measured eager time, no eager warm-up
+    call: ``eager_call``), or ``auto`` where the decision waits for the warm-up's measurement."""
 
     def __init__(self, model: nn.Module, device: torch.device, precision: str, compile: bool | str,
                  num_samples: int | None = None, reason: str | None = None, key: dict | None = None,
@@ -122,6 +143,7 @@ class FastModel:
         for p in self.model.parameters():
             p.requires_grad_(False)
         self.compiled = False
+        self.cudnn_benchmark = cudnn_benchmark(device)
         off = reason or "--compile off: eager (channels-last + autocast)"
         self.compile_reason = off if self.mode == "off" else ""
         self._forward = self._eager
@@ -136,12 +158,15 @@ class FastModel:
             return self.model(images)
 
     def __call__(self, images: torch.Tensor) -> torch.Tensor:
-        return self._forward(images)
+        if not self.cudnn_benchmark:
+            return self._forward(images)
+        with _benchmarked():
+            return self._forward(images)
 
     def _timed(self, example: torch.Tensor) -> float:
         synchronize(self.device)
         start = time.perf_counter()
-        self._forward(example)
+        self(example)
         synchronize(self.device)
         return time.perf_counter() - start
 
