@@ -115,7 +115,7 @@ def test_verbose_adds_stages_time_split_memory_and_reasons():
         assert detail in long and detail not in short, detail
     lines = short.splitlines()
     rows = lines[3:next(i for i, line in enumerate(lines) if line.startswith("machine:"))]
-    assert len(rows) == 13 and all(_row(long, re.split(r"\s{2,}", row)[0]) for row in rows)  # the default rows stay
+    assert len(rows) == 14 and all(_row(long, re.split(r"\s{2,}", row)[0]) for row in rows)  # the default rows stay
 
 
 @pytest.mark.parametrize("loop, command, value, loop_says", [
@@ -174,3 +174,16 @@ def test_cli_verbose_prints_the_verbose_table(small_data, weights_3cls, tmp_path
     assert "stage (images/s)" not in short and "decode+preprocess" not in short
     assert all(word for _, word in RATIO.findall(printed)) and RATIO.findall(printed)
     assert max(len(line) for line in printed.splitlines()) <= WIDTH
+
+
+def test_the_default_table_shows_the_fixed_costs_apart():
+    """The warm commands' start, imports, setup, warm-up and report (their seconds outside the loop and the
+    recheck), apart from the per-image time; without timed commands, the loop's warm-up, shown once."""
+    b = _bench(warm=(20.0, 10.0))
+    b["time_to_result"]["reference"]["warm"].update(setup_seconds=3.0, warmup_seconds=0.0)
+    b["time_to_result"]["fast"]["warm"].update(setup_seconds=1.5, warmup_seconds=0.75)
+    assert re.match(r"warm, of which fixed \(s\)\s+3\.00\s+2\.25\s+start, imports, setup, warm-up, report",
+                    _row(format_bench(b), "warm, of which fixed"))
+    plain = _bench(time_to_result=False)
+    assert re.match(r"warm-up \(s\)\s+0\.0\s+7\.1\s+fixed", _row(format_bench(plain), "warm-up"))
+    assert format_bench(plain, verbose=True).count("7.1") == 1

@@ -82,6 +82,18 @@ def _time_rows(t: dict) -> list[Row]:
              speedup(warm_ref / warm_fast if warm_fast else math.nan))]
 
 
+def _fixed_row(b: dict) -> Row:
+    """The fixed costs apart from the per-image ones: each warm whole command's start, imports, setup, warm-up
+    (compile) and report, the rest being its loop and recheck; without timed commands, the loop's warm-up."""
+    if "time_to_result" not in b:
+        return ("warm-up (s)", _n(b["reference"].get("warmup_seconds") or 0.0, 1), _n(b["fast"]["warmup_seconds"], 1),
+                "fixed: not in the loop's images/s")
+    ref, fast = b["time_to_result"]["reference"]["warm"], b["time_to_result"]["fast"]["warm"]
+    return ("warm, of which fixed (s)", _n(ref["setup_seconds"] + ref["warmup_seconds"], 2),
+            _n(fast["setup_seconds"] + fast["warmup_seconds"], 2),
+            "start, imports, setup, warm-up, report")
+
+
 def _compile_row(b: dict) -> tuple[Row, bool]:
     """The compile line: what ran in the timed whole command where it was timed, else in the loop; and
     whether the loop's own compile differs from what that line states (its row then says which)."""
@@ -97,7 +109,7 @@ def _compile_row(b: dict) -> tuple[Row, bool]:
 
 def _short_rows(b: dict) -> list[Row]:
     ref, fast, cfg = b["reference"], b["fast"], b["config"]
-    rows = _time_rows(b["time_to_result"]) if "time_to_result" in b else []
+    rows = [*(_time_rows(b["time_to_result"]) if "time_to_result" in b else []), _fixed_row(b)]
     compile_row, loop_differs = _compile_row(b)
     how = f" ({'compiled' if fast['compile'] else 'eager'})" if loop_differs else ""
     loader, _, loader_detail = fast["loader"].partition(", ")
@@ -126,8 +138,10 @@ def _short_rows(b: dict) -> list[Row]:
 def _verbose_rows(b: dict) -> list[Row]:
     """The stage breakdown, memory and the whole command's time split."""
     fast, mem = b["fast"], b["memory"]
-    rows: list[Row] = [("warm-up s (excluded)", "0.0", _n(fast["warmup_seconds"], 1), "")]
-    if "time_to_result" not in b:  # no per-process sampling: the kernel's figure for this process only
+    rows: list[Row] = []
+    if "time_to_result" in b:  # the loop's own warm-up (without timed commands, the short table's fixed row)
+        rows.append(("warm-up s (excluded)", "0.0", _n(fast["warmup_seconds"], 1), ""))
+    else:  # no per-process sampling: the kernel's figure for this process only
         inproc = mem["in_process"]
         rows.append(("peak RSS MB, this process", _n(inproc["after_reference"]["main_peak_rss_mb"], 0),
                      _n(inproc["after_fast"]["main_peak_rss_mb"], 0), "cumulative: fast includes the reference's"))
