@@ -7,7 +7,9 @@ untouched).
 from __future__ import annotations
 
 import copy
+import functools
 import os
+import re
 import sys
 import time
 from collections.abc import Mapping, Sequence
@@ -20,6 +22,30 @@ from fasteval.data.preprocess import PRESETS, PreprocessSpec
 from fasteval.data.samples import SampleList, discover, with_classes
 from fasteval.errors import FastevalError
 from fasteval.evaluation.metrics import EvalResult
+
+
+# The command's option names in messages shared with it, as the API's keyword arguments.
+_OPTIONS = re.compile(r"--(device|classes|batch-size|workers|precision|compile|exact|cache)\b(?: ([^\s;,()]+))?")
+
+
+def _in_api_words(function):
+    """Errors of a public function name its keyword arguments (``device='cuda:1'``), not the command's flags."""
+    @functools.wraps(function)
+    def wrapper(*args, **kwargs):
+        try:
+            return function(*args, **kwargs)
+        except FastevalError as exc:
+            def word(m: re.Match) -> str:
+                name = m.group(1).replace("-", "_")
+                value, colon = (m.group(2) or ""), ""
+                if value.endswith(":"):
+                    value, colon = value[:-1], ":"
+                bare = value.isupper() or value.isdigit()  # a placeholder (FILE) or a number
+                shown = name if not value else f"{name}={value}" if bare else f"{name}={value!r}"
+                return shown + colon
+            exc.args = tuple(_OPTIONS.sub(word, a) if isinstance(a, str) else a for a in exc.args)
+            raise
+    return wrapper
 
 
 @dataclass(frozen=True)
@@ -79,14 +105,46 @@ def _spec(transform, samples: SampleList, quiet: bool = False) -> PreprocessSpec
         return transform
     if not callable(transform):
         raise FastevalError(f"transform must be a torchvision transform (callable), not {type(transform).__name__}")
-    from PIL import Image
-
     from fasteval.data.transform_spec import spec_from_transform
 
     if not len(samples):
         raise FastevalError("the dataset has no samples")
-    with Image.open(samples.paths[0]) as image:
-        return spec_from_transform(transform, image.convert("RGB"))
+    first = samples.paths[0]
+    spec = spec_from_transform(transform, _rgb(first))
+    if spec.runs_as_given:
+        _check_one_output_size(transform, spec.out_hw, samples)
+    return spec
+
+
+def _rgb(path: str):
+    from PIL import Image
+
+    from fasteval.data.sources import open_sample
+
+    with open_sample(path) as f, Image.open(f) as image:
+        return image.convert("RGB")
+
+
+def _check_one_output_size(transform, out_hw: tuple[int, int], samples: SampleList, look: int = 64) -> None:
+    """A transform run as given must make every image the same size (else no batch can be stacked, in the
+    caller's loop either): tried on the first of the first ``look`` images whose size differs from the first's."""
+    from fasteval.data.preprocess import image_size
+
+    def size(path: str):
+        try:
+            return image_size(path)
+        except FastevalError:
+            return None  # a bad file: the header check names it
+
+    first = size(samples.paths[0])
+    other = next((p for p in samples.paths[1:look] if size(p) not in (None, first)), None)
+    if other is None:
+        return
+    got = tuple(transform(_rgb(other)).shape[1:])
+    if got != tuple(out_hw):
+        raise FastevalError(f"transform: its output size follows the image's ({out_hw[0]}x{out_hw[1]} from "
+                            f"{samples.paths[0]}, {got[0]}x{got[1]} from {other}), so no batch can be stacked: end "
+                            f"it with a CenterCrop or a Resize to a fixed (height, width)")
 
 
 def _check(model: nn.Module, batch_size: int, workers: int | None) -> None:
@@ -156,6 +214,7 @@ def _options(precision, compile, batch_size, workers, exact, route: bool = True)
                        exact=exact, route=route)
 
 
+@_in_api_words
 def evaluate(model: nn.Module, data, *, transform=None, batch_size: int = 64, device: str = "auto",
              precision: str = "auto", exact: str = "auto", reference: bool = False, progress: bool = True,
              workers: int | None = None, compile: str = "auto", classes: int | Sequence[str] | None = None) -> Result:
@@ -183,6 +242,7 @@ def evaluate(model: nn.Module, data, *, transform=None, batch_size: int = 64, de
     return Result(_report(result, samples, spec, device, batch_size, workers), result)
 
 
+@_in_api_words
 def compare(model: nn.Module, data, *, transform=None, batch_size: int = 64, device: str = "auto",
             precision: str = "auto", exact: str = "auto", progress: bool = True, workers: int | None = None,
             compile: str = "auto", classes: int | Sequence[str] | None = None) -> dict:
@@ -274,6 +334,7 @@ def _with_state(module: nn.Module, state: Mapping) -> nn.Module:
     return copied
 
 
+@_in_api_words
 def sweep(models, data, *, transform=None, batch_size: int = 64, device: str = "auto", precision: str = "auto",
           exact: str = "auto", progress: bool = True, workers: int | None = None, compile: str = "auto",
           cache: str | None = None, classes: int | Sequence[str] | None = None) -> SweepResult:

@@ -120,8 +120,24 @@ def test_bad_arguments_are_one_line_errors(small_data):
         fasteval.evaluate(lambda x: x, small_data)
     with pytest.raises(FastevalError, match="dataset folder not found"):
         fasteval.evaluate(TinyNet(3), "/nonexistent/data")
-    with pytest.raises(FastevalError, match="transform: expected a square 3-channel tensor"):
-        fasteval.evaluate(TinyNet(3), small_data, transform=v1.Compose([v1.Resize((40, 30)), v1.ToTensor()]))
+    with pytest.raises(FastevalError, match=r"transform: expected a 3-channel image tensor \(C, H, W\)"):
+        fasteval.evaluate(TinyNet(3), small_data, transform=v1.Compose([v1.Resize((40, 30)), v1.Grayscale()]))
+
+
+def test_a_non_square_transform_runs_and_a_size_following_one_is_refused(varied_data):
+    """A (40, 30) squash run as given on the fast path: the plain loop's counts. A transform whose output size
+    follows the image's (no crop on varied sizes): one line, before any work (the caller's loop fails too)."""
+    from fasteval.errors import FastevalError
+
+    model = TinyNet(4)
+    squash = v1.Compose([v1.Resize((40, 30)), v1.ToTensor(), v1.Normalize([0.5] * 3, [0.5] * 3)])
+    result = fasteval.evaluate(model, varied_data, transform=squash, workers=0, progress=False, compile="off")
+    expected = plain_loop(model, varied_data, squash)
+    assert plan_route(result) == "fast" and result.correct_top1 == expected["top1"]
+    assert result.run.predictions.tolist() == expected["predictions"]
+    with pytest.raises(FastevalError, match=r"transform: its output size follows the image's \(40x\d+ from .*, "
+                                            r"40x\d+ from .*\), so no batch can be stacked"):
+        fasteval.evaluate(model, varied_data, transform=v1.Compose([v1.Resize(40), v1.Grayscale(3), v1.ToTensor()]))
 
 
 def test_the_public_names_and_a_light_import():
@@ -243,3 +259,14 @@ def test_classes_names_the_heads_classes_for_a_subset(varied_data):
     assert [c["class"] for c in result.per_class] == names
     with pytest.raises(FastevalError, match="classes must be a class count >= 1 or a list of distinct class names"):
         fasteval.evaluate(model, varied_data, classes=["a", "a"])
+
+
+def test_errors_name_the_keyword_arguments_not_the_commands_flags(varied_data):
+    from fasteval.errors import FastevalError
+
+    with pytest.raises(FastevalError, match=r"^classes=2: DATA's classes are named \(4 of them\), not numbered: give "
+                                            r"classes=FILE"):
+        fasteval.evaluate(TinyNet(4), varied_data, classes=2)
+    if not torch.cuda.is_available():
+        with pytest.raises(FastevalError, match=r"^device='cuda:3': CUDA is not available on this machine$"):
+            fasteval.evaluate(TinyNet(4), varied_data, device="cuda:3")

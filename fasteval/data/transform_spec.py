@@ -85,10 +85,15 @@ class GivenTransform(PreprocessSpec):
     """A spec the caller's own transform defines. ``geometry`` > 0: its first ``geometry`` steps are Resize [+
     CenterCrop], which the fast path's decoders reproduce (equal on the first image), and the reference's code
     runs the caller's transform itself, so its arithmetic is the caller's to the last bit. ``geometry`` == 0:
-    not reproduced; the reference's code runs it as given (``crop``: its square output's size)."""
+    not reproduced; the reference's code runs it as given (``out_hw``: its output's size, the same for every
+    image, or the batches could not be stacked, in the caller's loop either; ``crop`` that size where square)."""
 
     transform: object = field(default=None, compare=False)
     geometry: int = 0
+    out_hw: tuple[int, int] | None = None  # run as given: the (height, width) of its output, every image's
+
+    def output_hw(self, height: int, width: int) -> tuple[int, int]:
+        return self.out_hw if self.out_hw is not None else super().output_hw(height, width)
 
     @property
     def reproduced(self) -> bool:
@@ -113,8 +118,8 @@ class GivenTransform(PreprocessSpec):
 
 def spec_from_transform(transform, image) -> GivenTransform:
     """``transform`` as a ``GivenTransform``: reproduced where ``spec_from_steps`` recognises it and its geometry
-    gives the same pixels as fasteval's on ``image`` (a PIL image), else not (its output must then be a square
-    3-channel tensor)."""
+    gives the same pixels as fasteval's on ``image`` (a PIL image), else not (its output must then be a 3-channel
+    tensor)."""
     import numpy as np
     import torch
 
@@ -134,9 +139,10 @@ def spec_from_transform(transform, image) -> GivenTransform:
             return GivenTransform(**kept, transform=transform, geometry=geometry,
                                   source="the transform given, recognised as " + spec.describe().split(": ", 1)[1])
     out = transform(image)
-    if not isinstance(out, torch.Tensor) or out.ndim != 3 or out.shape[0] != 3 or out.shape[1] != out.shape[2]:
-        raise FastevalError(f"transform: expected a square 3-channel tensor from an image, got "
+    if not isinstance(out, torch.Tensor) or out.ndim != 3 or out.shape[0] != 3:
+        raise FastevalError(f"transform: expected a 3-channel image tensor (C, H, W) from an image, got "
                             f"{getattr(out, 'shape', type(out).__name__)}")
-    size = int(out.shape[1])
-    return GivenTransform("custom", resize=size, crop=size, transform=transform,
+    height, width = int(out.shape[1]), int(out.shape[2])
+    return GivenTransform("custom", resize=min(height, width), crop=height if height == width else None,
+                          transform=transform, out_hw=(height, width),
                           source="a transform fasteval does not reproduce: run as given, by the reference's code")
