@@ -49,7 +49,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     be = sub.add_parser("bench", help="the reference loop and the fast path side by side, with a stage breakdown")
     add_run_options(be)
-    add_fast_options(be)
+    add_fast_options(be, dali=False)
     be.add_argument("--repeats", type=positive_int, default=3,
                     help="end-to-end runs per path; the median is reported (default 3)")
     be.add_argument("--plot", metavar="PNG", type=non_empty_path,
@@ -65,7 +65,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     tr = sub.add_parser("train", help="fine-tune a classifier, with exact per-epoch train and validation metrics")
     add_train_options(tr)
-    add_fast_options(tr)
+    add_fast_options(tr, dali=False)
     tr.add_argument("--explain", action="store_true",
                     help="print the plan each epoch's validation follows, and exit without training")
 

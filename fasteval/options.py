@@ -105,15 +105,18 @@ class CompileAction(argparse.Action):
         setattr(namespace, self.dest, value)
 
 
-def add_fast_options(p: argparse.ArgumentParser) -> None:
-    """The fast path's options, shared by ``eval``, ``bench`` and ``train`` (its validation evaluator)."""
+def add_fast_options(p: argparse.ArgumentParser, dali: bool = True) -> None:
+    """The fast path's options, shared by ``eval``, ``bench`` and ``train`` (its validation evaluator). ``dali``:
+    whether ``--dali`` is taken (eval only: bench's timed commands and train's validation do not pass it on)."""
     p.add_argument("--loader", default="auto",
                    help="auto (default: DALI where installed, else torchvision's loaders; a CPU run of at most 512 "
                         "images reads PIL's pixels, decoded at start-up), dali or torchvision")
-    p.add_argument("--dali", type=dali_overrides, metavar="KEY=VALUE,...",
-                   help="tune the DALI pipeline over the plan's choices (--explain shows them): hw_decoder_load=0..1 "
-                        "(the GPU's hardware JPEG decoder's share), threads=N (decoding threads), prefetch=N "
-                        "(batches decoded ahead), size_hint=WxH or none (the hardware decoder's buffers)")
+    if dali:
+        p.add_argument("--dali", type=dali_overrides, metavar="KEY=VALUE,...",
+                       help="tune the DALI pipeline over the plan's choices (--explain shows them): "
+                            "hw_decoder_load=0..1 (the GPU's hardware JPEG decoder's share), threads=N (decoding "
+                            "threads), prefetch=N (batches decoded ahead), size_hint=WxH or none (the hardware "
+                            "decoder's buffers)")
     p.add_argument("--precision", default="auto", help="auto (bf16 where fast, else fp32), fp32, bf16 or fp16")
     p.add_argument("--compile", default="auto", action=CompileAction,
                    help="auto (default: torch.compile where the model time it saves exceeds the compile's cost, "
@@ -151,4 +154,5 @@ def fast_options(args):
     # --validate compares the fast path with the plain loop: it must run the fast path, whatever the route says.
     return FastOptions(loader=args.loader, precision=args.precision, compile=args.compile,
                        batch_size=args.batch_size, workers=args.workers, exact=args.exact,
-                       route=not getattr(args, "validate", False), **({"dali": args.dali} if args.dali else {}))
+                       route=not getattr(args, "validate", False),
+                       **({"dali": args.dali} if getattr(args, "dali", None) else {}))

@@ -189,3 +189,11 @@ def test_the_gpu_decoder_with_the_planned_upsampling_is_closer_to_pil(tmp_path):
     print(f"mixed decoder vs PIL: planned (fancy={planned}) max {chosen[0]} mean {chosen[1]:.4f}; "
           f"other max {other[0]} mean {other[1]:.4f}")
     assert chosen[0] <= other[0] and chosen[1] <= other[1]
+
+
+@pytest.mark.parametrize("command", ["bench", "train"])
+def test_only_eval_takes_dali(command, capsys):
+    """bench's timed commands and train's validation would not pass --dali on: refused there, not ignored."""
+    with pytest.raises(SystemExit) as exc:
+        main([command, "x", "--dali", "threads=2"] + (["y", "--out", "z"] if command == "train" else []))
+    assert exc.value.code == 2 and "--dali" in capsys.readouterr().err
