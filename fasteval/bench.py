@@ -227,9 +227,11 @@ def _timed_eval(config: dict, options: FastOptions, reference: bool, env: dict[s
     with open(path) as f:
         result = json.load(f)
     os.unlink(path)
-    recheck = (result.get("exact") or {}).get("seconds") or 0.0
+    exact = result.get("exact") or {}
+    recheck = exact.get("seconds") or 0.0  # overlapped with the loop, the seconds before and after it
     run.update(samples=result["samples"], top1=result["top1"], warmup_seconds=result.get("warmup_seconds") or 0.0,
                loop_seconds=result["seconds"] - recheck, recheck_seconds=recheck,
+               recheck_hidden_seconds=exact.get("hidden_seconds", 0.0),
                setup_seconds=run["wall_seconds"] - (result.get("warmup_seconds") or 0.0) - result["seconds"],
                compile=result.get("compile"), compile_reason=result.get("compile_reason"), route=result.get("route"),
                route_value=((result.get("plan") or {}).get("route") or {}).get("value"))

@@ -41,7 +41,7 @@ LAYERS: dict[str, tuple[str, ...]] = {
     "evaluation": (
         "fasteval.evaluation", "fasteval.evaluation.classes", "fasteval.evaluation.exact",
         "fasteval.evaluation.fast", "fasteval.evaluation.metrics", "fasteval.evaluation.plan",
-        "fasteval.evaluation.reference",
+        "fasteval.evaluation.reference", "fasteval.evaluation.recheck_pool", "fasteval.evaluation.recheck_stream",
         "fasteval.evaluation.route", "fasteval.evaluation.stats", "fasteval.evaluation.sweep",
         "fasteval.evaluation.validate",
     ),

@@ -15,6 +15,10 @@ margin (kernels/fused_metrics.py) is below 2e. So, after the fast pass:
 
 Non-finite logits have no error bound: their margin is 0 (always rechecked), and a non-finite
 difference on a calibration sample makes tau infinite (every sample is rechecked).
+
+Where the reference's logits come from is the schedule's (``resolve_recheck``, a plan decision): after the
+pass (``SerialReference``, this module), or decoded during it (fasteval/evaluation/recheck_stream.py); the
+gate, tau and every value written are this module's in both, so the two give the same results.
 """
 
 from __future__ import annotations
@@ -44,6 +48,36 @@ def resolve_exact(mode: str) -> tuple[bool, str]:
     if mode == "off":
         return False, "--exact off: counts are the fast path's own"
     return True, "the fast path's arithmetic differs from the reference's: near-ties are rechecked"
+
+
+RECHECK_SCHEDULES = ("auto", "overlap", "after")  # when the recheck decodes: see resolve_recheck
+
+
+def resolve_recheck(asked: str, *, device_type: str, cpu_decoding: bool, pass_pixels: bool, sharded: bool,
+                    workers: int) -> tuple[bool, str]:
+    """Whether the recheck's decoding overlaps the fast pass (fasteval/evaluation/recheck_stream.py), and why.
+    ``auto`` overlaps where the cores are idle during the pass: a GPU pass whose loader decodes on the GPU
+    (not the CPU's PIL: ``cpu_decoding``), with worker processes to decode in, in one process. ``overlap``
+    forces it (the same results; tests and measurements on the CPU), except where the recheck reads the pixels
+    the pass decoded (``pass_pixels``), which the serial schedule reuses; ``after`` never."""
+    if asked not in RECHECK_SCHEDULES:
+        raise FastevalError(f"unknown recheck schedule {asked!r}; choose from {', '.join(RECHECK_SCHEDULES)}")
+    after = "after the pass"
+    if pass_pixels:
+        return False, f"{after}: it reads the pixels decoded for the pass"
+    if asked != "auto":
+        return asked == "overlap", (f"near-ties decoded during the pass by {max(1, workers)} PIL worker process(es) "
+                                    f"(asked)" if asked == "overlap" else f"{after} (asked)")
+    if device_type != "cuda":
+        return False, f"{after}: on the {device_type.upper()} the cores are the model's"
+    if cpu_decoding:
+        return False, f"{after}: the loader decodes with PIL on the CPU's cores"
+    if sharded:
+        return False, f"{after}: torchrun's ranks share the host's cores"
+    if workers < 1:
+        return False, f"{after}: --workers 0 leaves no worker process to decode in"
+    return True, (f"near-ties decoded during the pass by {workers} PIL worker process(es) on the cores the GPU's "
+                  f"decoding leaves idle; the model scores them after it")
 
 
 def calibration_positions(num_samples: int, count: int = CALIBRATION_SAMPLES) -> list[int]:
@@ -92,23 +126,44 @@ def apply_reference(outputs: dict[str, torch.Tensor], samples: SampleList, indic
     return score
 
 
+class SerialReference:
+    """The reference's logits computed when the recheck asks, after the pass: ``reference_logits``."""
+
+    seconds_before = 0.0  # nothing ran before the pass
+
+    def __init__(self, samples: SampleList, model: nn.Module, spec: PreprocessSpec, *, batch_size: int,
+                 workers: int, device: torch.device, pixels=None) -> None:
+        self.samples, self.model, self.spec = samples, model, spec
+        self.run = dict(batch_size=batch_size, workers=workers, device=device, pixels=pixels)
+
+    def calibration(self, indices: list[int]) -> torch.Tensor:
+        return reference_logits(self.samples, indices, self.model, self.spec, **self.run)
+
+    def near_ties(self, indices: list[int]) -> torch.Tensor:
+        return reference_logits(self.samples, indices, self.model, self.spec, **self.run)
+
+    def report(self) -> dict:
+        return {"schedule": "after the pass"}
+
+
 def recheck(samples: SampleList, outputs: dict[str, torch.Tensor], calibration: list[int],
             calibration_logits: torch.Tensor | None, model: nn.Module, spec: PreprocessSpec, *, batch_size: int,
-            workers: int, device: torch.device, scope: WholeRun = WholeRun(), pixels=None) -> dict:
+            workers: int, device: torch.device, scope: WholeRun = WholeRun(), pixels=None, source=None) -> dict:
     """Replace, in place, the fast per-sample ``outputs`` (sample order, CPU) of the calibration and
     near-tie samples by the reference's. ``calibration_logits`` are the fast logits of the
     ``calibration`` samples, kept during the pass. ``scope`` turns this evaluator's logit error into
     the whole run's (a shard may hold no calibration sample). ``pixels``: the samples decoded at start-up
-    (``reference_logits``). Returns the report of the recheck."""
+    (``reference_logits``). ``source``: where the reference's logits come from (``calibration(indices)``,
+    ``near_ties(indices)``, ``report()``, ``seconds_before``); ``SerialReference`` when not given. Returns the
+    report of the recheck; its ``seconds`` are those on the critical path (before the pass and after it)."""
     start = time.perf_counter()
-    run = dict(batch_size=batch_size, workers=workers, device=device, pixels=pixels)
-    ref_calibration = reference_logits(samples, calibration, model, spec, **run)
+    source = source or SerialReference(samples, model, spec, batch_size=batch_size, workers=workers, device=device,
+                                       pixels=pixels)
+    ref_calibration = source.calibration(calibration)
     error = scope.max_error(max_logit_error(calibration_logits, ref_calibration) if calibration else 0.0)
     tau = SAFETY * 2 * error
-    gated = (outputs["margins"] <= tau) & ~outputs["rechecked"]
-    gated[calibration] = False
-    more = gated.nonzero().flatten().tolist()
-    ref_more = reference_logits(samples, more, model, spec, **run)  # torch.empty(0) for no sample
+    more = near_tie_indices(outputs, calibration, tau)
+    ref_more = source.near_ties(more)  # torch.empty(0) for no sample
     indices = calibration + more
     before = {key: outputs[key][indices] for key in ("predictions", "topk_hits", "losses")}  # copies
     after = before  # nothing to recheck on this shard
@@ -129,9 +184,18 @@ def recheck(samples: SampleList, outputs: dict[str, torch.Tensor], calibration: 
         "changed_top5": int((before["topk_hits"] != after["topk_hits"]).sum()),
         "calibration_loss_error_mean": float(loss_error.mean()) if len(loss_error) else 0.0,
         "calibration_loss_error_max": float(loss_error.abs().max()) if len(loss_error) else 0.0,
-        "seconds": time.perf_counter() - start,
+        **source.report(),
+        "seconds": source.seconds_before + time.perf_counter() - start,
     }
     return report
+
+
+def near_tie_indices(outputs: dict[str, torch.Tensor], calibration: list[int], tau: float) -> list[int]:
+    """The samples the recheck gates, in sample order: margin <= ``tau``, not yet by the reference's code,
+    not a calibration sample."""
+    gated = (outputs["margins"] <= tau) & ~outputs["rechecked"]
+    gated[calibration] = False
+    return gated.nonzero().flatten().tolist()
 
 
 _SUMMED = ("calibration_samples", "gated", "rechecked", "changed_top1", "changed_top5")

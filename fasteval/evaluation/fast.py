@@ -6,10 +6,11 @@ integer, the metrics accumulate on the device, and the totals are read once at t
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import sys
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 import torch
 from torch import nn
@@ -25,6 +26,7 @@ from fasteval.data.samples import SampleList
 from fasteval.evaluation.exact import WholeRun, apply_reference, recheck
 from fasteval.evaluation.metrics import TOPK, EvalResult, totals_from_samples
 from fasteval.evaluation.plan import Decision, FastOptions, Plan, make_plan
+from fasteval.evaluation.recheck_stream import OverlappedRecheck
 from fasteval.evaluation.reference import reference_logits
 from fasteval.evaluation.route import record
 from fasteval.kernels.accumulator import MetricsAccumulator
@@ -32,12 +34,16 @@ from fasteval.model.compile_cache import resolve_compile_mode
 from fasteval.model.inference import DTYPES, FastModel
 
 
-def run_loop(batches: Iterable[Batch], forward, accumulator: MetricsAccumulator, bar=None) -> None:
+def run_loop(batches: Iterable[Batch], forward, accumulator: MetricsAccumulator, bar=None,
+             after_batch: Callable[[], None] | None = None) -> None:
     """The hot loop: no host sync (the loader's ``real`` is a host integer). Eager too, the padded last
     batch runs whole: a sample's logits depend in their last bits on the batch size the kernels see,
-    and one batch shape for every sample is what makes a torchrun run equal to one process, bit for bit."""
+    and one batch shape for every sample is what makes a torchrun run equal to one process, bit for bit.
+    ``after_batch``: called after each batch's update (the overlapped recheck's watch; it syncs nothing)."""
     for images, labels, real in batches:
         accumulator.update(forward(images), labels, num_real=real)
+        if after_batch is not None:
+            after_batch()
         if bar is not None:
             bar.update(real)
 
@@ -156,21 +162,35 @@ class FastEvaluator:
                       f"{first_line(exc)[:200]}", file=sys.stderr)
                 self.metrics_backend = "torch"
 
-    def _fast_pass(self, outputs: dict[str, torch.Tensor], bar) -> tuple[torch.Tensor | None, int]:
+    def _fast_pass(self, outputs: dict[str, torch.Tensor], bar,
+                   overlap: OverlappedRecheck | None = None) -> tuple[torch.Tensor | None, int]:
         """The main samples through loader, model and metrics, into the per-sample ``outputs`` (sample
-        order); returns the calibration samples' logits and the count of non-finite rows."""
+        order); returns the calibration samples' logits and the count of non-finite rows. ``overlap``: the
+        recheck that watches the pass (its near-ties decoded while it runs)."""
         if not self.main:
             return None, 0
         position = {index: p for p, index in enumerate(self.main)}
         acc = MetricsAccumulator(len(self.main), self.device, topk=TOPK, backend=self.metrics_backend,
                                  keep_logits=[position[i] for i in self.calibration])
-        run_loop(self.loader, self.model, acc, bar)
+        run_loop(self.loader, self.model, acc, bar, after_batch=overlap.watch(acc) if overlap else None)
         totals = acc.result()  # the one read back of the run
+        if overlap is not None:
+            overlap.pass_ended()
         at = torch.tensor(self.main)
         for name, key in ACCUMULATED.items():
             outputs[name][at] = totals[key]
         outputs["margins"][at] = torch.minimum(totals["margin_top1"], totals["margin_topk"])
         return totals["kept_logits"], totals["nonfinite"]
+
+    def _recheck_overlap(self):
+        """The overlapped recheck where the plan says so (its pool lives for this run: a context manager),
+        else an empty context."""
+        plan = self.plan
+        if not (plan.recheck_overlap and plan.exact.value and plan.calibration_total and self.main):
+            return contextlib.nullcontext()
+        return OverlappedRecheck(self.samples, self.reference_model, self.spec, self.main, self.calibration,
+                                 batch_size=plan.reference_batch_size, workers=self.options.workers,
+                                 device=self.device)
 
     def run(self, progress: bool = True) -> EvalResult:
         plan = self.plan
@@ -178,25 +198,31 @@ class FastEvaluator:
         bar = tqdm(total=len(self.samples), unit="img", desc=desc, file=sys.stderr, disable=not progress)
         start = time.perf_counter()
         outputs = empty_outputs(len(self.samples))  # normal tensors: the recheck writes into them
-        with torch.inference_mode():
-            kept, nonfinite = self._fast_pass(outputs, bar)
-        pass_seconds = time.perf_counter() - start
         run = dict(batch_size=plan.reference_batch_size, workers=self.options.workers, device=self.device)
-        pixels = self.loader.pixels if isinstance(self.loader, PixelLoader) else self.pixels
-        if self.reference_only:
-            # The whole dataset by the reference's code: its workers too, as the reference's loop has them.
-            logits = reference_logits(self.samples, self.reference_only, self.reference_model, self.spec, **run,
-                                      always_workers=plan.by_reference_only, pixels=pixels)
-            apply_reference(outputs, self.samples, self.reference_only, logits)
-            bar.update(len(self.reference_only))
-        by_reference = (len(self.reference_only), time.perf_counter() - start - pass_seconds)
-        exact = {"enabled": False, "mode": self.options.exact, "reason": plan.exact.reason}
-        if plan.by_reference_only:
-            exact.update(enabled=True, rechecked=len(self.samples), all_by_reference=True, reason=plan.route.reason)
-        elif plan.exact.value and plan.calibration_total:
-            exact.update(recheck(self.samples, outputs, self.calibration, kept, self.reference_model, self.spec,
-                                 **run, scope=self.scope, pixels=pixels))
-            by_reference = (by_reference[0] + exact["rechecked"], by_reference[1] + exact["seconds"])
+        with self._recheck_overlap() as overlap:
+            if overlap is not None:
+                overlap.calibrate()  # before the pass: the running tau needs the reference's calibration logits
+            pass_start = time.perf_counter()
+            with torch.inference_mode():
+                kept, nonfinite = self._fast_pass(outputs, bar, overlap)
+            pass_seconds = time.perf_counter() - pass_start
+            pixels = self.loader.pixels if isinstance(self.loader, PixelLoader) else self.pixels
+            if self.reference_only:
+                # The whole dataset by the reference's code: its workers too, as the reference's loop has them.
+                logits = reference_logits(self.samples, self.reference_only, self.reference_model, self.spec, **run,
+                                          always_workers=plan.by_reference_only, pixels=pixels)
+                apply_reference(outputs, self.samples, self.reference_only, logits)
+                bar.update(len(self.reference_only))
+            by_reference = (len(self.reference_only), time.perf_counter() - pass_start - pass_seconds)
+            exact = {"enabled": False, "mode": self.options.exact, "reason": plan.exact.reason}
+            if plan.by_reference_only:
+                exact.update(enabled=True, rechecked=len(self.samples), all_by_reference=True,
+                             reason=plan.route.reason)
+            elif plan.exact.value and plan.calibration_total:
+                exact.update(recheck(self.samples, outputs, self.calibration, kept, self.reference_model, self.spec,
+                                     **run, scope=self.scope, pixels=pixels, source=overlap))
+                if overlap is None:  # overlapped, its seconds are not the reference's cost of its samples
+                    by_reference = (by_reference[0] + exact["rechecked"], by_reference[1] + exact["seconds"])
         seconds = time.perf_counter() - start
         if plan.rates is not None and plan.records_rates:  # this run's costs, for the next run's route
             main = len(self.main)

@@ -29,7 +29,7 @@ from fasteval.data.preprocess import PreprocessSpec, check_batchable, image_size
 from fasteval.data.probe import FileProbe, check_headers
 from fasteval.data.samples import SampleList
 from fasteval.errors import FastevalError
-from fasteval.evaluation.exact import CALIBRATION_SAMPLES, WholeRun, resolve_exact
+from fasteval.evaluation.exact import CALIBRATION_SAMPLES, WholeRun, resolve_exact, resolve_recheck
 from fasteval.evaluation.route import Rates, choose_route, load_rates, rates_key
 from fasteval.kernels.fused_metrics import resolve_backend
 from fasteval.model.compile_cache import resolve_compile_mode
@@ -52,6 +52,9 @@ class FastOptions:
     # Let the measured costs send a run the fast path would not pay for through the reference's code
     # whole (fasteval/evaluation/route.py). The command sets it; callers timing the fast loop do not.
     route: bool = False
+    # When the exact recheck decodes: "auto" (exact.resolve_recheck), "overlap" (during the pass) or "after".
+    # No command option: tests and measurements force a schedule here.
+    recheck: str = "auto"
     dali: DaliOverrides = DaliOverrides()  # --dali: the DALI pipeline's tuning, where given
 
 
@@ -98,6 +101,7 @@ class Plan:
     calibration_total: int = 0
     loader_kind: str = "none"  # the batch source's ``kind``
     in_process: bool = False  # PIL's pixels decoded in this process (``PixelLoader``)
+    recheck_overlap: bool = False  # the recheck decodes during the pass (fasteval/evaluation/recheck_stream.py)
     dali_settings: DaliSettings | None = None  # the dali decision, as the DALI loader takes it
     input_dtype: str = "fp32"  # the fast model's input ("fp32" or "fp16"): what its loader writes
     store_placement: tuple[str, str] | None = None  # a decoded store's (device, pinned, host, mapped or redecode;
@@ -195,11 +199,14 @@ def make_plan(samples: SampleList, model: nn.Module, spec: PreprocessSpec, devic
 
     calibration, calibration_total = scope.calibration(list(main)) if exact_on else ([], 0)
     backend = resolve_backend(options.metrics_backend, device)
+    overlap, schedule = resolve_recheck(options.recheck, device_type=device.type, cpu_decoding=spec.runs_as_given,
+                                        pass_pixels=in_process, sharded=scope.sharded, workers=options.workers)
+    overlap = overlap and exact_on and bool(main) and not reference_route
     if reference_route:
         exact = Decision(True, "every sample by the reference's code: its own counts")
         calibration_decision = Decision(0, "none needed: every sample by the reference's code")
     else:
-        exact = Decision(exact_on, exact_reason)
+        exact = Decision(exact_on, f"{exact_reason}; {schedule}" if exact_on and main else exact_reason)
         calibration_decision = Decision(calibration_total, (
             f"{calibration_total} sample(s) spread over the run, evaluated by the reference's code, measure the "
             f"fast path's logit error; samples within 3 x twice that error of a tie are rechecked") if exact_on
@@ -240,7 +247,8 @@ def make_plan(samples: SampleList, model: nn.Module, spec: PreprocessSpec, devic
                                                           dali_settings, device)),
         metrics_backend=metrics, total=total, input_hw=input_hw, main=main, reference_only=reference_only,
         calibration_indices=tuple(calibration), calibration_total=calibration_total, loader_kind=kind,
-        in_process=in_process, decoded_at_start=at_start, reference_batch_size=reference_batch, passes=passes,
+        in_process=in_process, recheck_overlap=overlap,
+        decoded_at_start=at_start, reference_batch_size=reference_batch, passes=passes,
         records_rates=passes == 1 and source == "loader", compile_key=key, rates=rates,
         store_placement=placement if source == "store" and main else None, dali_settings=dali_settings,
         input_dtype=input_dtype)

@@ -1,0 +1,367 @@
+"""The exact recheck overlapped with the fast pass (fasteval/evaluation/recheck_stream.py): the same results as
+the serial schedule, its pool started once and never left behind, and no host sync in the pass's loop.
+
+On this CPU the overlapped schedule is forced (``FastOptions(recheck="overlap")``); the plan chooses it by
+itself only on a GPU whose loader decodes on the GPU (tested apart, on the decision)."""
+
+from __future__ import annotations
+
+import copy
+import os
+import sys
+
+import pytest
+import torch
+from torch import nn
+
+sys.path.insert(0, os.path.dirname(__file__))
+from sync_trace import SyncRecorder, _is_cuda  # noqa: E402
+from test_exact import near_tie_model  # noqa: E402
+
+import fasteval.evaluation.recheck_stream as stream  # noqa: E402
+from fasteval.data.batch import Batch  # noqa: E402
+from fasteval.data.loader_dali import dali_available  # noqa: E402
+from fasteval.data.loaders import make_loader  # noqa: E402
+from fasteval.data.samples import discover  # noqa: E402
+from fasteval.errors import FastevalError  # noqa: E402
+from fasteval.evaluation.exact import resolve_recheck  # noqa: E402
+from fasteval.evaluation.fast import FastEvaluator, FastOptions, run_loop  # noqa: E402
+from fasteval.evaluation.metrics import PER_SAMPLE_FIELDS  # noqa: E402
+from fasteval.evaluation.recheck_pool import DecodePool  # noqa: E402
+from fasteval.evaluation.reference import evaluate_reference  # noqa: E402
+from fasteval.evaluation.validate import compare  # noqa: E402
+from fasteval.kernels.accumulator import MetricsAccumulator  # noqa: E402
+from fasteval.procs import alive  # noqa: E402
+
+CPU = torch.device("cpu")
+CUDA = torch.device("cuda")
+DALI = dali_available()
+
+
+def _torchvision_source(kind, samples, spec, **kwargs):
+    """The PIL DataLoader loader, as a batch source: on this small set the plan would read PIL's pixels in
+    process (which the serial recheck reuses, so the overlap is not allowed there)."""
+    kwargs.pop("placement", None)
+    return make_loader("torchvision", samples, spec, **kwargs)
+
+
+def _run(samples, model, spec, schedule, batch_size=8, passes=1):
+    """One fast run on the CPU with the recheck's schedule forced; DALI's CPU pipeline where installed."""
+    options = FastOptions(loader="dali" if DALI else "torchvision", precision="bf16", compile=False,
+                          batch_size=batch_size, workers=1, recheck=schedule)
+    source = {} if DALI else {"batch_source": _torchvision_source}
+    evaluator = FastEvaluator(samples, copy.deepcopy(model), spec, CPU, options, passes=passes, **source)
+    assert evaluator.plan.recheck_overlap == (schedule == "overlap")
+    return evaluator, evaluator.run(progress=False)
+
+
+SHARED_REPORT = ("tau", "max_logit_error", "gated", "rechecked", "changed_top1", "changed_top5",
+                 "calibration_samples", "calibration_loss_error_mean", "calibration_loss_error_max")
+
+
+def _same(a: list, b: list) -> bool:
+    """Equal, NaN equal to NaN."""
+    return len(a) == len(b) and all(x == y or (x != x and y != y) for x, y in zip(a, b))
+
+
+def assert_same_results(samples, reference, serial, overlapped):
+    """Counts, every per-sample output (NaN where NaN), the recheck's figures and the flips against the
+    reference: the overlapped run is the serial one's, bit for bit."""
+    assert (overlapped.correct_top1, overlapped.correct_top5) == (serial.correct_top1, serial.correct_top5)
+    assert _same([overlapped.loss_sum, *overlapped.batch_losses], [serial.loss_sum, *serial.batch_losses])
+    for name in PER_SAMPLE_FIELDS:
+        torch.testing.assert_close(getattr(overlapped, name), getattr(serial, name), rtol=0, atol=0, equal_nan=True)
+    a, b = serial.extra["exact"], overlapped.extra["exact"]
+    assert _same([a[k] for k in SHARED_REPORT], [b[k] for k in SHARED_REPORT])
+    assert (a["schedule"], b["schedule"]) == ("after the pass", "during the pass")
+    flips = compare(samples, reference, serial)
+    assert compare(samples, reference, overlapped)["flips"] == flips["flips"]
+    assert (overlapped.correct_top1, overlapped.correct_top5) == (reference.correct_top1, reference.correct_top5)
+
+
+@pytest.fixture(scope="module")
+def tied(small_data, model_3cls, small_spec):
+    """A sample placed between its fp32 and bf16 decisions (test_exact's construction), its reference run,
+    and the serial schedule's run."""
+    samples = discover(small_data)
+    model, index = near_tie_model(samples, model_3cls, small_spec)
+    reference = evaluate_reference(samples, copy.deepcopy(model), small_spec, batch_size=8, workers=0,
+                                   progress=False)
+    _, serial = _run(samples, model, small_spec, "after")
+    return samples, model, index, reference, serial
+
+
+@pytest.mark.parametrize("chunk, slack", [(1, 2.0), (1, 0.0), (1, 1e9), (1024, 2.0)])
+def test_overlap_gives_the_serial_results(tied, small_spec, monkeypatch, chunk, slack):
+    """21 samples in batches of 8 (a short last batch), a flip placed on purpose; margins copied back every
+    batch or never during the pass (chunk 1024: every near-tie decoded after it); near-ties sent with the
+    running estimate, with none of its slack (some missed, decoded after the pass), or with all (every sample
+    sent: the unneeded skipped)."""
+    monkeypatch.setattr(stream, "CHUNK_SAMPLES", chunk)
+    monkeypatch.setattr(stream, "STREAM_SLACK", slack)
+    samples, model, index, reference, serial = tied
+    _, overlapped = _run(samples, model, small_spec, "overlap")
+    assert_same_results(samples, reference, serial, overlapped)
+    assert overlapped.rechecked[index]
+    exact = overlapped.extra["exact"]
+    needed = exact["gated"]
+    assert exact["streamed"] - exact["streamed_unneeded"] + exact["decoded_after_pass"] == needed
+    if chunk > len(samples):
+        assert exact["streamed"] == 0 and exact["decoded_after_pass"] == needed
+    elif slack == 1e9:  # every sample but the calibration's sent once the first chunk gave an estimate
+        assert exact["streamed"] == len(samples) - exact["calibration_samples"] and exact["decoded_after_pass"] == 0
+    elif slack == 0:  # only exact ties would be sent: the placed near-tie is decoded after the pass
+        assert exact["decoded_after_pass"] >= 1
+    else:
+        assert exact["streamed"] >= 1
+    assert exact["calibration_seconds"] > 0 and exact["hidden_seconds"] >= 0
+
+
+class TiesAndNaN(nn.Module):
+    """A classifier with two classes of one head row (exact ties) and NaN logits for the brighter images."""
+
+    def __init__(self, model: nn.Module, threshold: float) -> None:
+        super().__init__()
+        self.model, self.threshold = model, threshold
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        logits = self.model(x)
+        bright = x.float().mean(dim=(1, 2, 3)) > self.threshold
+        return torch.where(bright[:, None], torch.full_like(logits, float("nan")), logits)
+
+
+def test_overlap_gives_the_serial_results_on_ties_and_nan(small_data, model_3cls, small_spec, monkeypatch):
+    monkeypatch.setattr(stream, "CHUNK_SAMPLES", 1)
+    samples = discover(small_data)
+    base = copy.deepcopy(model_3cls)
+    with torch.no_grad():
+        base.fc.weight[2] = base.fc.weight[1]
+        base.fc.bias[2] = base.fc.bias[1]
+    # The threshold in the widest gap between the reference's image means, so both paths see the same NaN rows.
+    from fasteval.data.dataset import ImageDataset
+
+    data = ImageDataset(samples, small_spec.torchvision_transform())
+    means = sorted(float(data[i][0].mean()) for i in range(len(samples)))
+    gap = max(range(3, len(means) - 4), key=lambda i: means[i + 1] - means[i])
+    model = TiesAndNaN(base, (means[gap] + means[gap + 1]) / 2).eval()
+    reference = evaluate_reference(samples, copy.deepcopy(model), small_spec, batch_size=8, workers=0,
+                                   progress=False)
+    assert reference.losses.isnan().sum() == len(samples) - gap - 1
+    _, serial = _run(samples, model, small_spec, "after")
+    _, overlapped = _run(samples, model, small_spec, "overlap")
+    assert_same_results(samples, reference, serial, overlapped)
+    bright = torch.tensor([float(data[i][0].mean()) > model.threshold for i in range(len(samples))])
+    assert overlapped.extra["nonfinite_rows"] == int(bright.sum()) == len(samples) - gap - 1
+    assert overlapped.rechecked[bright].all()  # a NaN row's margin is 0: always rechecked
+
+
+@pytest.mark.skipif(not DALI, reason="only DALI leaves files to the reference's code (PIL-only formats)")
+def test_overlap_gives_the_serial_results_beside_the_files_the_fast_path_skips(kinds_data, small_spec, monkeypatch):
+    import torchvision
+
+    monkeypatch.setattr(stream, "CHUNK_SAMPLES", 1)
+    samples = discover(kinds_data)
+    torch.manual_seed(1)
+    model = torchvision.models.resnet18(num_classes=samples.num_classes).eval()
+    reference = evaluate_reference(samples, copy.deepcopy(model), small_spec, batch_size=4, workers=0,
+                                   progress=False)
+    evaluator, serial = _run(samples, model, small_spec, "after", batch_size=4)
+    assert evaluator.reference_only  # the 16-bit PNG
+    _, overlapped = _run(samples, model, small_spec, "overlap", batch_size=4)
+    assert_same_results(samples, reference, serial, overlapped)
+
+
+# --- the pool's life ----------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def pools(monkeypatch):
+    """Every DecodePool started, in order."""
+    started = []
+    real = DecodePool.__init__
+
+    def init(self, *args, **kwargs):
+        real(self, *args, **kwargs)
+        started.append(self)
+
+    monkeypatch.setattr(DecodePool, "__init__", init)
+    return started
+
+
+def _gone(pool: DecodePool) -> bool:
+    return pool.closed and all(p.exitcode is not None and not alive(p.pid) for p in pool.processes)
+
+
+def test_the_pool_starts_once_a_run_and_ends_with_it(small_data, model_3cls, small_spec, pools):
+    samples = discover(small_data)
+    evaluator, _ = _run(samples, model_3cls, small_spec, "overlap", passes=2)
+    assert len(pools) == 1 and _gone(pools[0])
+    evaluator.run(progress=False)
+    assert len(pools) == 2 and _gone(pools[1])
+
+
+@pytest.mark.parametrize("error", [KeyboardInterrupt, RuntimeError])
+def test_the_pool_ends_when_the_pass_fails(small_data, model_3cls, small_spec, pools, error):
+    """Ctrl-C (or an error) in the middle of the pass, with near-ties queued: no worker is left behind."""
+    samples = discover(small_data)
+    options = FastOptions(loader="dali" if DALI else "torchvision", precision="bf16", compile=False, batch_size=8,
+                          workers=2, recheck="overlap")
+    source = {} if DALI else {"batch_source": _torchvision_source}
+    evaluator = FastEvaluator(samples, copy.deepcopy(model_3cls), small_spec, CPU, options, **source)
+    batches = list(evaluator.loader)
+
+    class Interrupted:
+        name = "interrupted"
+
+        def __iter__(self):
+            yield batches[0]
+            pools[0].submit([(i, 0.0) for i in range(len(samples))] * 3)  # work queued, none of it needed
+            raise error("stop")
+
+    evaluator.loader = Interrupted()
+    with pytest.raises(error):
+        evaluator.run(progress=False)
+    assert len(pools) == 1 and _gone(pools[0])
+
+
+def test_a_worker_lost_leaves_its_samples_to_this_process(small_data, small_spec):
+    """A worker killed with its task: ``wait`` returns without it, and the caller decodes it itself."""
+    import signal
+
+    from fasteval.data.dataset import ImageDataset
+
+    samples = discover(small_data)
+    with DecodePool(ImageDataset(samples, small_spec.torchvision_transform()), 1) as pool:
+        pool.submit([(0, 0.0)])
+        first = pool.wait([0])
+        os.kill(pool.processes[0].pid, signal.SIGKILL)
+        pool.processes[0].join()
+        pool.submit([(1, 0.0)])
+        assert pool.wait([0, 1]).keys() == {0}
+    assert torch.equal(first[0].value, ImageDataset(samples, small_spec.torchvision_transform())[0][0])
+    assert _gone(pool)
+
+
+# --- the plan's decision ------------------------------------------------------------------------------------
+
+
+def test_the_schedule_is_the_plans():
+    decide = dict(device_type="cuda", cpu_decoding=False, pass_pixels=False, sharded=False, workers=8)
+    assert resolve_recheck("auto", **decide)[0]
+    assert "8 PIL worker" in resolve_recheck("auto", **decide)[1]
+    for change, words in ((dict(device_type="cpu"), "the CPU the cores are the model's"),
+                          (dict(cpu_decoding=True), "decodes with PIL"), (dict(sharded=True), "torchrun"),
+                          (dict(workers=0), "--workers 0"), (dict(pass_pixels=True), "pixels decoded for the pass")):
+        overlap, reason = resolve_recheck("auto", **{**decide, **change})
+        assert not overlap and reason.startswith("after the pass") and words in reason
+    assert resolve_recheck("overlap", **{**decide, "device_type": "cpu"})[0]
+    assert not resolve_recheck("overlap", **{**decide, "pass_pixels": True})[0]
+    assert not resolve_recheck("after", **decide)[0]
+    with pytest.raises(FastevalError, match="schedule"):
+        resolve_recheck("sometimes", **decide)
+
+
+def test_the_cpu_plan_keeps_the_recheck_after_the_pass(small_data, model_3cls, small_spec):
+    from fasteval.evaluation.plan import make_plan
+
+    plan = make_plan(discover(small_data), model_3cls, small_spec, CPU, FastOptions(loader="torchvision"))
+    assert not plan.recheck_overlap and "after the pass" in plan.exact.reason
+
+
+def test_recheck_batch_is_reference_logits_batching(small_data, small_spec, monkeypatch):
+    """The overlapped schedule scores in the batches ``reference_logits`` builds its DataLoader with."""
+    import fasteval.evaluation.reference as reference
+
+    samples = discover(small_data)
+    seen = []
+
+    class Stop(Exception):
+        pass
+
+    def loader(dataset, batch_size, **kwargs):
+        seen.append(batch_size)
+        raise Stop
+
+    monkeypatch.setattr(reference, "DataLoader", loader)
+    for device in (CPU, CUDA):
+        for workers in (0, 1, 2, 3, 8):
+            for count in (1, 3, 4, 7, 8, 9, 12, 16, 21):
+                with pytest.raises(Stop):
+                    reference.reference_logits(samples, list(range(count)), nn.Identity(), small_spec,
+                                               batch_size=5, workers=workers, device=device)
+                assert seen.pop() == stream.recheck_batch(count, 5, workers, device), (device, workers, count)
+
+
+# --- no host sync in the pass (fake CUDA) -------------------------------------------------------------------
+
+
+class AsyncCopies(SyncRecorder):
+    """SyncRecorder that lets a non-blocking device-to-host copy into pinned memory pass (it queues a copy and
+    returns), counting them."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.async_copies = 0
+
+    def _copy_reason(self, name, args, kwargs):
+        if name == "copy_" and _is_cuda(args[1]) and args[0].device.type == "cpu":
+            non_blocking = args[2] if len(args) > 2 else kwargs.get("non_blocking", False)
+            if non_blocking and self.is_pinned(args[0]):
+                self.async_copies += 1
+                return None
+        return super()._copy_reason(name, args, kwargs)
+
+
+class Pending:
+    """A CUDA event whose copies have not completed: the watch polls and goes on."""
+
+    made = 0
+
+    def __init__(self) -> None:
+        Pending.made += 1
+
+    @staticmethod
+    def query() -> bool:
+        return False
+
+
+def test_the_watch_makes_no_host_sync_in_the_pass(monkeypatch):
+    """10 batches of 4 (the last of 2) on fake CUDA tensors, margins copied back every 3 batches: only
+    non-blocking copies into pinned memory, one per chunk (and one for each chunk holding a calibration row),
+    one event each; nothing read back."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    with FakeTensorMode(allow_non_fake_inputs=True), AsyncCopies() as trace:
+        with torch.device(CUDA):
+            model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                                  nn.Linear(8, 10)).eval()
+        images = torch.empty(4, 3, 16, 16, device=CUDA)
+        labels = torch.zeros(4, dtype=torch.int64, device=CUDA)
+        batches = [Batch(images, labels, 4)] * 9 + [Batch(images, labels, 2)]
+        acc = MetricsAccumulator(38, CUDA, backend="torch", keep_logits=[0, 20, 37])
+        sent = []
+        watch = stream.MarginWatch(acc, list(range(38)), torch.zeros(3, 10), sent.extend, CUDA, event=Pending,
+                                   chunk=12)
+        with trace.recording() as events, torch.inference_mode():
+            run_loop(batches, model, acc, after_batch=watch)
+        assert events == [], trace.report()
+        assert watch.launches == Pending.made == 3  # after 12, 24 and 36 samples
+        assert trace.async_copies == 3 + 2  # margins per chunk; calibration rows 0 and 20 in the first two
+        assert sent == [] and len(watch.pending) == 3
+
+
+# --- bench ------------------------------------------------------------------------------------------------
+
+
+def test_bench_shows_how_much_of_the_recheck_was_hidden():
+    from test_bench_table import _bench, _row
+
+    from fasteval.output.bench_table import WIDTH, format_bench
+
+    b = _bench()
+    assert "near-ties, in the loop's time" in _row(format_bench(b), "exact recheck")
+    b["fast"]["exact"].update(schedule="during the pass", hidden_seconds=3.456, seconds=0.25, rechecked=2500)
+    table = format_bench(b)
+    row = " ".join(line.strip() for line in table.split("exact recheck", 1)[1].splitlines()[:3])
+    assert "2500 samples" in row and "3.46 s of decoding hidden in the pass, 0.25 s before and after it" in row
+    assert max(len(line) for line in table.splitlines()) <= WIDTH
