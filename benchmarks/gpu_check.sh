@@ -1,21 +1,28 @@
 #!/usr/bin/env bash
 # GPU check: run on a CUDA machine with no network, from the repository root or anywhere.
 #   bash benchmarks/gpu_check.sh OUT_DIR
-# Installs the working tree without dependencies (the GPU machines have torch, torchvision,
-# triton, pytest and pytest-benchmark, maybe not DALI), runs every test that can use the GPU,
-# benchmarks the fused kernel, then `fasteval bench` on 2,000 generated ImageNet-like JPEGs with
-# every loader that can run. Writes logs, JSON and summary.json into OUT_DIR (rewritten after every
-# step, so a run cut short still leaves one), and prints which paths ran (DALI or not, the Triton
-# kernel or its PyTorch twin), naming every path it could not run. GPU_CHECK_BUDGET (seconds, default
-# 540: a device session's 10-minute command less its start) bounds the whole run: every command is cut
-# at its end, and a step that needs more than is left is skipped, and said so. OUT_DIR must be new or empty. GPU_CHECK_CLASSES/GPU_CHECK_PER_CLASS size the dataset
-# (a dry run of the plumbing on a CPU machine shrinks it). GPU_CHECK_STEPS picks the steps (default
-# "cuda kernel bench precision": the tests, the kernel, the loop and the whole command against the
-# reference; also "sweep" (3 checkpoints on one decoded set), "distributed" (`fasteval bench` and `eval`
-# under torchrun on every local GPU against one GPU where nvidia-smi -L lists several, skipped with
-# the reason where there is one), "train" and "device" (the kernel's device-parametrised edge cases);
-# "precision": the fast path's own whole command, bf16 and fp32, with their exact recheck, against the reference's),
-# GPU_CHECK_REPEATS the bench repeats (default 1: each cold command compiles from nothing).
+# Installs the working tree without dependencies (the GPU machines have torch, torchvision, triton,
+# pytest and pytest-benchmark, not DALI: see docs/gpu.md for bringing DALI along in parts), measures what
+# decides the fast path's speed (benchmarks/gpu_measure.py: import and CUDA start, the decode ceiling, each
+# loader cold and warm, decode and model alone and together, bf16 against fp32, the exact recheck's share,
+# the whole command against the reference's at 10,000 images), runs every test that can use the GPU,
+# benchmarks the fused kernel, then `fasteval bench` on 2,000 generated ImageNet-like JPEGs, and prints a
+# short summary (stage rates, end-to-end images/s, the ratio to the reference) naming every path it could
+# not run. OUT_DIR (new or empty) receives four files, rewritten after every step so that a run cut short
+# keeps them: gpu_check.log, measure.json, summary.json and details.tar.gz (every other log and JSON; a
+# device call brings back at most 8 files).
+# GPU_CHECK_BUDGET (seconds, default 540: 9 minutes) bounds the whole run: every command is cut at its end,
+# and a step that needs more than is left is skipped, and said so. GPU_CHECK_STEPS picks the steps (default
+# "measure cuda kernel bench"; also "precision" (the fast path's own whole command, bf16 and fp32, with
+# their exact recheck, against the reference's), "sweep" (3 checkpoints on one decoded set), "distributed"
+# (`fasteval bench` and `eval` under torchrun on every local GPU against one GPU where nvidia-smi -L lists
+# several), "train" and "device" (the kernel's device-parametrised edge cases)).
+# GPU_CHECK_MEASURE_BUDGET (default 270) caps the measure step; GPU_CHECK_REPEATS the bench repeats
+# (default 1). GPU_CHECK_DALI_PARTS (default REPO/.dali_parts): where benchmarks/dali_wheel.py's parts
+# were carried; when its manifest is there, the wheels are joined, checked and installed into a folder
+# put first on PYTHONPATH. A dry run of the plumbing on a machine without a GPU: GPU_CHECK_CPU_DRY_RUN=1
+# (the measure step's --cpu-dry-run), GPU_CHECK_INSTALL=0 (use the fasteval already importable),
+# GPU_CHECK_CLASSES/GPU_CHECK_PER_CLASS (the bench's dataset where the measure step made none).
 # Works on Python 3.10 (no `python -P`).
 set -uo pipefail
 OUT_DIR="$(mkdir -p "${1:?usage: benchmarks/gpu_check.sh OUT_DIR}" && cd "$1" && pwd)"
@@ -30,7 +37,14 @@ LOG="$OUT_DIR/gpu_check.log"
 log() { echo "[gpu_check $(date +%T)] $*" | tee -a "$LOG"; }
 START=$(date +%s)
 WORK="$(mktemp -d)"
-trap 'rm -rf "$WORK" ${SITE:+"$SITE"}' EXIT  # generated data, checkpoints, a hand-made site; results are in OUT_DIR
+D="$WORK/details"  # every log and JSON but the four in OUT_DIR; packed into OUT_DIR/details.tar.gz
+mkdir -p "$D"
+# `pack`: OUT_DIR/details.tar.gz from the details folder, replaced whole (a run cut short keeps the last one).
+pack() {
+    tar -czf "$OUT_DIR/details.tar.gz.tmp" -C "$WORK" details 2>/dev/null \
+        && mv "$OUT_DIR/details.tar.gz.tmp" "$OUT_DIR/details.tar.gz"
+}
+trap 'pack; rm -rf "$WORK" ${SITE:+"$SITE"}' EXIT  # generated data, checkpoints, a hand-made site
 export FASTEVAL_CACHE="$WORK/cache"
 # Python runs from an empty folder, so that the source folder (whose fasteval/ has no kernels/)
 # is never imported in place of the installed package: what `python -P` does on 3.11+.
@@ -47,7 +61,7 @@ tpy() {
     (cd "$WORK" && timeout "$limit" "$PY" "$@")
 }
 PYTEST=(-m pytest -c "$REPO/pyproject.toml" --rootdir "$REPO" -p no:cacheprovider)
-STEPS=" ${GPU_CHECK_STEPS:-cuda kernel bench precision} "
+STEPS=" ${GPU_CHECK_STEPS:-measure cuda kernel bench} "
 BUDGET="${GPU_CHECK_BUDGET:-540}"
 # `step NAME SECONDS [WHAT]`: NAME was asked for and what is left of the budget holds SECONDS, the time
 # the step (or WHAT of it) needs to be worth starting; else it is skipped, and listed. Its commands are
@@ -57,20 +71,34 @@ step() {
     local left; left=$(left)
     if [ "$left" -lt "$2" ]; then
         log "SKIPPED: ${3:-step $1} (needs about $2 s; $left s left of GPU_CHECK_BUDGET=$BUDGET)"
-        echo "${3:-$1} (needs about $2 s; $left s left of the budget)" >> "$OUT_DIR/skipped.txt"
+        echo "${3:-$1} (needs about $2 s; $left s left of the budget)" >> "$D/skipped.txt"
         return 1
     fi
 }
-finished() { echo "$1" >> "$OUT_DIR/done.txt"; }
+finished() { echo "$1" >> "$D/done.txt"; }
 # Tests in 4 processes where pytest-xdist is installed (the GPU has room; the host has the cores).
 XDIST=()
 if py -c "import xdist" 2>/dev/null; then XDIST=(-n 4); fi
 
-nvidia-smi > "$OUT_DIR/nvidia-smi.txt" 2>&1 || log "nvidia-smi failed"
+nvidia-smi > "$D/nvidia-smi.txt" 2>&1 || log "nvidia-smi failed"
+
+# 0. DALI from the parts benchmarks/dali_wheel.py split (carried in back-to-back device calls, docs/gpu.md):
+#    joined, checked against the manifest's hashes and installed into a folder first on PYTHONPATH.
+PARTS="${GPU_CHECK_DALI_PARTS:-$REPO/.dali_parts}"
+if [ -f "$PARTS/manifest.json" ]; then
+    if "$PY" "$REPO/benchmarks/dali_wheel.py" join "$PARTS" "$WORK/dali_site" > "$D/dali_install.log" 2>&1; then
+        export PYTHONPATH="$WORK/dali_site${PYTHONPATH:+:$PYTHONPATH}"
+        log "DALI: installed from $PARTS into $WORK/dali_site (first on PYTHONPATH)"
+    else
+        log "DALI: not installed from $PARTS: $(tail -1 "$D/dali_install.log")"
+    fi
+fi
 
 # 1. Install without dependencies; where pip cannot, lay the package out by hand
 #    (kernels/ becomes fasteval/kernels, as the wheel installs it).
-if py -m pip install -q --no-deps --no-build-isolation --no-index -e "$REPO" > "$OUT_DIR/install.log" 2>&1; then
+if [ "${GPU_CHECK_INSTALL:-1}" = 0 ]; then
+    log "not installed (GPU_CHECK_INSTALL=0): the fasteval importable here"
+elif py -m pip install -q --no-deps --no-build-isolation --no-index -e "$REPO" > "$D/install.log" 2>&1; then
     log "installed with pip (editable, no deps)"
 else
     SITE="$(mktemp -d)"
@@ -78,22 +106,50 @@ else
     export PYTHONPATH="$SITE${PYTHONPATH:+:$PYTHONPATH}"
     log "pip install failed (see install.log); using a copy on PYTHONPATH=$SITE"
 fi
-py - > "$OUT_DIR/environment.json" <<'PY'
-import json, torch
+# The environment, whether DALI imports, and the Triton kernel on the GPU once outside pytest (whether it
+# builds and launches here), in one interpreter: each start imports torch.
+py - "$D" <<'PY' 2>> "$D/triton_probe.txt"
+import json, os, sys
+import torch
 from fasteval.output.report import environment
 from fasteval.data.loader_dali import dali_available
+out = sys.argv[1]
 env = environment("cuda" if torch.cuda.is_available() else "cpu")
 env["dali_importable"] = dali_available()
-print(json.dumps(env, indent=2))
+with open(os.path.join(out, "environment.json"), "w") as f:
+    json.dump(env, f, indent=2)
+with open(os.path.join(out, "triton_probe.txt"), "w") as f:
+    from fasteval.kernels.fused_metrics import metrics_torch, metrics_triton
+    x = torch.randn(33, 1000, device="cuda")
+    y = torch.randint(0, 1000, (33,), device="cuda")
+    m, t = metrics_triton(x, y), metrics_torch(x, y)
+    assert torch.equal(m.pred, t.pred) and int(m.correct) == int(t.correct)
+    print("triton kernel: ran on", torch.cuda.get_device_name(), file=f)
 PY
-DALI=$(py -c "from fasteval.data.loader_dali import dali_available; print(int(dali_available()))" 2>/dev/null || echo 0)
+DALI=$(py -c "import json, sys; print(int(json.load(open(sys.argv[1]))['dali_importable']))" "$D/environment.json" \
+    2>/dev/null || echo 0)
 log "DALI importable: $DALI"
+log "$(tail -1 "$D/triton_probe.txt")"
+# Loader workers: at most 16, and no more than /dev/shm holds the reference's batches for. Its DataLoader
+# keeps about 2 float32 batches per worker there (154 MB per batch of 256 at 224x224): 16 workers need 5 GB.
+WORKERS=$(( $(nproc) < 16 ? $(nproc) : 16 ))
+SHM_MB=$(df -Pm /dev/shm 2>/dev/null | awk 'NR == 2 {print $4}')
+if [ -n "$SHM_MB" ]; then
+    FIT=$(( SHM_MB * 10 / 12 / (2 * 154) ))
+    [ "$FIT" -lt 1 ] && FIT=1
+    if [ "$FIT" -lt "$WORKERS" ]; then
+        log "/dev/shm has $SHM_MB MB free: --workers $FIT instead of $WORKERS (the reference's batches live there)"
+        WORKERS=$FIT
+    fi
+fi
+
 # The summary of what has run so far, rewritten (atomically) after every step: a run cut short keeps one.
 summarise() {
-    py - "$OUT_DIR" "$DALI" "$(( $(date +%s) - START ))" "$STEPS" > "$OUT_DIR/summary.json.tmp" <<'PY' \
+    py - "$D" "$DALI" "$(( $(date +%s) - START ))" "$STEPS" "$OUT_DIR/measure.json" \
+        > "$OUT_DIR/summary.json.tmp" <<'PY' \
         && mv "$OUT_DIR/summary.json.tmp" "$OUT_DIR/summary.json"
 import csv, json, os, re, sys
-out, dali, seconds, steps = sys.argv[1], sys.argv[2] == "1", int(sys.argv[3]), sys.argv[4].split()
+out, dali, seconds, steps, measure = sys.argv[1], sys.argv[2] == "1", int(sys.argv[3]), sys.argv[4].split(), sys.argv[5]
 
 
 def read(name):
@@ -123,8 +179,19 @@ skipped = lines("skipped.txt")
 skipped_names = {line.split()[0] for line in skipped}
 ran = [s for s in lines("done.txt") if s not in skipped_names]  # finished, whatever their outcome
 pending = [s for s in steps if s not in ran and s not in skipped_names]  # not reached (yet, or ever)
-summary = {"seconds": seconds, "steps": steps, "ran": ran, "pending": pending, "environment": json.load(open(os.path.join(out, "environment.json"))),
+try:
+    environment = json.load(open(os.path.join(out, "environment.json")))
+except Exception as exc:
+    environment = {"error": f"no environment.json ({exc}): see triton_probe.txt"}
+summary = {"seconds": seconds, "steps": steps, "ran": ran, "pending": pending, "environment": environment,
            "not_run": [] if dali else ["dali loader (DALI not installed)"]}
+try:  # the figures that decide (benchmarks/gpu_measure.py), with its own summary lines
+    m = json.load(open(measure))
+    summary["measure"] = {"summary": m.get("summary"), "lines": m.get("summary_lines"), "elapsed_s": m.get("elapsed_s"),
+                          "steps": {k: v.get("status") for k, v in m.get("steps", {}).items()}}
+except Exception as exc:
+    if "measure" in ran:
+        summary["not_run"].append(f"measure (no measure.json: {exc})")
 probe = read("triton_probe.txt").strip().splitlines()
 summary["triton_probe"] = probe[-1] if probe else "no output"
 for name in ("cuda_tests", "device_tests"):
@@ -229,26 +296,32 @@ except Exception as exc:
 summary["skipped_steps"] = skipped
 print(json.dumps(summary, indent=2))
 PY
+    pack
 }
 
-# The Triton kernel on the GPU, once, outside pytest: whether it builds and launches here.
-py - > "$OUT_DIR/triton_probe.txt" 2>&1 <<'PY'
-import torch
-from fasteval.kernels.fused_metrics import metrics_torch, metrics_triton
-x = torch.randn(33, 1000, device="cuda")
-y = torch.randint(0, 1000, (33,), device="cuda")
-m, t = metrics_triton(x, y), metrics_torch(x, y)
-assert torch.equal(m.pred, t.pred) and int(m.correct) == int(t.correct)
-print("triton kernel: ran on", torch.cuda.get_device_name())
-PY
-log "$(tail -1 "$OUT_DIR/triton_probe.txt")"
+summarise
+# 1b. What decides (benchmarks/gpu_measure.py): measure.json in OUT_DIR after each of its steps, the whole
+#     commands' output in the details. Its data: 2,000 ImageNet-like JPEGs hard-linked up to 10,000; the
+#     2,000 are the bench's data too.
+MEASURE_DATA="$WORK/measure_data"
+if step measure 120; then
+    MB="${GPU_CHECK_MEASURE_BUDGET:-270}"
+    [ "$(left)" -lt "$MB" ] && MB=$(left)
+    DRY=(); [ "${GPU_CHECK_CPU_DRY_RUN:-0}" = 1 ] && DRY=(--cpu-dry-run)
+    # The measure's own budget ends 10 s before its cut, so that it writes its summary.
+    tpy "$MB" "$REPO/benchmarks/gpu_measure.py" "$OUT_DIR" --budget "$(( MB - 10 ))" --data "$MEASURE_DATA" \
+        --logs "$D" --workers "$WORKERS" "${DRY[@]}" > "$D/measure.txt" 2>&1
+    log "measure exit code $? in $(( $(date +%s) - START )) s from the start"
+    finished measure
+fi
 
+summarise
 # 2. Every test that can use the GPU: those marked `cuda`, and every test of a file that picks its
 #    device with torch.cuda.is_available() (the kernel's device-parametrised edge cases).
 GPU_FILES=$(grep -l "torch.cuda.is_available()" tests/test_*.py | tr '\n' ' ')
 if step cuda 150; then
-    tpy 150 "${PYTEST[@]}" "$REPO/tests" -m cuda -q -rA "${XDIST[@]}" > "$OUT_DIR/cuda_tests.log" 2>&1
-    log "cuda-marked tests exit code $? ($(tail -1 "$OUT_DIR/cuda_tests.log"))"
+    tpy 150 "${PYTEST[@]}" "$REPO/tests" -m cuda -q -rA "${XDIST[@]}" > "$D/cuda_tests.log" 2>&1
+    log "cuda-marked tests exit code $? ($(tail -1 "$D/cuda_tests.log"))"
     finished cuda
 fi
 # The kernel's edge cases on the GPU: each kernel variant is a Triton compile (over 150 s in all on an
@@ -257,8 +330,8 @@ if step device 300; then
     log "device-parametrised test files: $GPU_FILES"
     # shellcheck disable=SC2046
     tpy 300 "${PYTEST[@]}" $(for f in $GPU_FILES; do echo "$REPO/$f"; done) -m "not cuda" -q -rA "${XDIST[@]}" \
-        > "$OUT_DIR/device_tests.log" 2>&1
-    log "device-parametrised tests exit code $? ($(tail -1 "$OUT_DIR/device_tests.log"))"
+        > "$D/device_tests.log" 2>&1
+    log "device-parametrised tests exit code $? ($(tail -1 "$D/device_tests.log"))"
     finished device
 fi
 
@@ -267,40 +340,34 @@ summarise
 if step kernel 90; then
     tpy 90 "${PYTEST[@]}" "$REPO/benchmarks/bench_kernel.py" -m cuda -k "B256-C1000 or B1024-C21843" -q \
         --benchmark-only --benchmark-group-by=group --benchmark-columns=median,ops \
-        --benchmark-json "$OUT_DIR/kernel_bench.json" > "$OUT_DIR/kernel_bench.txt" 2>&1
+        --benchmark-json "$D/kernel_bench.json" > "$D/kernel_bench.txt" 2>&1
     log "kernel benchmark exit code $?"
     finished kernel
 fi
 
 summarise
-# 4. fasteval bench on 2,000 ImageNet-like JPEGs with every loader that can run here (the size of the
-#    H200 run of 2026-11-28: about 2.5 minutes a loader there, a cold compile included).
-DATA="$WORK/imagenet_like"
+# 4. fasteval bench on 2,000 ImageNet-like JPEGs (the measure step's, where it made them) with every loader
+#    that can run here: the stages and the timed loop; the whole command is the measure step's.
+DATA="$MEASURE_DATA/base"
 synth_once() {
     [ -d "$DATA" ] && return
+    DATA="$WORK/imagenet_like"
+    [ -d "$DATA" ] && return
     tpy 120 -m fasteval synth "$DATA" --classes "${GPU_CHECK_CLASSES:-50}" --per-class "${GPU_CHECK_PER_CLASS:-40}" \
-        > "$OUT_DIR/synth.log" 2>&1
-    log "synth: $(tail -1 "$OUT_DIR/synth.log")"
+        > "$D/synth.log" 2>&1
+    log "synth: $(tail -1 "$D/synth.log")"
 }
-if step bench 180; then
+if step bench 90; then
     synth_once
-    # The reference's DataLoader keeps about 2 float32 batches per worker in /dev/shm (154 MB per batch
-    # of 256 at 224x224): 16 workers need about 5 GB. Use no more workers than /dev/shm holds.
-    WORKERS=$(( $(nproc) < 16 ? $(nproc) : 16 ))
-    SHM_MB=$(df -Pm /dev/shm 2>/dev/null | awk 'NR == 2 {print $4}')
-    if [ -n "$SHM_MB" ]; then
-        FIT=$(( SHM_MB * 10 / 12 / (2 * 154) ))
-        if [ "$FIT" -lt "$WORKERS" ]; then
-            log "/dev/shm has $SHM_MB MB free: --workers $FIT instead of $WORKERS (the reference's batches live there)"
-            WORKERS=$FIT
-        fi
-    fi
     LOADERS="torchvision"
     if [ "$DALI" = "1" ]; then LOADERS="dali torchvision"; else log "SKIPPED: --loader dali (DALI is not installed here)"; fi
+    first=1
     for loader in $LOADERS; do
-        [ "$loader" = torchvision ] || step bench 360 "bench-$loader" || continue  # a second loader only where both fit
-        tpy 180 -m fasteval bench "$DATA" --loader "$loader" --batch-size 256 --workers "$WORKERS" \
-            --repeats "${GPU_CHECK_REPEATS:-1}" --no-progress --json "$OUT_DIR/bench_$loader.json" > "$OUT_DIR/bench_$loader.txt" 2>&1
+        [ "$first" = 1 ] || step bench 120 "bench-$loader" || continue  # a second loader only where it fits
+        first=0
+        tpy 150 -m fasteval bench "$DATA" --loader "$loader" --batch-size 256 --workers "$WORKERS" \
+            --repeats "${GPU_CHECK_REPEATS:-1}" --no-time-to-result --no-progress --json "$D/bench_$loader.json" \
+            > "$D/bench_$loader.txt" 2>&1
         log "bench --loader $loader exit code $?"
     done
     finished bench
@@ -315,7 +382,7 @@ if step sweep 240; then
     SWEEP="$WORK/sweep"
     COPIES="${GPU_CHECK_SWEEP_COPIES:-10}"
     tpy 120 -m fasteval synth "$SWEEP/base" --classes 10 --per-class "${GPU_CHECK_SWEEP_PER_CLASS:-100}" --size 256x256 \
-        > "$OUT_DIR/sweep_synth.log" 2>&1
+        > "$D/sweep_synth.log" 2>&1
     mkdir -p "$SWEEP/data"
     for c in $(seq 1 "$COPIES"); do
         for d in "$SWEEP"/base/*/; do cp -r "$d" "$SWEEP/data/$(basename "$d")_$c"; done
@@ -328,9 +395,9 @@ for seed in (1, 2, 3):
 PY
     tpy 240 -m fasteval eval "$SWEEP/data" --weights "$SWEEP"/ckpt1.pt "$SWEEP"/ckpt2.pt "$SWEEP"/ckpt3.pt \
         --batch-size 256 --workers "$(( $(nproc) < 16 ? $(nproc) : 16 ))" --compile on --exact off --no-progress \
-        --json "$OUT_DIR/sweep.json" > "$OUT_DIR/sweep.txt" 2>&1
+        --json "$D/sweep.json" > "$D/sweep.txt" 2>&1
     log "sweep exit code $?"
-    py - "$OUT_DIR/sweep.json" <<'PY' | tee -a "$LOG"
+    py - "$D/sweep.json" <<'PY' | tee -a "$LOG"
 import json, sys
 try:
     s = json.load(open(sys.argv[1]))
@@ -355,21 +422,21 @@ if step distributed 300; then
         # One seeded model for both runs (no --weights would be a random model per command).
         CKPT="$WORK/resnet18_seeded.pt"
         tpy 60 -c "import sys, torch, torchvision; torch.manual_seed(0); torch.save(torchvision.models.resnet18(
-num_classes=int(sys.argv[2])).state_dict(), sys.argv[1])" "$CKPT" "${GPU_CHECK_CLASSES:-50}"
+num_classes=int(sys.argv[2])).state_dict(), sys.argv[1])" "$CKPT" "$(find "$DATA" -mindepth 1 -maxdepth 1 -type d | wc -l)"
         for n in 1 "$NGPU"; do
             RUN=(-m torch.distributed.run --standalone --nproc-per-node "$n" -m fasteval)
             W=$(( $(nproc) / n > 8 ? 8 : ($(nproc) / n > 0 ? $(nproc) / n : 1) ))
             tpy 240 "${RUN[@]}" bench "$DATA" --weights "$CKPT" --batch-size 256 --workers "$W" --repeats 1 --no-progress \
-                --json "$OUT_DIR/ranks${n}_bench.json" > "$OUT_DIR/ranks${n}_bench.txt" 2>&1
+                --json "$D/ranks${n}_bench.json" > "$D/ranks${n}_bench.txt" 2>&1
             log "torchrun --nproc-per-node $n fasteval bench exit code $?"
             tpy 180 "${RUN[@]}" eval "$DATA" --weights "$CKPT" --batch-size 256 --workers "$W" --no-progress \
-                --json "$OUT_DIR/ranks${n}_eval.json" --predictions "$OUT_DIR/ranks${n}_eval.csv" \
-                > "$OUT_DIR/ranks${n}_eval.txt" 2>&1
+                --json "$D/ranks${n}_eval.json" --predictions "$D/ranks${n}_eval.csv" \
+                > "$D/ranks${n}_eval.txt" 2>&1
             log "torchrun --nproc-per-node $n fasteval eval exit code $?"
         done
     else
         log "SKIPPED: distributed (nvidia-smi -L lists ${NGPU:-0} GPU(s): one GPU against several needs at least 2)"
-        echo "distributed (nvidia-smi -L lists ${NGPU:-0} GPU(s); it needs at least 2)" >> "$OUT_DIR/skipped.txt"
+        echo "distributed (nvidia-smi -L lists ${NGPU:-0} GPU(s); it needs at least 2)" >> "$D/skipped.txt"
     fi
     finished distributed
 fi
@@ -386,19 +453,19 @@ if step precision 150; then
     synth_once
     CKPT="$WORK/resnet18_seeded.pt"
     [ -f "$CKPT" ] || tpy 60 -c "import sys, torch, torchvision; torch.manual_seed(0); torch.save(torchvision.models.resnet18(
-num_classes=int(sys.argv[2])).state_dict(), sys.argv[1])" "$CKPT" "${GPU_CHECK_CLASSES:-50}"
-    W=$(( $(nproc) < 16 ? $(nproc) : 16 ))
+num_classes=int(sys.argv[2])).state_dict(), sys.argv[1])" "$CKPT" "$(find "$DATA" -mindepth 1 -maxdepth 1 -type d | wc -l)"
+    W="$WORKERS"
     for run in bf16 fp32 reference; do
         OPT=(--precision "$run" --compile off); [ "$run" = reference ] && OPT=(--reference)
         ARGS=(-m fasteval eval "$DATA" --weights "$CKPT" --batch-size 256 --workers "$W" --no-progress "${OPT[@]}")
         tpy 120 "${ARGS[@]}" > /dev/null 2>&1  # warm: the page cache, Triton's kernel cache, the meta facts
         T0=$(date +%s.%N)
-        tpy 120 "${ARGS[@]}" --json "$OUT_DIR/precision_$run.json" > "$OUT_DIR/precision_$run.txt" 2>&1
+        tpy 120 "${ARGS[@]}" --json "$D/precision_$run.json" > "$D/precision_$run.txt" 2>&1
         RC=$?
-        py -c "print(round($(date +%s.%N) - $T0, 2))" > "$OUT_DIR/precision_$run.wall"
-        log "eval --precision $run: exit code $RC, $(cat "$OUT_DIR/precision_$run.wall") s whole command"
+        py -c "print(round($(date +%s.%N) - $T0, 2))" > "$D/precision_$run.wall"
+        log "eval --precision $run: exit code $RC, $(cat "$D/precision_$run.wall") s whole command"
     done
-    py - "$OUT_DIR" <<'PY' | tee -a "$LOG"
+    py - "$D" <<'PY' | tee -a "$LOG"
 import json, os, sys
 for run in ("bf16", "fp32", "reference"):
     try:
@@ -420,8 +487,8 @@ if step train 240; then
     tpy 60 -m fasteval synth "$WORK/va" --classes 10 --per-class 20 --size 100x100 --seed 1 > /dev/null 2>&1
     START_TRAIN=$(date +%s)
     tpy 240 -m fasteval train "$WORK/tr" "$WORK/va" --out "$WORK/run" --epochs 3 --device cuda --no-progress \
-        --workers 8 --json "$OUT_DIR/train.json" > "$OUT_DIR/train.txt" 2>&1
-    log "train exit code $? in $(( $(date +%s) - START_TRAIN )) s ($(tail -1 "$OUT_DIR/train.txt"))"
+        --workers 8 --json "$D/train.json" > "$D/train.txt" 2>&1
+    log "train exit code $? in $(( $(date +%s) - START_TRAIN )) s ($(tail -1 "$D/train.txt"))"
     finished train
 fi
 
@@ -430,6 +497,9 @@ summarise
 py - "$OUT_DIR/summary.json" <<'PY' | tee -a "$LOG"
 import json, sys
 s = json.load(open(sys.argv[1]))
+print("what decides (measure.json):")
+for line in (s.get("measure") or {}).get("lines") or ["no measure.json"]:
+    print(f"  {line}")
 print("paths that ran:")
 print(f"  DALI: {'installed' if s['environment'].get('dali_importable') else 'not installed (DALI paths not run)'}")
 print(f"  Triton kernel probe: {s['triton_probe']}")
@@ -437,6 +507,8 @@ for name in ("cuda_tests", "device_tests"):
     print(f"  {name}: {s[name]}")
     for path, counts in sorted(s[f"{name}_by_path"].items()):
         print(f"    {path}: {', '.join(f'{k} {v}' for k, v in sorted(counts.items()))}")
+for name, us in (s.get("kernel_median_us") or {}).items():
+    print(f"  kernel {name}: {us} us")
 for line in s["paths"]:
     print(f"  bench {line}")
 for name, run in s.get("distributed", {}).items():
@@ -448,4 +520,4 @@ for item in s.get("skipped_steps", []):
 for item in s.get("pending", []):
     print(f"  NOT REACHED: {item}")
 PY
-log "done in $(( $(date +%s) - START )) s; summary in $OUT_DIR/summary.json"
+log "done in $(( $(date +%s) - START )) s; summary in $OUT_DIR/summary.json, every log in $OUT_DIR/details.tar.gz"
