@@ -38,6 +38,8 @@ def test_gpu_settings_and_their_reasons():
     assert choose_settings(True, 16, 8, "fp32", SIZES)[0].output_dtype == "fp32"
     assert choose_settings(True, 16, 8, "fp16", SIZES)[0].output_dtype == "fp16"
     assert choose_settings(True, 2, 8, "bf16", SIZES)[0].threads == 1
+    shared, why = choose_settings(True, 16, 8, "bf16", SIZES, ranks=4)  # 4 torchrun ranks on these cores
+    assert shared.threads == 2 and "the 16 usable cores shared by 4 local ranks (4 each) less two" in why
     none, why = choose_settings(True, 16, 8, "bf16", [])
     assert none.size_hint is None and "no size hints: no JPEG" in why
 

@@ -379,6 +379,9 @@ def test_dali_is_tuned_by_the_plan_on_a_gpu_and_on_the_cpu(small_data, small_spe
                       FastOptions(compile="off", precision="fp32", dali=parse_overrides("threads=3,hw_decoder_load=1")))
     assert (tuned.dali_settings.threads, tuned.dali_settings.hw_decoder_load) == (3, 1.0)
     assert tuned.input_dtype == "fp32" and "--dali threads" in tuned.dali.reason
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")  # a torchrun rank, 4 on this machine: a quarter of the cores each
+    rank = make_plan(samples, no_run, small_spec, torch.device("cuda"), FastOptions(compile="off"), scope=Sharded(84))
+    assert rank.dali_settings.threads == 2 and "shared by 4 local ranks" in rank.dali.reason
 
     cpu = make_plan(samples, no_run, small_spec, CPU, FastOptions(compile="off", workers=2), scope=Sharded(1000))
     assert cpu.loader.value == "dali-cpu"

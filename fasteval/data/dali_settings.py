@@ -112,16 +112,20 @@ def percentile(values: list[int], pct: int) -> int:
 
 
 def choose_settings(gpu: bool, cores: int, workers: int, precision: str, jpeg_sizes: list[tuple[int, int]],
-                    overrides: DaliOverrides = DaliOverrides()) -> tuple[DaliSettings, str]:
+                    overrides: DaliOverrides = DaliOverrides(), ranks: int = 1) -> tuple[DaliSettings, str]:
     """The DALI pipeline's settings for a run on a GPU (``mixed`` decoding) or the CPU, and why (one clause a
-    setting). ``cores``: the usable cores; ``workers``: ``--workers``; ``precision``: the model's resolved
-    precision; ``jpeg_sizes``: (width, height) of the JPEGs the fast pass decodes (their headers')."""
+    setting). ``cores``: the usable cores; ``ranks``: the torchrun processes sharing them (one a GPU);
+    ``workers``: ``--workers``; ``precision``: the model's resolved precision; ``jpeg_sizes``: (width, height)
+    of the JPEGs the fast pass decodes (their headers')."""
     o, why = overrides, []
     if gpu:
-        threads = o.threads or max(1, cores - 2)
+        share = cores // max(1, ranks)
+        threads = o.threads or max(1, share - 2)
+        cores_text = f"the {cores} usable cores" + (f" shared by {ranks} local ranks ({share} each)"
+                                                    if ranks > 1 else "")
         why.append(f"{threads} decoding thread(s): " + ("--dali threads" if o.threads else
-                   f"the {cores} usable cores less two (one feeds the GPU, one for the rest)" if cores > 2 else
-                   f"at least one ({cores} usable core(s))"))
+                   f"{cores_text} less two (one feeds the GPU, one for the rest)" if share > 2 else
+                   f"at least one ({cores_text})"))
         load = HW_DECODER_LOAD if o.hw_decoder_load is None else o.hw_decoder_load
         why.append(f"hw_decoder_load {load:g}: " + ("--dali hw_decoder_load" if o.hw_decoder_load is not None else
                    "the share of JPEGs on the hardware decoder (A100, H100; the rest hybrid on the threads): "

@@ -16,6 +16,7 @@ outcome.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field, fields, replace
 
 import torch
@@ -212,7 +213,7 @@ def make_plan(samples: SampleList, model: nn.Module, spec: PreprocessSpec, devic
             f"fast path's logit error; samples within 3 x twice that error of a tie are rechecked") if exact_on
             else "--exact off: no recheck")
     key, placement = None, None
-    dali, dali_settings = _dali(kind, source, device, options, precision, probes, main)
+    dali, dali_settings = _dali(kind, source, device, options, precision, probes, main, scope)
     input_dtype = dali_settings.output_dtype if dali_settings is not None and source == "loader" else \
         "fp16" if precision == "fp16" else "fp32"
     if not main:
@@ -255,14 +256,16 @@ def make_plan(samples: SampleList, model: nn.Module, spec: PreprocessSpec, devic
 
 
 def _dali(kind: str, source: str, device: torch.device, options: FastOptions, precision: str,
-          probes: list[FileProbe], main: tuple[int, ...]) -> tuple[Decision, DaliSettings | None]:
+          probes: list[FileProbe], main: tuple[int, ...], scope: WholeRun) -> tuple[Decision, DaliSettings | None]:
     """The DALI pipeline's tuning (fasteval/data/dali_settings.py), from the JPEG headers of the fast pass's
-    samples; None where no DALI pipeline runs."""
+    samples and the cores this process shares with torchrun's other local ranks; None where no DALI pipeline
+    runs."""
     if kind != "dali" or not main:
         return Decision(None, "no DALI pipeline" + (f": the {kind} loader" if main else ": no fast pass")), None
     sizes = [probes[i].size for i in main if probes[i].format == "JPEG" and probes[i].size]
+    ranks = int(os.environ.get("LOCAL_WORLD_SIZE") or 1) if scope.sharded else 1
     settings, reason = choose_settings(device.type == "cuda", usable_cores(), options.workers, precision, sizes,
-                                       options.dali)
+                                       options.dali, ranks)
     if source == "store":
         reason += "; the store keeps uint8 pixels (the output dtype applies to a loader's batches)"
     return Decision(settings.to_json(), reason), settings
