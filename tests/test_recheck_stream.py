@@ -9,13 +9,15 @@ from __future__ import annotations
 import copy
 import os
 import sys
+import traceback
 
 import pytest
 import torch
 from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
 
 sys.path.insert(0, os.path.dirname(__file__))
-from sync_trace import SyncRecorder, _is_cuda  # noqa: E402
+from sync_trace import SyncRecorder, fake_cuda  # noqa: E402
 from test_exact import near_tie_model  # noqa: E402
 
 import fasteval.evaluation.recheck_stream as stream  # noqa: E402
@@ -268,6 +270,30 @@ def test_the_cpu_plan_keeps_the_recheck_after_the_pass(small_data, model_3cls, s
     assert not plan.recheck_overlap and "after the pass" in plan.exact.reason
 
 
+def test_a_gpu_plan_decoding_on_the_gpu_overlaps_the_recheck(small_data, model_3cls, small_spec, monkeypatch):
+    """On a (faked) H100 with nvJPEG's loader: overlapped; not with --workers 0, on a torchrun rank, with the
+    recheck asked after the pass, or with --exact off."""
+    from fasteval.evaluation.exact import WholeRun
+    from fasteval.evaluation.plan import make_plan
+
+    class Rank(WholeRun):
+        sharded = True
+
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA H100 80GB HBM3 (fake)")
+    samples = discover(small_data, quiet=True)
+
+    def plan(scope=None, **options):
+        return make_plan(samples, model_3cls, small_spec, CUDA,
+                         FastOptions(**{"compile": "off", "loader": "torchvision", "workers": 4, **options}), scope=scope)
+
+    gpu = plan()
+    assert gpu.loader.value == "torchvision-gpu" and gpu.recheck_overlap
+    assert "near-ties decoded during the pass by 4 PIL worker process(es)" in gpu.exact.reason
+    assert not plan(workers=0).recheck_overlap and not plan(scope=Rank()).recheck_overlap
+    assert not plan(recheck="after").recheck_overlap and not plan(exact="off").recheck_overlap
+
+
 def test_recheck_batch_is_reference_logits_batching(small_data, small_spec, monkeypatch):
     """The overlapped schedule scores in the batches ``reference_logits`` builds its DataLoader with."""
     import fasteval.evaluation.reference as reference
@@ -295,21 +321,21 @@ def test_recheck_batch_is_reference_logits_batching(small_data, small_spec, monk
 # --- no host sync in the pass (fake CUDA) -------------------------------------------------------------------
 
 
-class AsyncCopies(SyncRecorder):
-    """SyncRecorder that lets a non-blocking device-to-host copy into pinned memory pass (it queues a copy and
-    returns), counting them."""
+class DeviceToHost(TorchDispatchMode):
+    """Logs each device-to-host ``copy_``: the function of recheck_stream.py that made it, and whether it is
+    non-blocking into (the recorder's emulated) pinned memory, i.e. queues a copy and returns without waiting."""
 
-    def __init__(self) -> None:
+    def __init__(self, trace: SyncRecorder) -> None:
         super().__init__()
-        self.async_copies = 0
+        self.trace, self.copies = trace, []
 
-    def _copy_reason(self, name, args, kwargs):
-        if name == "copy_" and _is_cuda(args[1]) and args[0].device.type == "cpu":
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func.overloadpacket.__name__ == "copy_" and args[1].device.type == "cuda" and args[0].device.type == "cpu":
             non_blocking = args[2] if len(args) > 2 else kwargs.get("non_blocking", False)
-            if non_blocking and self.is_pinned(args[0]):
-                self.async_copies += 1
-                return None
-        return super()._copy_reason(name, args, kwargs)
+            where = next((f.name for f in reversed(traceback.extract_stack()) if f.filename == stream.__file__), "?")
+            self.copies.append((where, bool(non_blocking) and self.trace.is_pinned(args[0])))
+        return func(*args, **kwargs)
 
 
 class Pending:
@@ -326,12 +352,11 @@ class Pending:
 
 
 def test_the_watch_makes_no_host_sync_in_the_pass(monkeypatch):
-    """10 batches of 4 (the last of 2) on fake CUDA tensors, margins copied back every 3 batches: only
-    non-blocking copies into pinned memory, one per chunk (and one for each chunk holding a calibration row),
-    one event each; nothing read back."""
-    from torch._subclasses.fake_tensor import FakeTensorMode
-
-    with FakeTensorMode(allow_non_fake_inputs=True), AsyncCopies() as trace:
+    """10 batches of 4 (the last of 2) on fake CUDA tensors, margins copied back every 3 batches: no value read
+    back (the recorder raises on one), only non-blocking copies into pinned memory, one per chunk (and one for
+    each chunk holding a calibration row), one event each."""
+    Pending.made = 0
+    with fake_cuda() as trace:
         with torch.device(CUDA):
             model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
                                   nn.Linear(8, 10)).eval()
@@ -342,11 +367,12 @@ def test_the_watch_makes_no_host_sync_in_the_pass(monkeypatch):
         sent = []
         watch = stream.MarginWatch(acc, list(range(38)), torch.zeros(3, 10), sent.extend, CUDA, event=Pending,
                                    chunk=12)
-        with trace.recording() as events, torch.inference_mode():
+        with trace.recording() as events, DeviceToHost(trace) as log, torch.inference_mode():
             run_loop(batches, model, acc, after_batch=watch)
-        assert events == [], trace.report()
+        # The recorder lists every device-to-host copy as a sync; each is the watch's, queued into pinned memory.
+        assert [e.reason for e in events] == ["device-to-host copy"] * 5, trace.report()
+        assert log.copies == [("_launch", True)] * 5  # margins per chunk; calibration rows 0 and 20 in two of them
         assert watch.launches == Pending.made == 3  # after 12, 24 and 36 samples
-        assert trace.async_copies == 3 + 2  # margins per chunk; calibration rows 0 and 20 in the first two
         assert sent == [] and len(watch.pending) == 3
 
 
