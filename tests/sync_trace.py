@@ -10,13 +10,16 @@ first and records those that block the host on the device:
 - operations whose output size depends on the data (``nonzero``, boolean-mask indexing,
   ``masked_select``, ``unique``, ``repeat_interleave`` without ``output_size``);
 - device-to-host copies, and host-to-device copies that are blocking or come from pageable
-  (unpinned) memory. Indexing a CUDA tensor with a Python list is one: the list becomes a host
-  tensor copied with a blocking ``_to_copy``.
+  (unpinned) memory (``_to_copy``, ``copy_``, and in inference mode ``to`` itself). Indexing a CUDA
+  tensor with a Python list is one: the list becomes a host tensor copied with a blocking ``_to_copy``.
 
 Fake tensors have no memory to pin, so the recorder emulates pinning: ``pin_memory()`` (and
 factories called with ``pin_memory=True``) mark the storage, ``is_pinned()`` reads the mark.
 Operations that need real values (the first two groups) cannot run on fake tensors at all: the
 recorder raises :class:`HostSyncError` naming the op and the line that called it.
+
+:class:`LaunchCounter` counts the device work a region queues, and ``stub_triton_launches`` records
+Triton launches by name instead of running them (the boundary fake tensors cannot cross).
 """
 
 from __future__ import annotations
@@ -39,7 +42,7 @@ _READS_VALUE = {"_local_scalar_dense", "item", "equal", "is_nonzero", "allclose"
 # The output's size depends on the data: the host must wait to learn it.
 _DATA_DEPENDENT = {"nonzero", "masked_select", "unique", "_unique", "_unique2", "unique_dim", "unique_consecutive",
                    "bincount", "histc"}
-_COPIES = {"_to_copy", "copy_", "_copy_from", "_copy_from_and_resize"}
+_COPIES = {"to", "_to_copy", "copy_", "_copy_from", "_copy_from_and_resize"}
 _HERE = os.path.abspath(__file__)
 _TORCH_DIR = os.path.dirname(os.path.abspath(torch.__file__))
 
@@ -70,6 +73,12 @@ def _tensors(args, kwargs) -> list[torch.Tensor]:
     return [a for a in tree_flatten((args, kwargs))[0] if isinstance(a, torch.Tensor)]
 
 
+def _bound(func, args, kwargs) -> dict:
+    """An operation's arguments by their schema's names."""
+    names = [argument.name for argument in func._schema.arguments]
+    return {**dict(zip(names, args)), **kwargs}
+
+
 def _is_cuda(t: torch.Tensor) -> bool:
     return t.device.type == "cuda"
 
@@ -90,7 +99,7 @@ class SyncRecorder(TorchDispatchMode):
     def is_pinned(self, t: torch.Tensor) -> bool:
         return t.untyped_storage()._cdata in self._pinned
 
-    def _reason(self, name: str, args, kwargs) -> str | None:
+    def _reason(self, func, name: str, args, kwargs) -> str | None:
         tensors = _tensors(args, kwargs)
         on_device = any(_is_cuda(t) for t in tensors)
         if name in _READS_VALUE and on_device:
@@ -104,11 +113,16 @@ class SyncRecorder(TorchDispatchMode):
         if name == "repeat_interleave" and on_device and kwargs.get("output_size") is None:
             return "repeat_interleave without output_size"
         if name in _COPIES:
-            return self._copy_reason(name, args, kwargs)
+            return self._copy_reason(func, name, args, kwargs)
         return None
 
-    def _copy_reason(self, name: str, args, kwargs) -> str | None:
-        if name == "_to_copy":
+    def _copy_reason(self, func, name: str, args, kwargs) -> str | None:
+        if name == "to":  # inference mode dispatches ``Tensor.to`` itself, not the ``_to_copy`` it decomposes into
+            bound = _bound(func, args, kwargs)
+            src, other = args[0], bound.get("other")
+            dst_device = torch.device(other.device if other is not None else bound.get("device") or src.device)
+            non_blocking = bound.get("non_blocking", False)
+        elif name == "_to_copy":
             src, dst_device = args[0], kwargs.get("device", args[0].device)
             dst_device = torch.device(dst_device)
             non_blocking = kwargs.get("non_blocking", False)
@@ -130,12 +144,12 @@ class SyncRecorder(TorchDispatchMode):
         name = func.overloadpacket.__name__
         if func is aten.is_pinned.default:
             return self.is_pinned(args[0])
-        if func is aten._pin_memory.default:
+        if func in (aten._pin_memory.default, aten.pin_memory.default):  # the latter reaches here on a fake GPU
             out = aten.clone.default(args[0])
             self._mark_pinned(out)
             return out
         if self.active:
-            reason = self._reason(name, args, kwargs)
+            reason = self._reason(func, name, args, kwargs)
             if reason is not None:
                 event = SyncEvent(str(func), reason, _caller())
                 self.events.append(event)
@@ -169,3 +183,54 @@ def fake_cuda() -> Iterator[SyncRecorder]:
     """
     with FakeTensorMode(allow_non_fake_inputs=True), SyncRecorder() as recorder:
         yield recorder
+
+
+# Operations that launch no device work: allocations, host-side pinning and metadata (views are told by
+# their schema: ``OpOverload.is_view``).
+_NO_LAUNCH = {"empty", "empty_strided", "empty_like", "new_empty", "new_empty_strided", "is_pinned", "_pin_memory",
+              "detach", "detach_", "device", "lift_fresh", "alias", "sym_size", "sym_stride", "sym_numel",
+              "sym_storage_offset"}
+
+
+class LaunchCounter(TorchDispatchMode):
+    """Counts the ATen operations that would queue device work (a kernel or a copy) on a CUDA device, by
+    name: every operation with a CUDA tensor among its inputs or outputs, except views, allocations and
+    metadata. Enter it inside ``fake_cuda()``, around the code to count."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.ops: dict[str, int] = {}
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        name = func.overloadpacket.__name__
+        copied = name == "to" and out is not args[0]  # under inference mode: a copy unless it returned its input
+        if copied or (not func.is_view and name not in _NO_LAUNCH):
+            if any(_is_cuda(t) for t in _tensors((args, kwargs), {}) + _tensors(out, {})):
+                self.ops[name] = self.ops.get(name, 0) + 1
+        return out
+
+    @property
+    def total(self) -> int:
+        return sum(self.ops.values())
+
+
+@contextlib.contextmanager
+def stub_triton_launches() -> Iterator[list[str]]:
+    """Every Triton launch (``kernel[grid](...)``, autotuned or not) recorded by its kernel's name instead of
+    run: the launch is the boundary past which fake tensors cannot go. Yields the list of names."""
+    from triton.runtime.jit import KernelInterface
+
+    launches: list[str] = []
+    real = KernelInterface.__getitem__
+
+    def launcher(kernel, grid):
+        name = getattr(kernel, "__name__", None) or getattr(getattr(kernel, "fn", None), "__name__", "?")
+        return lambda *args, **kwargs: launches.append(name)
+
+    KernelInterface.__getitem__ = launcher
+    try:
+        yield launches
+    finally:
+        KernelInterface.__getitem__ = real

@@ -30,6 +30,7 @@ LAYERS: dict[str, tuple[str, ...]] = {
         "fasteval.data.loaders", "fasteval.data.pixels", "fasteval.data.prefetch", "fasteval.data.preprocess",
         "fasteval.data.probe", "fasteval.data.samples", "fasteval.data.synth",
         "fasteval.data.layouts", "fasteval.data.sources",
+        "fasteval.data.decode_ahead",
     ),
     "model": (
         "fasteval.model", "fasteval.model.cache_damage", "fasteval.model.compile_cache",

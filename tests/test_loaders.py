@@ -160,52 +160,6 @@ def test_gpu_loaders_parity(kind, varied_data, kinds_data):
         assert max(means) <= 1.5, dict(zip(samples.paths, means))
 
 
-def test_nvjpeg_outputs_are_ordered_with_the_current_stream(monkeypatch):
-    """nvJPEG runs on its own stream: its outputs are allocated with a dedicated stream current (not the
-    one whose freed blocks queued kernels still read), the current stream waits for that stream, and
-    each output is kept from reuse until the current stream is done with it. CUDA's streams are mocked."""
-    log, current = [], []
-
-    class Stream:
-        def __init__(self, name):
-            self.name = name
-
-        def wait_stream(self, other):
-            log.append(f"{self.name} waits {other.name}")
-
-    class Image:
-        def record_stream(self, stream):
-            log.append(f"image used on {stream.name}")
-
-    main = Stream("main")
-
-    class StreamContext:
-        def __init__(self, stream):
-            self.stream = stream
-
-        def __enter__(self):
-            current.append(self.stream)
-
-        def __exit__(self, *exc):
-            current.pop()
-
-    monkeypatch.setattr(torch.cuda, "Stream", lambda device: Stream("decode"))
-    monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: current[-1] if current else main)
-    monkeypatch.setattr(torch.cuda, "stream", StreamContext)
-    monkeypatch.setattr(torch.cuda, "device", lambda device: StreamContext(current[-1] if current else main))
-
-    def decode_here(batch, paths):
-        log.append(f"decode with {torch.cuda.current_stream().name} current")
-        return [Image() for _ in batch]
-
-    loader = GpuDecodeLoader.__new__(GpuDecodeLoader)
-    loader.device, loader._decode_stream = torch.device("cuda:0"), None
-    monkeypatch.setattr(loader, "_decode_jpegs_here", decode_here)
-    for _ in range(2):
-        assert len(loader._decode_jpegs([None, None], ["a.jpg", "b.jpg"])) == 2
-    assert log == ["decode with decode current", "main waits decode", "image used on main", "image used on main"] * 2
-
-
 @pytest.mark.parametrize("total, cap, shape", [(240, 64, 60), (50_000, 256, 256), (10, 32, 10), (65, 64, 33),
                                                (64, 64, 64), (1, 64, 1), (21, 8, 7), (21, 4, 4), (129, 64, 43)])
 def test_cpu_batch_shape_by_hand(total, cap, shape):

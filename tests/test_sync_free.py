@@ -1,7 +1,9 @@
 """The hot loops make no host sync, checked without a GPU on fake CUDA tensors (see sync_trace.py).
 
 What cannot run on fake tensors is stubbed at its boundary: nvJPEG (the GPU-decode loader gets
-decoded uint8 CUDA images), DataLoader workers (the loaders get collated host tensors) and the
+decoded uint8 CUDA images), Triton launches (recorded, not run: ``stub_triton_launches``), CUDA streams and
+events (the decode thread's handoff records its calls), DataLoader workers (the loaders get collated host
+tensors) and the
 compiled, autocast model (``FastModel`` moves parameters with ``Module.to``, which cannot swap
 fake parameters, and autocast turns itself off without CUDA): the loop gets a plain eager module.
 """
@@ -16,14 +18,18 @@ import torch
 from torch import nn
 
 sys.path.insert(0, os.path.dirname(__file__))
-from sync_trace import HostSyncError, fake_cuda  # noqa: E402
+from sync_trace import HostSyncError, LaunchCounter, fake_cuda, stub_triton_launches  # noqa: E402
 
 from fasteval.kernels.accumulator import MetricsAccumulator  # noqa: E402
+from fasteval.data.decode_ahead import HostHandoff  # noqa: E402
 from fasteval.data.loader_torch import GpuDecodeLoader, TorchvisionLoader  # noqa: E402
 from fasteval.data.batch import Batch  # noqa: E402
 from fasteval.data.samples import discover  # noqa: E402
 
 CUDA = torch.device("cuda")
+# The fused kernel's wrapper reads each image's data pointer (its table for the launch): a fake tensor's is
+# meaningless, and the launch that would use it is stubbed.
+pytestmark = pytest.mark.filterwarnings("ignore:Accessing the data pointer of FakeTensor")
 # Distinct sizes (h, w), as nvJPEG returns them: the geometry groups them, one resize per size.
 SIZES = [(375, 500), (333, 500), (375, 500), (500, 375), (281, 500), (375, 500), (400, 300)]
 
@@ -54,49 +60,148 @@ def test_recorder_flags_syncs_and_passes_async_work():
         assert events == []
 
 
+def test_recorder_sees_copies_under_inference_mode():
+    """Inference mode dispatches ``Tensor.to`` whole (not the ``_to_copy`` it becomes outside it): its copies
+    are judged alike, and counted as device work unless ``to`` returned its input."""
+    with fake_cuda() as trace, torch.inference_mode():
+        x = torch.zeros(4, dtype=torch.int32, device=CUDA)
+        with trace.recording() as events, LaunchCounter() as counter:
+            torch.zeros(3).to(CUDA)
+            x.cpu()
+            torch.zeros(3).pin_memory().to(CUDA, non_blocking=True)
+            x.long()
+            x.to(CUDA)  # already there: no copy
+        assert [e.reason for e in events] == ["blocking host-to-device copy", "device-to-host copy"]
+        assert counter.ops == {"to": 4}
+
+
 def _gpu_decode_loader(small_data, spec, batch_size):
     loader = GpuDecodeLoader(discover(small_data), spec, batch_size, 0, CUDA)
     assert loader.normalize.mean.device.type == "cuda"
+    assert loader.loader.pin_memory  # the workers' file bytes and labels reach the loop pinned
     return loader
 
 
+@pytest.fixture
+def device_guard(monkeypatch):
+    """``torch.cuda.device(...)`` (the fused kernel's launch guard) without a driver: device 0 stays current."""
+    monkeypatch.setattr(torch.cuda, "_exchange_device", lambda device: 0)
+    monkeypatch.setattr(torch.cuda, "_maybe_exchange_device", lambda device: 0)
+
+
 @pytest.mark.parametrize("batch_size", [4, 3])
-def test_gpu_decode_assembly_has_no_host_sync(batch_size, small_data, small_spec):
-    """Geometry (several sizes per batch), label transfer, padding of the short last batch, normalisation."""
-    with fake_cuda() as trace:
+def test_gpu_decode_assembly_has_no_host_sync(batch_size, small_data, small_spec, device_guard):
+    """The fused geometry (several sizes per batch, the Triton launch stubbed), label transfer, padding of the
+    short last batch."""
+    with fake_cuda() as trace, stub_triton_launches() as launches:
         loader = _gpu_decode_loader(small_data, small_spec, batch_size)
+        assert loader.per_size is None
         decoded = [torch.empty(3, h, w, dtype=torch.uint8, device=CUDA) for h, w in SIZES]
         chunks = [decoded[i:i + batch_size] for i in range(0, len(decoded), batch_size)]
         labels = [torch.arange(i, i + len(c)) for i, c in zip(range(0, len(decoded), batch_size), chunks)]
-        loader.loader = list(zip(chunks, labels))  # collated host batches, as the DataLoader yields them
-        loader._decode = lambda batch_in: batch_in[0]  # nvJPEG's boundary: decoded uint8 CUDA images
         with trace.recording() as events:
-            batches = [loader.assemble(images, lab) for images, lab in loader.loader]
+            batches = [loader.assemble(images, lab) for images, lab in zip(chunks, labels)]
         assert events == [], trace.report()
+        assert launches == ["_resize_crop_kernel"] * len(chunks)  # one launch a batch, the short one too
         assert [b.real for b in batches] == [len(c) for c in chunks]
         for b in batches:
             assert b.images.device.type == "cuda" and b.labels.device.type == "cuda"
             assert b.images.shape == (batch_size, 3, 32, 32) and b.labels.shape == (batch_size,)
             assert b.images.is_contiguous(memory_format=torch.channels_last)
-            assert b.labels.dtype == torch.int64
+            assert b.images.dtype == torch.float32 and b.labels.dtype == torch.int64
 
 
-def test_gpu_decode_iteration_has_no_host_sync(small_data, small_spec, monkeypatch):
-    """``__iter__`` itself, with the DataLoader replaced by collated batches and nvJPEG by fake images."""
+def test_gpu_decode_per_size_assembly_has_no_host_sync(small_data, small_spec):
+    """The path of a spec the fused kernel cannot make: one resize per distinct size, then normalised."""
+    with fake_cuda() as trace:
+        loader = _gpu_decode_loader(small_data, small_spec, 8)
+        loader.per_size = "forced"
+        images = [torch.empty(3, h, w, dtype=torch.uint8, device=CUDA) for h, w in SIZES]
+        with trace.recording() as events:
+            batch = loader.assemble(images, torch.arange(len(images)))
+        assert events == [], trace.report()
+        assert batch.images.shape == (8, 3, 32, 32) and batch.real == len(SIZES)
+        assert batch.images.is_contiguous(memory_format=torch.channels_last)
+
+
+def test_gpu_decode_geometry_is_one_launch_a_batch_whatever_its_sizes(small_data, small_spec, device_guard):
+    """The device work ``assemble`` queues is the same for a batch of one size as for one of 8 distinct
+    sizes: one Triton launch, a fixed set of ATen operations. The per-size path's grows with the sizes."""
+    one_size, distinct = [(40, 50)] * 8, [(40 + i, 50 + 3 * i) for i in range(8)]
+    with fake_cuda(), stub_triton_launches() as triton:
+        loader = _gpu_decode_loader(small_data, small_spec, 8)
+
+        def launches(sizes, per_size=None):
+            loader.per_size = per_size
+            images = [torch.empty(3, h, w, dtype=torch.uint8, device=CUDA) for h, w in sizes]
+            triton.clear()
+            with LaunchCounter() as counter:
+                loader.assemble(images, torch.arange(8).pin_memory())
+            return list(triton), counter.ops
+
+        fused = launches(one_size)
+        assert fused[0] == ["_resize_crop_kernel"]
+        assert launches(distinct) == fused
+        per_size_one, per_size_distinct = launches(one_size, "forced")[1], launches(distinct, "forced")[1]
+        assert sum(per_size_distinct.values()) >= sum(per_size_one.values()) + 7 * 3, (per_size_one, per_size_distinct)
+
+
+class RecordingHandoff(HostHandoff):
+    """The handoff's calls (CUDA streams and events need a driver): what each was given."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple] = []
+
+    def decoding(self):
+        self.calls.append(("decoding",))
+        return super().decoding()
+
+    def hand_over(self, tensors):
+        self.calls.append(("hand_over", [t.device.type for t in tensors]))
+        return len(self.calls)
+
+    def take(self, ready):
+        self.calls.append(("take", ready))
+
+
+class Inline:
+    """``Ahead``'s interface on the consumer's thread (its thread logic is tested in test_gpu_loader.py): the
+    decoding side's device work runs under the recorder too (dispatch modes are per thread)."""
+
+    def __init__(self, items, depth):
+        self.items = items
+
+    def __iter__(self):
+        return iter(self.items)
+
+    def close(self):
+        pass
+
+
+def test_gpu_decode_iteration_has_no_host_sync(small_data, small_spec, monkeypatch, device_guard):
+    """``__iter__`` itself, both sides of the decoding thread: the DataLoader replaced by collated batches
+    (pinned, as its pin thread hands them), nvJPEG by fake images, the thread by ``Inline``."""
+    from fasteval.data import loader_torch
     from fasteval.data.loader_torch import EncodedBatch
 
-    with fake_cuda() as trace:
+    monkeypatch.setattr(loader_torch, "Ahead", Inline)
+    with fake_cuda() as trace, stub_triton_launches() as launches:
         loader = _gpu_decode_loader(small_data, small_spec, 4)
-        loader.loader = [EncodedBatch(torch.zeros(len(sizes), dtype=torch.uint8), [1] * len(sizes), [None] * len(sizes),
-                                      torch.arange(len(sizes)), ["x.jpg"] * len(sizes))
-                         for sizes in (SIZES[:4], SIZES[4:])]
-        monkeypatch.setattr(loader, "_decode_jpegs",
-                            lambda batch, paths: [torch.empty(3, *SIZES[i % 4], dtype=torch.uint8, device=CUDA)
-                                                  for i in range(len(paths))])
+        loader.loader = [EncodedBatch(torch.zeros(n, dtype=torch.uint8).pin_memory(), [1] * n, [None] * n,
+                                      torch.arange(n).pin_memory(), ["x.jpg"] * n) for n in (4, 3)]
+        monkeypatch.setattr(loader, "_decode_jpegs", lambda batch, paths: [
+            torch.empty(3, *SIZES[i], dtype=torch.uint8, device=CUDA) for i in range(len(paths))])
+        handoff = RecordingHandoff()
+        monkeypatch.setattr(loader, "_handoff", lambda: handoff)
         with trace.recording() as events:
-            reals = [batch.real for batch in loader]
+            batches = list(loader)
         assert events == [], trace.report()
-        assert reals == [4, 3]
+        assert [b.real for b in batches] == [4, 3]
+        assert all(b.labels.shape == (4,) and b.labels.device.type == "cuda" for b in batches)
+        assert launches == ["_resize_crop_kernel"] * 2
+    # Each batch's images and labels are handed over, then taken before the loop uses them.
+    assert handoff.calls == [("decoding",), ("hand_over", ["cuda"] * 5), ("take", 2),
+                             ("decoding",), ("hand_over", ["cuda"] * 4), ("take", 5)]
 
 
 def test_gpu_decode_geometry_keeps_batch_order(small_spec):

@@ -1,10 +1,10 @@
 """Loaders without DALI: torchvision's nvJPEG decoding on the GPU, PIL in DataLoader workers, and the
 reference's PIL pixels for small CPU runs.
 
-The first two keep images as uint8 until they reach the device, where a single normalisation
-produces the model's channels-last float input; the third (CPU only) normalises each image as it
-reads it (on the thread that decoded it, or in order for pixels decoded at start-up). The last
-batch is padded to the static size.
+The first two keep images as uint8 until they reach the device, where one launch makes the model's
+channels-last input (the nvJPEG loader's fused resize, crop and normalisation; the PIL workers'
+normalisation); the third (CPU only) normalises each image as it reads it (on the thread that
+decoded it, or in order for pixels decoded at start-up). The last batch is padded to the static size.
 Per batch, neither makes the host wait for the device: host tensors go to the GPU from pinned
 memory with ``non_blocking=True``, padding is made on the device, and no device tensor is indexed
 with a host list (``tests/test_sync_free.py`` checks all three on fake CUDA tensors).
@@ -23,6 +23,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from fasteval.errors import FastevalError
 from fasteval.data.batch import Batch
+from fasteval.data.decode_ahead import Ahead, HostHandoff, StreamHandoff
 from fasteval.data.preprocess import PreprocessSpec, image_size
 from fasteval.data.probe import probe
 from fasteval.data.pixels import load_rgb, reference_pixels
@@ -69,14 +70,17 @@ class Normalizer:
         flat /= std
 
 
+def _zero_rows(t: torch.Tensor, size: int) -> torch.Tensor:
+    """Zero rows up to ``size``, made where the tensor already is (the device)."""
+    missing = size - t.shape[0]
+    if missing == 0:
+        return t
+    return torch.cat([t, t.new_zeros((missing, *t.shape[1:]))])
+
+
 def _pad(images: torch.Tensor, labels: torch.Tensor, size: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Zero rows up to the static batch size, made where the tensors already are (the device)."""
-    missing = size - images.shape[0]
-    if missing == 0:
-        return images, labels
-    images = torch.cat([images, images.new_zeros((missing, *images.shape[1:]))])
-    labels = torch.cat([labels, labels.new_zeros(missing)])
-    return images, labels
+    return _zero_rows(images, size), _zero_rows(labels, size)
 
 
 def _pil_uint8(samples: SampleList, spec: PreprocessSpec) -> ImageDataset:
@@ -277,12 +281,35 @@ warnings.filterwarnings("ignore", message="The image decoding and encoding capab
                         category=DeprecationWarning)
 
 
-class GpuDecodeLoader:
-    """torchvision.io.decode_jpeg on the CUDA device (nvJPEG, batched), resize and crop on the GPU.
+# Decoded batches waiting for the batch loop, beside the one being decoded: two, so that one slow batch of
+# files (large images, PIL fallbacks) does not idle the model. About 0.15 GB of device memory each at
+# batch 256 of ImageNet-sized images.
+DECODE_AHEAD = 2
 
-    nvJPEG runs on a stream of its own, so its outputs are allocated on a dedicated decode stream
-    (see ``_decode_jpegs``). Everything after the decode runs on the current stream, with no host
-    sync: see ``_geometry`` and ``assemble``.
+
+def per_size_reason(spec: PreprocessSpec) -> str | None:
+    """Why the fused kernel (kernels/resize_crop.py) cannot make ``spec``'s batches, so that the GPU-decode
+    loader resizes once per distinct image size instead; None where it can. Without a crop it can (the run's
+    outputs share one size: ``preprocess.check_batchable``); without antialias too, and must: the reference
+    resizes PIL images, which PIL always antialiases (torchvision ignores ``antialias=False`` there)."""
+    from fasteval.kernels.resize_crop import SUPPORTS
+
+    if spec.crop is not None and spec.crop > spec.resize:
+        return f"the crop {spec.crop} is larger than the resize {spec.resize}"
+    if spec.interpolation not in SUPPORTS:
+        return f"{spec.interpolation} interpolation (the kernel has {', '.join(SUPPORTS)})"
+    return None
+
+
+class GpuDecodeLoader:
+    """torchvision.io.decode_jpeg on the CUDA device (nvJPEG, batched), resize, crop and normalise on the GPU.
+
+    Decoding runs ahead on a thread and a CUDA stream of its own (fasteval/data/decode_ahead.py): DataLoader
+    workers read the files into pinned memory, the thread decodes each batch on its stream and hands it to
+    the batch loop's stream by an event, up to ``DECODE_AHEAD`` batches ahead. The batch loop's own work
+    per batch (``assemble``) is one launch of ``resize_crop_normalize`` for the whole ragged batch, in the
+    model's input dtype, channels-last; no host sync. A spec that kernel cannot make (``per_size_reason``)
+    is resized once per distinct image size, then normalised, as before the kernel.
     """
 
     name = "torchvision-gpu"
@@ -291,9 +318,12 @@ class GpuDecodeLoader:
                  device: torch.device, half: bool = False) -> None:
         self.spec, self.batch_size, self.device = spec, batch_size, device
         self.normalize = Normalizer(spec, device, half)
+        self.per_size = per_size_reason(spec)  # None: one fused launch a batch
         self.loader = DataLoader(_EncodedFiles(samples), batch_size=batch_size, num_workers=workers,
-                                 collate_fn=_collate, persistent_workers=workers > 0)
-        self._decode_stream = None  # made on the first CUDA decode
+                                 collate_fn=_collate, persistent_workers=workers > 0,
+                                 pin_memory=device.type == "cuda")
+        self._decode_stream = None  # made on the first CUDA pass
+        self._ahead: Ahead | None = None
 
     def _decode(self, batch_in: EncodedBatch) -> list[torch.Tensor]:
         sizes, paths = batch_in.sizes, batch_in.paths
@@ -307,34 +337,8 @@ class GpuDecodeLoader:
         return out
 
     def _decode_jpegs(self, batch: list[torch.Tensor], paths: list[str]) -> list[torch.Tensor]:
-        """nvJPEG, ordered with the current stream.
-
-        torchvision's batched CUDA decode (``decode_jpegs_cuda.cpp``) allocates each output with
-        ``torch::empty`` on the caller's current stream, decodes on a pool stream of its own without
-        waiting for the caller's stream, then makes the caller's stream wait on an event. The caching
-        allocator may hand it a block the current stream has just freed while queued kernels (the
-        previous batch's model and metrics) still read it: nvJPEG could overwrite their input. So the
-        decode runs with a dedicated stream current: its outputs come from that stream's pool, where
-        nothing else runs, and torchvision's event wait lands on it; ``record_stream`` keeps each block
-        out of that pool until the current stream's uses of it are done, and ``wait_stream`` orders the
-        current stream after the decode. The host waits for the decode itself (torchvision synchronises
-        its own stream) but never for the current stream. torchvision blocks the stream of the device
-        that was current when its decoder was made, so the evaluation device is made current too.
-        """
-        if self.device.type != "cuda":
-            return self._decode_jpegs_here(batch, paths)
-        if self._decode_stream is None:
-            self._decode_stream = torch.cuda.Stream(self.device)
-        main = torch.cuda.current_stream(self.device)
-        with torch.cuda.device(self.device), torch.cuda.stream(self._decode_stream):
-            images = self._decode_jpegs_here(batch, paths)
-        main.wait_stream(self._decode_stream)
-        for image in images:
-            image.record_stream(main)
-        return images
-
-    def _decode_jpegs_here(self, batch: list[torch.Tensor], paths: list[str]) -> list[torch.Tensor]:
-        """One batched nvJPEG call; after a failure, file by file (nvJPEG alone, else PIL, else a named error)."""
+        """One batched nvJPEG call; after a failure, file by file (nvJPEG alone, else PIL, else a named error).
+        Runs on the decoding thread, with the decode stream current on CUDA (``StreamHandoff``)."""
         from torchvision.io import ImageReadMode, decode_jpeg
 
         try:
@@ -350,6 +354,24 @@ class GpuDecodeLoader:
         except RuntimeError:
             return to_device(torch.from_numpy(_pil_rgb(path)).permute(2, 0, 1), self.device)
 
+    def _handoff(self) -> HostHandoff | StreamHandoff:
+        if self.device.type != "cuda":
+            return HostHandoff()
+        if self._decode_stream is None:
+            self._decode_stream = torch.cuda.Stream(self.device)
+        return StreamHandoff(self.device, self._decode_stream)
+
+    def _decoded(self, handoff: HostHandoff | StreamHandoff, inference: bool) -> Iterator[tuple]:
+        """The decoding thread's work: each batch of files decoded and its labels on the device, padded to the
+        static batch size (off the batch loop's thread), with what orders them before the loop's use.
+        ``inference``: whether the consumer runs in inference mode (thread-local: the thread takes it up)."""
+        with torch.inference_mode(inference):
+            for batch_in in self.loader:
+                with handoff.decoding():
+                    images = self._decode(batch_in)
+                    labels = _zero_rows(to_device(batch_in.labels, self.device), self.batch_size)
+                yield images, labels, handoff.hand_over([*images, labels])
+
     def _resize_crop(self, images: list[torch.Tensor], h: int, w: int) -> torch.Tensor:
         from torchvision.transforms.v2 import functional as F
 
@@ -357,13 +379,13 @@ class GpuDecodeLoader:
         stacked = images[0].unsqueeze(0) if len(images) == 1 else torch.stack(images)
         group = F.resize(stacked, list(self.spec.resized_hw(h, w)), interpolation=mode,
                          antialias=self.spec.antialias)
-        if self.spec.crop is not None:
-            top, left = self.spec.crop_offsets(h, w)
-            group = group[:, :, top:top + self.spec.crop, left:left + self.spec.crop]
+        if self.spec.crop is not None:  # CenterCrop's offsets; zeros around an image smaller than the crop
+            group = F.center_crop(group, [self.spec.crop, self.spec.crop])
         return group
 
     def _geometry(self, images: list[torch.Tensor]) -> torch.Tensor:
-        """Resize + crop on the device, one call per distinct input size (not one per image).
+        """Resize + crop on the device, one call per distinct input size (the path for a spec the fused
+        kernel cannot make: ``per_size_reason``).
 
         The groups go back into batch order by ``index_copy_`` with one index tensor copied from
         pinned memory without blocking. Writing ``out[idx] = group`` with ``idx`` a Python list would
@@ -383,12 +405,43 @@ class GpuDecodeLoader:
             start += len(idx)
         return out
 
+    def _fused(self, images: list[torch.Tensor]) -> torch.Tensor:
+        """The whole ragged batch in one launch: resized, cropped, normalised, in the model's input dtype."""
+        from fasteval.kernels.resize_crop import resize_crop_normalize
+
+        spec = self.spec
+        return resize_crop_normalize(images, spec.resize, spec.crop, spec.mean, spec.std,
+                                     interpolation=spec.interpolation, out_dtype=self.normalize.dtype)
+
     def assemble(self, images: list[torch.Tensor], labels: torch.Tensor) -> Batch:
-        """Decoded CHW uint8 device images and host labels -> the model's padded, normalised batch."""
+        """Decoded CHW uint8 device images and their labels (on the host, or already on the device as the
+        decoding thread hands them over) -> the model's padded, normalised batch.
+
+        A short batch's padding rows are a black image, resized and normalised by the same launch: the values
+        the per-size path gives them (zeros, normalised)."""
         real = len(images)
-        out, labels = _pad(self._geometry(images), to_device(labels, self.device), self.batch_size)
-        return Batch(self.normalize(out), labels, real)
+        if labels.device.type == "cpu":
+            labels = to_device(labels, self.device)
+        labels = _zero_rows(labels, self.batch_size)
+        if self.per_size is not None:
+            return Batch(self.normalize(_zero_rows(self._geometry(images), self.batch_size)), labels, real)
+        if real < self.batch_size:  # the black image takes the first's size: without a crop, the run's output size
+            images = [*images, *[images[0].new_zeros(images[0].shape)] * (self.batch_size - real)]
+        return Batch(self._fused(images), labels, real)
 
     def __iter__(self) -> Iterator[Batch]:
-        for batch_in in self.loader:
-            yield self.assemble(self._decode(batch_in), batch_in.labels)
+        self.close()
+        handoff = self._handoff()
+        self._ahead = ahead = Ahead(self._decoded(handoff, torch.is_inference_mode_enabled()), DECODE_AHEAD)
+        try:
+            for images, labels, ready in ahead:
+                handoff.take(ready)
+                yield self.assemble(images, labels)
+        finally:
+            ahead.close()
+
+    def close(self) -> None:
+        """Stop a pass still decoding ahead (one its consumer left unfinished) and join its thread."""
+        if self._ahead is not None:
+            self._ahead.close()
+            self._ahead = None
