@@ -199,3 +199,19 @@ def test_only_eval_takes_dali(command, capsys):
     with pytest.raises(SystemExit) as exc:
         main([command, "x", "--dali", "threads=2"] + (["y", "--out", "z"] if command == "train" else []))
     assert exc.value.code == 2 and "--dali" in capsys.readouterr().err
+
+
+def test_the_evaluator_builds_dali_with_the_plans_settings(small_data, small_spec, model_3cls):
+    """The plan's DALI decision (here --dali threads=1,prefetch=3 over the CPU rule) is what the loader the
+    evaluator builds runs with, not the loader's own defaults."""
+    from fasteval.data.dali_settings import parse_overrides
+    from fasteval.evaluation.fast import FastEvaluator, FastOptions
+
+    samples = discover(small_data, quiet=True)
+    options = FastOptions(loader="dali", precision="fp32", compile="off", batch_size=8, workers=2, exact="off",
+                          dali=parse_overrides("threads=1,prefetch=3"))
+    evaluator = FastEvaluator(samples, model_3cls, small_spec, torch.device("cpu"), options)
+    planned = evaluator.plan.dali_settings
+    assert (planned.threads, planned.prefetch) == (1, 3)
+    assert evaluator.loader.settings == planned
+    assert (evaluator.loader._pipe.num_threads, evaluator.loader._pipe.prefetch_queue_depth) == (1, 3)

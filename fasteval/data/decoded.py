@@ -97,13 +97,13 @@ def keep_uint8(images: torch.Tensor) -> torch.Tensor:
 
 
 def raw_loader(kind: str, samples: SampleList, spec: PreprocessSpec, *, batch_size: int, workers: int,
-               device: torch.device):
+               device: torch.device, dali=None):
     """A loader of the fast path (``kind``) yielding uint8 NCHW batches, resized and cropped, not normalised."""
     kind = resolve_loader(kind)
     if kind == "dali":
         from fasteval.data.loader_dali import DaliLoader
 
-        return DaliLoader(samples, spec, batch_size, workers, device, raw=True)
+        return DaliLoader(samples, spec, batch_size, workers, device, raw=True, settings=dali)
     loader = make_loader(kind, samples, spec, batch_size=batch_size, workers=workers, device=device)
     loader.normalize = keep_uint8
     return loader
@@ -445,7 +445,7 @@ class DecodedSource:
         self.info: dict = {}
 
     def __call__(self, kind: str, samples: SampleList, spec: PreprocessSpec, *, batch_size: int, workers: int,
-                 device: torch.device, half: bool = False, placement: tuple[str, str] | None = None):
+                 device: torch.device, half: bool = False, placement: tuple[str, str] | None = None, dali=None):
         """``placement``: the plan's (where, why: fasteval/evaluation/plan.py); chosen here from the memory
         free now where no plan gave one."""
         start = time.perf_counter()
@@ -459,7 +459,8 @@ class DecodedSource:
                      "cache": "off" if cache is None else None, "decoded": False}
         if placement == "redecode":
             self.info["seconds"] = time.perf_counter() - start
-            return make_loader(kind, samples, spec, batch_size=batch_size, workers=workers, device=device, half=half)
+            return make_loader(kind, samples, spec, batch_size=batch_size, workers=workers, device=device, half=half,
+                               dali=dali)
         images = cache.lookup() if cache is not None else None
         if cache is not None:
             self.info.update(cache=cache.status, cache_file=cache.data)

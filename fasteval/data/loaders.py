@@ -96,7 +96,7 @@ def resolve_loader(kind: str) -> str:
 
 
 def make_loader(kind: str, samples: SampleList, spec: PreprocessSpec, *, batch_size: int, workers: int,
-                device: torch.device, half: bool = False):
+                device: torch.device, half: bool = False, dali=None):
     """A loader by name: ``dali`` (GPU mixed decoding on CUDA, CPU pipeline otherwise),
     ``torchvision`` (nvJPEG via torchvision.io on CUDA, PIL DataLoader on the CPU), or
     ``auto``: DALI where it is installed, else torchvision."""
@@ -107,7 +107,7 @@ def make_loader(kind: str, samples: SampleList, spec: PreprocessSpec, *, batch_s
         return TransformLoader(samples, spec, batch_size, workers, device, half)
 
     if resolve_loader(kind) == "dali":
-        return DaliLoader(samples, spec, batch_size, workers, device, half)
+        return DaliLoader(samples, spec, batch_size, workers, device, half, settings=dali)
     if device.type == "cuda":
         return GpuDecodeLoader(samples, spec, batch_size, workers, device, half)
     return TorchvisionLoader(samples, spec, batch_size, workers, device, half)

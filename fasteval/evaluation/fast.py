@@ -93,7 +93,7 @@ class FastEvaluator:
                                    "auto" if compile_value == "measure" else bool(compile_value),
                                    num_samples=len(self.main) * plan.passes, reason=plan.compile.reason,
                                    key=plan.compile_key, eager_call=resolve_compile_mode(options.compile) == "off")
-            half = precision == "fp16"
+            half = plan.input_dtype == "fp16"  # what the loader writes (DALI: fp16 under bf16 on a GPU)
             shape = plan.batch_shape.value
             # Built in inference mode, so that loaders that preallocate their outputs (DALI) hand out
             # inference tensors, like the warm-up example: one compiled graph serves every batch.
@@ -104,6 +104,8 @@ class FastEvaluator:
                 else:
                     part = samples.subset(self.main) if self.reference_only else samples
                     placed = {"placement": plan.store_placement} if plan.store_placement else {}
+                    if plan.dali_settings is not None:
+                        placed["dali"] = plan.dali_settings
                     self.loader = batch_source(plan.loader_kind, part, spec, batch_size=shape,
                                                workers=options.workers, device=device, half=half, **placed)
             h, w = plan.input_hw
