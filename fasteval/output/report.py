@@ -118,7 +118,8 @@ def plan_rows(plan: dict) -> list[tuple[str, str]]:
                 name in ("route", "by_reference") and plan["route"]["value"] == "reference"):  # said first
             continue
         value = decision["value"]
-        shown = {True: "yes", False: "no"}.get(value, value) if isinstance(value, bool) else value
+        shown = {True: "yes", False: "no"}.get(value, value) if isinstance(value, bool) else \
+            "none" if value is None else value
         rows.append((label, f"{shown}  ({decision['reason']})" if decision.get("reason") else str(shown)))
     return rows
 
@@ -127,7 +128,7 @@ def plan_rows(plan: dict) -> list[tuple[str, str]]:
 PLAN_LABELS = {"preprocessing": "preprocessing", "route": "route", "loader": "loader",
                "startup_decoding": "start-up decoding", "batch_shape": "batch shape", "precision": "precision", "compile": "compile", "exact": "exact counts",
                "calibration": "calibration", "by_reference": "by reference's code", "workers": "workers",
-               "metrics_backend": "metrics"}
+               "metrics_backend": "metrics", "dali": "DALI tuning"}
 
 
 def format_plan(plan: dict, title: str, header: list[tuple[str, str]] = ()) -> str:
@@ -137,7 +138,8 @@ def format_plan(plan: dict, title: str, header: list[tuple[str, str]] = ()) -> s
     lines = [title, "-" * len(title)] + [f"{k.ljust(width)}  {v}" for k, v in header]
     for name, decision in plan.items():
         value = decision["value"]
-        shown = {True: "yes", False: "no"}.get(value, value) if isinstance(value, bool) else value
+        shown = {True: "yes", False: "no"}.get(value, value) if isinstance(value, bool) else \
+            "none" if value is None else value
         lines.append(f"{PLAN_LABELS.get(name, name).ljust(width)}  {shown}")
         lines += textwrap.wrap(decision["reason"], 110, initial_indent=" " * (width + 4),
                                subsequent_indent=" " * (width + 4), break_on_hyphens=False)
