@@ -34,7 +34,7 @@ from fasteval.data.preprocess import PreprocessSpec
 from fasteval.data.samples import SampleList
 from fasteval.evaluation.exact import SAFETY, max_logit_error
 from fasteval.evaluation.recheck_pool import DecodePool
-from fasteval.evaluation.reference import PARALLEL_FROM
+from fasteval.evaluation.reference import scattered_batches
 from fasteval.kernels.accumulator import MetricsAccumulator
 
 CHUNK_SAMPLES = 1024  # margins copied back per chunk: 4 batches of 256 (about 0.1 s of a 10,000 images/s pass)
@@ -45,12 +45,8 @@ STREAM_SLACK = 2.0
 
 
 def recheck_batch(count: int, batch_size: int, workers: int, device: torch.device) -> int:
-    """The batch size ``reference_logits`` scores ``count`` scattered samples in (no start-up pixels, not the
-    reference's own loop): ``batch_size`` on the CPU; on a GPU split so every worker gets a share from
-    ``PARALLEL_FROM`` samples a worker up. tests/test_recheck_stream.py holds the two to the same batches."""
-    if device.type == "cpu" or not (workers > 0 and count >= PARALLEL_FROM * workers):
-        return batch_size
-    return min(batch_size, math.ceil(count / workers))
+    """The batch size ``reference_logits`` scores ``count`` scattered samples in (its own rule)."""
+    return scattered_batches(count, batch_size, workers, device)[1]
 
 
 class _Done:

@@ -117,6 +117,18 @@ def score_batch(outputs: torch.Tensor, labels: torch.Tensor) -> BatchScore:
 PARALLEL_FROM = 4
 
 
+def scattered_batches(count: int, batch_size: int, workers: int, device: torch.device,
+                      always_workers: bool = False) -> tuple[bool, int]:
+    """How ``reference_logits`` decodes ``count`` samples: in workers or not, and its batch size (the rule in its
+    docstring); the recheck's streamed schedule scores in the same batches (fasteval/evaluation/recheck_stream.py)."""
+    if always_workers:
+        return True, batch_size
+    if device.type == "cpu":
+        return count > batch_size, batch_size
+    parallel = workers > 0 and count >= PARALLEL_FROM * workers
+    return parallel, min(batch_size, math.ceil(count / workers)) if parallel else batch_size
+
+
 def reference_logits(samples: SampleList, indices: list[int], model: nn.Module, spec: PreprocessSpec, *,
                      batch_size: int, workers: int, device: torch.device, always_workers: bool = False,
                      pixels=None) -> torch.Tensor:
@@ -135,13 +147,7 @@ def reference_logits(samples: SampleList, indices: list[int], model: nn.Module, 
         return torch.empty(0)
     if pixels is not None:
         return _logits_from_pixels(pixels, indices, model, spec, batch_size, device)
-    if always_workers:
-        parallel, batch = True, batch_size
-    elif device.type == "cpu":
-        parallel, batch = len(indices) > batch_size, batch_size
-    else:
-        parallel = workers > 0 and len(indices) >= PARALLEL_FROM * workers
-        batch = min(batch_size, math.ceil(len(indices) / workers)) if parallel else batch_size
+    parallel, batch = scattered_batches(len(indices), batch_size, workers, device, always_workers)
     loader = DataLoader(ImageDataset(samples.subset(indices), spec.torchvision_transform()), batch_size=batch,
                         shuffle=False, num_workers=workers if parallel else 0, pin_memory=device.type == "cuda")
     model = model.to(device).eval()
