@@ -274,7 +274,11 @@ def time_to_result(config: dict, options: FastOptions, repeats: int = 3, progres
 def bench_loop_options(options: FastOptions) -> FastOptions:
     """The options of the fast loop a bench times: always the fast path (no route to the reference's code),
     compiled where ``--compile auto`` would compile a long run."""
-    return replace(options, compile="on" if options.compile == "auto" else options.compile, route=False)
+    if options.compile != "auto":
+        return replace(options, route=False)
+    return replace(options, compile="on", route=False,
+                   compile_asked_by="bench times the fast loop compiled, as --compile auto compiles a run long "
+                                    "enough to pay (--compile off times it eager)")
 
 
 def run_bench(samples: SampleList, model: nn.Module, spec: PreprocessSpec, device: torch.device,

@@ -137,6 +137,19 @@ def test_compile_auto_decides_from_the_profile(small_data, small_spec, no_run, f
     assert plan.compile.value is True
 
 
+def test_benchs_timed_loop_says_why_it_compiles(small_data, small_spec, no_run, fresh_cache):
+    """bench turns --compile auto into a compiled loop: the plan says bench did, not "--compile on"; a --compile the
+    user gave is kept and named as theirs."""
+    from fasteval.bench import bench_loop_options
+
+    samples = discover(small_data, quiet=True)
+    plan = make_plan(samples, no_run, small_spec, CPU, bench_loop_options(FastOptions(compile="auto", exact="off")))
+    assert plan.compile.value is True and plan.compile.reason.startswith("bench times the fast loop compiled")
+    assert plan.route.reason.startswith("bench times the fast loop compiled")
+    off = make_plan(samples, no_run, small_spec, CPU, bench_loop_options(FastOptions(compile="off", exact="off")))
+    assert off.compile.value is False and off.compile.reason.startswith("--compile off")
+
+
 def test_route_from_measured_rates(small_data, small_spec, no_run, fresh_cache):
     """With the route on and --compile auto, rates saying the fast path cannot pay send every sample to the
     reference's code; rates saying it pays keep the fast path. Both keep the rates to record into."""

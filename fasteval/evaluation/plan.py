@@ -56,6 +56,8 @@ class FastOptions:
     # When the exact recheck decodes: "auto" (exact.resolve_recheck), "overlap" (during the pass) or "after".
     # No command option: tests and measurements force a schedule here.
     recheck: str = "auto"
+    # Why compile is on where a caller, not the user, turned it on (bench's timed loop): the reason shown.
+    compile_asked_by: str = ""
     dali: DaliOverrides = DaliOverrides()  # --dali: the DALI pipeline's tuning, where given
 
 
@@ -234,7 +236,7 @@ def make_plan(samples: SampleList, model: nn.Module, spec: PreprocessSpec, devic
             f"; {CUDNN_BENCHMARK_NOTE}" if cudnn_benchmark(device) else ""))
         value, reason, key = plan_compile(model, device, precision, options.compile, num_samples=len(main) * passes,
                                           example_shape=(shape, 3, *input_hw), example_dtype=DTYPES[input_dtype])
-        compile_decision = Decision(value, reason)
+        compile_decision = Decision(value, options.compile_asked_by or reason)
         metrics = Decision(backend, f"--metrics-backend {options.metrics_backend}"
                            if options.metrics_backend != "auto" else
                            "auto: the Triton kernel on CUDA" if backend == "triton" else
@@ -314,6 +316,7 @@ def _route(samples, model, device, options, precision, input_hw, at_start, pil_f
     if chosen is not None:
         return Decision("fast" if chosen.fast else "reference", chosen.reason), rates
     why = ("torchrun: every rank takes the fast path" if scope.sharded else
+           f"{options.compile_asked_by}: the fast path" if options.compile_asked_by else
            f"--compile {mode}: the fast path as asked" if mode != "auto" else
            "no samples" if not len(samples) else
            "no route asked: the fast path (--validate, a bench's timed loop, train's validation, compare())")
