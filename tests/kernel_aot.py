@@ -1,12 +1,13 @@
-"""Ahead-of-time compiles of the fused metrics kernel for real GPUs, on a machine without one.
+"""Ahead-of-time compiles of the fused kernels for real GPUs, on a machine without one.
 
 Triton's interpreter (what the CPU tests run) accepts code that real code generation rejects,
-so this compiles ``kernels/fused_metrics.py`` for CUDA targets with ``triton.compile``, as the
-JIT would on a GPU:
+so this compiles ``kernels/fused_metrics.py`` and ``kernels/resize_crop.py`` for CUDA targets with
+``triton.compile``, as the JIT would on a GPU:
 
-1. ``metrics_triton`` runs on CPU tensors under the interpreter with every Triton kernel of the
-   module replaced by a recorder: the launches are captured exactly as the code makes them
-   (arguments, constexprs, block shapes), never written down by hand. A kernel argument the
+1. ``metrics_triton`` (or ``resize_crop_triton``) runs on CPU tensors under the interpreter with every
+   Triton kernel of the module replaced by a recorder: the launches are captured exactly as the code
+   makes them (arguments, constexprs, block shapes), never written down by hand; the resize kernel's
+   with the block shapes its wrapper picks for a GPU, not the interpreter's. A kernel argument the
    launch does not pass fails loudly when it is bound.
 2. A second copy of the module is loaded with the interpreter off, so its kernels are
    ``JITFunction``s; Triton's own binder turns each captured launch into the signature,
@@ -33,6 +34,7 @@ import re
 import subprocess
 import sys
 import tempfile
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 
 import torch
@@ -43,7 +45,14 @@ LABELS = {"i32": torch.int32, "i64": torch.int64}
 # One head width per BLOCK shape default_blocks picks (16..1024 columns), and a head narrower than the top-k.
 CLASSES = [2, 16, 32, 64, 128, 256, 512, 1000]
 BATCH = 256
-KERNEL_FILE = os.path.join(os.path.dirname(__file__), os.pardir, "kernels", "fused_metrics.py")
+KERNELS = os.path.join(os.path.dirname(__file__), os.pardir, "kernels")
+KERNEL_FILE = os.path.join(KERNELS, "fused_metrics.py")
+RESIZE_FILE = os.path.join(KERNELS, "resize_crop.py")
+# The resize kernel's cases: output dtypes, filters, and image sets whose batch tap count K (the widest
+# support, to a power of two) spans ImageNet-like batches (K 8) and large images (16 bilinear, 32 bicubic).
+OUT_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+FILTERS = ("bilinear", "bicubic")
+IMAGE_SETS = {"imagenet": [(375, 500), (333, 500), (500, 375), (281, 500)], "large": [(2000, 1500), (375, 500)]}
 
 
 def aot_unavailable() -> str | None:
@@ -77,13 +86,12 @@ def _triton_kernels(module) -> dict:
     return {name: obj for name, obj in vars(module).items() if isinstance(obj, KernelInterface)}
 
 
-def capture_launches(num_classes: int, logits: str, labels: str) -> list[tuple[str, tuple, dict]]:
-    """The kernel launches ``metrics_triton`` makes for a [BATCH, num_classes] batch (interpreter, CPU)."""
-    from fasteval.kernels import fused_metrics
-    from fasteval.evaluation.metrics import TOPK
-
+@contextlib.contextmanager
+def _recorded(module, what: str) -> Iterator[list[tuple[str, tuple, dict]]]:
+    """Every Triton kernel of ``module`` replaced by a recorder of its launches (name, args, kwargs) within
+    the block; the launches, in the yielded list, must not be none."""
     if os.environ.get("TRITON_INTERPRET") != "1":
-        raise RuntimeError("capture_launches needs TRITON_INTERPRET=1 set before fused_metrics is imported")
+        raise RuntimeError(f"capturing {what}'s launches needs TRITON_INTERPRET=1 set before its module is imported")
     launches = []
 
     class Recorder:
@@ -93,18 +101,44 @@ def capture_launches(num_classes: int, logits: str, labels: str) -> list[tuple[s
         def __getitem__(self, grid):
             return lambda *args, **kwargs: launches.append((self.name, args, kwargs))
 
-    kernels = _triton_kernels(fused_metrics)
+    kernels = _triton_kernels(module)
     try:
         for name in kernels:
-            setattr(fused_metrics, name, Recorder(name))
+            setattr(module, name, Recorder(name))
+        yield launches
+    finally:
+        for name, kernel in kernels.items():
+            setattr(module, name, kernel)
+    if not launches:
+        raise RuntimeError(f"{what} launched no Triton kernel")
+
+
+def capture_launches(num_classes: int, logits: str, labels: str) -> list[tuple[str, tuple, dict]]:
+    """The kernel launches ``metrics_triton`` makes for a [BATCH, num_classes] batch (interpreter, CPU)."""
+    from fasteval.kernels import fused_metrics
+    from fasteval.evaluation.metrics import TOPK
+
+    with _recorded(fused_metrics, "metrics_triton") as launches:
         x = torch.zeros(BATCH, num_classes, dtype=LOGITS[logits])
         y = torch.zeros(BATCH, dtype=LABELS[labels])
         fused_metrics.metrics_triton(x, y, topk=TOPK, check_labels=False)
+    return launches
+
+
+def capture_resize_launches(interpolation: str, out_dtype: str, images: str) -> list[tuple[str, tuple, dict]]:
+    """The launch ``resize_crop_triton`` makes for ``IMAGE_SETS[images]`` (Resize(256) + CenterCrop(224)),
+    with the block shapes its wrapper picks for a GPU (interpreter, CPU; the kernel never runs)."""
+    from fasteval.kernels import resize_crop
+
+    blocks = resize_crop.default_blocks
+    resize_crop.default_blocks = lambda out_h, out_w, k, longest, interpreted: blocks(out_h, out_w, k, longest, False)
+    try:
+        with _recorded(resize_crop, "resize_crop_triton") as launches:
+            pictures = [torch.zeros(3, h, w, dtype=torch.uint8) for h, w in IMAGE_SETS[images]]
+            resize_crop.resize_crop_triton(pictures, 256, 224, (0.485, 0.456, 0.406), (0.229, 0.224, 0.225),
+                                           interpolation=interpolation, out_dtype=OUT_DTYPES[out_dtype])
     finally:
-        for name, kernel in kernels.items():
-            setattr(fused_metrics, name, kernel)
-    if not launches:
-        raise RuntimeError("metrics_triton launched no Triton kernel")
+        resize_crop.default_blocks = blocks
     return launches
 
 
@@ -118,10 +152,12 @@ def _interpreter_off():
             os.environ["TRITON_INTERPRET"] = old
 
 
-def jit_module():
-    """A private copy of kernels/fused_metrics.py whose kernels are real ``JITFunction``s."""
+def jit_module(path: str = KERNEL_FILE):
+    """A private copy of a kernel file (default kernels/fused_metrics.py) whose kernels are real
+    ``JITFunction``s."""
+    name = "_" + os.path.splitext(os.path.basename(path))[0] + "_aot"
     with _interpreter_off():
-        spec = importlib.util.spec_from_file_location("_fused_metrics_aot", os.path.abspath(KERNEL_FILE))
+        spec = importlib.util.spec_from_file_location(name, os.path.abspath(path))
         module = importlib.util.module_from_spec(spec)
         spec.loader.exec_module(module)
     return module
@@ -145,7 +181,9 @@ def _resources(cubin: bytes, kernel: str) -> dict:
 
 
 def compile_case(module, case: dict) -> list[dict]:
-    """Every kernel launch of one case (classes, logits, labels) compiled for the case's target."""
+    """Every kernel launch of one case compiled for the case's target: a metrics case (classes, logits,
+    labels) with ``module`` the JIT copy of fused_metrics.py, or a resize case (``kernel: resize_crop``:
+    interpolation, out_dtype, images) with ``module`` that of resize_crop.py."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource, make_backend
@@ -154,7 +192,11 @@ def compile_case(module, case: dict) -> list[dict]:
     target = GPUTarget("cuda", TARGETS[case["target"]], 32)
     backend = make_backend(target)
     results = []
-    for name, args, kwargs in capture_launches(case["classes"], case["logits"], case["labels"]):
+    if case.get("kernel") == "resize_crop":
+        launches = capture_resize_launches(case["interpolation"], case["out_dtype"], case["images"])
+    else:
+        launches = capture_launches(case["classes"], case["logits"], case["labels"])
+    for name, args, kwargs in launches:
         fn = getattr(module, name)
         names = [p.name for p in fn.params]
         bind = create_function_from_signature(fn.signature, fn.params, backend)
@@ -189,6 +231,14 @@ def covering_cases() -> list[dict]:
     return cases
 
 
+def resize_cases() -> list[dict]:
+    """Per target both filters, with two output dtypes and both image sets; over the targets each (filter,
+    dtype) pair once: every filter, output dtype and tap count K compiled in 6 compiles."""
+    return [{"kernel": "resize_crop", "target": target, "interpolation": interpolation,
+             "out_dtype": list(OUT_DTYPES)[(t + i) % len(OUT_DTYPES)], "images": list(IMAGE_SETS)[(t + i) % 2]}
+            for t, target in enumerate(TARGETS) for i, interpolation in enumerate(FILTERS)]
+
+
 def compile_cases(cases: list[dict], workers: int = 2) -> list[dict]:
     """Compile in ``workers`` child processes (the interpreter on for the capture, a fresh JIT copy each)."""
     chunks = [cases[i::workers] for i in range(workers) if cases[i::workers]]
@@ -218,20 +268,40 @@ def table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def resize_table(rows: list[dict]) -> str:
+    import triton
+
+    lines = [f"triton {triton.__version__}: resize + crop + normalize kernel, Resize(256) + CenterCrop(224)",
+             "target  filter   out   images    BLOCK_R BLOCK_X  K  SCAN  warps  regs  stack B  spill st/ld (SASS)"]
+    for r in sorted(rows, key=lambda r: (r["target"], r["interpolation"], r["out_dtype"])):
+        b = r["blocks"]
+        lines.append(f"{r['target']:7} {r['interpolation']:8} {r['out_dtype']:5} {r['images']:9} {b['BLOCK_R']:7} "
+                     f"{b['BLOCK_X']:7} {b['K']:2} {b['SCAN']:5}  {r['num_warps']:5} {r['regs']:5}  "
+                     f"{r['stack_bytes']:7}  {r['spill_stores']:>5} / {r['spill_loads']}")
+    return "\n".join(lines)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--all", action="store_true", help="the full product (default: the covering set)")
     parser.add_argument("--json", action="store_true", help="child mode: cases as JSON on stdin, results on stdout")
     args = parser.parse_args()
     if args.json:
-        module = jit_module()
-        rows = [row for case in json.loads(sys.stdin.read()) for row in compile_case(module, case)]
+        modules, rows = {}, []
+        for case in json.loads(sys.stdin.read()):
+            path = RESIZE_FILE if case.get("kernel") == "resize_crop" else KERNEL_FILE
+            if path not in modules:
+                modules[path] = jit_module(path)
+            rows += compile_case(modules[path], case)
         print(json.dumps(rows))
         return
     reason = aot_unavailable()
     if reason:
         sys.exit(f"cannot compile ahead of time: {reason}")
-    print(table(compile_cases(all_cases() if args.all else covering_cases(), workers=os.cpu_count() or 2)))
+    metrics = all_cases() if args.all else covering_cases()
+    rows = compile_cases(metrics + resize_cases(), workers=os.cpu_count() or 2)
+    print(table([r for r in rows if r.get("kernel") != "_resize_crop_kernel"]))
+    print(resize_table([r for r in rows if r.get("kernel") == "_resize_crop_kernel"]))
 
 
 if __name__ == "__main__":

@@ -1,8 +1,10 @@
-"""The fused metrics kernel compiles for sm_80, sm_90 and sm_100 without a GPU (see kernel_aot.py).
+"""The fused kernels (metrics, resize + crop + normalize) compile for sm_80, sm_90 and sm_100 without a GPU
+(see kernel_aot.py).
 
 The interpreter the other kernel tests run in accepts code that real code generation rejects;
 this is the CUDA code generation check on a machine without a device. The launches compiled are
-the ones ``metrics_triton`` makes, captured, so a changed launch or kernel is compiled as it is.
+the ones ``metrics_triton`` and ``resize_crop_triton`` make, captured, so a changed launch or kernel is
+compiled as it is. Both kernels' cases compile in the same two child processes (one start each).
 """
 
 from __future__ import annotations
@@ -14,16 +16,27 @@ import pytest
 
 sys.path.insert(0, os.path.dirname(__file__))
 from kernel_aot import (  # noqa: E402
-    CLASSES, LABELS, LOGITS, TARGETS, aot_unavailable, compile_cases, covering_cases, table)
+    CLASSES, FILTERS, IMAGE_SETS, LABELS, LOGITS, OUT_DTYPES, TARGETS, aot_unavailable, compile_cases,
+    covering_cases, resize_cases, resize_table, table)
 
 from fasteval.kernels.fused_metrics import default_blocks  # noqa: E402
 
 REASON = aot_unavailable()
+pytestmark = pytest.mark.skipif(REASON is not None, reason=f"no ahead-of-time CUDA compile here: {REASON}")
 
 
-@pytest.mark.skipif(REASON is not None, reason=f"no ahead-of-time CUDA compile here: {REASON}")
-def test_every_dtype_and_block_shape_compiles_for_each_target():
-    rows = compile_cases(covering_cases(), workers=2)
+@pytest.fixture(scope="module")
+def compiled() -> dict[str, list[dict]]:
+    """Every case compiled, by kernel name."""
+    rows = compile_cases(covering_cases() + resize_cases(), workers=2)
+    by_kernel: dict[str, list[dict]] = {}
+    for r in rows:
+        by_kernel.setdefault(r["kernel"], []).append(r)
+    return by_kernel
+
+
+def test_every_dtype_and_block_shape_compiles_for_each_target(compiled):
+    rows = compiled["_fused_metrics_kernel"]
     print("\n" + table(rows))
     for target in TARGETS:
         mine = [r for r in rows if r["target"] == target]
@@ -32,3 +45,18 @@ def test_every_dtype_and_block_shape_compiles_for_each_target():
         assert {(r["blocks"]["BLOCK_B"], r["blocks"]["BLOCK_C"]) for r in mine} == {default_blocks(c) for c in CLASSES}
     for r in rows:
         assert 0 < r["regs"] <= 255 and r["num_warps"] > 0, r
+
+
+def test_resize_kernel_compiles_for_each_target_without_spills(compiled):
+    """Both filters on every target; every (filter, output dtype) pair and both image sets (ImageNet-like
+    and large: 8 to 32 taps) somewhere; the GPU block shapes, with no register spills."""
+    rows = compiled["_resize_crop_kernel"]
+    print("\n" + resize_table(rows))
+    for target in TARGETS:
+        assert {r["interpolation"] for r in rows if r["target"] == target} == set(FILTERS)
+    assert {(r["interpolation"], r["out_dtype"]) for r in rows} == {(f, d) for f in FILTERS for d in OUT_DTYPES}
+    assert {r["images"] for r in rows} == set(IMAGE_SETS)
+    assert {r["blocks"]["K"] for r in rows} >= {8, 32}
+    for r in rows:
+        assert 0 < r["regs"] <= 255 and r["num_warps"] == 8, r
+        assert r["spill_stores"] == 0 and r["spill_loads"] == 0, r

@@ -23,6 +23,7 @@ LAYERS: dict[str, tuple[str, ...]] = {
         "fasteval", "fasteval.errors", "fasteval.choices", "fasteval.procs", "fasteval.devices",
         "fasteval.cache_dir", "fasteval.files", "fasteval.versions", "fasteval.checkpoint_record",
         "fasteval.kernels", "fasteval.kernels.accumulator", "fasteval.kernels.fused_metrics",
+        "fasteval.kernels.resize_crop",
     ),
     "data": (
         "fasteval.data", "fasteval.data.batch", "fasteval.data.dali_settings", "fasteval.data.transform_spec", "fasteval.data.dataset", "fasteval.data.decoded",
