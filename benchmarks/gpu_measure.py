@@ -487,27 +487,33 @@ class Measure:
         settings = (False, True) if self.cuda() else (None,)
         if not self.cuda():
             e["cudnn_benchmark"] = "skipped: needs CUDA (a CPU dry run)"
-        with torch.inference_mode():
-            for bench in settings:
-                if bench is not None:
-                    torch.backends.cudnn.benchmark = bench
-                for prec in ("bf16", "fp32"):
-                    def run():
-                        with torch.autocast(x.device.type, torch.bfloat16, enabled=prec == "bf16"):
-                            m(x)
+        before = torch.backends.cudnn.benchmark
+        try:
+            with torch.inference_mode():
+                for bench in settings:
+                    if bench is not None:
+                        torch.backends.cudnn.benchmark = bench
+                    for prec in ("bf16", "fp32"):
+                        def run():
+                            with torch.autocast(x.device.type, torch.bfloat16, enabled=prec == "bf16"):
+                                m(x)
 
-                    run()
-                    run()
-                    self.sync()
-                    t = time.perf_counter()
-                    for _ in range(self.cfg.model_reps):
+                        name = f"eager_{prec}" + ("" if bench is None else f"_cudnn_benchmark_{bench}")
+                        self.sync()
+                        t = time.perf_counter()
+                        run()  # the first call apart: cudnn.benchmark's algorithm search is paid here
+                        self.sync()
+                        e[f"{name}_first_call_s"] = round(time.perf_counter() - t, 4)
                         run()
-                    self.sync()
-                    key = f"eager_{prec}" + ("" if bench is None else f"_cudnn_benchmark_{bench}") + "_img_per_s"
-                    e[key] = round(b * self.cfg.model_reps / (time.perf_counter() - t))
-                    self.rec.save()
-            if self.cuda():
-                torch.backends.cudnn.benchmark = False
+                        self.sync()
+                        t = time.perf_counter()
+                        for _ in range(self.cfg.model_reps):
+                            run()
+                        self.sync()
+                        e[f"{name}_img_per_s"] = round(b * self.cfg.model_reps / (time.perf_counter() - t))
+                        self.rec.save()
+        finally:
+            torch.backends.cudnn.benchmark = before
         e["fp32_matmul_tf32"] = torch.backends.cuda.matmul.allow_tf32
         e["fp32_conv_tf32"] = torch.backends.cudnn.allow_tf32
         del m

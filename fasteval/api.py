@@ -25,7 +25,8 @@ from fasteval.evaluation.metrics import EvalResult
 
 
 # The command's option names in messages shared with it, as the API's keyword arguments.
-_OPTIONS = re.compile(r"--(device|classes|batch-size|workers|precision|compile|exact|cache)\b(?: ([^\s;,()]+))?")
+_OPTIONS = re.compile(r"--(device|classes|batch-size|workers|precision|compile|exact|cache)\b"
+                      r"(?: (\d+|cuda:\d+|cuda|cpu|auto|on|off|fp32|bf16|fp16|[A-Z][A-Z_|]*|/\S*?)(?=[\s:;,()]|$))?")
 
 
 def _in_api_words(function):
@@ -37,12 +38,9 @@ def _in_api_words(function):
         except FastevalError as exc:
             def word(m: re.Match) -> str:
                 name = m.group(1).replace("-", "_")
-                value, colon = (m.group(2) or ""), ""
-                if value.endswith(":"):
-                    value, colon = value[:-1], ":"
-                bare = value.isupper() or value.isdigit()  # a placeholder (FILE) or a number
-                shown = name if not value else f"{name}={value}" if bare else f"{name}={value!r}"
-                return shown + colon
+                value = m.group(2)
+                bare = value is not None and (value.isupper() or value.isdigit())  # a placeholder (FILE), a number
+                return name if value is None else f"{name}={value}" if bare else f"{name}={value!r}"
             exc.args = tuple(_OPTIONS.sub(word, a) if isinstance(a, str) else a for a in exc.args)
             raise
     return wrapper

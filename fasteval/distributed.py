@@ -183,7 +183,9 @@ def state_digest(model) -> str:
     digest = hashlib.sha256()
     for name, value in model.state_dict().items():
         if isinstance(value, torch.Tensor):
-            value = value.detach().cpu().contiguous()
+            value = value.detach().cpu()
+            value = value.to_dense() if value.layout != torch.strided else value
+            value = (value.int_repr() if value.is_quantized else value).contiguous()
             digest.update(f"{name}:{value.dtype}:{tuple(value.shape)}".encode())
             digest.update(value.reshape(-1).view(torch.uint8).numpy().tobytes())
     return digest.hexdigest()
@@ -554,6 +556,10 @@ def library_ranks(device: str, *, environ: Mapping[str, str] = os.environ) -> It
     if backend == "nccl" and not name.startswith("cuda"):
         raise FastevalError(f"device={device!r}: the process group is NCCL's, which moves CUDA tensors only; "
                             f"evaluate on the GPU (device='cuda') or initialise the group with gloo")
+    if backend == "nccl":  # NCCL's object gather runs on the current device: this rank's, as start_ranks sets it
+        import torch
+
+        torch.cuda.set_device(torch.device(name))
     places: list = [None] * launch.world_size
     dist.all_gather_object(places, (socket.gethostname(), os.getpid()))
     yield TorchrunRanks(launch, backend, name, places=places, announce=False)

@@ -267,6 +267,8 @@ def test_errors_name_the_keyword_arguments_not_the_commands_flags(varied_data):
     with pytest.raises(FastevalError, match=r"^classes=2: DATA's classes are named \(4 of them\), not numbered: give "
                                             r"classes=FILE"):
         fasteval.evaluate(TinyNet(4), varied_data, classes=2)
+    with pytest.raises(FastevalError, match=r"^device must be auto, cpu, cuda or cuda:N, got 'gpu'$"):
+        fasteval.evaluate(TinyNet(4), varied_data, device="gpu")  # a flag's following word is not its value
     if not torch.cuda.is_available():
         with pytest.raises(FastevalError, match=r"^device='cuda:3': CUDA is not available on this machine$"):
             fasteval.evaluate(TinyNet(4), varied_data, device="cuda:3")

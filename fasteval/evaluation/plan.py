@@ -232,6 +232,10 @@ def make_plan(samples: SampleList, model: nn.Module, spec: PreprocessSpec, devic
             placement = choose_placement(len(main) * 3 * input_hw[0] * input_hw[1], device, cached)
             loader = Decision(f"{loader.value[:-1]}, {placement[0]})", f"{loader.reason}; {placement[0]}: "
                                                                        f"{placement[1]}")
+            if placement[0] == "redecode" and dali_settings is not None:  # nothing kept: DALI's batches feed the model
+                input_dtype = dali_settings.output_dtype
+                dali = Decision(dali.value, dali.reason.replace(STORE_KEEPS_UINT8, "; nothing is kept: every pass "
+                                                                                   "decodes again"))
         precision_decision = Decision(precision, precision_reason(options.precision, device, precision) + (
             f"; {CUDNN_BENCHMARK_NOTE}" if cudnn_benchmark(device) else ""))
         value, reason, key = plan_compile(model, device, precision, options.compile, num_samples=len(main) * passes,
@@ -257,6 +261,17 @@ def make_plan(samples: SampleList, model: nn.Module, spec: PreprocessSpec, devic
         input_dtype=input_dtype)
 
 
+STORE_KEEPS_UINT8 = "; the store keeps uint8 pixels (the output dtype applies to a loader's batches)"
+
+
+def _local_ranks() -> int:
+    """torchrun's ranks on this machine (``LOCAL_WORLD_SIZE``; 1 where unset)."""
+    text = os.environ.get("LOCAL_WORLD_SIZE") or "1"
+    if not text.strip().isdigit() or int(text) < 1:
+        raise FastevalError(f"LOCAL_WORLD_SIZE must be a positive integer, got {text!r} (launch with torchrun)")
+    return int(text)
+
+
 def _dali(kind: str, source: str, device: torch.device, options: FastOptions, precision: str,
           probes: list[FileProbe], main: tuple[int, ...], scope: WholeRun) -> tuple[Decision, DaliSettings | None]:
     """The DALI pipeline's tuning (fasteval/data/dali_settings.py), from the JPEG headers of the fast pass's
@@ -265,11 +280,11 @@ def _dali(kind: str, source: str, device: torch.device, options: FastOptions, pr
     if kind != "dali" or not main:
         return Decision(None, "no DALI pipeline" + (f": the {kind} loader" if main else ": no fast pass")), None
     sizes = [probes[i].size for i in main if probes[i].format == "JPEG" and probes[i].size]
-    ranks = int(os.environ.get("LOCAL_WORLD_SIZE") or 1) if scope.sharded else 1
+    ranks = _local_ranks() if scope.sharded else 1
     settings, reason = choose_settings(device.type == "cuda", usable_cores(), options.workers, precision, sizes,
                                        options.dali, ranks)
     if source == "store":
-        reason += "; the store keeps uint8 pixels (the output dtype applies to a loader's batches)"
+        reason += STORE_KEEPS_UINT8
     return Decision(settings.to_json(), reason), settings
 
 

@@ -172,8 +172,9 @@ class FastModel:
 
     def warm_up(self, example: torch.Tensor, calls: int = 2) -> float:
         """Decide (``auto``), compile and run on a batch of the static shape; seconds spent. Eager runs
-        one call (``auto``: two on a GPU where it first measures this configuration's eager batch time,
-        none once known); compiled runs ``calls``. Falls back to eager with a one-line warning where
+        one call (``auto``: two on a GPU where it first measures this configuration's eager batch time; once
+        known, none on the CPU and one on a GPU, where cuDNN's algorithm search and lazy setup would otherwise
+        land in the timed pass); compiled runs ``calls``. Falls back to eager with a one-line warning where
         compiling fails (no C++ compiler, say)."""
         start = time.perf_counter()
         with torch.inference_mode():
@@ -181,7 +182,7 @@ class FastModel:
                 self._compile(example, calls, self.planned_reason or "--compile on", self.key)
             elif self.mode == "auto":
                 self._auto(example, calls)
-            elif self.eager_call:
+            elif self.eager_call or self.device.type == "cuda":  # on a GPU: cuDNN's search and lazy setup here
                 self._timed(example)
         return time.perf_counter() - start
 
@@ -197,7 +198,8 @@ class FastModel:
                 self._timed(example)
                 self.compile_reason = "auto: number of samples unknown, eager on a cold cache"
             return
-        if profile.eager_batch_seconds is None:
+        measured = profile.eager_batch_seconds is None
+        if measured:
             # On a GPU, the faster of two eager calls: the first carries the process's one-time setup (cuDNN
             # and cuBLAS handles: a second or so against milliseconds a batch), which would make compiling look
             # worth tens of seconds. On the CPU the first call is within a third of the next (ResNet-18,
@@ -212,6 +214,8 @@ class FastModel:
             self._compile(example, calls, decision.reason, key, profile)
         else:
             self.compile_reason = decision.reason
+            if self.device.type == "cuda" and profile.eager_batch_seconds is not None and not measured:
+                self._timed(example)  # cuDNN's algorithm search and lazy setup out of the timed pass
 
     def _compile(self, example: torch.Tensor, calls: int, reason: str, key: dict | None = None,
                  profile: Profile | None = None) -> None:
