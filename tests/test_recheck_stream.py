@@ -7,8 +7,12 @@ itself only on a GPU whose loader decodes on the GPU (tested apart, on the decis
 from __future__ import annotations
 
 import copy
+import math
+import multiprocessing
 import os
+import pickle
 import sys
+import threading
 import traceback
 
 import pytest
@@ -20,13 +24,16 @@ sys.path.insert(0, os.path.dirname(__file__))
 from sync_trace import SyncRecorder, fake_cuda  # noqa: E402
 from test_exact import near_tie_model  # noqa: E402
 
+import fasteval.evaluation.exact as exact_module  # noqa: E402
+import fasteval.evaluation.recheck_pool as recheck_pool  # noqa: E402
 import fasteval.evaluation.recheck_stream as stream  # noqa: E402
 from fasteval.data.batch import Batch  # noqa: E402
+from fasteval.data.dataset import ImageDataset  # noqa: E402
 from fasteval.data.loader_dali import dali_available  # noqa: E402
 from fasteval.data.loaders import make_loader  # noqa: E402
 from fasteval.data.samples import discover  # noqa: E402
 from fasteval.errors import FastevalError  # noqa: E402
-from fasteval.evaluation.exact import resolve_recheck  # noqa: E402
+from fasteval.evaluation.exact import recheck_pool_size, resolve_recheck  # noqa: E402
 from fasteval.evaluation.fast import FastEvaluator, FastOptions, run_loop  # noqa: E402
 from fasteval.evaluation.metrics import PER_SAMPLE_FIELDS  # noqa: E402
 from fasteval.evaluation.recheck_pool import DecodePool  # noqa: E402
@@ -93,15 +100,23 @@ def tied(small_data, model_3cls, small_spec):
     return samples, model, index, reference, serial
 
 
-@pytest.mark.parametrize("chunk, slack", [(1, 2.0), (1, 0.0), (1, 1e9), (1024, 2.0)])
-def test_overlap_gives_the_serial_results(tied, small_spec, monkeypatch, chunk, slack):
+def _sample_bytes(samples, spec) -> int:
+    """One sample decoded by the reference's transform, in bytes."""
+    return ImageDataset(samples, spec.torchvision_transform())[0][0].nbytes
+
+
+@pytest.mark.parametrize("chunk, slack, budget", [(1, 2.0, None), (1, 0.0, None), (1, 1e9, None), (1024, 2.0, None),
+                                                  (1, 1e9, 2)])
+def test_overlap_gives_the_serial_results(tied, small_spec, monkeypatch, chunk, slack, budget):
     """21 samples in batches of 8 (a short last batch), a flip placed on purpose; margins copied back every
     batch or never during the pass (chunk 1024: every near-tie decoded after it); near-ties sent with the
     running estimate, with none of its slack (some missed, decoded after the pass), or with all (every sample
-    sent: the unneeded skipped)."""
+    sent: the unneeded skipped), or all within a budget of 2 samples' bytes (the rest decoded after the pass)."""
+    samples, model, index, reference, serial = tied
     monkeypatch.setattr(stream, "CHUNK_SAMPLES", chunk)
     monkeypatch.setattr(stream, "STREAM_SLACK", slack)
-    samples, model, index, reference, serial = tied
+    if budget is not None:
+        monkeypatch.setattr(stream, "STREAM_BYTES", budget * _sample_bytes(samples, small_spec) + 1)
     _, overlapped = _run(samples, model, small_spec, "overlap")
     assert_same_results(samples, reference, serial, overlapped)
     assert overlapped.rechecked[index]
@@ -110,6 +125,8 @@ def test_overlap_gives_the_serial_results(tied, small_spec, monkeypatch, chunk, 
     assert exact["streamed"] - exact["streamed_unneeded"] + exact["decoded_after_pass"] == needed
     if chunk > len(samples):
         assert exact["streamed"] == 0 and exact["decoded_after_pass"] == needed
+    elif budget is not None:
+        assert exact["stream_budget"] == budget and exact["streamed"] == budget
     elif slack == 1e9:  # every sample but the calibration's sent once the first chunk gave an estimate
         assert exact["streamed"] == len(samples) - exact["calibration_samples"] and exact["decoded_after_pass"] == 0
     elif slack == 0:  # only exact ties would be sent: the placed near-tie is decoded after the pass
@@ -117,6 +134,37 @@ def test_overlap_gives_the_serial_results(tied, small_spec, monkeypatch, chunk, 
     else:
         assert exact["streamed"] >= 1
     assert exact["calibration_seconds"] > 0 and exact["hidden_seconds"] >= 0
+
+
+def test_an_infinite_error_streams_only_the_budget_and_the_pool_holds_only_what_is_to_be_scored(
+        tied, small_spec, monkeypatch, pools):
+    """A non-finite difference on a calibration sample (faked: the error is inf) gates every sample. The pass
+    sends 3 of them (its budget of decoded bytes), not all; after it the pool decodes the rest one batch ahead
+    of none (``AHEAD_BATCHES`` 0) and each value is dropped once scored: before each batch is taken the pool
+    holds at most the 3 sent and one batch of 4 (all 13 held at once before). The results are the serial
+    schedule's under the same error."""
+    samples, model, index, reference, _ = tied
+    for module in (exact_module, stream):
+        monkeypatch.setattr(module, "max_logit_error", lambda fast, ref: math.inf)
+    monkeypatch.setattr(stream, "CHUNK_SAMPLES", 1)
+    monkeypatch.setattr(stream, "AHEAD_BATCHES", 0)
+    monkeypatch.setattr(stream, "STREAM_BYTES", 3 * _sample_bytes(samples, small_spec) + 1)
+    held = []
+    take = DecodePool.take
+
+    def counted(self, indices):
+        held.append(sum(d.value is not None for d in self.done().values()))
+        return take(self, indices)
+
+    monkeypatch.setattr(DecodePool, "take", counted)
+    _, serial = _run(samples, model, small_spec, "after", batch_size=4)
+    _, overlapped = _run(samples, model, small_spec, "overlap", batch_size=4)
+    assert_same_results(samples, reference, serial, overlapped)
+    exact = overlapped.extra["exact"]
+    assert exact["tau"] == math.inf and exact["gated"] == len(samples) - exact["calibration_samples"] == 13
+    assert exact["streamed"] == 3 and exact["decoded_after_pass"] == 10 and overlapped.rechecked.all()
+    assert len(held) == 2 + 4 and max(held) <= 3 + 4  # calibration in 2 batches of 4, the 13 in 4
+    assert len(pools) == 1 and _gone(pools[0])
 
 
 class TiesAndNaN(nn.Module):
@@ -195,9 +243,13 @@ def _gone(pool: DecodePool) -> bool:
 
 
 def test_the_pool_starts_once_a_run_and_ends_with_it(small_data, model_3cls, small_spec, pools):
+    """And the run reports its size: one worker for --workers 1, beside the loader's thread(s)."""
     samples = discover(small_data)
-    evaluator, _ = _run(samples, model_3cls, small_spec, "overlap", passes=2)
+    evaluator, result = _run(samples, model_3cls, small_spec, "overlap", passes=2)
     assert len(pools) == 1 and _gone(pools[0])
+    exact = result.extra["exact"]
+    assert exact["pool_workers"] == len(pools[0].processes) == 1
+    assert exact["pool_reason"].startswith("1 PIL worker process(es)") and exact["pool_reason"].endswith("--workers 1")
     evaluator.run(progress=False)
     assert len(pools) == 2 and _gone(pools[1])
 
@@ -227,7 +279,7 @@ def test_the_pool_ends_when_the_pass_fails(small_data, model_3cls, small_spec, p
 
 
 def test_a_worker_lost_leaves_its_samples_to_this_process(small_data, small_spec):
-    """A worker killed with its task: ``wait`` returns without it, and the caller decodes it itself."""
+    """A worker killed with its task: ``take`` returns without it, and the caller decodes it itself."""
     import signal
 
     from fasteval.data.dataset import ImageDataset
@@ -235,13 +287,78 @@ def test_a_worker_lost_leaves_its_samples_to_this_process(small_data, small_spec
     samples = discover(small_data)
     with DecodePool(ImageDataset(samples, small_spec.torchvision_transform()), 1) as pool:
         pool.submit([(0, 0.0)])
-        first = pool.wait([0])
+        first = pool.take([0])
         os.kill(pool.processes[0].pid, signal.SIGKILL)
         pool.processes[0].join()
         pool.submit([(1, 0.0)])
-        assert pool.wait([0, 1]).keys() == {0}
+        assert pool.take([0, 1]).keys() == {0}
     assert torch.equal(first[0].value, ImageDataset(samples, small_spec.torchvision_transform())[0][0])
     assert _gone(pool)
+
+
+def test_a_receiver_error_is_raised_in_the_callers_thread(small_data, small_spec, monkeypatch):
+    """The receiving thread fails on a result (an unpickling error) while the worker lives on: ``take``
+    raises it as one FastevalError line instead of waiting for a result that cannot come."""
+    def broken(item):
+        raise pickle.UnpicklingError("invalid load key, 'x'.")
+
+    monkeypatch.setattr(recheck_pool, "_unpack", broken)
+    raised = []
+    with DecodePool(ImageDataset(discover(small_data), small_spec.torchvision_transform()), 1) as pool:
+        pool.submit([(0, 0.0)])
+
+        def take():
+            try:
+                pool.take([0])
+            except FastevalError as exc:
+                raised.append(exc)
+
+        waiting = threading.Thread(target=take, daemon=True)
+        waiting.start()
+        waiting.join(120)  # a guard, not a timing: without the fix the wait never ends
+        assert not waiting.is_alive(), "take() waits for a receiver that has died"
+        assert pool.processes[0].is_alive()
+    assert len(raised) == 1 and "UnpicklingError: invalid load key" in str(raised[0])
+    assert len(str(raised[0]).splitlines()) == 1 and isinstance(raised[0].__cause__, pickle.UnpicklingError)
+    assert _gone(pool)
+
+
+class Unpicklable:
+    """A dataset that cannot be pickled (its lambda): only a forked worker can have it."""
+
+    def __init__(self, dataset) -> None:
+        self.dataset, self.hook = dataset, lambda: None
+
+    def __getitem__(self, index):
+        return self.dataset[index]
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the fork start method is requested on Linux")
+def test_the_pool_forks_whatever_start_method_the_caller_set(small_data, small_spec):
+    samples = discover(small_data)
+    dataset = ImageDataset(samples, small_spec.torchvision_transform())
+    before = multiprocessing.get_start_method(allow_none=True)
+    multiprocessing.set_start_method("spawn", force=True)
+    try:
+        with DecodePool(Unpicklable(dataset), 1) as pool:
+            pool.submit([(3, 0.0)])
+            value = pool.take([3])[3].value
+    finally:
+        multiprocessing.set_start_method(before, force=True)
+    assert torch.equal(value, dataset[3][0])
+
+
+def test_the_pool_takes_the_cores_the_loader_leaves():
+    """16 usable cores: beside DALI's 14 decoding threads and the main thread, one worker; beside 8 DataLoader
+    workers, 7 of --workers 8; never more than --workers, never fewer than 1."""
+    assert recheck_pool_size(8, 14, cores=16)[0] == 1
+    assert recheck_pool_size(8, 8, cores=16)[0] == 7
+    assert recheck_pool_size(2, 8, cores=16)[0] == 2
+    assert recheck_pool_size(8, 8, cores=4)[0] == 1
+    assert recheck_pool_size(0, 1, cores=2)[0] == 1
+    size, reason = recheck_pool_size(8, 14, cores=16)
+    assert reason == "1 PIL worker process(es): 16 usable core(s) less the loader's 14 and the main thread's 1 " \
+                     "leave 1; --workers 8"
 
 
 # --- the plan's decision ------------------------------------------------------------------------------------
@@ -250,7 +367,8 @@ def test_a_worker_lost_leaves_its_samples_to_this_process(small_data, small_spec
 def test_the_schedule_is_the_plans():
     decide = dict(device_type="cuda", cpu_decoding=False, pass_pixels=False, sharded=False, workers=8)
     assert resolve_recheck("auto", **decide)[0]
-    assert "8 PIL worker" in resolve_recheck("auto", **decide)[1]
+    assert "decoded during the pass by PIL worker processes (--workers of them, fewer where the loader's threads " \
+           "leave fewer cores" in resolve_recheck("auto", **decide)[1]
     for change, words in ((dict(device_type="cpu"), "the CPU the cores are the model's"),
                           (dict(cpu_decoding=True), "decodes with PIL"), (dict(sharded=True), "torchrun"),
                           (dict(workers=0), "--workers 0"), (dict(pass_pixels=True), "pixels decoded for the pass")):
@@ -289,7 +407,7 @@ def test_a_gpu_plan_decoding_on_the_gpu_overlaps_the_recheck(small_data, model_3
 
     gpu = plan()
     assert gpu.loader.value == "torchvision-gpu" and gpu.recheck_overlap
-    assert "near-ties decoded during the pass by 4 PIL worker process(es)" in gpu.exact.reason
+    assert "near-ties decoded during the pass by PIL worker processes" in gpu.exact.reason
     assert not plan(workers=0).recheck_overlap and not plan(scope=Rank()).recheck_overlap
     assert not plan(recheck="after").recheck_overlap and not plan(exact="off").recheck_overlap
 

@@ -34,6 +34,7 @@ from fasteval.errors import FastevalError
 from fasteval.data.preprocess import PreprocessSpec
 from fasteval.evaluation.reference import per_sample, reference_logits, score_batch
 from fasteval.data.samples import SampleList
+from fasteval.procs import usable_cores
 
 CALIBRATION_SAMPLES = 8  # reference-evaluated samples that measure the fast path's logit error
 SAFETY = 3.0  # tau = SAFETY x the largest change of a logit difference seen (2 x the logit error)
@@ -51,6 +52,9 @@ def resolve_exact(mode: str) -> tuple[bool, str]:
 
 
 RECHECK_SCHEDULES = ("auto", "overlap", "after")  # when the recheck decodes: see resolve_recheck
+# The overlapped schedule, in the plan's words (the pool's size is recheck_pool_size's, in the recheck's report)
+DURING = ("near-ties decoded during the pass by PIL worker processes (--workers of them, fewer where the loader's "
+          "threads leave fewer cores: at least 1)")
 
 
 def resolve_recheck(asked: str, *, device_type: str, cpu_decoding: bool, pass_pixels: bool, sharded: bool,
@@ -59,15 +63,15 @@ def resolve_recheck(asked: str, *, device_type: str, cpu_decoding: bool, pass_pi
     ``auto`` overlaps where the cores are idle during the pass: a GPU pass whose loader decodes on the GPU
     (not the CPU's PIL: ``cpu_decoding``), with worker processes to decode in, in one process. ``overlap``
     forces it (the same results; tests and measurements on the CPU), except where the recheck reads the pixels
-    the pass decoded (``pass_pixels``), which the serial schedule reuses; ``after`` never."""
+    the pass decoded (``pass_pixels``), which the serial schedule reuses; ``after`` never. How many workers
+    decode is ``recheck_pool_size``'s, once the loader is built."""
     if asked not in RECHECK_SCHEDULES:
         raise FastevalError(f"unknown recheck schedule {asked!r}; choose from {', '.join(RECHECK_SCHEDULES)}")
     after = "after the pass"
     if pass_pixels:
         return False, f"{after}: it reads the pixels decoded for the pass"
     if asked != "auto":
-        return asked == "overlap", (f"near-ties decoded during the pass by {max(1, workers)} PIL worker process(es) "
-                                    f"(asked)" if asked == "overlap" else f"{after} (asked)")
+        return asked == "overlap", f"{DURING} (asked)" if asked == "overlap" else f"{after} (asked)"
     if device_type != "cuda":
         return False, f"{after}: on the {device_type.upper()} the cores are the model's"
     if cpu_decoding:
@@ -76,8 +80,29 @@ def resolve_recheck(asked: str, *, device_type: str, cpu_decoding: bool, pass_pi
         return False, f"{after}: torchrun's ranks share the host's cores"
     if workers < 1:
         return False, f"{after}: --workers 0 leaves no worker process to decode in"
-    return True, (f"near-ties decoded during the pass by {workers} PIL worker process(es) on the cores the GPU's "
-                  f"decoding leaves idle; the model scores them after it")
+    return True, f"{DURING}, on the cores the GPU's decoding leaves idle; the model scores them after it"
+
+
+def recheck_pool_size(workers: int, loader_threads: int, cores: int | None = None) -> tuple[int, str]:
+    """How many PIL worker processes decode the overlapped recheck, and why: ``workers`` (``--workers``), at
+    most the ``cores`` (usable) left by the loader's ``loader_threads`` (DALI's decoding threads, or the
+    DataLoader's worker processes) and the main thread that feeds the GPU; at least 1. Beside DALI, which takes
+    all usable cores but two, that is one worker."""
+    cores = usable_cores() if cores is None else cores
+    left = cores - loader_threads - 1
+    size = max(1, min(workers, left))
+    return size, (f"{size} PIL worker process(es): {cores} usable core(s) less the loader's {loader_threads} and "
+                  f"the main thread's 1 leave {max(left, 0)}; --workers {workers}")
+
+
+def near_tie_tau(error: float) -> float:
+    """The gate: margins at most this are rechecked, given the largest logit error seen (module docstring)."""
+    return SAFETY * 2 * error
+
+
+def decision_margin(margin_top1: torch.Tensor, margin_topk: torch.Tensor) -> torch.Tensor:
+    """A sample's decision margin: the nearer of its top-1 and top-k decisions (kernels/fused_metrics.py's)."""
+    return torch.minimum(margin_top1, margin_topk)
 
 
 def calibration_positions(num_samples: int, count: int = CALIBRATION_SAMPLES) -> list[int]:
@@ -161,7 +186,7 @@ def recheck(samples: SampleList, outputs: dict[str, torch.Tensor], calibration: 
                                        pixels=pixels)
     ref_calibration = source.calibration(calibration)
     error = scope.max_error(max_logit_error(calibration_logits, ref_calibration) if calibration else 0.0)
-    tau = SAFETY * 2 * error
+    tau = near_tie_tau(error)
     more = near_tie_indices(outputs, calibration, tau)
     ref_more = source.near_ties(more)  # torch.empty(0) for no sample
     indices = calibration + more

@@ -23,7 +23,7 @@ from fasteval.data.loader_torch import PixelLoader
 from fasteval.data.loaders import make_loader
 from fasteval.data.preprocess import PreprocessSpec
 from fasteval.data.samples import SampleList
-from fasteval.evaluation.exact import WholeRun, apply_reference, recheck
+from fasteval.evaluation.exact import WholeRun, apply_reference, decision_margin, recheck
 from fasteval.evaluation.metrics import TOPK, EvalResult, totals_from_samples
 from fasteval.evaluation.plan import Decision, FastOptions, Plan, make_plan
 from fasteval.evaluation.recheck_stream import OverlappedRecheck
@@ -181,18 +181,21 @@ class FastEvaluator:
         at = torch.tensor(self.main)
         for name, key in ACCUMULATED.items():
             outputs[name][at] = totals[key]
-        outputs["margins"][at] = torch.minimum(totals["margin_top1"], totals["margin_topk"])
+        outputs["margins"][at] = decision_margin(totals["margin_top1"], totals["margin_topk"])
         return totals["kept_logits"], totals["nonfinite"]
 
     def _recheck_overlap(self):
         """The overlapped recheck where the plan says so (its pool lives for this run: a context manager),
-        else an empty context."""
+        else an empty context. Its pool is sized beside the loader's threads: DALI's decoding threads, else the
+        DataLoader's ``--workers`` processes."""
         plan = self.plan
         if not (plan.recheck_overlap and plan.exact.value and plan.calibration_total and self.main):
             return contextlib.nullcontext()
+        dali = plan.dali_settings
         return OverlappedRecheck(self.samples, self.reference_model, self.spec, self.main, self.calibration,
                                  batch_size=plan.reference_batch_size, workers=self.options.workers,
-                                 device=self.device)
+                                 device=self.device,
+                                 loader_threads=dali.threads if dali is not None else self.options.workers)
 
     def run(self, progress: bool = True) -> EvalResult:
         plan = self.plan

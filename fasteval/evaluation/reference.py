@@ -11,6 +11,7 @@ import math
 
 import sys
 import time
+from collections.abc import Generator
 from typing import NamedTuple
 
 import torch
@@ -150,11 +151,23 @@ def reference_logits(samples: SampleList, indices: list[int], model: nn.Module, 
     parallel, batch = scattered_batches(len(indices), batch_size, workers, device, always_workers)
     loader = DataLoader(ImageDataset(samples.subset(indices), spec.torchvision_transform()), batch_size=batch,
                         shuffle=False, num_workers=workers if parallel else 0, pin_memory=device.type == "cuda")
+    return score_images(model, (images for images, _ in dataloader_batches(loader)), device)
+
+
+def score_images(model: nn.Module, batches: Generator[torch.Tensor, None, None], device: torch.device) -> torch.Tensor:
+    """The reference's float32 logits of ``batches`` of images, concatenated on the CPU: the eager model in eval
+    mode on ``device``, under no_grad, a batch at a time. The recheck's streamed schedule scores with it too
+    (fasteval/evaluation/recheck_stream.py), so that its values are ``reference_logits``'. ``batches`` (a
+    generator) is closed however the loop ends: a DataLoader's workers end with it, not with an error's
+    traceback."""
     model = model.to(device).eval()
     out = []
-    with torch.no_grad():
-        for images, _ in dataloader_batches(loader):  # not a comprehension: its frame would keep the batches
-            out.append(model(images.to(device)).float().cpu())
+    try:
+        with torch.no_grad():
+            for images in batches:
+                out.append(model(images.to(device)).float().cpu())
+    finally:
+        batches.close()
     return torch.cat(out)
 
 
