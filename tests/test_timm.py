@@ -224,7 +224,8 @@ def test_default_weights_with_another_class_count_refused_before_any_download(mo
     monkeypatch.setattr(timm, "create_model", no_download)
     with pytest.raises(FastevalError) as info:
         build_model(f"timm:{TINY}", "DEFAULT", 3)
-    assert _one_line(info) == "timm's pretrained weights have a 1000-class head but the dataset has 3 classes"
+    assert _one_line(info) == ("timm's pretrained weights have a 1000-class head but the dataset has 3 classes; where "
+                               "DATA holds only some of the model's classes, give --classes")
 
 
 def test_timm_missing_names_the_extra(monkeypatch):
