@@ -10,7 +10,12 @@ dtype: each image resized with an antialiased filter (``Resize(size)``'s geometr
   ``TRITON_INTERPRET=1``). Only the crop's pixels are computed: each output pixel runs the horizontal
   pass on the source rows its vertical support needs, then the vertical pass, in registers.
 - ``resize_crop_torch``: its plain-PyTorch twin, image by image (the fallback without Triton, and the
-  kernel's executable spec). It needs no torchvision.
+  kernel's executable spec). It needs no torchvision. On CUDA it copies each image's coefficients from
+  pageable host memory (a host sync an image): a fallback for exactness, not for speed.
+
+``resize_crop_pixels`` gives the same pixels as uint8, not normalised. The kernel is compiled per tap count
+K (``variant_taps``: a power of two, the batch's widest support) and output shape; ``compile_variants``
+compiles a run's variants before its batches, so that none compiles inside a timed loop.
 
 How the filter is reproduced
 ----------------------------
@@ -87,6 +92,14 @@ def taps(in_size: int, out_size: int, interpolation: str) -> int:
     return math.ceil(SUPPORTS[interpolation] * max(in_size / out_size, 1.0)) * 2 + 1
 
 
+def variant_taps(height: int, width: int, size: int | tuple[int, int], interpolation: str) -> int:
+    """The kernel's tap count K for an image of this size: its widest support (``taps``) along either axis,
+    rounded up to a power of two. A batch runs the compiled variant of its images' largest K: a run's
+    variants are the K of its images (``compile_variants`` compiles them before its batches)."""
+    rh, rw = resized_hw(height, width, size)
+    return _next_pow2(max(taps(height, rh, interpolation), taps(width, rw, interpolation)))
+
+
 def _check_args(images, size, crop, mean, std, interpolation, out_dtype, backend) -> None:
     """ValueError naming the argument that is wrong (one pass over the images' metadata)."""
     if interpolation not in SUPPORTS:
@@ -160,6 +173,19 @@ def resize_crop_normalize(images: Sequence[torch.Tensor], size: int | tuple[int,
         backend = "triton" if device.type == "cuda" and HAS_TRITON else "torch"
     run = _triton if backend == "triton" else _torch
     return run(images, size, crop, mean, std, interpolation, out_dtype)
+
+
+def resize_crop_pixels(images: Sequence[torch.Tensor], size: int | tuple[int, int], crop: int | None, *,
+                       interpolation: str = "bilinear", backend: str = "auto") -> torch.Tensor:
+    """The resized, centre-cropped uint8 pixels of a ragged batch, not normalised: (N, 3, h, w) channels-last,
+    the pixels ``resize_crop_normalize`` normalises (what a store of decoded images keeps).
+
+    The same launch with mean 0 and std 1/255: each float32 output is (p / 255) / (1 / 255) for the 8-bit
+    pixel p, which is p to within a few float32 ulps (1.5e-5 at most over 0..255 with IEEE division; a GPU's
+    approximate division adds two ulps), so rounding gives p exactly; the kernel compiled is the float32 one."""
+    pixels = resize_crop_normalize(images, size, crop, (0.0, 0.0, 0.0), (1 / 255,) * 3, interpolation=interpolation,
+                                   out_dtype=torch.float32, backend=backend)
+    return pixels.round_().to(torch.uint8)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -389,14 +415,17 @@ def default_blocks(out_h: int, out_w: int, k: int, longest: int, interpreted: bo
     On a GPU: [BLOCK_R channel-rows, BLOCK_X columns, K taps] tiles of 2K source pixels (8 warps, 8 a
     thread: int64 addresses are the registers' main cost), the precision scan in [SCAN, K] float64 chunks
     of 1K (about 100 registers, no spills on sm_80/90/100: tests/kernel_aot.py), and about 16 programs an
-    image (GROUPS of rows, times the column tiles), each paying the scans once. Under the interpreter,
-    whose cost is per operation more than per element: 256K-pixel tiles, 8K-weight scan chunks, one group."""
+    image (GROUPS of rows, times the column tiles), each paying the scans once; SCAN depends on K alone
+    (a scan chunk past an axis's end is clamped), so the compiled variant is the run's output size and K,
+    not the batch's longest side. Under the interpreter, whose cost is per operation more than per element:
+    256K-pixel tiles, 8K-weight scan chunks no longer than the longest resized side, one group."""
     budget, scan, programs = ((1 << 18), (1 << 13), 1) if interpreted else ((1 << 11), (1 << 10), 16)
     block_x = min(_next_pow2(out_w), max(1, budget // k))
     block_r = min(_next_pow2(3 * out_h), max(1, budget // (block_x * k)))
     blocks_r = -(-3 * out_h // block_r)
     groups = min(blocks_r, max(1, programs // -(-out_w // block_x)))
-    return block_r, block_x, min(_next_pow2(longest), max(1, scan // k)), groups
+    scan = max(1, scan // k)
+    return block_r, block_x, min(_next_pow2(longest), scan) if interpreted else scan, groups
 
 
 def _norm_bits(mean: Sequence[float], std: Sequence[float]) -> list[int]:
@@ -407,29 +436,50 @@ def _norm_bits(mean: Sequence[float], std: Sequence[float]) -> list[int]:
 
 def resize_crop_triton(images: Sequence[torch.Tensor], size: int | tuple[int, int], crop: int | None,
                        mean: Sequence[float], std: Sequence[float], *, interpolation: str = "bilinear",
-                       out_dtype: torch.dtype = torch.float32, blocks: tuple[int, int, int, int] | None = None
-                       ) -> torch.Tensor:
+                       out_dtype: torch.dtype = torch.float32, blocks: tuple[int, int, int, int] | None = None,
+                       k: int | None = None) -> torch.Tensor:
     """The Triton kernel: one launch; the images stay where they are (the kernel reads them through a table
     of their data pointers and strides, built on the host from the tensors' metadata, with no per-image
     torch operation), the table reaches the device in one non-blocking copy from pinned memory.
-    ``blocks`` overrides ``default_blocks`` (tests)."""
+    ``blocks`` overrides ``default_blocks`` (tests). ``k``: the variant's tap count K, a power of two at
+    least the batch's own (``variant_taps``); None: the batch's own."""
     _check_args(images, size, crop, mean, std, interpolation, out_dtype, "triton")
-    return _triton(images, size, crop, mean, std, interpolation, out_dtype, blocks)
+    return _triton(images, size, crop, mean, std, interpolation, out_dtype, blocks, k)
 
 
-def _triton(images, size, crop, mean, std, interpolation, out_dtype, blocks=None) -> torch.Tensor:
+def compile_variants(sizes: Sequence[tuple[int, int]], size: int | tuple[int, int], crop: int | None, *,
+                     batch: int, device: torch.device, interpolation: str = "bilinear",
+                     out_dtype: torch.dtype = torch.float32) -> list[int]:
+    """Compile (or load from Triton's cache) the kernel variants that batches of ``batch`` images of these
+    (height, width) ``sizes`` launch, before those batches: one launch per K (``variant_taps``), each on
+    ``batch`` black images of the first size's resized shape (the run's output shape, for ``crop=None``
+    too), which give every argument Triton specialises on the value a real batch gives it. The launches
+    are queued, not waited for. Returns the K compiled, ascending."""
+    ks = sorted({variant_taps(h, w, size, interpolation) for h, w in sizes})
+    if ks:
+        black = torch.zeros((3, *resized_hw(*sizes[0], size)), dtype=torch.uint8, device=device)
+        for k in ks:
+            resize_crop_triton([black] * batch, size, crop, (0.0, 0.0, 0.0), (1.0, 1.0, 1.0),
+                               interpolation=interpolation, out_dtype=out_dtype, k=k)
+    return ks
+
+
+def _triton(images, size, crop, mean, std, interpolation, out_dtype, blocks=None, k=None) -> torch.Tensor:
     device = images[0].device
     if not triton_usable(device):
         raise ValueError(f"backend='triton' needs CUDA tensors, or CPU tensors with TRITON_INTERPRET=1 "
                          f"(images are on {device})")
     geoms, (out_h, out_w) = geometry(images, size, crop)
-    k = longest = 1
+    need = longest = 1
     fields: list[int] = []
     for image, (h, w, rh, rw, top, left) in zip(images, geoms):
         fields += (image.data_ptr(), h, w, *image.stride(), rh, rw, top, left)
-        k = max(k, taps(h, rh, interpolation), taps(w, rw, interpolation))
+        need = max(need, taps(h, rh, interpolation), taps(w, rw, interpolation))
         longest = max(longest, rh, rw)
-    k = _next_pow2(k)
+    need = _next_pow2(need)
+    if k is not None and (k < need or k != _next_pow2(k)):
+        raise ValueError(f"k must be a power of two of at least the batch's {need} taps, got {k}")
+    k = k or need
     meta = torch.tensor(fields + _norm_bits(mean, std), dtype=torch.int64)
     if device.type == "cuda":
         meta = meta.pin_memory().to(device, non_blocking=True)

@@ -10,9 +10,11 @@ fake parameters, and autocast turns itself off without CUDA): the loop gets a pl
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -89,16 +91,25 @@ def device_guard(monkeypatch):
     monkeypatch.setattr(torch.cuda, "_maybe_exchange_device", lambda device: 0)
 
 
+def padded_labels(first: int, count: int, batch_size: int) -> torch.Tensor:
+    """Labels ``first..first+count-1`` padded with zeros to the batch size, pinned: as the workers collate them
+    and the DataLoader's pin thread hands them over."""
+    labels = torch.zeros(batch_size, dtype=torch.int64)
+    labels[:count] = torch.arange(first, first + count)
+    return labels.pin_memory()
+
+
 @pytest.mark.parametrize("batch_size", [4, 3])
 def test_gpu_decode_assembly_has_no_host_sync(batch_size, small_data, small_spec, device_guard):
     """The fused geometry (several sizes per batch, the Triton launch stubbed), label transfer, padding of the
-    short last batch."""
+    short last batch, a PIL-decoded image (a file nvJPEG does not take) copied from the host."""
     with fake_cuda() as trace, stub_triton_launches() as launches:
         loader = _gpu_decode_loader(small_data, small_spec, batch_size)
         assert loader.per_size is None
         decoded = [torch.empty(3, h, w, dtype=torch.uint8, device=CUDA) for h, w in SIZES]
+        decoded[1] = torch.empty(SIZES[1][0], SIZES[1][1], 3, dtype=torch.uint8).pin_memory().permute(2, 0, 1)
         chunks = [decoded[i:i + batch_size] for i in range(0, len(decoded), batch_size)]
-        labels = [torch.arange(i, i + len(c)) for i, c in zip(range(0, len(decoded), batch_size), chunks)]
+        labels = [padded_labels(i, len(c), batch_size) for i, c in zip(range(0, len(decoded), batch_size), chunks)]
         with trace.recording() as events:
             batches = [loader.assemble(images, lab) for images, lab in zip(chunks, labels)]
         assert events == [], trace.report()
@@ -118,7 +129,7 @@ def test_gpu_decode_per_size_assembly_has_no_host_sync(small_data, small_spec):
         loader.per_size = "forced"
         images = [torch.empty(3, h, w, dtype=torch.uint8, device=CUDA) for h, w in SIZES]
         with trace.recording() as events:
-            batch = loader.assemble(images, torch.arange(len(images)))
+            batch = loader.assemble(images, padded_labels(0, len(images), 8))
         assert events == [], trace.report()
         assert batch.images.shape == (8, 3, 32, 32) and batch.real == len(SIZES)
         assert batch.images.is_contiguous(memory_format=torch.channels_last)
@@ -136,7 +147,7 @@ def test_gpu_decode_geometry_is_one_launch_a_batch_whatever_its_sizes(small_data
             images = [torch.empty(3, h, w, dtype=torch.uint8, device=CUDA) for h, w in sizes]
             triton.clear()
             with LaunchCounter() as counter:
-                loader.assemble(images, torch.arange(8).pin_memory())
+                loader.assemble(images, padded_labels(0, 8, 8))
             return list(triton), counter.ops
 
         fused = launches(one_size)
@@ -147,14 +158,20 @@ def test_gpu_decode_geometry_is_one_launch_a_batch_whatever_its_sizes(small_data
 
 
 class RecordingHandoff(HostHandoff):
-    """The handoff's calls (CUDA streams and events need a driver): what each was given."""
+    """The handoff's calls (CUDA streams and events need a driver): what each was given, and the device work
+    queued while the decode stream is current."""
 
     def __init__(self) -> None:
         self.calls: list[tuple] = []
+        self.on_decode_stream: dict[str, int] = {}
 
+    @contextlib.contextmanager
     def decoding(self):
         self.calls.append(("decoding",))
-        return super().decoding()
+        with LaunchCounter() as counter:
+            yield
+        for name, count in counter.ops.items():
+            self.on_decode_stream[name] = self.on_decode_stream.get(name, 0) + count
 
     def hand_over(self, tensors):
         self.calls.append(("hand_over", [t.device.type for t in tensors]))
@@ -179,16 +196,24 @@ class Inline:
 
 
 def test_gpu_decode_iteration_has_no_host_sync(small_data, small_spec, monkeypatch, device_guard):
-    """``__iter__`` itself, both sides of the decoding thread: the DataLoader replaced by collated batches
-    (pinned, as its pin thread hands them), nvJPEG by fake images, the thread by ``Inline``."""
+    """``__iter__`` itself, both sides of the decoding thread: the DataLoader replaced by batches as the workers
+    collate them (labels padded; one file nvJPEG does not take, decoded by PIL) and its pin thread hands them
+    over, nvJPEG by fake images, the thread by ``Inline``. While the decode stream is current, no device work
+    is queued but nvJPEG's (stubbed here): the labels' and PIL's copies and the padding run on the loop's
+    stream, where the caching allocator cannot hand their blocks to nvJPEG's pool-stream writes early."""
     from fasteval.data import loader_torch
-    from fasteval.data.loader_torch import EncodedBatch
+    from fasteval.data.loader_torch import EncodedBatch, _collate
 
     monkeypatch.setattr(loader_torch, "Ahead", Inline)
+    pil = np.zeros((*SIZES[0], 3), dtype=np.uint8)
+    files = [[(b"jpeg", None, i, "x.jpg") for i in range(4)],
+             [(b"jpeg", None, 4, "x.jpg"), (None, pil, 5, "x.png"), (b"jpeg", None, 6, "x.jpg")]]
+    assert [_collate(items, 4).labels.tolist() for items in files] == [[0, 1, 2, 3], [4, 5, 6, 0]]
     with fake_cuda() as trace, stub_triton_launches() as launches:
         loader = _gpu_decode_loader(small_data, small_spec, 4)
-        loader.loader = [EncodedBatch(torch.zeros(n, dtype=torch.uint8).pin_memory(), [1] * n, [None] * n,
-                                      torch.arange(n).pin_memory(), ["x.jpg"] * n) for n in (4, 3)]
+        collated = [_collate(items, 4) for items in files]
+        loader.loader = [EncodedBatch(b.blob.pin_memory(), b.sizes, b.decoded, b.labels.pin_memory(), b.paths)
+                         for b in collated]
         monkeypatch.setattr(loader, "_decode_jpegs", lambda batch, paths: [
             torch.empty(3, *SIZES[i], dtype=torch.uint8, device=CUDA) for i in range(len(paths))])
         handoff = RecordingHandoff()
@@ -199,9 +224,29 @@ def test_gpu_decode_iteration_has_no_host_sync(small_data, small_spec, monkeypat
         assert [b.real for b in batches] == [4, 3]
         assert all(b.labels.shape == (4,) and b.labels.device.type == "cuda" for b in batches)
         assert launches == ["_resize_crop_kernel"] * 2
-    # Each batch's images and labels are handed over, then taken before the loop uses them.
-    assert handoff.calls == [("decoding",), ("hand_over", ["cuda"] * 5), ("take", 2),
-                             ("decoding",), ("hand_over", ["cuda"] * 4), ("take", 5)]
+    assert handoff.on_decode_stream == {}
+    # Each batch's nvJPEG images (not the labels, not PIL's host image) are handed over, then taken before the
+    # loop uses them.
+    assert handoff.calls == [("decoding",), ("hand_over", ["cuda"] * 4), ("take", 2),
+                             ("decoding",), ("hand_over", ["cuda"] * 2), ("take", 5)]
+
+
+def test_the_raw_gpu_loader_of_a_decoded_store_makes_uint8_pixels_without_host_sync(small_data, small_spec,
+                                                                                    device_guard):
+    """A decoded store's loader on CUDA without DALI (``raw_loader``) is the GPU-decode loader in its raw
+    mode: one launch a batch, uint8 channels-last pixels, no host sync (it broke on its first batch before)."""
+    from fasteval.data.decoded import raw_loader
+
+    with fake_cuda() as trace, stub_triton_launches() as launches:
+        loader = raw_loader("torchvision", discover(small_data), small_spec, batch_size=8, workers=0, device=CUDA)
+        assert isinstance(loader, GpuDecodeLoader) and loader.raw and loader.name == "torchvision-gpu"
+        images = [torch.empty(3, h, w, dtype=torch.uint8, device=CUDA) for h, w in SIZES]
+        with trace.recording() as events:
+            batch = loader.assemble(images, padded_labels(0, len(images), 8))
+        assert events == [], trace.report()
+        assert launches == ["_resize_crop_kernel"]
+        assert batch.images.dtype == torch.uint8 and batch.images.shape == (8, 3, 32, 32)
+        assert batch.images.is_contiguous(memory_format=torch.channels_last) and batch.real == len(SIZES)
 
 
 def test_gpu_decode_geometry_keeps_batch_order(small_spec):

@@ -4,7 +4,8 @@
 consumer, so that decoding batch k+1 overlaps whatever the consumer does with batch k (the geometry, the
 model and the metrics it launches). Items come out in the producer's order; an error raised while
 producing reaches the consumer as the same exception object, where the item would have come; the thread
-stops and is joined when the consumer stops, early or not.
+stops and is joined when the consumer stops, early or not. A consumer resumed after its ``Ahead`` was
+closed (a suspended pass of a loader closed or iterated again since) gets an error, never a hang.
 
 The handoffs say how a decoded batch passes from the decoding thread to the consumer's stream without the
 host waiting for the device: ``StreamHandoff`` on CUDA, ``HostHandoff`` (nothing to order) elsewhere. The
@@ -23,6 +24,7 @@ import torch
 
 T = TypeVar("T")
 _END = object()
+WAKE_SECONDS = 0.1  # how often a waiting side looks whether the other one has stopped
 
 
 class _Failed(NamedTuple):
@@ -60,16 +62,31 @@ class Ahead(Generic[T]):
         """Wait for room unless the consumer has stopped; whether the item was queued."""
         while not self._stop.is_set():
             try:
-                self._queue.put(item, timeout=0.1)
+                self._queue.put(item, timeout=WAKE_SECONDS)
                 return True
             except queue.Full:
                 continue
         return False
 
+    def _get(self):
+        """The next item, waiting while the thread may still produce one; RuntimeError once it cannot (the
+        consumer's ``close`` stopped it, or it ended without a last item)."""
+        while True:
+            try:
+                return self._queue.get(timeout=WAKE_SECONDS)
+            except queue.Empty:
+                if not self._stop.is_set() and self._thread.is_alive():
+                    continue
+            try:  # what it queued just before it ended
+                return self._queue.get_nowait()
+            except queue.Empty:
+                raise RuntimeError("the decoding ahead was stopped: this pass was closed, or its loader closed "
+                                   "or iterated again, before it ended") from None
+
     def __iter__(self) -> Iterator[T]:
         try:
             while True:
-                item = self._queue.get()
+                item = self._get()
                 if item is _END:
                     return
                 if isinstance(item, _Failed):
@@ -100,6 +117,9 @@ class Ahead(Generic[T]):
 class HostHandoff:
     """No device stream to order (the CPU): decoded tensors are ready when the thread hands them over."""
 
+    def on_device(self) -> contextlib.AbstractContextManager:
+        return contextlib.nullcontext()
+
     def decoding(self) -> contextlib.AbstractContextManager:
         return contextlib.nullcontext()
 
@@ -116,18 +136,24 @@ class StreamHandoff:
 
     torchvision's batched CUDA decode (``decode_jpegs_cuda.cpp``) allocates each output with ``torch::empty``
     on the current stream, decodes on a pool stream of its own without waiting for the current stream, then
-    makes the current stream wait on an event. Were the consumer's stream current, the caching allocator
-    could hand nvJPEG a block that stream has just freed while queued kernels (the previous batch's model
-    and metrics) still read it. So decoding runs with the dedicated stream current, on the decoding thread:
-    its outputs come from that stream's pool, where nothing else runs; ``record_stream`` keeps each block
-    out of that pool until the consumer's uses of it are done; an event recorded after the batch orders the
-    consumer's stream after it. torchvision synchronises its own stream (the decoding thread waits for
-    the decode, the consumer does not), and blocks the stream of the device current when its decoder was
-    made, so the evaluation device is made current too."""
+    makes the current stream wait on an event. The caching allocator hands a block freed on a stream to the
+    next allocation on that stream while work queued there may still read it: safe for that stream's own
+    work, not for nvJPEG's writes on its pool stream. So the decode stream holds nvJPEG's outputs and nothing
+    else (no copy, no temporary: the labels' copy and the padding run on the consumer's stream), on the
+    decoding thread; ``record_stream`` keeps each output out of that pool until the consumer's uses of it are
+    done; an event recorded after the batch orders the consumer's stream after it. torchvision synchronises
+    its own stream (the decoding thread waits for the decode, the consumer does not), and blocks the stream of
+    the device current when its decoder was made, so the evaluation device is made current too: for the
+    whole thread (``on_device``), whose DataLoader iterator and pin-memory thread would otherwise open a
+    context on device 0."""
 
     def __init__(self, device: torch.device, stream: torch.cuda.Stream) -> None:
         self.device, self.stream = device, stream
         self.consumer = torch.cuda.current_stream(device)
+
+    def on_device(self) -> contextlib.AbstractContextManager:
+        """The evaluation device current on the decoding thread (a new thread starts on device 0)."""
+        return torch.cuda.device(self.device)
 
     @contextlib.contextmanager
     def decoding(self) -> Iterator[None]:

@@ -91,22 +91,23 @@ def choose_placement(nbytes: int, device: torch.device, cached: bool) -> tuple[s
     return "redecode", f"{size} do not fit in memory ({host_text}): decoded again for every checkpoint"
 
 
-def keep_uint8(images: torch.Tensor) -> torch.Tensor:
-    """The loaders' normalising step replaced by the identity: their uint8 NCHW images as they are."""
-    return images
-
-
 def raw_loader(kind: str, samples: SampleList, spec: PreprocessSpec, *, batch_size: int, workers: int,
                device: torch.device, dali=None):
-    """A loader of the fast path (``kind``) yielding uint8 NCHW batches, resized and cropped, not normalised."""
+    """A loader of the fast path (``kind``, as ``make_loader`` picks it) in its raw mode: uint8 NCHW batches,
+    resized and cropped, not normalised (on CUDA, the fused kernel's pixels: those its normalised batches
+    are made of)."""
+    if spec.runs_as_given:  # its own arithmetic makes float tensors: there are no uint8 pixels to keep
+        raise FastevalError("a transform run as given (not Resize [+ CenterCrop] + to-float + Normalize) cannot "
+                            "be decoded once into a store: evaluate each model with evaluate() instead")
     kind = resolve_loader(kind)
     if kind == "dali":
         from fasteval.data.loader_dali import DaliLoader
 
         return DaliLoader(samples, spec, batch_size, workers, device, raw=True, settings=dali)
-    loader = make_loader(kind, samples, spec, batch_size=batch_size, workers=workers, device=device)
-    loader.normalize = keep_uint8
-    return loader
+    from fasteval.data.loader_torch import GpuDecodeLoader, TorchvisionLoader
+
+    loader = GpuDecodeLoader if device.type == "cuda" else TorchvisionLoader
+    return loader(samples, spec, batch_size, workers, device, raw=True)
 
 
 def loader_name(kind: str, device: torch.device) -> str:

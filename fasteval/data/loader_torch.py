@@ -12,20 +12,23 @@ with a host list (``tests/test_sync_free.py`` checks all three on fake CUDA tens
 
 from __future__ import annotations
 
+import sys
 import warnings
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
+from functools import partial
 from typing import NamedTuple
 
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from fasteval.errors import FastevalError
+from fasteval.devices import synchronize
+from fasteval.errors import FastevalError, first_line
 from fasteval.data.batch import Batch
 from fasteval.data.decode_ahead import Ahead, HostHandoff, StreamHandoff
 from fasteval.data.preprocess import PreprocessSpec, image_size
-from fasteval.data.probe import probe
+from fasteval.data.probe import probe, probe_all
 from fasteval.data.pixels import load_rgb, reference_pixels
 from fasteval.data.dataset import ImageDataset
 from fasteval.data.samples import SampleList
@@ -97,13 +100,14 @@ def _worker_loader(dataset: Dataset, batch_size: int, workers: int, device: torc
 
 
 class TorchvisionLoader:
-    """PIL in DataLoader workers (the last resort, and the CPU path without DALI)."""
+    """PIL in DataLoader workers (the last resort, and the CPU path without DALI). ``raw``: batches of the
+    resized, cropped uint8 pixels, not normalised (a decoded store's)."""
 
     name = "torchvision-cpu"
 
     def __init__(self, samples: SampleList, spec: PreprocessSpec, batch_size: int, workers: int,
-                 device: torch.device, half: bool = False) -> None:
-        self.batch_size, self.device = batch_size, device
+                 device: torch.device, half: bool = False, raw: bool = False) -> None:
+        self.batch_size, self.device, self.raw = batch_size, device, raw
         self.normalize = Normalizer(spec, device, half)
         self.loader = _worker_loader(_pil_uint8(samples, spec), batch_size, workers, device)
 
@@ -112,7 +116,7 @@ class TorchvisionLoader:
         Padding after the copy: a host-side ``torch.cat`` would make an unpinned tensor."""
         real = images.shape[0]
         images, labels = _pad(to_device(images, self.device), to_device(labels, self.device), self.batch_size)
-        return Batch(self.normalize(images), labels, real)
+        return Batch(images if self.raw else self.normalize(images), labels, real)
 
     def __iter__(self) -> Iterator[Batch]:
         for images, labels in self.loader:
@@ -263,16 +267,19 @@ class EncodedBatch(NamedTuple):
     blob: torch.Tensor  # uint8: the JPEG files back to back
     sizes: list[int]  # bytes of each JPEG in the blob, in batch order; 0 where the file is not a JPEG
     decoded: list  # HWC uint8 arrays for the non-JPEG files (None for JPEGs)
-    labels: torch.Tensor  # int64 [n], on the host
+    labels: torch.Tensor  # int64 [batch_size] on the host (pinned by the DataLoader on CUDA): zeros past the files
     paths: list[str]
 
 
-def _collate(items) -> EncodedBatch:
+def _collate(items, batch_size: int) -> EncodedBatch:
+    """The workers' batch; its labels padded to the static batch size here, so that the batch loop copies
+    one pinned buffer and pads nothing."""
     encoded, decoded, labels, paths = (list(column) for column in zip(*items))
     jpegs = [data for data in encoded if data is not None]
     blob = torch.frombuffer(bytearray(b"".join(jpegs)), dtype=torch.uint8) if jpegs else torch.zeros(0).byte()
-    return EncodedBatch(blob, [len(data) if data is not None else 0 for data in encoded], decoded,
-                        torch.tensor(labels, dtype=torch.int64), paths)
+    padded = torch.zeros(batch_size, dtype=torch.int64)
+    padded[:len(labels)] = torch.tensor(labels, dtype=torch.int64)
+    return EncodedBatch(blob, [len(data) if data is not None else 0 for data in encoded], decoded, padded, paths)
 
 
 # torchvision 0.29 deprecates its image decoders in favour of TorchCodec; nvJPEG through
@@ -287,17 +294,21 @@ warnings.filterwarnings("ignore", message="The image decoding and encoding capab
 DECODE_AHEAD = 2
 
 
-def per_size_reason(spec: PreprocessSpec) -> str | None:
-    """Why the fused kernel (kernels/resize_crop.py) cannot make ``spec``'s batches, so that the GPU-decode
-    loader resizes once per distinct image size instead; None where it can. Without a crop it can (the run's
-    outputs share one size: ``preprocess.check_batchable``); without antialias too, and must: the reference
-    resizes PIL images, which PIL always antialiases (torchvision ignores ``antialias=False`` there)."""
-    from fasteval.kernels.resize_crop import SUPPORTS
+def per_size_reason(spec: PreprocessSpec, device: torch.device | None = None) -> str | None:
+    """Why the fused kernel (kernels/resize_crop.py) cannot make ``spec``'s batches on ``device``, so that the
+    GPU-decode loader resizes once per distinct image size instead; None where it can. Without a crop it can
+    (the run's outputs share one size: ``preprocess.check_batchable``), and with ``antialias=False`` too: the
+    reference resizes PIL images, which PIL always antialiases (torchvision ignores ``antialias=False`` there),
+    so both paths antialias. On CUDA without Triton it cannot: the kernel's PyTorch twin would copy each
+    image's coefficients from pageable memory, a host sync an image."""
+    from fasteval.kernels.resize_crop import SUPPORTS, triton_usable
 
     if spec.crop is not None and spec.crop > spec.resize:
         return f"the crop {spec.crop} is larger than the resize {spec.resize}"
     if spec.interpolation not in SUPPORTS:
         return f"{spec.interpolation} interpolation (the kernel has {', '.join(SUPPORTS)})"
+    if device is not None and device.type == "cuda" and not triton_usable(device):
+        return "Triton is not installed (the kernel's PyTorch twin makes a host sync an image on CUDA)"
     return None
 
 
@@ -305,36 +316,79 @@ class GpuDecodeLoader:
     """torchvision.io.decode_jpeg on the CUDA device (nvJPEG, batched), resize, crop and normalise on the GPU.
 
     Decoding runs ahead on a thread and a CUDA stream of its own (fasteval/data/decode_ahead.py): DataLoader
-    workers read the files into pinned memory, the thread decodes each batch on its stream and hands it to
-    the batch loop's stream by an event, up to ``DECODE_AHEAD`` batches ahead. The batch loop's own work
-    per batch (``assemble``) is one launch of ``resize_crop_normalize`` for the whole ragged batch, in the
-    model's input dtype, channels-last; no host sync. A spec that kernel cannot make (``per_size_reason``)
-    is resized once per distinct image size, then normalised, as before the kernel.
+    workers read the files into pinned memory (the labels padded to the static batch size there), the thread
+    decodes each batch on its stream and hands it to the batch loop's stream by an event, up to
+    ``DECODE_AHEAD`` batches ahead. The decode stream holds nvJPEG's outputs and nothing else: the batch
+    loop's own work per batch (``assemble``, on its stream) copies the labels and PIL's images (files nvJPEG
+    does not take), pads, and makes the batch with one launch of ``resize_crop_normalize`` for the whole
+    ragged batch, in the model's input dtype, channels-last; no host sync. A spec that kernel cannot make
+    (``per_size_reason``), or a GPU where it cannot run (``warm_up``), is resized once per distinct image
+    size, then normalised; the loader's name says so.
+
+    ``raw``: batches of the resized, cropped uint8 pixels, not normalised (a decoded store's): the kernel's
+    pixels, those its normalised batches are made of.
     """
 
-    name = "torchvision-gpu"
-
     def __init__(self, samples: SampleList, spec: PreprocessSpec, batch_size: int, workers: int,
-                 device: torch.device, half: bool = False) -> None:
-        self.spec, self.batch_size, self.device = spec, batch_size, device
+                 device: torch.device, half: bool = False, raw: bool = False) -> None:
+        self.samples, self.spec, self.batch_size, self.device, self.raw = samples, spec, batch_size, device, raw
         self.normalize = Normalizer(spec, device, half)
-        self.per_size = per_size_reason(spec)  # None: one fused launch a batch
+        self.backend = "triton" if device.type == "cuda" else "torch"  # the CPU device (tests): the kernel's twin
+        self.per_size = per_size_reason(spec, device)  # None: one fused launch a batch
+        self.variants: list[int] = []  # the resize kernel's tap counts compiled by warm_up
         self.loader = DataLoader(_EncodedFiles(samples), batch_size=batch_size, num_workers=workers,
-                                 collate_fn=_collate, persistent_workers=workers > 0,
+                                 collate_fn=partial(_collate, batch_size=batch_size), persistent_workers=workers > 0,
                                  pin_memory=device.type == "cuda")
         self._decode_stream = None  # made on the first CUDA pass
         self._ahead: Ahead | None = None
 
+    @property
+    def name(self) -> str:
+        """The loader's name in reports: with the per-size path's reason where that path runs."""
+        return "torchvision-gpu" + ("" if self.per_size is None else f", resized per image size: {self.per_size}")
+
+    def warm_up(self) -> None:
+        """Compile the resize kernel's variants this run's images need (their sizes from the header probes,
+        cached since the plan read them) and run each once, before the timed pass; where the kernel cannot run,
+        the per-size path from here on (``_fall_back``). Nothing to do on the per-size path or the CPU."""
+        if self.per_size is not None or self.backend != "triton":
+            return
+        from fasteval.kernels.resize_crop import compile_variants
+
+        sizes = [(p.size[1], p.size[0]) for p in probe_all(self.samples.paths) if p.size]
+        try:
+            self.variants = compile_variants(sizes, self.spec.resize, self.spec.crop, batch=self.batch_size,
+                                             device=self.device, interpolation=self.spec.interpolation,
+                                             out_dtype=torch.float32 if self.raw else self.normalize.dtype)
+            synchronize(self.device)
+        except torch.OutOfMemoryError:
+            raise
+        except Exception as exc:
+            self._fall_back(exc)
+
+    def _fall_back(self, exc: Exception) -> None:
+        """The per-size path for the rest of the run, where the resize kernel cannot run (Triton without a C
+        compiler or ptxas, an architecture it lacks): one line on stderr, and the loader's name says so."""
+        print(f"fasteval: warning: the resize kernel cannot run, resizing once per image size instead: "
+              f"{first_line(exc)[:200]}", file=sys.stderr)
+        self.per_size = "the resize kernel could not run"
+
     def _decode(self, batch_in: EncodedBatch) -> list[torch.Tensor]:
+        """The batch's CHW uint8 images in order: nvJPEG's on the device, PIL's on the host (pinned on CUDA:
+        ``assemble`` copies them on the batch loop's stream)."""
         sizes, paths = batch_in.sizes, batch_in.paths
+        out = [None if d is None else self._host(d) for d in batch_in.decoded]
         jpeg_at = [i for i, size in enumerate(sizes) if size]
-        out = [None if d is None else to_device(torch.from_numpy(d).permute(2, 0, 1), self.device)
-               for d in batch_in.decoded]
         if jpeg_at:
             batch = list(torch.split(batch_in.blob, [sizes[i] for i in jpeg_at]))
             for i, image in zip(jpeg_at, self._decode_jpegs(batch, [paths[i] for i in jpeg_at])):
                 out[i] = image
         return out
+
+    def _host(self, image: np.ndarray) -> torch.Tensor:
+        """An HWC uint8 array as a CHW host tensor, pinned on CUDA (no device work on the decoding thread)."""
+        chw = torch.from_numpy(image).permute(2, 0, 1)
+        return chw.pin_memory() if self.device.type == "cuda" else chw
 
     def _decode_jpegs(self, batch: list[torch.Tensor], paths: list[str]) -> list[torch.Tensor]:
         """One batched nvJPEG call; after a failure, file by file (nvJPEG alone, else PIL, else a named error).
@@ -352,7 +406,7 @@ class GpuDecodeLoader:
         try:
             return decode_jpeg(data, mode=ImageReadMode.RGB, device=self.device)
         except RuntimeError:
-            return to_device(torch.from_numpy(_pil_rgb(path)).permute(2, 0, 1), self.device)
+            return self._host(_pil_rgb(path))
 
     def _handoff(self) -> HostHandoff | StreamHandoff:
         if self.device.type != "cuda":
@@ -362,23 +416,24 @@ class GpuDecodeLoader:
         return StreamHandoff(self.device, self._decode_stream)
 
     def _decoded(self, handoff: HostHandoff | StreamHandoff, inference: bool) -> Iterator[tuple]:
-        """The decoding thread's work: each batch of files decoded and its labels on the device, padded to the
-        static batch size (off the batch loop's thread), with what orders them before the loop's use.
+        """The decoding thread's work, with the evaluation device current (the DataLoader's iterator and its
+        pin-memory thread are made here: on another device they would open a CUDA context there): each batch of
+        files decoded, its padded host labels, and what orders the device images before the loop's use.
         ``inference``: whether the consumer runs in inference mode (thread-local: the thread takes it up)."""
-        with torch.inference_mode(inference):
+        with torch.inference_mode(inference), handoff.on_device():
             for batch_in in self.loader:
                 with handoff.decoding():
                     images = self._decode(batch_in)
-                    labels = _zero_rows(to_device(batch_in.labels, self.device), self.batch_size)
-                yield images, labels, handoff.hand_over([*images, labels])
+                yield images, batch_in.labels, handoff.hand_over([image for image in images if image.is_cuda])
 
     def _resize_crop(self, images: list[torch.Tensor], h: int, w: int) -> torch.Tensor:
+        """One group of same-size images resized (antialiased, as PIL resizes the reference's images, whatever
+        the spec's ``antialias``) and centre-cropped."""
         from torchvision.transforms.v2 import functional as F
 
         mode = getattr(F.InterpolationMode, self.spec.interpolation.upper())
         stacked = images[0].unsqueeze(0) if len(images) == 1 else torch.stack(images)
-        group = F.resize(stacked, list(self.spec.resized_hw(h, w)), interpolation=mode,
-                         antialias=self.spec.antialias)
+        group = F.resize(stacked, list(self.spec.resized_hw(h, w)), interpolation=mode, antialias=True)
         if self.spec.crop is not None:  # CenterCrop's offsets; zeros around an image smaller than the crop
             group = F.center_crop(group, [self.spec.crop, self.spec.crop])
         return group
@@ -406,28 +461,44 @@ class GpuDecodeLoader:
         return out
 
     def _fused(self, images: list[torch.Tensor]) -> torch.Tensor:
-        """The whole ragged batch in one launch: resized, cropped, normalised, in the model's input dtype."""
-        from fasteval.kernels.resize_crop import resize_crop_normalize
+        """The whole ragged batch in one launch: resized, cropped, normalised in the model's input dtype (raw:
+        the uint8 pixels)."""
+        from fasteval.kernels.resize_crop import resize_crop_normalize, resize_crop_pixels
 
         spec = self.spec
+        if self.raw:
+            return resize_crop_pixels(images, spec.resize, spec.crop, interpolation=spec.interpolation,
+                                      backend=self.backend)
         return resize_crop_normalize(images, spec.resize, spec.crop, spec.mean, spec.std,
-                                     interpolation=spec.interpolation, out_dtype=self.normalize.dtype)
+                                     interpolation=spec.interpolation, out_dtype=self.normalize.dtype,
+                                     backend=self.backend)
 
     def assemble(self, images: list[torch.Tensor], labels: torch.Tensor) -> Batch:
-        """Decoded CHW uint8 device images and their labels (on the host, or already on the device as the
-        decoding thread hands them over) -> the model's padded, normalised batch.
+        """Decoded CHW uint8 images (nvJPEG's on the device, PIL's on the host) and the labels padded to the
+        static batch size (on the host, pinned on CUDA, as the decoding thread hands them over; or already on
+        the device) -> the model's padded, normalised batch (raw: its uint8 pixels). Runs on the batch loop's
+        stream: every copy and temporary here is ordered with the model's work, none with nvJPEG's.
 
         A short batch's padding rows are a black image, resized and normalised by the same launch: the values
-        the per-size path gives them (zeros, normalised)."""
+        the per-size path gives them (zeros, normalised). Where the kernel fails here (a variant ``warm_up``
+        did not compile), this batch and the rest go by the per-size path (``_fall_back``)."""
         real = len(images)
-        if labels.device.type == "cpu":
-            labels = to_device(labels, self.device)
-        labels = _zero_rows(labels, self.batch_size)
-        if self.per_size is not None:
-            return Batch(self.normalize(_zero_rows(self._geometry(images), self.batch_size)), labels, real)
-        if real < self.batch_size:  # the black image takes the first's size: without a crop, the run's output size
-            images = [*images, *[images[0].new_zeros(images[0].shape)] * (self.batch_size - real)]
-        return Batch(self._fused(images), labels, real)
+        if self.device.type == "cuda":
+            images = [image if image.is_cuda else to_device(image, self.device) for image in images]
+            if not labels.is_cuda:
+                labels = to_device(labels, self.device)
+        if self.per_size is None:
+            padded = images
+            if real < self.batch_size:  # the black image takes the first's size: without a crop, the run's output size
+                padded = [*images, *[images[0].new_zeros(images[0].shape)] * (self.batch_size - real)]
+            try:
+                return Batch(self._fused(padded), labels, real)
+            except torch.OutOfMemoryError:
+                raise
+            except Exception as exc:
+                self._fall_back(exc)
+        pixels = _zero_rows(self._geometry(images), self.batch_size)
+        return Batch(pixels if self.raw else self.normalize(pixels), labels, real)
 
     def __iter__(self) -> Iterator[Batch]:
         self.close()
@@ -439,6 +510,8 @@ class GpuDecodeLoader:
                 yield self.assemble(images, labels)
         finally:
             ahead.close()
+            if self._ahead is ahead:  # its thread's generator holds this loader: a cycle otherwise
+                self._ahead = None
 
     def close(self) -> None:
         """Stop a pass still decoding ahead (one its consumer left unfinished) and join its thread."""
