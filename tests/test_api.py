@@ -272,3 +272,18 @@ def test_errors_name_the_keyword_arguments_not_the_commands_flags(varied_data):
     if not torch.cuda.is_available():
         with pytest.raises(FastevalError, match=r"^device='cuda:3': CUDA is not available on this machine$"):
             fasteval.evaluate(TinyNet(4), varied_data, device="cuda:3")
+
+
+def test_sweep_with_a_transform_run_as_given_decodes_each_pass(varied_data):
+    """A transform fasteval does not reproduce makes no uint8 pixels to keep: the sweep decodes again for each
+    model (the plan says so) and each result is still the plain loop's."""
+    transform = TRANSFORMS["not reproduced: a fixed-size squash and a flip"]
+    models = [TinyNet(4), TinyNet(4)]
+    with torch.no_grad():
+        models[1].head[-1].bias.add_(torch.tensor([0.0, 2.0, 0.0, 0.0]))
+    swept = fasteval.sweep(models, varied_data, transform=transform, workers=0, progress=False, compile="off")
+    assert swept.to_dict()["decoded"]["placement"] == "redecode"
+    assert "makes no uint8 pixels to keep" in swept.to_dict()["plan"]["loader"]["reason"]
+    for result, model in zip(swept.results, models):
+        alone = plain_loop(model, varied_data, transform)
+        assert result.correct_top1 == alone["top1"] and result.run.predictions.tolist() == alone["predictions"]

@@ -468,15 +468,16 @@ class DecodedSource:
         if cache is not None and cache.status.startswith("stale"):
             print(f"fasteval: --cache entry {cache.data} is {cache.status}; rebuilding it", file=sys.stderr)
         if images is None:
-            images = self._decode(kind, samples, spec, batch_size, workers, device, placement, cache, shape)
+            images = self._decode(kind, samples, spec, batch_size, workers, device, placement, cache, shape, dali)
         elif placement in ("device", "pinned"):
             images = self._place(images, device, placement)
         self.info["seconds"] = time.perf_counter() - start
         return DecodedStore(images, samples.labels, spec, batch_size=batch_size, device=device, half=half,
                             placement=placement, info=self.info)
 
-    def _decode(self, kind, samples, spec, batch_size, workers, device, placement, cache, shape) -> torch.Tensor:
-        loader = raw_loader(kind, samples, spec, batch_size=batch_size, workers=workers, device=device)
+    def _decode(self, kind, samples, spec, batch_size, workers, device, placement, cache, shape,
+                dali=None) -> torch.Tensor:
+        loader = raw_loader(kind, samples, spec, batch_size=batch_size, workers=workers, device=device, dali=dali)
         self.info["decoded"] = True
         if cache is None:
             if placement == "device":

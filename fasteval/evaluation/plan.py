@@ -229,9 +229,12 @@ def make_plan(samples: SampleList, model: nn.Module, spec: PreprocessSpec, devic
     else:
         loader = _loader(kind, pil_pixels, in_process, at_start, source, options.loader, device, total, spec)
         if source == "store":  # where the decoded images are kept, from their size and the memory free now
-            placement = choose_placement(len(main) * 3 * input_hw[0] * input_hw[1], device, cached)
-            loader = Decision(f"{loader.value[:-1]}, {placement[0]})", f"{loader.reason}; {placement[0]}: "
-                                                                       f"{placement[1]}")
+            placement = ("redecode", "the transform given runs as given on PIL images: it makes no uint8 pixels "
+                                     "to keep, so every pass decodes again") if spec.runs_as_given else \
+                choose_placement(len(main) * 3 * input_hw[0] * input_hw[1], device, cached)
+            value = f"{loader.value[:-1]}, {placement[0]})" if loader.value.endswith(")") else \
+                f"{loader.value} ({placement[0]})"
+            loader = Decision(value, f"{loader.reason}; {placement[0]}: {placement[1]}")
             if placement[0] == "redecode" and dali_settings is not None:  # nothing kept: DALI's batches feed the model
                 input_dtype = dali_settings.output_dtype
                 dali = Decision(dali.value, dali.reason.replace(STORE_KEEPS_UINT8, "; nothing is kept: every pass "
