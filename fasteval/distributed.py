@@ -481,6 +481,23 @@ def merge_extra(extras: list[dict], counts: list[int]) -> dict:
     return base
 
 
+_groups_made = 0  # process groups this process has made: each rendezvous under a key prefix of its own
+
+
+def _init_group(backend: str, launch: Launch, timeout: timedelta, options: dict) -> None:
+    """torch.distributed's default group from torchrun's store, under a key prefix of its own: a group made
+    again in the same processes (a second ``fasteval.evaluate`` after the first removed its group, or after the
+    script removed its own) would otherwise read the previous group's addresses from the store and fail to
+    connect, now and then."""
+    import torch.distributed as dist
+
+    global _groups_made
+    _groups_made += 1
+    store, _, _ = next(dist.rendezvous("env://", rank=launch.rank, world_size=launch.world_size, timeout=timeout))
+    dist.init_process_group(backend, store=dist.PrefixStore(f"fasteval/{_groups_made}", store), rank=launch.rank,
+                            world_size=launch.world_size, timeout=timeout, **options)
+
+
 @contextmanager
 def start_ranks(device: str, *, debug: bool = False, environ: Mapping[str, str] = os.environ,
                 announce: bool = True) -> Iterator[Ranks]:
@@ -506,7 +523,7 @@ def start_ranks(device: str, *, debug: bool = False, environ: Mapping[str, str] 
                              f"{first_line(exc)[:300]}")
 
     try:
-        dist.init_process_group(backend, timeout=timeout, **options)
+        _init_group(backend, launch, timeout, options)
     except Exception as exc:
         raise cannot_join(exc) from None
     try:

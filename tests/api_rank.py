@@ -29,7 +29,8 @@ def main() -> None:
     model = TinyNet(4)
     run = dict(transform=transform, batch_size=4, workers=0, progress=False, compile="off", device="cpu")
     found = {"own_group": figures(fasteval.evaluate(model, data, **run)),
-             "initialised_after_own": dist.is_initialized()}
+             "initialised_after_own": dist.is_initialized(),
+             "own_group_again": figures(fasteval.evaluate(model, data, **run))}  # a group made again
     dist.init_process_group("gloo")
     found["script_group"] = figures(fasteval.evaluate(model, data, **run))
     found["reference"] = figures(fasteval.evaluate(model, data, reference=True, **run))
