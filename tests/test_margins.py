@@ -99,7 +99,7 @@ def test_ties_nan_inf_ignored_rows_and_k_beyond_c(backend):
     check(m, logits, labels)
     assert m.margin_top1[0] == 0 and m.margin_top1[2] == 0 and m.margin_topk[2] == 0
     assert m.margin_top1[3] == 0 and m.margin_topk[5] == 0 and m.margin_topk[6] == INF
-    for k in (1, 2, 39, 40, 50):
+    for k in (1, 39, 50):  # k = 1, one below C, beyond C
         check(run(backend, logits.to(DEVICE), labels.to(DEVICE), topk=k), logits, labels, k=k)
 
 
