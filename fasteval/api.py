@@ -179,10 +179,10 @@ def _report(result: EvalResult, samples: SampleList, spec: PreprocessSpec, devic
 
 def _config(samples: SampleList, spec: PreprocessSpec, device: torch.device, batch_size: int, workers: int) -> dict:
     """The report's ``config`` for a module given from Python."""
-    return {"path": os.path.abspath(samples.root), "arch": "module given", "weights": None, "preset": spec.name,
-            "resize": spec.resize, "crop": spec.crop, "preprocessing": spec.describe(),
-            "batch_size": min(batch_size, len(samples)), "batch_size_requested": batch_size, "workers": workers,
-            "device": str(device), "classes": samples.num_classes}
+    from fasteval.output.report import run_config
+
+    return run_config(samples.root, "module given", None, spec, batch_size, workers, device, samples.num_classes,
+                      len(samples))
 
 
 def _reference(ranks, samples, model, spec, device, batch_size, workers, progress, reason: str) -> EvalResult:

@@ -151,6 +151,7 @@ def _prepare(args, ranks=None, samples=None):
     from fasteval.data.samples import check_not_samples, discover, given_classes
     from fasteval.distributed import Ranks
     from fasteval.spec_choice import choose_spec
+    from fasteval.output.report import run_config
 
     ranks = ranks or Ranks()
     _check_options(args, outputs=ranks.is_main)
@@ -188,20 +189,8 @@ def _prepare(args, ranks=None, samples=None):
               "its accuracy means nothing", file=sys.stderr)
     if choice.note and ranks.is_main:
         print(f"fasteval: note: {choice.note}", file=sys.stderr)
-    config = {
-        "path": os.path.abspath(data),
-        "arch": arch,
-        "weights": weights,
-        "preset": spec.name,
-        "resize": spec.resize,
-        "crop": spec.crop,
-        "preprocessing": spec.describe(),
-        "batch_size": min(args.batch_size, len(samples)),  # what both paths use on a smaller dataset
-        "batch_size_requested": args.batch_size,
-        "workers": args.workers,
-        "device": str(device),
-        "classes": samples.num_classes,
-    }
+    config = run_config(data, arch, weights, spec, args.batch_size, args.workers, device, samples.num_classes,
+                        len(samples))
     return samples, spec, device, model, config
 
 

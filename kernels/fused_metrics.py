@@ -67,6 +67,12 @@ class BatchMetrics(NamedTuple):
     prob_sq_sum: torch.Tensor  # float32 [B]: sum over classes of softmax(x)_c ** 2
 
 
+def decision_margin(margin_top1: torch.Tensor, margin_topk: torch.Tensor) -> torch.Tensor:
+    """A row's decision margin: the nearer of its top-1 and top-k decisions. The one definition that the
+    reported per-sample margin and the exact-count recheck's near-tie test both read."""
+    return torch.minimum(margin_top1, margin_topk)
+
+
 def _check_inputs(logits: torch.Tensor, labels: torch.Tensor, topk: int) -> None:
     if logits.dim() != 2:
         raise ValueError(f"logits must be 2-D [B, C], got shape {tuple(logits.shape)}")

@@ -367,8 +367,7 @@ def test_the_pool_takes_the_cores_the_loader_leaves():
 def test_the_schedule_is_the_plans():
     decide = dict(device_type="cuda", cpu_decoding=False, pass_pixels=False, sharded=False, workers=8)
     assert resolve_recheck("auto", **decide)[0]
-    assert "decoded during the pass by PIL worker processes (--workers of them, fewer where the loader's threads " \
-           "leave fewer cores" in resolve_recheck("auto", **decide)[1]
+    assert "decoded during the pass by PIL worker processes" in resolve_recheck("auto", **decide)[1]
     for change, words in ((dict(device_type="cpu"), "the CPU the cores are the model's"),
                           (dict(cpu_decoding=True), "decodes with PIL"), (dict(sharded=True), "torchrun"),
                           (dict(workers=0), "--workers 0"), (dict(pass_pixels=True), "pixels decoded for the pass")):
@@ -407,7 +406,15 @@ def test_a_gpu_plan_decoding_on_the_gpu_overlaps_the_recheck(small_data, model_3
 
     gpu = plan()
     assert gpu.loader.value == "torchvision-gpu" and gpu.recheck_overlap
+    # The pool's size is the plan's, beside the loader's threads: --workers 4 DataLoader processes here,
+    # DALI's decoding threads with DALI
+    assert gpu.recheck_pool == recheck_pool_size(4, 4) and gpu.recheck_pool[0] >= 1
     assert "near-ties decoded during the pass by PIL worker processes" in gpu.exact.reason
+    assert gpu.exact.reason.endswith(f"; {gpu.recheck_pool[1]}")
+    dali = plan(loader="dali")
+    assert dali.dali_settings is not None and dali.recheck_overlap
+    assert dali.recheck_pool == recheck_pool_size(4, dali.dali_settings.threads)
+    assert not plan(exact="off").recheck_pool[0] and not plan(workers=0).recheck_pool[0]
     assert not plan(workers=0).recheck_overlap and not plan(scope=Rank()).recheck_overlap
     assert not plan(recheck="after").recheck_overlap and not plan(exact="off").recheck_overlap
 

@@ -52,9 +52,8 @@ def resolve_exact(mode: str) -> tuple[bool, str]:
 
 
 RECHECK_SCHEDULES = ("auto", "overlap", "after")  # when the recheck decodes: see resolve_recheck
-# The overlapped schedule, in the plan's words (the pool's size is recheck_pool_size's, in the recheck's report)
-DURING = ("near-ties decoded during the pass by PIL worker processes (--workers of them, fewer where the loader's "
-          "threads leave fewer cores: at least 1)")
+# The overlapped schedule, in the plan's words (the plan adds the pool's size: recheck_pool_size's)
+DURING = "near-ties decoded during the pass by PIL worker processes"
 
 
 def resolve_recheck(asked: str, *, device_type: str, cpu_decoding: bool, pass_pixels: bool, sharded: bool,
@@ -64,7 +63,7 @@ def resolve_recheck(asked: str, *, device_type: str, cpu_decoding: bool, pass_pi
     (not the CPU's PIL: ``cpu_decoding``), with worker processes to decode in, in one process. ``overlap``
     forces it (the same results; tests and measurements on the CPU), except where the recheck reads the pixels
     the pass decoded (``pass_pixels``), which the serial schedule reuses; ``after`` never. How many workers
-    decode is ``recheck_pool_size``'s, once the loader is built."""
+    decode is ``recheck_pool_size``'s, from the loader's threads."""
     if asked not in RECHECK_SCHEDULES:
         raise FastevalError(f"unknown recheck schedule {asked!r}; choose from {', '.join(RECHECK_SCHEDULES)}")
     after = "after the pass"
@@ -98,11 +97,6 @@ def recheck_pool_size(workers: int, loader_threads: int, cores: int | None = Non
 def near_tie_tau(error: float) -> float:
     """The gate: margins at most this are rechecked, given the largest logit error seen (module docstring)."""
     return SAFETY * 2 * error
-
-
-def decision_margin(margin_top1: torch.Tensor, margin_topk: torch.Tensor) -> torch.Tensor:
-    """A sample's decision margin: the nearer of its top-1 and top-k decisions (kernels/fused_metrics.py's)."""
-    return torch.minimum(margin_top1, margin_topk)
 
 
 def calibration_positions(num_samples: int, count: int = CALIBRATION_SAMPLES) -> list[int]:

@@ -23,13 +23,14 @@ from fasteval.data.loader_torch import PixelLoader
 from fasteval.data.loaders import make_loader
 from fasteval.data.preprocess import PreprocessSpec
 from fasteval.data.samples import SampleList
-from fasteval.evaluation.exact import WholeRun, apply_reference, decision_margin, recheck
+from fasteval.evaluation.exact import WholeRun, apply_reference, recheck
 from fasteval.evaluation.metrics import TOPK, EvalResult, totals_from_samples
 from fasteval.evaluation.plan import Decision, FastOptions, Plan, make_plan
 from fasteval.evaluation.recheck_stream import OverlappedRecheck
 from fasteval.evaluation.reference import reference_logits
 from fasteval.evaluation.route import record
 from fasteval.kernels.accumulator import MetricsAccumulator
+from fasteval.kernels.fused_metrics import decision_margin
 from fasteval.model.compile_cache import resolve_compile_mode
 from fasteval.model.inference import DTYPES, FastModel
 
@@ -195,17 +196,14 @@ class FastEvaluator:
         return totals["kept_logits"], totals["nonfinite"]
 
     def _recheck_overlap(self):
-        """The overlapped recheck where the plan says so (its pool lives for this run: a context manager),
-        else an empty context. Its pool is sized beside the loader's threads: DALI's decoding threads, else the
-        DataLoader's ``--workers`` processes."""
+        """The overlapped recheck where the plan says so (its pool, of the plan's size, lives for this run: a
+        context manager), else an empty context."""
         plan = self.plan
         if not (plan.recheck_overlap and plan.exact.value and plan.calibration_total and self.main):
             return contextlib.nullcontext()
-        dali = plan.dali_settings
         return OverlappedRecheck(self.samples, self.reference_model, self.spec, self.main, self.calibration,
                                  batch_size=plan.reference_batch_size, workers=self.options.workers,
-                                 device=self.device,
-                                 loader_threads=dali.threads if dali is not None else self.options.workers)
+                                 device=self.device, pool=plan.recheck_pool)
 
     def run(self, progress: bool = True) -> EvalResult:
         plan = self.plan

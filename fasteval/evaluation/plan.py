@@ -30,7 +30,7 @@ from fasteval.data.preprocess import PreprocessSpec, check_batchable, image_size
 from fasteval.data.probe import FileProbe, check_headers
 from fasteval.data.samples import SampleList
 from fasteval.errors import FastevalError
-from fasteval.evaluation.exact import CALIBRATION_SAMPLES, WholeRun, resolve_exact, resolve_recheck
+from fasteval.evaluation.exact import CALIBRATION_SAMPLES, WholeRun, recheck_pool_size, resolve_exact, resolve_recheck
 from fasteval.evaluation.route import Rates, choose_route, load_rates, rates_key
 from fasteval.kernels.fused_metrics import resolve_backend
 from fasteval.model.compile_cache import resolve_compile_mode
@@ -105,6 +105,7 @@ class Plan:
     loader_kind: str = "none"  # the batch source's ``kind``
     in_process: bool = False  # PIL's pixels decoded in this process (``PixelLoader``)
     recheck_overlap: bool = False  # the recheck decodes during the pass (fasteval/evaluation/recheck_stream.py)
+    recheck_pool: tuple[int, str] = (0, "")  # its PIL worker processes and why (exact.recheck_pool_size)
     dali_settings: DaliSettings | None = None  # the dali decision, as the DALI loader takes it
     input_dtype: str = "fp32"  # the fast model's input ("fp32" or "fp16"): what its loader writes
     store_placement: tuple[str, str] | None = None  # a decoded store's (device, pinned, host, mapped or redecode;
@@ -184,11 +185,23 @@ def make_plan(samples: SampleList, model: nn.Module, spec: PreprocessSpec, devic
                             f"torchvision or auto")
     asked = options.loader if spec.interpolation == "bilinear" and not spec.runs_as_given else "torchvision"
     pil_only = needs_pil(samples) if asked in ("auto", "dali") and not pil_pixels else []
+    # The fast path's loader, its DALI tuning and the recheck's schedule, as the fast path would run: the
+    # route weighs a recheck that overlaps the pass by the pool that would decode it.
+    kind = "torchvision" if pil_pixels else resolve_loader(asked)
+    pil_set = set(pil_only) if kind == "dali" else set()
+    fast_main = tuple(i for i in range(len(samples)) if i not in pil_set)
+    dali, dali_settings = _dali(kind, source, device, options, precision, probes, fast_main, scope)
+    overlap, schedule = resolve_recheck(options.recheck, device_type=device.type, cpu_decoding=spec.runs_as_given,
+                                        pass_pixels=in_process, sharded=scope.sharded, workers=options.workers)
+    overlap = overlap and exact_on and bool(fast_main)
+    pool = recheck_pool_size(options.workers, dali_settings.threads if dali_settings is not None
+                             else options.workers) if overlap else (0, "")
     route, rates = _route(samples, model, device, options, precision, input_hw, at_start, len(pil_only),
-                          exact_on, passes, scope, total)
+                          exact_on, passes, scope, total, pool[0])
     reference_route = route.value == "reference"
-    kind = "torchvision" if pil_pixels or reference_route else resolve_loader(asked)
     if reference_route:
+        kind, overlap, pool = "torchvision", False, (0, "")
+        dali, dali_settings = _dali(kind, source, device, options, precision, probes, (), scope)
         reference_only = tuple(range(len(samples)))
         by_reference = Decision(len(samples), "every sample: " + route.reason)
     else:
@@ -197,25 +210,21 @@ def make_plan(samples: SampleList, model: nn.Module, spec: PreprocessSpec, devic
             f"{len(reference_only)} file(s) DALI would decode differently from PIL (16-bit, float, palette TIFF, "
             f"formats DALI lacks...): the reference's code evaluates them") if reference_only else
             "none: every sample goes through the fast pass")
-    excluded = set(reference_only)
-    main = tuple(i for i in range(len(samples)) if i not in excluded)
+    main = () if reference_route else fast_main
 
     calibration, calibration_total = scope.calibration(list(main)) if exact_on else ([], 0)
     backend = resolve_backend(options.metrics_backend, device)
-    overlap, schedule = resolve_recheck(options.recheck, device_type=device.type, cpu_decoding=spec.runs_as_given,
-                                        pass_pixels=in_process, sharded=scope.sharded, workers=options.workers)
-    overlap = overlap and exact_on and bool(main) and not reference_route
     if reference_route:
         exact = Decision(True, "every sample by the reference's code: its own counts")
         calibration_decision = Decision(0, "none needed: every sample by the reference's code")
     else:
-        exact = Decision(exact_on, f"{exact_reason}; {schedule}" if exact_on and main else exact_reason)
+        exact = Decision(exact_on, f"{exact_reason}; {schedule}" + (f"; {pool[1]}" if overlap else "")
+                         if exact_on and main else exact_reason)
         calibration_decision = Decision(calibration_total, (
             f"{calibration_total} sample(s) spread over the run, evaluated by the reference's code, measure the "
             f"fast path's logit error; samples within 3 x twice that error of a tie are rechecked") if exact_on
             else "--exact off: no recheck")
     key, placement = None, None
-    dali, dali_settings = _dali(kind, source, device, options, precision, probes, main, scope)
     input_dtype = dali_settings.output_dtype if dali_settings is not None and source == "loader" else \
         "fp16" if precision == "fp16" else "fp32"
     if not main:
@@ -257,7 +266,7 @@ def make_plan(samples: SampleList, model: nn.Module, spec: PreprocessSpec, devic
                                                           dali_settings, device)),
         metrics_backend=metrics, total=total, input_hw=input_hw, main=main, reference_only=reference_only,
         calibration_indices=tuple(calibration), calibration_total=calibration_total, loader_kind=kind,
-        in_process=in_process, recheck_overlap=overlap,
+        in_process=in_process, recheck_overlap=overlap, recheck_pool=pool,
         decoded_at_start=at_start, reference_batch_size=reference_batch, passes=passes,
         records_rates=passes == 1 and source == "loader", compile_key=key, rates=rates,
         store_placement=placement if source == "store" and main else None, dali_settings=dali_settings,
@@ -318,7 +327,7 @@ def _loader(kind: str, pil_pixels: bool, in_process: bool, at_start: bool, sourc
 
 
 def _route(samples, model, device, options, precision, input_hw, at_start, pil_files, exact, passes, scope,
-           total) -> tuple[Decision, Rates | None]:
+           total, recheck_pool) -> tuple[Decision, Rates | None]:
     """The route: every sample by the reference's code on a tiny run (``SMALL_DATASET``) or where the measured
     costs say the fast path would not pay (``options.route`` with ``--compile auto``: fasteval/evaluation/
     route.py); else the fast path. Returns the decision and the rates to record the run into."""
@@ -327,7 +336,7 @@ def _route(samples, model, device, options, precision, input_hw, at_start, pil_f
     if options.route and mode == "auto" and len(samples) and not scope.sharded:
         rates = load_rates(device, rates_key(model, device, precision, input_hw, decoded_at_start=at_start))
         chosen = choose_route(rates, device.type, len(samples), pil_files, min(CALIBRATION_SAMPLES, len(samples)),
-                              exact, passes=passes)
+                              exact, passes=passes, recheck_pool=recheck_pool, workers=options.workers)
     if exact and total <= SMALL_DATASET:
         return Decision("reference", f"{total} sample(s) (<= {SMALL_DATASET}, the calibration's size): every sample "
                                      f"evaluated by the reference's code"), rates

@@ -39,10 +39,11 @@ from torch import nn
 from fasteval.data.dataset import ImageDataset
 from fasteval.data.preprocess import PreprocessSpec
 from fasteval.data.samples import SampleList
-from fasteval.evaluation.exact import decision_margin, max_logit_error, near_tie_tau, recheck_pool_size
+from fasteval.evaluation.exact import max_logit_error, near_tie_tau
 from fasteval.evaluation.recheck_pool import DecodePool
 from fasteval.evaluation.reference import scattered_batches, score_images
 from fasteval.kernels.accumulator import MetricsAccumulator
+from fasteval.kernels.fused_metrics import decision_margin
 
 CHUNK_SAMPLES = 1024  # margins copied back per chunk: 4 batches of 256 (about 0.1 s of a 10,000 images/s pass)
 # The final tau is known only after the pass (its calibration samples are spread over it): near-ties are sent
@@ -159,18 +160,18 @@ class MarginWatch:
 class OverlappedRecheck:
     """The overlapped schedule for one run: a context manager (the pool's life), ``calibrate()`` before the
     pass, ``watch(acc)`` for the pass's per-batch hook, ``pass_ended()``, then exact.recheck's ``source``.
-    ``workers``: ``--workers`` (the serial schedule's batching rule reads it); ``loader_threads``: the cores the
-    fast pass's loader keeps busy (exact.recheck_pool_size sizes the pool from both)."""
+    ``workers``: ``--workers`` (the serial schedule's batching rule reads it); ``pool``: the PIL worker processes
+    that decode during the pass and why (the plan's, from exact.recheck_pool_size)."""
 
     def __init__(self, samples: SampleList, model: nn.Module, spec: PreprocessSpec, main: list[int],
                  calibration: list[int], *, batch_size: int, workers: int, device: torch.device,
-                 loader_threads: int) -> None:
+                 pool: tuple[int, str]) -> None:
         start = time.perf_counter()
         self.model, self.device = model, device
         self.main, self.calibration_indices = main, calibration
         self.batch_size, self.workers = batch_size, workers
         self.dataset = ImageDataset(samples, spec.torchvision_transform())  # what reference_logits decodes with
-        self.pool_size, self.pool_reason = recheck_pool_size(workers, loader_threads)
+        self.pool_size, self.pool_reason = pool
         self.pool = DecodePool(self.dataset, self.pool_size)
         self.sent: dict[int, float] = {}  # sample index -> margin, sent during the pass
         self.queued: set[int] = set()  # every sample submitted to the pool

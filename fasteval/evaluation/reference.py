@@ -22,7 +22,7 @@ from tqdm import tqdm
 
 from fasteval.errors import FastevalError
 from fasteval.procs import dataloader_batches
-from fasteval.kernels.fused_metrics import metrics_torch
+from fasteval.kernels.fused_metrics import decision_margin, metrics_torch
 from fasteval.evaluation.metrics import TOPK, EvalResult
 from fasteval.data.dataset import ImageDataset
 from fasteval.data.pixels import load_rgb
@@ -108,7 +108,7 @@ def score_batch(outputs: torch.Tensor, labels: torch.Tensor) -> BatchScore:
         topk_hits=hits.cpu(),
         topk_classes=nn.functional.pad(top, (0, missing), value=-1).cpu(),
         confidences=twin.confidence.cpu(),
-        margins=torch.minimum(twin.margin_top1, twin.margin_topk).cpu(),
+        margins=decision_margin(twin.margin_top1, twin.margin_topk).cpu(),
         prob_sq_sums=torch.softmax(outputs, 1).pow(2).sum(1).cpu(),
     )
 
@@ -178,13 +178,9 @@ def _logits_from_pixels(pixels, indices: list[int], model: nn.Module, spec: Prep
     from torchvision import transforms as T
 
     transform = T.Compose(spec.tensor_steps())
-    model = model.to(device).eval()
-    out = []
-    with torch.no_grad():
-        for start in range(0, len(indices), batch_size):
-            images = torch.stack([transform(pixels.get(i)) for i in indices[start:start + batch_size]])
-            out.append(model(images.to(device)).float().cpu())
-    return torch.cat(out)
+    batches = (torch.stack([transform(pixels.get(i)) for i in indices[start:start + batch_size]])
+               for start in range(0, len(indices), batch_size))
+    return score_images(model, batches, device)
 
 
 def evaluate_reference(

@@ -11,6 +11,13 @@ beside the compile profiles), or from ``DEFAULTS`` until they have:
     reference = N x t_reference
     fast      = setup + N_fast x t_fast + (PIL-only files + calibration + recheck share x N_fast) x t_reference
 
+Where the recheck overlaps the pass (a GPU pass: fasteval/evaluation/recheck_stream.py), its near-ties are
+decoded beside the pass by a pool of P PIL worker processes, where the reference's loop decodes with W
+(``--workers``): the two cost the longer of them, not their sum:
+
+    fast      = setup + max(N_fast x t_fast, recheck share x N_fast x t_reference x W / P)
+                      + (PIL-only files + calibration) x t_reference
+
 Per-image costs keep the best seen (other load on the machine only adds time). The fast path's is
 taken relative to the reference's: a run of the fast path measures both (its pass, and the samples the
 reference's code evaluates within it) under the same load, and t_fast = that ratio x the best
@@ -106,9 +113,10 @@ def save_rates(device: torch.device, rates: Rates) -> None:
 
 
 def choose_route(rates: Rates, device_kind: str, num_samples: int, pil_files: int, calibration: int,
-                 exact: bool, passes: int = 1) -> Route:
+                 exact: bool, passes: int = 1, recheck_pool: int = 0, workers: int = 0) -> Route:
     """Fast or reference for the whole run: the smaller expected time (module docstring); ``passes``
-    runs (a checkpoint sweep's) share one setup."""
+    runs (a checkpoint sweep's) share one setup; ``recheck_pool``: the processes that decode the near-ties
+    during the pass (0: after it), beside the reference's ``workers``."""
     d = DEFAULTS.get(device_kind, DEFAULTS["cpu"])
     t_ref = rates.reference_image_seconds or d.reference_image
     if rates.fast_to_reference and rates.reference_image_seconds:
@@ -123,8 +131,14 @@ def choose_route(rates: Rates, device_kind: str, num_samples: int, pil_files: in
         setup = d.fast_setup_decoded_at_start if rates.key.get("decoded_at_start") else d.fast_setup
     share = (rates.recheck_share if rates.recheck_share is not None else d.recheck_share) if exact else 0.0
     main = num_samples - pil_files
-    by_reference = pil_files + (calibration + share * main if exact else 0.0)
-    fast = setup + passes * (main * t_fast + by_reference * t_ref)
+    near_ties = share * main if exact else 0.0
+    by_reference = pil_files + (calibration if exact else 0.0) + near_ties
+    overlapped = recheck_pool > 0 and near_ties > 0
+    if overlapped:
+        beside = near_ties * t_ref * max(1, workers) / recheck_pool
+        fast = setup + passes * (max(main * t_fast, beside) + (by_reference - near_ties) * t_ref)
+    else:
+        fast = setup + passes * (main * t_fast + by_reference * t_ref)
     reference = passes * num_samples * t_ref
     if rates.reference_image_seconds and rates.fast_image_seconds:
         source = "measured"
@@ -137,8 +151,9 @@ def choose_route(rates: Rates, device_kind: str, num_samples: int, pil_files: in
     if rates.fast_to_reference and rates.reference_image_seconds:
         source += f", the fast path's per image {rates.fast_to_reference:.2f} x the reference's (one run)"
     runs = f"{passes} x " if passes > 1 else ""
+    during = f", the {near_ties:.0f} near-ties by {recheck_pool} process(es) during the pass" if overlapped else ""
     figures = (f"expected {fast:.1f} s fast ({setup:.1f} s setup + {runs}{main} x {1e3 * t_fast:.1f} ms + "
-               f"{by_reference:.0f} x {1e3 * t_ref:.1f} ms by the reference's code) vs {reference:.1f} s "
+               f"{by_reference:.0f} x {1e3 * t_ref:.1f} ms by the reference's code{during}) vs {reference:.1f} s "
                f"({runs}{num_samples} x {1e3 * t_ref:.1f} ms) all by the reference's code; rates {source}")
     if fast < reference:
         return Route(True, f"fast path: {figures}", fast, reference)

@@ -49,6 +49,16 @@ def environment(device: torch.device | str | None = None) -> dict:
     return env
 
 
+def run_config(data: str, arch: str, weights: str | None, spec, batch_size: int, workers: int,
+               device: torch.device | str, num_classes: int, num_samples: int) -> dict:
+    """The report's ``config``: what ran, the same keys for the command and the Python API. The batch
+    size used is the requested one capped at the dataset's size (what both paths use on a smaller set)."""
+    return {"path": os.path.abspath(data), "arch": arch, "weights": weights, "preset": spec.name,
+            "resize": spec.resize, "crop": spec.crop, "preprocessing": spec.describe(),
+            "batch_size": min(batch_size, num_samples), "batch_size_requested": batch_size, "workers": workers,
+            "device": str(device), "classes": num_classes}
+
+
 def build_report(result: EvalResult, config: dict, device: torch.device | str | None = None,
                  samples: Labelled | None = None) -> dict:
     """Every figure of a run plus its configuration and environment (the ``--json`` content); given the
