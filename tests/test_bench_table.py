@@ -150,6 +150,10 @@ def test_a_whole_command_routed_to_the_reference_says_so():
     for when, value in (("cold", "reference"), ("warm", "fast")):
         planned["time_to_result"]["fast"][when]["route_value"] = value
     assert re.search(r"route \(whole command\)\s+cold reference's code, warm fast path", format_bench(planned))
+    # The loader, batch and precision rows are then the timed loop's, and say so; a fast command's are its own
+    for table, of in ((format_bench(b), " (loop)"), (format_bench(planned), " (loop)"), (format_bench(_bench()), "")):
+        for label, fast in (("loader", "pil-cpu"), ("batch shape", "20"), ("precision", "bf16")):
+            assert re.match(rf"{re.escape(label + of)}\s+\S.*\s{fast}\b", _row(table, label)), table
 
 
 def test_the_result_is_not_changed():
