@@ -45,7 +45,10 @@ precision (a scan of both axes' weights) and its columns' coefficients, per bloc
 coefficients. Metadata (per image: its data pointer and strides, so the images are read where they lie,
 any layout; sizes, resized sizes, crop offsets) is built on the host from the tensors' metadata, without
 a torch operation per image, and reaches the device in one non-blocking copy from pinned memory: no host
-sync. This module is self-contained (no fasteval imports).
+sync. On a GPU the arithmetic is the twin's too: the kernel is compiled without fused multiply-adds
+(``enable_fp_fusion=False``: each float64 weight operation rounds once, as torch's) and divides by
+``tl.div_rn`` (Triton's float32 ``/`` is PTX's approximate div.full); tests/test_kernel_aot.py checks the
+PTX. This module is self-contained (no fasteval imports).
 """
 
 from __future__ import annotations
@@ -181,8 +184,8 @@ def resize_crop_pixels(images: Sequence[torch.Tensor], size: int | tuple[int, in
     the pixels ``resize_crop_normalize`` normalises (what a store of decoded images keeps).
 
     The same launch with mean 0 and std 1/255: each float32 output is (p / 255) / (1 / 255) for the 8-bit
-    pixel p, which is p to within a few float32 ulps (1.5e-5 at most over 0..255 with IEEE division; a GPU's
-    approximate division adds two ulps), so rounding gives p exactly; the kernel compiled is the float32 one."""
+    pixel p, which is p to within a few float32 ulps (1.5e-5 at most over 0..255, IEEE division on every
+    device), so rounding gives p exactly; the kernel compiled is the float32 one."""
     pixels = resize_crop_normalize(images, size, crop, (0.0, 0.0, 0.0), (1 / 255,) * 3, interpolation=interpolation,
                                    out_dtype=torch.float32, backend=backend)
     return pixels.round_().to(torch.uint8)
@@ -334,7 +337,7 @@ if HAS_TRITON:
         bits = tl.add(bits, 0x7FFF + ((bits >> 16) & 1), sanitize_overflow=False)
         return (bits & -65536).to(tl.float32, bitcast=True)
 
-    @triton.jit
+    @triton.jit(do_not_specialize=["batch"])
     def _resize_crop_kernel(
         meta_ptr, out_ptr, batch, out_h, out_w, tiles_x, groups, group_rows, so_n, so_c, so_h, so_w,
         SUPPORT: tl.constexpr, BICUBIC: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_X: tl.constexpr,
@@ -397,7 +400,7 @@ if HAS_TRITON:
             # (x / 255 - mean) / std, each step in float32 as torchvision's to_dtype and normalize round it.
             mean = tl.load(norm + c).to(tl.float64, bitcast=True).to(tl.float32)[:, None]
             std = tl.load(norm + 3 + c).to(tl.float64, bitcast=True).to(tl.float32)[:, None]
-            value = (pixel.to(tl.float32) / 255.0 - mean) / std
+            value = tl.div_rn(tl.div_rn(pixel.to(tl.float32), 255.0) - mean, std)
             if out_ptr.dtype.element_ty == tl.bfloat16:
                 value = _round_to_bf16(value)
             out = (out_ptr + n.to(tl.int64) * so_n + (c.to(tl.int64) * so_c + oy.to(tl.int64) * so_h)[:, None]
@@ -494,6 +497,6 @@ def _triton(images, size, crop, mean, std, interpolation, out_dtype, blocks=None
         _resize_crop_kernel[(len(images) * tiles_x * groups,)](
             meta, out, len(images), out_h, out_w, tiles_x, groups, group_rows, *out.stride(),
             SUPPORT=SUPPORTS[interpolation], BICUBIC=interpolation == "bicubic", BLOCK_R=block_r,
-            BLOCK_X=block_x, K=k, SCAN=scan, num_warps=8,
+            BLOCK_X=block_x, K=k, SCAN=scan, num_warps=8, enable_fp_fusion=False,
         )
     return out

@@ -52,7 +52,10 @@ RESIZE_FILE = os.path.join(KERNELS, "resize_crop.py")
 # support, to a power of two) spans ImageNet-like batches (K 8) and large images (16 bilinear, 32 bicubic).
 OUT_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 FILTERS = ("bilinear", "bicubic")
-IMAGE_SETS = {"imagenet": [(375, 500), (333, 500), (500, 375), (281, 500)], "large": [(2000, 1500), (375, 500)]}
+# A batch of one too: Triton makes an integer argument equal to 1 a compile-time constant (the kernel's ``batch``
+# must not be one).
+IMAGE_SETS = {"imagenet": [(375, 500), (333, 500), (500, 375), (281, 500)], "large": [(2000, 1500), (375, 500)],
+              "one": [(333, 500)]}
 
 
 def aot_unavailable() -> str | None:
@@ -208,8 +211,11 @@ def compile_case(module, case: dict) -> list[dict]:
                                   options=options.__dict__)
         declared = {p.name for p in fn.params if p.is_constexpr}  # not the integers specialised to 1
         blocks = {names[path[0]]: value for path, value in constexprs.items() if names[path[0]] in declared}
+        ptx = compiled.asm["ptx"]
         results.append({**case, "kernel": name, "blocks": blocks, "num_warps": compiled.metadata.num_warps,
-                        "ptx_bytes": len(compiled.asm["ptx"]), **_resources(compiled.asm["cubin"], name)})
+                        "ptx_bytes": len(ptx), "ptx_fma": len(re.findall(r"\bfma\.rn\.f(?:32|64)\b", ptx)),
+                        "ptx_inexact_div": len(re.findall(r"\bdiv\.(?:full|approx)\.", ptx)),
+                        **_resources(compiled.asm["cubin"], name)})
     return results
 
 
@@ -232,10 +238,12 @@ def covering_cases() -> list[dict]:
 
 
 def resize_cases() -> list[dict]:
-    """Per target both filters, with two output dtypes and both image sets; over the targets each (filter,
-    dtype) pair once: every filter, output dtype and tap count K compiled in 6 compiles."""
+    """Per target both filters, with two output dtypes and two image sets; over the targets each (filter,
+    dtype) pair once and each image set twice: every filter, output dtype, tap count K and a batch of one
+    compiled in 6 compiles."""
+    sets, dtypes = list(IMAGE_SETS), list(OUT_DTYPES)
     return [{"kernel": "resize_crop", "target": target, "interpolation": interpolation,
-             "out_dtype": list(OUT_DTYPES)[(t + i) % len(OUT_DTYPES)], "images": list(IMAGE_SETS)[(t + i) % 2]}
+             "out_dtype": dtypes[(t + i) % len(dtypes)], "images": sets[(t + i) % len(sets)]}
             for t, target in enumerate(TARGETS) for i, interpolation in enumerate(FILTERS)]
 
 

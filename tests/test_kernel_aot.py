@@ -48,8 +48,11 @@ def test_every_dtype_and_block_shape_compiles_for_each_target(compiled):
 
 
 def test_resize_kernel_compiles_for_each_target_without_spills(compiled):
-    """Both filters on every target; every (filter, output dtype) pair and both image sets (ImageNet-like
-    and large: 8 to 32 taps) somewhere; the GPU block shapes, with no register spills."""
+    """Both filters on every target; every (filter, output dtype) pair and every image set (ImageNet-like,
+    large: 8 to 32 taps, and a batch of one) somewhere; the GPU block shapes, with no register spills. And
+    the IEEE arithmetic its twin's bit-for-bit pixels rest on: no fused multiply-adds (the float64 filter
+    weights rounded once per operation, as torch's and PIL's), no approximate division (Triton lowers a
+    float32 ``/`` to PTX's div.full.f32, up to 2 ulp off: the normalisation divides by ``tl.div_rn``)."""
     rows = compiled["_resize_crop_kernel"]
     print("\n" + resize_table(rows))
     for target in TARGETS:
@@ -60,3 +63,4 @@ def test_resize_kernel_compiles_for_each_target_without_spills(compiled):
     for r in rows:
         assert 0 < r["regs"] <= 255 and r["num_warps"] == 8, r
         assert r["spill_stores"] == 0 and r["spill_loads"] == 0, r
+        assert r["ptx_fma"] == 0 and r["ptx_inexact_div"] == 0, r
