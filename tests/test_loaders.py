@@ -214,3 +214,48 @@ def test_the_reason_names_the_cpu_cap_and_the_padding_saved():
     assert batch_shape_reason(30, 64, 15, "cpu", (224, 224), cores=2).endswith("--batch-size 64 allows, 0 padding "
                                                                               "row(s) in one process")
     assert batch_shape_reason(30, 64, 30, "cpu", (32, 32), cores=2) is None
+
+
+@pytest.mark.skipif(not dali_available(), reason="DALI not installed")
+def test_dali_that_cannot_start_leaves_auto_to_torchvision(small_data, model_3cls, small_spec, monkeypatch, capsys,
+                                                            tmp_path):
+    """DALI's own failure to start (its GPU decoder, a library; simulated: its iterator raises) under --loader
+    auto: torchvision's loader decodes instead, with one warning, the reference's counts, and the executed plan
+    saying so. Asked by name, it is the run's error; a bad file among the first batches is named, not skipped."""
+    import shutil
+
+    import nvidia.dali.plugin.pytorch as dali_torch
+
+    import fasteval.data.prefetch as prefetch
+    from fasteval.evaluation.fast import FastEvaluator
+    from fasteval.evaluation.plan import FastOptions
+    from fasteval.evaluation.reference import evaluate_reference
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("[dali/operators/decoder/nvjpeg.cc:120] nvjpeg error: hardware decoder failed to start")
+
+    monkeypatch.setattr(dali_torch, "DALIGenericIterator", broken)
+    monkeypatch.setattr(prefetch, "MAX_SAMPLES", 0)  # DALI, not PIL's pixels, even for this small set
+    samples = discover(small_data)
+    options = FastOptions(compile="off", loader="auto", workers=1)
+    evaluator = FastEvaluator(samples, model_3cls, small_spec, CPU, options)
+    assert evaluator.plan.loader_kind == "dali" and evaluator.plan.dali.value is not None
+    result = evaluator.run(progress=False)
+    ref = evaluate_reference(samples, model_3cls, small_spec, batch_size=8, workers=0, device=CPU, progress=False)
+    assert (result.correct_top1, result.correct_top5) == (ref.correct_top1, ref.correct_top5)
+    assert result.loss_sum == pytest.approx(ref.loss_sum, rel=1e-3)  # bf16 logits: counts exact, the loss close
+    err = capsys.readouterr().err
+    assert err.count("fasteval: warning: DALI could not start (cannot start the DALI pipeline on cpu: ") == 1, err
+    assert "hardware decoder failed to start): torchvision's loader decodes instead" in err
+    executed = evaluator.executed_plan
+    assert executed.loader.value == "torchvision-cpu" and "torchvision's loader decodes instead" in executed.loader.reason
+    assert executed.dali.value is None and "DALI could not start" in executed.dali.reason
+    with pytest.raises(FastevalError, match="^cannot start the DALI pipeline on cpu: .*hardware decoder failed"):
+        FastEvaluator(samples, model_3cls, small_spec, CPU, FastOptions(compile="off", loader="dali", workers=1))
+    root = tmp_path / "data"
+    shutil.copytree(small_data, root)
+    bad = root / "class_000" / "img_00001.jpg"
+    bad.write_bytes(bad.read_bytes()[:len(bad.read_bytes()) // 2])  # its header intact, its scan cut short
+    with pytest.raises(FastevalError, match=r"^cannot decode image .*class_000.img_00001\.jpg"):
+        FastEvaluator(discover(root), model_3cls, small_spec, CPU, options)
+    assert "torchvision's loader decodes instead" not in capsys.readouterr().err

@@ -145,6 +145,12 @@ def _member_source(samples: SampleList, batch_size: int):
     return source
 
 
+class DaliStartError(FastevalError):
+    """DALI's pipeline could not start, and no file among its first batches is undecodable: DALI's own
+    failure (a GPU decoder it cannot create, a missing library), not the data's. ``--loader auto`` then
+    decodes with torchvision's loader instead (fasteval/evaluation/fast.py)."""
+
+
 class DaliLoader:
     """Batches of channels-last images on ``device``; the last batch is filled to the static size."""
 
@@ -178,7 +184,7 @@ class DaliLoader:
             self._ended = False  # the epoch is over: reset() before the next pass
         except Exception as exc:
             # Starting the pipeline decodes the first batches (prefetch): a bad file there fails here.
-            raise self._failure(exc, 0, f"cannot start the DALI pipeline on {device}") from None
+            raise self._failure(exc, 0, f"cannot start the DALI pipeline on {device}", DaliStartError) from None
 
     def __iter__(self) -> Iterator[Batch]:
         seen = 0
@@ -205,9 +211,10 @@ class DaliLoader:
         finally:
             self._quiet.release()
 
-    def _failure(self, exc: Exception, seen: int, what: str) -> FastevalError:
+    def _failure(self, exc: Exception, seen: int, what: str,
+                 own: type[FastevalError] = FastevalError) -> FastevalError:
         """The error to raise: the undecodable file among the batches in flight (the pipeline
-        prefetches ahead) named with the reference's reason, else DALI's own last line. The
+        prefetches ahead) named with the reference's reason, else DALI's own last line (as ``own``). The
         pipeline is stopped first, so that its decoders' last log lines come before this one."""
         if self._pipe is not None:
             getattr(self._pipe, "_shutdown", lambda: None)()
@@ -215,7 +222,7 @@ class DaliLoader:
         path, reason = find_undecodable(self.samples.paths[seen:seen + 4 * self.batch_size])
         if path is not None:
             return FastevalError(f"cannot decode image {path}: {reason}")
-        return FastevalError(f"{what}: {_dali_reason(exc)}")
+        return own(f"{what}: {_dali_reason(exc)}")
 
 
 def _dali_reason(exc: BaseException) -> str:

@@ -84,6 +84,7 @@ class FastEvaluator:
         # copy, converted to channels-last with its head kept in fp32, so the caller's module is unchanged.
         self.reference_model = model.to(device).eval() if self.reference_only or plan.exact.value else None
         self.model = self.loader = None
+        self.loader_fallback = ""  # why the plan's DALI loader was replaced by torchvision's (_make_loader)
         if self.main:
             fast_model = copy.deepcopy(model)
             precision = plan.precision.value
@@ -107,8 +108,7 @@ class FastEvaluator:
                     placed = {"placement": plan.store_placement} if plan.store_placement else {}
                     if plan.dali_settings is not None:
                         placed["dali"] = plan.dali_settings
-                    self.loader = batch_source(plan.loader_kind, part, spec, batch_size=shape,
-                                               workers=options.workers, device=device, half=half, **placed)
+                    self.loader = self._make_loader(batch_source, part, shape, half, placed)
             h, w = plan.input_hw
             with torch.inference_mode():  # an inference tensor, like the loader's: no recompile on the first batch
                 example = torch.zeros(shape, 3, h, w, device=device, dtype=torch.float16 if half else torch.float32)
@@ -119,6 +119,25 @@ class FastEvaluator:
         self.warmup_seconds = time.perf_counter() - start
         self.executed_plan = self._executed()
 
+    def _make_loader(self, batch_source, part: SampleList, shape: int, half: bool, placed: dict):
+        """The plan's loader. Where DALI was chosen by ``--loader auto`` and its pipeline cannot start for a
+        reason of its own (not a bad file: fasteval/data/loader_dali.py's DaliStartError), torchvision's
+        loader decodes instead, with one warning line and the reason in the executed plan."""
+        from fasteval.data.loader_dali import DaliStartError
+
+        kind, options = self.plan.loader_kind, self.options
+        try:
+            return batch_source(kind, part, self.spec, batch_size=shape, workers=options.workers, device=self.device,
+                                half=half, **placed)
+        except DaliStartError as exc:
+            if kind != "dali" or options.loader != "auto":
+                raise
+            self.loader_fallback = f"DALI could not start ({exc}): torchvision's loader decodes instead"
+            print(f"fasteval: warning: {self.loader_fallback}", file=sys.stderr)
+            placed = {key: value for key, value in placed.items() if key != "dali"}
+            return batch_source("torchvision", part, self.spec, batch_size=shape, workers=options.workers,
+                                device=self.device, half=half, **placed)
+
     def _executed(self) -> Plan:
         """The plan as it ran: the compile's outcome (decided at warm-up where the plan said ``measure``, or
         fallen back to eager), the loader that was built, the metrics backend that runs."""
@@ -128,10 +147,14 @@ class FastEvaluator:
         loader = self.loader.name if self.loader is not None else plan.loader.value
         info = getattr(self.loader, "info", None)
         loader_reason = plan.loader.reason + (f"; {info['reason']}" if info and info.get("reason") else "")
+        changes = {}
+        if self.loader_fallback:
+            loader_reason += f"; {self.loader_fallback}"
+            changes["dali"] = Decision(None, f"no DALI pipeline: {self.loader_fallback}")
         backend = plan.metrics_backend if self.metrics_backend == plan.metrics_backend.value else \
             Decision(self.metrics_backend, "the Triton kernel could not run: its PyTorch twin")
         return plan.executed(compile=Decision(self.model.compiled, self.model.compile_reason or plan.compile.reason),
-                             loader=Decision(loader, loader_reason), metrics_backend=backend)
+                             loader=Decision(loader, loader_reason), metrics_backend=backend, **changes)
 
     def load_weights(self, model: nn.Module) -> None:
         """Copy ``model``'s weights (same architecture) into the fast model and the reference's model, in
