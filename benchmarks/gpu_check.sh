@@ -13,16 +13,19 @@
 # device call brings back at most 8 files).
 # GPU_CHECK_BUDGET (seconds, default 540: 9 minutes) bounds the whole run: every command is cut at its end,
 # and a step that needs more than is left is skipped, and said so. GPU_CHECK_STEPS picks the steps (default
-# "measure cuda kernel bench"; also "precision" (the fast path's own whole command, bf16 and fp32, with
-# their exact recheck, against the reference's), "sweep" (3 checkpoints on one decoded set), "distributed"
+# "measure cuda": what decides, and every test that can use the GPU; also "kernel" (the fused kernel's
+# benchmark), "bench" (`fasteval bench`'s stages per loader), "precision" (the fast path's own whole
+# command, bf16 and fp32, with their exact recheck, against the reference's), "sweep" (3 checkpoints on
+# one decoded set), "distributed"
 # (`fasteval bench` and `eval` under torchrun on every local GPU against one GPU where nvidia-smi -L lists
 # several), "train" and "device" (the kernel's device-parametrised edge cases)).
-# GPU_CHECK_MEASURE_BUDGET (default 270) caps the measure step; GPU_CHECK_REPEATS the bench repeats
+# GPU_CHECK_MEASURE_BUDGET (default 330) caps the measure step; GPU_CHECK_REPEATS the bench repeats
 # (default 1). GPU_CHECK_DALI_PARTS (default REPO/.dali_parts): where benchmarks/dali_wheel.py's parts
 # were carried; when its manifest is there, the wheels are joined, checked and installed into a folder
 # put first on PYTHONPATH. A dry run of the plumbing on a machine without a GPU: GPU_CHECK_CPU_DRY_RUN=1
 # (the measure step's --cpu-dry-run), GPU_CHECK_INSTALL=0 (use the fasteval already importable),
 # GPU_CHECK_CLASSES/GPU_CHECK_PER_CLASS (the bench's dataset where the measure step made none).
+# Exits 1 where a step's command failed (gpu_check.log's last line names them), else 0.
 # Works on Python 3.10 (no `python -P`).
 set -uo pipefail
 OUT_DIR="$(mkdir -p "${1:?usage: benchmarks/gpu_check.sh OUT_DIR}" && cd "$1" && pwd)"
@@ -61,7 +64,7 @@ tpy() {
     (cd "$WORK" && timeout "$limit" "$PY" "$@")
 }
 PYTEST=(-m pytest -c "$REPO/pyproject.toml" --rootdir "$REPO" -p no:cacheprovider)
-STEPS=" ${GPU_CHECK_STEPS:-measure cuda kernel bench} "
+STEPS=" ${GPU_CHECK_STEPS:-measure cuda} "
 BUDGET="${GPU_CHECK_BUDGET:-540}"
 # `step NAME SECONDS [WHAT]`: NAME was asked for and what is left of the budget holds SECONDS, the time
 # the step (or WHAT of it) needs to be worth starting; else it is skipped, and listed. Its commands are
@@ -76,6 +79,11 @@ step() {
     fi
 }
 finished() { echo "$1" >> "$D/done.txt"; }
+# `outcome WHAT RC`: logs WHAT's exit code; a failed one is listed, and the script exits 1 at its end.
+outcome() {
+    log "$1 exit code $2"
+    [ "$2" -eq 0 ] || echo "$1 (exit code $2)" >> "$D/failed.txt"
+}
 # Tests in 4 processes where pytest-xdist is installed (the GPU has room; the host has the cores).
 XDIST=()
 if py -c "import xdist" 2>/dev/null; then XDIST=(-n 4); fi
@@ -102,7 +110,7 @@ elif py -m pip install -q --no-deps --no-build-isolation --no-index -e "$REPO" >
     log "installed with pip (editable, no deps)"
 else
     SITE="$(mktemp -d)"
-    cp -r fasteval "$SITE/fasteval" && cp -r kernels "$SITE/fasteval/kernels"
+    cp -rL fasteval "$SITE/fasteval"  # -L: the fasteval/kernels link to kernels/ becomes the folder itself
     export PYTHONPATH="$SITE${PYTHONPATH:+:$PYTHONPATH}"
     log "pip install failed (see install.log); using a copy on PYTHONPATH=$SITE"
 fi
@@ -142,6 +150,7 @@ if [ -n "$SHM_MB" ]; then
         WORKERS=$FIT
     fi
 fi
+log "/dev/shm: ${SHM_MB:-unknown} MB free; --workers $WORKERS"
 
 # The summary of what has run so far, rewritten (atomically) after every step: a run cut short keeps one.
 summarise() {
@@ -305,13 +314,14 @@ summarise
 #     2,000 are the bench's data too.
 MEASURE_DATA="$WORK/measure_data"
 if step measure 120; then
-    MB="${GPU_CHECK_MEASURE_BUDGET:-270}"
+    MB="${GPU_CHECK_MEASURE_BUDGET:-330}"
     [ "$(left)" -lt "$MB" ] && MB=$(left)
     DRY=(); [ "${GPU_CHECK_CPU_DRY_RUN:-0}" = 1 ] && DRY=(--cpu-dry-run)
     # The measure's own budget ends 10 s before its cut, so that it writes its summary.
     tpy "$MB" "$REPO/benchmarks/gpu_measure.py" "$OUT_DIR" --budget "$(( MB - 10 ))" --data "$MEASURE_DATA" \
         --logs "$D" --workers "$WORKERS" "${DRY[@]}" > "$D/measure.txt" 2>&1
-    log "measure exit code $? in $(( $(date +%s) - START )) s from the start"
+    outcome measure $?
+    log "measure done in $(( $(date +%s) - START )) s from the start"
     finished measure
 fi
 
@@ -321,7 +331,8 @@ summarise
 GPU_FILES=$(grep -l "torch.cuda.is_available()" tests/test_*.py | tr '\n' ' ')
 if step cuda 150; then
     tpy 150 "${PYTEST[@]}" "$REPO/tests" -m cuda -q -rA "${XDIST[@]}" > "$D/cuda_tests.log" 2>&1
-    log "cuda-marked tests exit code $? ($(tail -1 "$D/cuda_tests.log"))"
+    outcome "cuda-marked tests" $?
+    log "cuda-marked tests: $(tail -1 "$D/cuda_tests.log")"
     finished cuda
 fi
 # The kernel's edge cases on the GPU: each kernel variant is a Triton compile (over 150 s in all on an
@@ -341,7 +352,7 @@ if step kernel 90; then
     tpy 90 "${PYTEST[@]}" "$REPO/benchmarks/bench_kernel.py" -m cuda -k "B256-C1000 or B1024-C21843" -q \
         --benchmark-only --benchmark-group-by=group --benchmark-columns=median,ops \
         --benchmark-json "$D/kernel_bench.json" > "$D/kernel_bench.txt" 2>&1
-    log "kernel benchmark exit code $?"
+    outcome "kernel benchmark" $?
     finished kernel
 fi
 
@@ -368,7 +379,7 @@ if step bench 90; then
         tpy 150 -m fasteval bench "$DATA" --loader "$loader" --batch-size 256 --workers "$WORKERS" \
             --repeats "${GPU_CHECK_REPEATS:-1}" --no-time-to-result --no-progress --json "$D/bench_$loader.json" \
             > "$D/bench_$loader.txt" 2>&1
-        log "bench --loader $loader exit code $?"
+        outcome "bench --loader $loader" $?
     done
     finished bench
 fi
@@ -521,3 +532,7 @@ for item in s.get("pending", []):
     print(f"  NOT REACHED: {item}")
 PY
 log "done in $(( $(date +%s) - START )) s; summary in $OUT_DIR/summary.json, every log in $OUT_DIR/details.tar.gz"
+if [ -s "$D/failed.txt" ]; then
+    log "FAILED: $(paste -sd ';' "$D/failed.txt")"
+    exit 1
+fi

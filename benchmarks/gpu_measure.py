@@ -12,8 +12,11 @@ first, then what explains them):
   whole_command  ``fasteval eval`` against ``fasteval eval --reference`` on the large set: wall seconds, the
                  ratio, and whether the counts are equal (the fast command cold, then warm where time is left)
   decode         the decode ceiling: torchvision's batched ``decode_jpeg`` on the device, and DALI's decoder
-                 (where installed; with ``hw_decoder_load`` 0.65/0.9/1.0 at batch 256), at 3 batch sizes
-  loaders        each loader (torchvision-gpu, dali, pil): construction, a cold pass and a warm one
+                 (where installed) with the plan's settings (fasteval/data/dali_settings.py: threads, prefetch,
+                 hardware share, size hints, PIL's chroma upsampling), at 3 batch sizes; and at batch 256
+                 with ``hw_decoder_load`` 0.65 (DALI's default), 0.9 and 1.0
+  loaders        each loader (torchvision-gpu, dali with the plan's settings, pil): construction, a cold pass
+                 and a warm one
   overlap        per fast-path loader: the loader alone, the model alone, and both (the fast pass), as the
                  evaluator builds them (``FastEvaluator``, compile off, exact off)
   model          the fast model's precision: eager channels-last bf16 and fp32, cudnn.benchmark off and on
@@ -301,11 +304,13 @@ class Measure:
         dali: dict = {}
         e["dali"] = dali
         mid = self.cfg.decode_batches[len(self.cfg.decode_batches) // 2]
-        runs = [(b, None) for b in self.cfg.decode_batches] + [(mid, load) for load in (0.9, 1.0)]
+        settings = self.dali_settings(self.samples(self.base))
+        dali["settings"] = settings.to_json()
+        runs = [(b, None) for b in self.cfg.decode_batches] + [(mid, load) for load in (0.65, 0.9, 1.0)]
         for b, load in runs:
             key = f"b{b}" + (f"_hw_load_{load}" if load is not None else "") + "_img_per_s"
             try:
-                dali[key] = self.dali_decode(b, load)
+                dali[key] = self.dali_decode(b, settings, load)
             except Exception as exc:  # noqa: BLE001
                 dali[key] = {"error": error_line(exc)}
             self.rec.save()
@@ -323,8 +328,20 @@ class Measure:
         self.sync()
         return n, time.perf_counter() - began
 
-    def dali_decode(self, batch: int, hw_load: float | None) -> int:
-        """DALI's image decoder alone on in-memory JPEG bytes (``mixed`` on a GPU, ``cpu`` in a dry run)."""
+    def dali_settings(self, samples):
+        """The DALI settings the plan chooses for ``samples`` on this machine (bf16, ``--workers``)."""
+        from fasteval.data.dali_settings import choose_settings
+        from fasteval.data.probe import probe
+        from fasteval.procs import usable_cores
+
+        sizes = [p.size for p in map(probe, samples.paths) if p.format == "JPEG" and p.size]
+        return choose_settings(self.cuda(), usable_cores(), self.cfg.workers, "bf16", sizes)[0]
+
+    def dali_decode(self, batch: int, settings, hw_load: float | None) -> int:
+        """DALI's image decoder alone on in-memory JPEG bytes (``mixed`` on a GPU, ``cpu`` in a dry run), with
+        the plan's ``settings`` (``hw_load``: another hardware-decoder share)."""
+        import dataclasses
+
         import numpy as np
         import nvidia.dali.fn as fn
         import nvidia.dali.types as types
@@ -338,14 +355,17 @@ class Measure:
             state["i"] += 1
             return batches[state["i"] % len(batches)]
 
-        kwargs = {} if hw_load is None else {"hw_decoder_load": hw_load}
-        gpu = self.cuda()
+        from fasteval.data.loader_dali import decoder_arguments
 
-        @pipeline_def(batch_size=batch, num_threads=max(1, self.cfg.workers), device_id=0 if gpu else None,
-                      prefetch_queue_depth=2)
+        gpu = self.cuda()
+        if hw_load is not None:
+            settings = dataclasses.replace(settings, hw_decoder_load=hw_load)
+
+        @pipeline_def(batch_size=batch, num_threads=settings.threads, device_id=0 if gpu else None,
+                      prefetch_queue_depth=settings.prefetch)
         def pipe():
             encoded = fn.external_source(source=source, batch=True, dtype=types.UINT8)
-            return fn.decoders.image(encoded, device="mixed" if gpu else "cpu", output_type=types.RGB, **kwargs)
+            return fn.decoders.image(encoded, **decoder_arguments(settings, gpu))
 
         p = pipe()
         p.build()
@@ -363,7 +383,8 @@ class Measure:
         kw = dict(batch_size=self.cfg.batch_size, workers=self.cfg.workers, device=dev)
         makers = {
             "torchvision-gpu": (lambda: make_loader("torchvision", samples, spec, **kw)) if self.cuda() else None,
-            "dali": (lambda: make_loader("dali", samples, spec, **kw)) if self.dali else None,
+            "dali": (lambda: make_loader("dali", samples, spec, dali=self.dali_settings(samples), **kw))
+            if self.dali else None,
             "pil": lambda: TorchvisionLoader(samples, spec, **kw),
         }
         for kind, make in makers.items():

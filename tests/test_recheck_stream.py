@@ -33,7 +33,7 @@ from fasteval.data.loader_dali import dali_available  # noqa: E402
 from fasteval.data.loaders import make_loader  # noqa: E402
 from fasteval.data.samples import discover  # noqa: E402
 from fasteval.errors import FastevalError  # noqa: E402
-from fasteval.evaluation.exact import recheck_pool_size, resolve_recheck  # noqa: E402
+from fasteval.evaluation.exact import GPU_DECODE_CORES, recheck_pool_size, resolve_recheck  # noqa: E402
 from fasteval.evaluation.fast import FastEvaluator, FastOptions, run_loop  # noqa: E402
 from fasteval.evaluation.metrics import PER_SAMPLE_FIELDS  # noqa: E402
 from fasteval.evaluation.recheck_pool import DecodePool  # noqa: E402
@@ -54,10 +54,10 @@ def _torchvision_source(kind, samples, spec, **kwargs):
     return make_loader("torchvision", samples, spec, **kwargs)
 
 
-def _run(samples, model, spec, schedule, batch_size=8, passes=1):
+def _run(samples, model, spec, schedule, batch_size=8, passes=1, workers=1):
     """One fast run on the CPU with the recheck's schedule forced; DALI's CPU pipeline where installed."""
     options = FastOptions(loader="dali" if DALI else "torchvision", precision="bf16", compile=False,
-                          batch_size=batch_size, workers=1, recheck=schedule)
+                          batch_size=batch_size, workers=workers, recheck=schedule)
     source = {} if DALI else {"batch_source": _torchvision_source}
     evaluator = FastEvaluator(samples, copy.deepcopy(model), spec, CPU, options, passes=passes, **source)
     assert evaluator.plan.recheck_overlap == (schedule == "overlap")
@@ -254,6 +254,22 @@ def test_the_pool_starts_once_a_run_and_ends_with_it(small_data, model_3cls, sma
     assert len(pools) == 2 and _gone(pools[1])
 
 
+def test_the_pool_grows_to_the_workers_once_the_pass_is_over(small_data, model_3cls, small_spec, pools,
+                                                              monkeypatch):
+    """During the pass the pool takes what the loader leaves (one worker on these 2 cores beside its 2); after
+    it, the loader's cores are free and the pool grows to --workers 2 for what is left: the serial results."""
+    monkeypatch.setattr(stream, "recheck_batch", lambda count, batch, workers, device: 4)  # several batches after
+    samples = discover(small_data)
+    _, serial = _run(samples, model_3cls, small_spec, "after", workers=2)
+    _, overlapped = _run(samples, model_3cls, small_spec, "overlap", workers=2)
+    exact = overlapped.extra["exact"]
+    assert exact["pool_workers"] == 1 and exact["pool_workers_after_pass"] == len(pools[0].processes) == 2
+    assert exact["decoded_after_pass"] + exact["streamed"] >= exact["gated"] > 0
+    assert _gone(pools[0])
+    assert (overlapped.correct_top1, overlapped.correct_top5) == (serial.correct_top1, serial.correct_top5)
+    torch.testing.assert_close(overlapped.predictions, serial.predictions, rtol=0, atol=0)
+
+
 @pytest.mark.parametrize("error", [KeyboardInterrupt, RuntimeError])
 def test_the_pool_ends_when_the_pass_fails(small_data, model_3cls, small_spec, pools, error):
     """Ctrl-C (or an error) in the middle of the pass, with near-ties queued: no worker is left behind."""
@@ -406,9 +422,10 @@ def test_a_gpu_plan_decoding_on_the_gpu_overlaps_the_recheck(small_data, model_3
 
     gpu = plan()
     assert gpu.loader.value == "torchvision-gpu" and gpu.recheck_overlap
-    # The pool's size is the plan's, beside the loader's threads: --workers 4 DataLoader processes here,
-    # DALI's decoding threads with DALI
-    assert gpu.recheck_pool == recheck_pool_size(4, 4) and gpu.recheck_pool[0] >= 1
+    # The pool's size is the plan's, beside the loader's threads: the nvJPEG loader's (its decode-ahead thread
+    # and byte readers, GPU_DECODE_CORES), DALI's decoding threads with DALI
+    assert gpu.recheck_pool == recheck_pool_size(4, GPU_DECODE_CORES) and gpu.recheck_pool[0] >= 1
+    assert recheck_pool_size(16, GPU_DECODE_CORES, cores=16)[0] == 13  # the H100 machines' 16 cores
     assert "near-ties decoded during the pass by PIL worker processes" in gpu.exact.reason
     assert gpu.exact.reason.endswith(f"; {gpu.recheck_pool[1]}")
     dali = plan(loader="dali")

@@ -37,9 +37,10 @@ def test_choose_route_hand_computed():
     assert off.fast_seconds == pytest.approx(1.54) and not off.fast
 
 
-def test_a_recheck_during_the_pass_costs_the_longer_of_the_two():
-    """The near-ties decoded by a pool during the pass (a GPU pass): the pass and the pool's decoding overlap.
-    1,000 samples, 8 calibration, share 0.1 (100 near-ties), t_ref 2 ms with 8 workers, t_fast 1 ms, setup 1 s."""
+def test_a_recheck_during_the_pass_costs_only_what_the_pass_leaves():
+    """The near-ties decoded by a pool during the pass (a GPU pass): P of the reference's W workers' pace hide
+    behind the pass; the rest goes at W's pace after it. 1,000 samples, 8 calibration, share 0.1 (100 near-ties:
+    0.2 s at the reference's 2 ms with W = 8), t_fast 1 ms (a 1 s pass), setup 1 s."""
     rates = Rates(reference_image_seconds=0.002, fast_image_seconds=0.001, fast_setup_seconds=1.0, recheck_share=0.1)
     after = choose_route(rates, "cuda", 1000, 0, 8, exact=True)
     assert after.fast_seconds == pytest.approx(1 + 1000 * 0.001 + (8 + 100) * 0.002)  # 2.216 s
@@ -47,9 +48,12 @@ def test_a_recheck_during_the_pass_costs_the_longer_of_the_two():
     hidden = choose_route(rates, "cuda", 1000, 0, 8, exact=True, recheck_pool=8, workers=8)
     assert hidden.fast_seconds == pytest.approx(1 + 1.0 + 8 * 0.002)
     assert "100 near-ties by 8 process(es) during the pass" in hidden.reason
-    # 1 pool worker beside DALI's threads decodes 8 x slower than the reference's 8: 1.6 s, longer than the pass
+    # 1 pool worker beside DALI's threads: the 1 s pass hides 1/8 s of the 0.2 s; 0.075 s are left after it
     slow = choose_route(rates, "cuda", 1000, 0, 8, exact=True, recheck_pool=1, workers=8)
-    assert slow.fast_seconds == pytest.approx(1 + 100 * 0.002 * 8 + 8 * 0.002)
+    assert slow.fast_seconds == pytest.approx(1 + 1.0 + 0.075 + 8 * 0.002)
+    # A pass too short to hide anything much: 10 samples' pass (10 ms) hides 1.25 ms of 1 near-tie's 2 ms
+    short = choose_route(rates, "cuda", 10, 0, 8, exact=True, recheck_pool=1, workers=8)
+    assert short.fast_seconds == pytest.approx(1 + 0.01 + (0.002 - 0.01 / 8) + 8 * 0.002)
     # No recheck, nothing to overlap: the pool changes nothing
     off = choose_route(rates, "cuda", 1000, 0, 8, exact=False, recheck_pool=8, workers=8)
     assert off.fast_seconds == pytest.approx(choose_route(rates, "cuda", 1000, 0, 8, exact=False).fast_seconds)

@@ -82,11 +82,17 @@ def resolve_recheck(asked: str, *, device_type: str, cpu_decoding: bool, pass_pi
     return True, f"{DURING}, on the cores the GPU's decoding leaves idle; the model scores them after it"
 
 
+# The cores torchvision's nvJPEG loader keeps busy during a GPU pass: its decode-ahead thread, and its DataLoader
+# workers, which only read file bytes into pinned memory (about one core between them at the GPU's pace).
+GPU_DECODE_CORES = 2
+
+
 def recheck_pool_size(workers: int, loader_threads: int, cores: int | None = None) -> tuple[int, str]:
-    """How many PIL worker processes decode the overlapped recheck, and why: ``workers`` (``--workers``), at
-    most the ``cores`` (usable) left by the loader's ``loader_threads`` (DALI's decoding threads, or the
-    DataLoader's worker processes) and the main thread that feeds the GPU; at least 1. Beside DALI, which takes
-    all usable cores but two, that is one worker."""
+    """How many PIL worker processes decode the overlapped recheck during the pass, and why: ``workers``
+    (``--workers``), at most the ``cores`` (usable) left by the loader's ``loader_threads`` (DALI's decoding
+    threads, or ``GPU_DECODE_CORES`` for the nvJPEG loader) and the main thread that feeds the GPU; at least 1.
+    Beside DALI, which takes all usable cores but two, that is one worker; after the pass the pool grows to
+    ``--workers`` (fasteval/evaluation/recheck_stream.py)."""
     cores = usable_cores() if cores is None else cores
     left = cores - loader_threads - 1
     size = max(1, min(workers, left))

@@ -30,7 +30,8 @@ from fasteval.data.preprocess import PreprocessSpec, check_batchable, image_size
 from fasteval.data.probe import FileProbe, check_headers
 from fasteval.data.samples import SampleList
 from fasteval.errors import FastevalError
-from fasteval.evaluation.exact import CALIBRATION_SAMPLES, WholeRun, recheck_pool_size, resolve_exact, resolve_recheck
+from fasteval.evaluation.exact import (CALIBRATION_SAMPLES, GPU_DECODE_CORES, WholeRun, recheck_pool_size, resolve_exact,
+                                       resolve_recheck)
 from fasteval.evaluation.route import Rates, choose_route, load_rates, rates_key
 from fasteval.kernels.fused_metrics import resolve_backend
 from fasteval.model.compile_cache import resolve_compile_mode
@@ -194,8 +195,8 @@ def make_plan(samples: SampleList, model: nn.Module, spec: PreprocessSpec, devic
     overlap, schedule = resolve_recheck(options.recheck, device_type=device.type, cpu_decoding=spec.runs_as_given,
                                         pass_pixels=in_process, sharded=scope.sharded, workers=options.workers)
     overlap = overlap and exact_on and bool(fast_main)
-    pool = recheck_pool_size(options.workers, dali_settings.threads if dali_settings is not None
-                             else options.workers) if overlap else (0, "")
+    pool = recheck_pool_size(options.workers, dali_settings.threads if dali_settings is not None else
+                             GPU_DECODE_CORES if device.type == "cuda" else options.workers) if overlap else (0, "")
     route, rates = _route(samples, model, device, options, precision, input_hw, at_start, len(pil_only),
                           exact_on, passes, scope, total, pool[0])
     reference_route = route.value == "reference"

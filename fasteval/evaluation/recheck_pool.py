@@ -89,18 +89,25 @@ class DecodePool:
         self._ready = threading.Condition()
         self._stop = threading.Event()
         self.failure: BaseException | None = None  # the receiving thread's error, raised by ``take``
-        self.processes = [context.Process(target=_work, args=(os.getpid(), dataset, self._tasks, self._results,
-                                                              self._limit), daemon=True)
-                          for _ in range(workers)]
+        self._context, self._dataset = context, dataset
+        self.processes: list = []
         self._receiver = threading.Thread(target=self._receive, name="fasteval-recheck-receiver", daemon=True)
         self.closed = False
         try:
-            for process in self.processes:
-                process.start()
+            self.grow(workers)
             self._receiver.start()
         except BaseException:
             self.close()
             raise
+
+    def grow(self, workers: int) -> None:
+        """Start workers until there are ``workers`` (never fewer than now): once the pass is over, the cores
+        its loader kept busy are free for what is left to decode."""
+        while len(self.processes) < workers and not self.closed:
+            process = self._context.Process(target=_work, args=(os.getpid(), self._dataset, self._tasks,
+                                                                self._results, self._limit), daemon=True)
+            self.processes.append(process)
+            process.start()
 
     def __enter__(self) -> DecodePool:
         return self

@@ -208,7 +208,9 @@ class OverlappedRecheck:
         self.pool.submit(tasks)
 
     def pass_ended(self) -> None:
+        """The pass is over: its loader's cores are free, so the pool grows to ``--workers`` for the rest."""
         self.pass_end = time.monotonic()
+        self.pool.grow(max(self.pool_size, self.workers))
 
     def calibration(self, indices: list[int]) -> torch.Tensor:
         if indices != self.calibration_indices:
@@ -262,4 +264,5 @@ class OverlappedRecheck:
 
     def report(self) -> dict:
         return {"schedule": "during the pass", "calibration_seconds": self.seconds_before,
-                "pool_workers": self.pool_size, "pool_reason": self.pool_reason, **self.stats}
+                "pool_workers": self.pool_size, "pool_reason": self.pool_reason,
+                "pool_workers_after_pass": len(self.pool.processes), **self.stats}

@@ -12,11 +12,12 @@ beside the compile profiles), or from ``DEFAULTS`` until they have:
     fast      = setup + N_fast x t_fast + (PIL-only files + calibration + recheck share x N_fast) x t_reference
 
 Where the recheck overlaps the pass (a GPU pass: fasteval/evaluation/recheck_stream.py), its near-ties are
-decoded beside the pass by a pool of P PIL worker processes, where the reference's loop decodes with W
-(``--workers``): the two cost the longer of them, not their sum:
+decoded during the pass by a pool of P PIL worker processes, where the reference's loop decodes with W
+(``--workers``); what is left after the pass goes at the reference's pace (the pool grows to W). So the pass
+hides N_fast x t_fast x P / W of their t_reference x near-ties:
 
-    fast      = setup + max(N_fast x t_fast, recheck share x N_fast x t_reference x W / P)
-                      + (PIL-only files + calibration) x t_reference
+    fast      = setup + N_fast x t_fast + max(0, near-ties x t_reference - N_fast x t_fast x P / W)
+                      + (PIL-only files + calibration) x t_reference,   near-ties = recheck share x N_fast
 
 Per-image costs keep the best seen (other load on the machine only adds time). The fast path's is
 taken relative to the reference's: a run of the fast path measures both (its pass, and the samples the
@@ -135,8 +136,8 @@ def choose_route(rates: Rates, device_kind: str, num_samples: int, pil_files: in
     by_reference = pil_files + (calibration if exact else 0.0) + near_ties
     overlapped = recheck_pool > 0 and near_ties > 0
     if overlapped:
-        beside = near_ties * t_ref * max(1, workers) / recheck_pool
-        fast = setup + passes * (max(main * t_fast, beside) + (by_reference - near_ties) * t_ref)
+        left = max(0.0, near_ties * t_ref - main * t_fast * recheck_pool / max(1, workers))
+        fast = setup + passes * (main * t_fast + left + (by_reference - near_ties) * t_ref)
     else:
         fast = setup + passes * (main * t_fast + by_reference * t_ref)
     reference = passes * num_samples * t_ref
