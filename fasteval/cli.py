@@ -27,7 +27,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"fasteval {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    ev = sub.add_parser("eval", help="evaluate a classifier on an ImageFolder dataset")
+    ev = sub.add_parser("eval", help="evaluate a classifier on a dataset (an ImageFolder, a CSV list or WebDataset shards)")
     add_run_options(ev, sweep=True)
     add_fast_options(ev)
     mode = ev.add_mutually_exclusive_group()
@@ -47,7 +47,7 @@ def build_parser() -> argparse.ArgumentParser:
                          "intervals, the reliability diagram; a sweep: top-1 per checkpoint with its 95%% interval "
                          "(checkpoints.png)")
 
-    be = sub.add_parser("bench", help="the reference loop and the fast path side by side, with a stage breakdown")
+    be = sub.add_parser("bench", help="the reference loop and the fast path side by side (--verbose: the stage breakdown)")
     add_run_options(be)
     add_fast_options(be, dali=False)
     be.add_argument("--repeats", type=positive_int, default=3,
@@ -442,14 +442,16 @@ def main(argv: list[str] | None = None) -> int:
     """Run a command. Any error is one line on stderr and exit code 2 (``--debug``: the traceback);
     Ctrl-C exits 130 and SIGTERM 143, both after cleaning up (temporary folders, worker processes)."""
     from fasteval.distributed import reports_error
-    from fasteval.procs import sigterm_raises
+    from fasteval.procs import drop_quietly, interrupts_noted, sigterm_raises
 
     args = build_parser().parse_args(argv)
+    interrupts: list[float] = []
     try:
-        with sigterm_raises():
+        with sigterm_raises(), interrupts_noted() as interrupts:
             return COMMANDS[args.command](args)
     except KeyboardInterrupt as exc:
         _end_progress_bars()
+        drop_quietly(exc)
         if reports_error(exc):
             print("fasteval: interrupted", file=sys.stderr)
         return 130
@@ -465,6 +467,11 @@ def main(argv: list[str] | None = None) -> int:
         if args.debug:
             raise
         _end_progress_bars()
+        if interrupts:  # Ctrl-C came first: this error is what it stopped (a DataLoader worker it ended)
+            drop_quietly(exc)
+            if reports_error(exc):
+                print("fasteval: interrupted", file=sys.stderr)
+            return 130
         if reports_error(exc):  # under torchrun: once, by rank 0 (fasteval/distributed.py)
             print(f"fasteval: error: {describe_error(exc)}", file=sys.stderr)
         return 2

@@ -56,7 +56,8 @@ def add_run_options(p: argparse.ArgumentParser, sweep: bool = False) -> None:
     p.add_argument("--arch", help="torchvision classification model name, or timm:NAME for a timm model (default: the "
                                   "architecture a fasteval train checkpoint records, else resnet18)")
     p.add_argument("--weights", type=non_empty_path,
-                   help="checkpoint file (state_dict or a dict holding one), or DEFAULT for the pretrained weights "
+                   help="checkpoint file (torch.save'd state_dict or a dict holding one, or safetensors), or "
+                        "DEFAULT for the pretrained weights "
                         "(torchvision's, or timm's for timm:NAME); omitted: random init (demo: its fitted model)"
                         + ("; several files (--weights A B, or --weights A --weights B), a folder of *.pt/*.pth or a "
                            "glob: a sweep, decoded and compiled once, ranked with paired statistics" if sweep else ""),
@@ -120,12 +121,14 @@ def add_fast_options(p: argparse.ArgumentParser, dali: bool = True) -> None:
     p.add_argument("--precision", default="auto", help="auto (bf16 where fast, else fp32), fp32, bf16 or fp16")
     p.add_argument("--compile", default="auto", action=CompileAction,
                    help="auto (default: torch.compile where the model time it saves exceeds the compile's cost, "
-                        "given the compile cache's state; and on a dataset too small for the fast path to pay, "
-                        "every sample by the reference's code), on, or off (eager: channels-last + autocast)")
+                        "given the compile cache's state; auto also lets a run too small for the fast path to "
+                        "pay go by the reference's code: --explain shows the route), on, or off (eager: "
+                        "channels-last + autocast); on and off always take the fast path")
     p.add_argument("--no-compile", dest="compile", action=CompileAction, nargs=0, const="off",
                    help="same as --compile off")
     p.add_argument("--exact", default="auto",
-                   help="auto (default) or on: recheck near-tie samples with the reference's own code, so the "
+                   help="auto (default; the same as on, as the fast path's arithmetic always differs from the "
+                        "reference's) or on: recheck near-tie samples with the reference's own code, so the "
                         "top-1/top-5 counts are the reference's; off: keep the fast path's values")
 
 

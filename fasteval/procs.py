@@ -14,6 +14,7 @@ import os
 import signal
 import sys
 import threading
+import time
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager, suppress
 
@@ -135,6 +136,49 @@ def sigterm_raises() -> Iterator[None]:
         yield
     finally:
         signal.signal(signal.SIGTERM, previous)
+
+
+@contextmanager
+def interrupts_noted() -> Iterator[list[float]]:
+    """Within: Ctrl-C (SIGINT) raises KeyboardInterrupt in this process's main thread, as by default, and is
+    noted in the list yielded (its time): an error it caused first elsewhere (a DataLoader worker it ended, whose
+    loss the loader reports) is then known for the interruption it is. Forked children that inherit the handler
+    (DataLoader workers, the moment before their own handlers are set) ignore it: this process stops them, with
+    no traceback of theirs. Restored after."""
+    noted: list[float] = []
+    if threading.current_thread() is not threading.main_thread():
+        yield noted
+        return
+    owner = os.getpid()
+
+    def handler(signum, frame):
+        if os.getpid() != owner:
+            return
+        noted.append(time.monotonic())
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGINT, handler)
+    try:
+        yield noted
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+def drop_quietly(exc: BaseException) -> None:
+    """Free what an interrupted run's traceback holds (a DataLoader iterator stopped half-built, whose
+    finalizer then fails: "Exception ignored in ... _workers_status") with such finalizer errors kept off
+    stderr: the run is over and said so."""
+    import gc
+
+    hook = sys.unraisablehook
+    sys.unraisablehook = lambda unraisable: None
+    try:
+        while exc is not None:
+            exc.__traceback__ = None
+            exc = exc.__context__ or exc.__cause__
+        gc.collect()
+    finally:
+        sys.unraisablehook = hook
 
 
 def exit_promptly(code: int) -> None:

@@ -395,3 +395,99 @@ def test_repeated_weights_make_a_sweep_and_bench_refuses_two(capsys):
         build_parser().parse_args(["bench", "D", "--weights", "a", "--weights", "b"])
     assert stop.value.code == 2
     assert "--weights given twice (a and b): give it once" in capsys.readouterr().err
+
+
+def test_an_error_that_ctrl_c_caused_is_the_interruption(monkeypatch, tmp_path, capsys):
+    """Ctrl-C to the process group ended a DataLoader worker before this process saw its KeyboardInterrupt:
+    the loader's "worker exited unexpectedly" became `fasteval: error: ...` and exit 2 (a new user's trial,
+    2 times in 45). An error raised after a SIGINT is the interruption: one line, exit 130."""
+    import signal
+    import time
+
+    def command(args):
+        try:
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(5)
+        except KeyboardInterrupt:
+            raise RuntimeError("DataLoader worker (pid(s) 4242) exited unexpectedly") from None
+        return 0
+
+    monkeypatch.setitem(fasteval.cli.COMMANDS, "synth", command)
+    assert main(["synth", str(tmp_path / "out")]) == 130
+    assert capsys.readouterr().err == "fasteval: interrupted\n"
+    # Without a SIGINT the same error is an error
+    monkeypatch.setitem(fasteval.cli.COMMANDS, "synth", lambda args: (_ for _ in ()).throw(RuntimeError("boom")))
+    assert main(["synth", str(tmp_path / "out")]) == 2
+    assert capsys.readouterr().err.startswith("fasteval: error: ")
+
+
+def test_forked_children_leave_ctrl_c_to_the_parent():
+    """A child forked while a run is on (a DataLoader worker before its own handlers) ignores SIGINT: the parent
+    stops it, and no traceback of the child's reaches the terminal."""
+    import signal
+    import time
+
+    from fasteval.procs import interrupts_noted
+
+    with interrupts_noted() as noted:
+        pid = os.fork()
+        if pid == 0:  # the child: survives its SIGINT
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(0.2)
+            os._exit(7)
+        _, status = os.waitpid(pid, 0)
+    assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == 7 and noted == []
+
+
+def test_an_interrupted_runs_finalizer_errors_stay_off_stderr():
+    """A DataLoader iterator stopped half-built fails in its finalizer ("Exception ignored in ...
+    _workers_status"); freeing the interrupted run's traceback keeps that off stderr, and the hook is restored."""
+    import sys
+
+    from fasteval.procs import drop_quietly
+
+    class HalfBuilt:
+        def __del__(self):
+            raise AttributeError("'HalfBuilt' object has no attribute '_workers_status'")
+
+    def run():
+        it = HalfBuilt()  # noqa: F841 (held by this frame, so by the traceback)
+        raise KeyboardInterrupt
+
+    seen = []
+    hook = sys.unraisablehook
+    sys.unraisablehook = recorder = lambda unraisable: seen.append(unraisable.exc_value)
+    try:
+        try:
+            run()
+        except KeyboardInterrupt:
+            pass
+        assert len(seen) == 1  # the control: freed as usual, the finalizer's error reaches the hook
+        try:
+            run()
+        except KeyboardInterrupt as exc:
+            drop_quietly(exc)
+        assert len(seen) == 1 and sys.unraisablehook is recorder
+    finally:
+        sys.unraisablehook = hook
+
+
+def test_top5_of_a_model_with_fewer_than_5_classes_says_it_is_always_100(small_data, weights_3cls, tmp_path, capsys):
+    """3 classes: every label is among the top 5, so top-5 is 100 % whatever the model (a plain loop's
+    topk(5) would raise). The table says so and the JSON has model_classes; a 5-wide top list has neither."""
+    from fasteval.evaluation.metrics import EvalResult
+    from fasteval.output.report import build_report, format_table
+
+    out = tmp_path / "r.json"
+    assert main(["eval", small_data, "--weights", weights_3cls, "--resize", "40", "--crop", "32", "--workers", "0",
+                 "--no-progress", "--json", str(out)]) == 0
+    report = json.loads(out.read_text())
+    assert report["model_classes"] == 3 and report["top5"] == 100.0
+    [row] = [line for line in capsys.readouterr().out.splitlines() if line.startswith("top-5  ")]
+    assert row.endswith("(21/21)  <- always 100 %: the model has 3 class(es)"), row
+    wide = EvalResult(samples=2, correct_top1=1, correct_top5=1, loss_sum=1.0,
+                      topk_classes=torch.tensor([[3, 1, 0, 7, 2], [1, 3, 0, 2, 7]]))
+    built = build_report(wide, {"classes": 3})
+    assert "model_classes" not in built
+    assert "always 100" not in format_table({**built, "top1": 50.0, "top5": 50.0, "loss": 0.5,
+                                             "loss_batch_mean": 0.5, "images_per_sec": 1.0, "seconds": 1.0})

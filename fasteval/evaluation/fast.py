@@ -25,10 +25,10 @@ from fasteval.data.preprocess import PreprocessSpec
 from fasteval.data.samples import SampleList
 from fasteval.evaluation.exact import WholeRun, apply_reference, recheck
 from fasteval.evaluation.metrics import TOPK, EvalResult, totals_from_samples
-from fasteval.evaluation.plan import Decision, FastOptions, Plan, make_plan
+from fasteval.evaluation.plan import SMALL_DATASET, Decision, FastOptions, Plan, make_plan
 from fasteval.evaluation.recheck_stream import OverlappedRecheck
 from fasteval.evaluation.reference import reference_logits
-from fasteval.evaluation.route import record
+from fasteval.evaluation.route import record, relax_setup
 from fasteval.kernels.accumulator import MetricsAccumulator
 from fasteval.kernels.fused_metrics import decision_margin
 from fasteval.model.compile_cache import resolve_compile_mode
@@ -230,7 +230,8 @@ class FastEvaluator:
 
     def run(self, progress: bool = True) -> EvalResult:
         plan = self.plan
-        desc = f"fast ({self.loader.name if self.loader else 'reference decode'})"
+        desc = "reference" if plan.by_reference_only else \
+            f"fast ({self.loader.name if self.loader else 'reference decode'})"
         bar = tqdm(total=len(self.samples), unit="img", desc=desc, file=sys.stderr, disable=not progress)
         start = time.perf_counter()
         outputs = empty_outputs(len(self.samples))  # normal tensors: the recheck writes into them
@@ -262,6 +263,8 @@ class FastEvaluator:
         seconds = time.perf_counter() - start
         if plan.rates is not None and plan.records_rates:  # this run's costs, for the next run's route
             main = len(self.main)
+            if plan.by_reference_only and plan.total > SMALL_DATASET:  # sent there by the rates (route.py)
+                relax_setup(plan.rates, self.device.type)
             record(plan.rates, self.device, reference=by_reference,
                    fast=(main, pass_seconds) if main else None,
                    setup=None if plan.by_reference_only else self.warmup_seconds,

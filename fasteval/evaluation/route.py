@@ -28,8 +28,15 @@ assumed ratio times the measured t_reference, not an absolute default: on a mach
 quicker than assumed (more workers, smaller files), a fixed fast cost could lose at every size, so
 the fast path would never run, never be measured, and never be chosen.
 
-Like the compile profiles, the rates only steer the choice: a stale figure can make a run slower,
-never its result different (both routes give the reference's counts).
+The set-up keeps the best seen too, and cannot hold the reference's route for good: the first fast run
+on a machine may pay a cold disk (the libraries' first import) or a busy moment, and a set-up measured
+then would keep every later small run on the reference's code, where nothing measures it again. So a
+run that the set-up sends to the reference's code halves the set-up's excess over the assumed one
+(``relax_setup``): after a few such runs the fast path runs again and measures it.
+
+Like the compile profiles, the rates only steer the choice: a stale figure can make a run slower, never
+its counts different (both routes give the reference's counts; the mean loss is the reference's on its
+route, within the fast path's precision on the other: docs/exactness.md).
 """
 
 from __future__ import annotations
@@ -165,9 +172,9 @@ def choose_route(rates: Rates, device_kind: str, num_samples: int, pil_files: in
 def record(rates: Rates, device: torch.device, *, reference: tuple[int, float] | None = None,
            fast: tuple[int, float] | None = None, setup: float | None = None,
            recheck_share: float | None = None) -> None:
-    """Fold one run's measurements in (``(images, seconds)`` pairs) and save. Per-image costs keep the
-    best seen; where one run measured both, their ratio (module docstring); the setup and recheck share
-    the latest."""
+    """Fold one run's measurements in (``(images, seconds)`` pairs) and save. Per-image costs and the
+    set-up keep the best seen; where one run measured both costs, their ratio (module docstring); the
+    recheck share the latest."""
     def per_image(pair: tuple[int, float] | None) -> float | None:
         if not pair or pair[0] <= 0 or not math.isfinite(pair[1]) or pair[1] <= 0:
             return None
@@ -182,7 +189,16 @@ def record(rates: Rates, device: torch.device, *, reference: tuple[int, float] |
     if t_ref is not None and t_fast is not None:
         rates.fast_to_reference = t_fast / t_ref
     if setup is not None:
-        rates.fast_setup_seconds = setup
+        rates.fast_setup_seconds = best(rates.fast_setup_seconds, setup if math.isfinite(setup) else None)
     if recheck_share is not None:
         rates.recheck_share = recheck_share
     save_rates(device, rates)
+
+
+def relax_setup(rates: Rates, device_kind: str) -> None:
+    """A run sent to the reference's code: halve the measured set-up's excess over the assumed one (module
+    docstring; ``record`` saves it); nothing where the set-up was never measured or is at most the assumption."""
+    d = DEFAULTS.get(device_kind, DEFAULTS["cpu"])
+    assumed = d.fast_setup_decoded_at_start if rates.key.get("decoded_at_start") else d.fast_setup
+    if rates.fast_setup_seconds is not None and rates.fast_setup_seconds > assumed:
+        rates.fast_setup_seconds = assumed + (rates.fast_setup_seconds - assumed) / 2

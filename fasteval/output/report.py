@@ -11,7 +11,7 @@ import textwrap
 import torch
 
 from fasteval.evaluation.classes import Labelled, class_report
-from fasteval.evaluation.metrics import EvalResult
+from fasteval.evaluation.metrics import TOPK, EvalResult
 from fasteval.output.class_table import class_rows
 from fasteval.versions import package_version
 from fasteval.files import atomic_write
@@ -64,11 +64,22 @@ def build_report(result: EvalResult, config: dict, device: torch.device | str | 
     """Every figure of a run plus its configuration and environment (the ``--json`` content); given the
     run's ``samples``, the class report too (fasteval/evaluation/classes.py)."""
     classes = class_report(result, samples) if samples is not None and result.predictions is not None else {}
-    return {**result.to_dict(), **classes, "config": config, "environment": environment(device)}
+    report = {**result.to_dict(), **classes, "config": config, "environment": environment(device)}
+    top = result.topk_classes
+    if top is not None and len(top) and bool((top[0] < 0).any()):  # -1 fills a row where the model has < TOPK
+        report["model_classes"] = int((top[0] >= 0).sum())
+    return report
 
 
 def _fmt(value: float, digits: int = 4) -> str:
     return "nan" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{value:.{digits}f}"
+
+
+def _fewer_classes(classes: int | None) -> str:
+    """The top-5 row's note where the model has fewer than 5 classes: every label is then among its top 5."""
+    if classes is None:
+        return ""
+    return f"  <- always 100 %: the model has {classes} class(es)"
 
 
 def format_table(report: dict, title: str = "fasteval") -> str:
@@ -81,7 +92,8 @@ def format_table(report: dict, title: str = "fasteval") -> str:
     rows += [
         ("samples", str(report["samples"])),
         ("top-1", f"{_fmt(report['top1'], 3)} %  ({report['correct_top1']}/{report['samples']})"),
-        ("top-5", f"{_fmt(report['top5'], 3)} %  ({report['correct_top5']}/{report['samples']})"),
+        ("top-5", f"{_fmt(report['top5'], 3)} %  ({report['correct_top5']}/{report['samples']})"
+         + _fewer_classes(report.get("model_classes"))),
         ("loss (per sample)", _fmt(report["loss"], 6)),
         ("loss (mean of batch means)", _fmt(report["loss_batch_mean"], 6)
          + ("  <- differs: last batch is short" if report.get("loss_batch_mean_differs") else "")),
