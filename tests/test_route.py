@@ -105,8 +105,12 @@ def test_a_slow_setup_measured_once_does_not_hold_the_reference_route():
     the fast path runs again within three runs, and measures it."""
     rates = Rates(key={"decoded_at_start": True}, reference_image_seconds=0.024, fast_image_seconds=0.0114,
                   fast_to_reference=0.475, fast_setup_seconds=7.6, recheck_share=0.02)
+    # Only a run the set-up decided relaxes it: 10 samples go by the reference's code even with the assumed one
+    small = choose_route(rates, "cpu", 10, 0, 8, exact=True)
+    assert not small.fast and not small.setup_decided
     setups, runs = [], 0
-    while not choose_route(rates, "cpu", 240, 0, 8, exact=True).fast:
+    while not (route := choose_route(rates, "cpu", 240, 0, 8, exact=True)).fast:
+        assert route.setup_decided
         relax_setup(rates, "cpu")
         setups.append(rates.fast_setup_seconds)
         runs += 1
@@ -127,7 +131,8 @@ def test_a_run_the_setup_sent_to_the_reference_relaxes_it(small_data, weights_3c
                                                           model_3cls, capsys):
     """Through the command: the run goes to the reference's code and leaves the set-up halfway to the assumed."""
     key = rates_key(model_3cls, CPU, resolve_precision("auto", CPU), (32, 32), decoded_at_start=True)
-    save_rates(CPU, Rates(key=key, reference_image_seconds=0.01, fast_image_seconds=0.001, fast_to_reference=0.1,
+    # 21 samples: 0.3 + 21 x 0.01 + 8 x 0.1 = 1.31 s fast with the assumed set-up, against 2.1 s; 8.6 s with 7.6 s
+    save_rates(CPU, Rates(key=key, reference_image_seconds=0.1, fast_image_seconds=0.01, fast_to_reference=0.1,
                           fast_setup_seconds=7.6, recheck_share=0.0))
     routed = _eval_json(tmp_path / "a.json", small_data, weights_3cls)
     assert routed["plan"]["route"]["value"] == "reference" and "7.6 s setup" in routed["route"]

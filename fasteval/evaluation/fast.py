@@ -25,7 +25,7 @@ from fasteval.data.preprocess import PreprocessSpec
 from fasteval.data.samples import SampleList
 from fasteval.evaluation.exact import WholeRun, apply_reference, recheck
 from fasteval.evaluation.metrics import TOPK, EvalResult, totals_from_samples
-from fasteval.evaluation.plan import SMALL_DATASET, Decision, FastOptions, Plan, make_plan
+from fasteval.evaluation.plan import Decision, FastOptions, Plan, make_plan
 from fasteval.evaluation.recheck_stream import OverlappedRecheck
 from fasteval.evaluation.reference import reference_logits
 from fasteval.evaluation.route import record, relax_setup
@@ -263,7 +263,7 @@ class FastEvaluator:
         seconds = time.perf_counter() - start
         if plan.rates is not None and plan.records_rates:  # this run's costs, for the next run's route
             main = len(self.main)
-            if plan.by_reference_only and plan.total > SMALL_DATASET:  # sent there by the rates (route.py)
+            if plan.relaxes_setup:  # the measured set-up alone sent it to the reference's code (route.py)
                 relax_setup(plan.rates, self.device.type)
             record(plan.rates, self.device, reference=by_reference,
                    fast=(main, pass_seconds) if main else None,

@@ -117,6 +117,7 @@ class Plan:
     records_rates: bool = False
     compile_key: dict | None = field(default=None, compare=False)
     rates: Rates | None = field(default=None, compare=False)
+    relaxes_setup: bool = False  # the measured set-up alone sent the run to the reference's code (route.py)
 
     @property
     def by_reference_only(self) -> bool:
@@ -197,8 +198,8 @@ def make_plan(samples: SampleList, model: nn.Module, spec: PreprocessSpec, devic
     overlap = overlap and exact_on and bool(fast_main)
     pool = recheck_pool_size(options.workers, dali_settings.threads if dali_settings is not None else
                              GPU_DECODE_CORES if device.type == "cuda" else options.workers) if overlap else (0, "")
-    route, rates = _route(samples, model, device, options, precision, input_hw, at_start, len(pil_only),
-                          exact_on, passes, scope, total, pool[0])
+    route, rates, setup_decided = _route(samples, model, device, options, precision, input_hw, at_start,
+                                         len(pil_only), exact_on, passes, scope, total, pool[0])
     reference_route = route.value == "reference"
     if reference_route:
         kind, overlap, pool = "torchvision", False, (0, "")
@@ -269,7 +270,7 @@ def make_plan(samples: SampleList, model: nn.Module, spec: PreprocessSpec, devic
         calibration_indices=tuple(calibration), calibration_total=calibration_total, loader_kind=kind,
         in_process=in_process, recheck_overlap=overlap, recheck_pool=pool,
         decoded_at_start=at_start, reference_batch_size=reference_batch, passes=passes,
-        records_rates=passes == 1 and source == "loader", compile_key=key, rates=rates,
+        records_rates=passes == 1 and source == "loader", compile_key=key, rates=rates, relaxes_setup=setup_decided,
         store_placement=placement if source == "store" and main else None, dali_settings=dali_settings,
         input_dtype=input_dtype)
 
@@ -328,10 +329,11 @@ def _loader(kind: str, pil_pixels: bool, in_process: bool, at_start: bool, sourc
 
 
 def _route(samples, model, device, options, precision, input_hw, at_start, pil_files, exact, passes, scope,
-           total, recheck_pool) -> tuple[Decision, Rates | None]:
+           total, recheck_pool) -> tuple[Decision, Rates | None, bool]:
     """The route: every sample by the reference's code on a tiny run (``SMALL_DATASET``) or where the measured
     costs say the fast path would not pay (``options.route`` with ``--compile auto``: fasteval/evaluation/
-    route.py); else the fast path. Returns the decision and the rates to record the run into."""
+    route.py); else the fast path. Returns the decision, the rates to record the run into, and whether the
+    measured set-up alone sent it to the reference's code (``Route.setup_decided``)."""
     mode = resolve_compile_mode(options.compile)
     rates = chosen = None
     if options.route and mode == "auto" and len(samples) and not scope.sharded:
@@ -340,15 +342,15 @@ def _route(samples, model, device, options, precision, input_hw, at_start, pil_f
                               exact, passes=passes, recheck_pool=recheck_pool, workers=options.workers)
     if exact and total <= SMALL_DATASET:
         return Decision("reference", f"{total} sample(s) (<= {SMALL_DATASET}, the calibration's size): every sample "
-                                     f"evaluated by the reference's code"), rates
+                                     f"evaluated by the reference's code"), rates, False
     if chosen is not None:
-        return Decision("fast" if chosen.fast else "reference", chosen.reason), rates
+        return Decision("fast" if chosen.fast else "reference", chosen.reason), rates, chosen.setup_decided
     why = ("torchrun: every rank takes the fast path" if scope.sharded else
            f"{options.compile_asked_by}: the fast path" if options.compile_asked_by else
            f"--compile {mode}: the fast path as asked" if mode != "auto" else
            "no samples" if not len(samples) else
            "no route asked: the fast path (--validate, a bench's timed loop, train's validation, compare())")
-    return Decision("fast", why), None
+    return Decision("fast", why), None, False
 
 
 def _workers_reason(workers: int, loader: object, reference_route: bool, dali: DaliSettings | None,

@@ -31,8 +31,9 @@ the fast path would never run, never be measured, and never be chosen.
 The set-up keeps the best seen too, and cannot hold the reference's route for good: the first fast run
 on a machine may pay a cold disk (the libraries' first import) or a busy moment, and a set-up measured
 then would keep every later small run on the reference's code, where nothing measures it again. So a
-run that the set-up sends to the reference's code halves the set-up's excess over the assumed one
-(``relax_setup``): after a few such runs the fast path runs again and measures it.
+run that the set-up sends to the reference's code (the assumed set-up would have sent it to the fast
+path) halves the set-up's excess over the assumed one (``relax_setup``): after a few such runs the fast
+path runs again and measures it. A run the reference's code wins anyway leaves the set-up alone.
 
 Like the compile profiles, the rates only steer the choice: a stale figure can make a run slower, never
 its counts different (both routes give the reference's counts; the mean loss is the reference's on its
@@ -101,6 +102,7 @@ class Route:
     reason: str
     fast_seconds: float
     reference_seconds: float
+    setup_decided: bool = False  # the reference's, where the assumed set-up would have made it the fast path's
 
 
 def rates_key(model: nn.Module, device: torch.device, precision: str, input_hw: tuple[int, int],
@@ -133,10 +135,8 @@ def choose_route(rates: Rates, device_kind: str, num_samples: int, pil_files: in
         t_fast = rates.fast_image_seconds
     else:  # never measured: the assumed ratio to this machine's reference cost (module docstring)
         t_fast = d.fast_image / d.reference_image * t_ref
-    if rates.fast_setup_seconds is not None:
-        setup = rates.fast_setup_seconds
-    else:
-        setup = d.fast_setup_decoded_at_start if rates.key.get("decoded_at_start") else d.fast_setup
+    assumed = d.fast_setup_decoded_at_start if rates.key.get("decoded_at_start") else d.fast_setup
+    setup = rates.fast_setup_seconds if rates.fast_setup_seconds is not None else assumed
     share = (rates.recheck_share if rates.recheck_share is not None else d.recheck_share) if exact else 0.0
     main = num_samples - pil_files
     near_ties = share * main if exact else 0.0
@@ -166,7 +166,7 @@ def choose_route(rates: Rates, device_kind: str, num_samples: int, pil_files: in
     if fast < reference:
         return Route(True, f"fast path: {figures}", fast, reference)
     return Route(False, f"every sample by the reference's code, the fast path would not pay: {figures}",
-                 fast, reference)
+                 fast, reference, setup_decided=fast - setup + assumed < reference)
 
 
 def record(rates: Rates, device: torch.device, *, reference: tuple[int, float] | None = None,
@@ -196,8 +196,8 @@ def record(rates: Rates, device: torch.device, *, reference: tuple[int, float] |
 
 
 def relax_setup(rates: Rates, device_kind: str) -> None:
-    """A run sent to the reference's code: halve the measured set-up's excess over the assumed one (module
-    docstring; ``record`` saves it); nothing where the set-up was never measured or is at most the assumption."""
+    """A run the measured set-up sent to the reference's code (``Route.setup_decided``): halve its excess over
+    the assumed one (module docstring; ``record`` saves it); nothing where it is at most the assumption."""
     d = DEFAULTS.get(device_kind, DEFAULTS["cpu"])
     assumed = d.fast_setup_decoded_at_start if rates.key.get("decoded_at_start") else d.fast_setup
     if rates.fast_setup_seconds is not None and rates.fast_setup_seconds > assumed:
