@@ -27,7 +27,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"fasteval {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    ev = sub.add_parser("eval", help="evaluate a classifier on a dataset (an ImageFolder, a CSV list or WebDataset shards)")
+    ev = sub.add_parser("eval", help="evaluate a classifier on a dataset (an ImageFolder, a CSV list or WebDataset "
+                                     "shards)")
     add_run_options(ev, sweep=True)
     add_fast_options(ev)
     mode = ev.add_mutually_exclusive_group()
@@ -47,7 +48,8 @@ def build_parser() -> argparse.ArgumentParser:
                          "intervals, the reliability diagram; a sweep: top-1 per checkpoint with its 95%% interval "
                          "(checkpoints.png)")
 
-    be = sub.add_parser("bench", help="the reference loop and the fast path side by side (--verbose: the stage breakdown)")
+    be = sub.add_parser("bench", help="the reference loop and the fast path side by side (--verbose: the stage "
+                                      "breakdown)")
     add_run_options(be)
     add_fast_options(be, dali=False)
     be.add_argument("--repeats", type=positive_int, default=3,

@@ -248,7 +248,8 @@ def test_dali_that_cannot_start_leaves_auto_to_torchvision(small_data, model_3cl
     assert err.count("fasteval: warning: DALI could not start (cannot start the DALI pipeline on cpu: ") == 1, err
     assert "hardware decoder failed to start): torchvision's loader decodes instead" in err
     executed = evaluator.executed_plan
-    assert executed.loader.value == "torchvision-cpu" and "torchvision's loader decodes instead" in executed.loader.reason
+    assert executed.loader.value == "torchvision-cpu"
+    assert "torchvision's loader decodes instead" in executed.loader.reason
     assert executed.dali.value is None and "DALI could not start" in executed.dali.reason
     with pytest.raises(FastevalError, match="^cannot start the DALI pipeline on cpu: .*hardware decoder failed"):
         FastEvaluator(samples, model_3cls, small_spec, CPU, FastOptions(compile="off", loader="dali", workers=1))

@@ -30,8 +30,8 @@ from fasteval.data.preprocess import PreprocessSpec, check_batchable, image_size
 from fasteval.data.probe import FileProbe, check_headers
 from fasteval.data.samples import SampleList
 from fasteval.errors import FastevalError
-from fasteval.evaluation.exact import (CALIBRATION_SAMPLES, GPU_DECODE_CORES, WholeRun, recheck_pool_size, resolve_exact,
-                                       resolve_recheck)
+from fasteval.evaluation.exact import (CALIBRATION_SAMPLES, GPU_DECODE_CORES, WholeRun, recheck_pool_size,
+                                       resolve_exact, resolve_recheck)
 from fasteval.evaluation.route import Rates, choose_route, load_rates, rates_key
 from fasteval.kernels.fused_metrics import resolve_backend
 from fasteval.model.compile_cache import resolve_compile_mode
