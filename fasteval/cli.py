@@ -440,11 +440,23 @@ def _end_progress_bars() -> None:
         bar.close()
 
 
+def _interrupted(exc: BaseException) -> int:
+    """A run ended by Ctrl-C: its bars closed, its traceback freed quietly, one line (by rank 0 under torchrun)."""
+    from fasteval.distributed import reports_error
+    from fasteval.procs import drop_quietly
+
+    _end_progress_bars()
+    drop_quietly(exc)
+    if reports_error(exc):
+        print("fasteval: interrupted", file=sys.stderr)
+    return 130
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run a command. Any error is one line on stderr and exit code 2 (``--debug``: the traceback);
     Ctrl-C exits 130 and SIGTERM 143, both after cleaning up (temporary folders, worker processes)."""
     from fasteval.distributed import reports_error
-    from fasteval.procs import drop_quietly, interrupts_noted, sigterm_raises
+    from fasteval.procs import interrupts_noted, sigterm_raises
 
     args = build_parser().parse_args(argv)
     interrupts: list[float] = []
@@ -452,11 +464,7 @@ def main(argv: list[str] | None = None) -> int:
         with sigterm_raises(), interrupts_noted() as interrupts:
             return COMMANDS[args.command](args)
     except KeyboardInterrupt as exc:
-        _end_progress_bars()
-        drop_quietly(exc)
-        if reports_error(exc):
-            print("fasteval: interrupted", file=sys.stderr)
-        return 130
+        return _interrupted(exc)
     except Terminated as exc:
         _end_progress_bars()
         if reports_error(exc):
@@ -468,12 +476,9 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as exc:
         if args.debug:
             raise
-        _end_progress_bars()
         if interrupts:  # Ctrl-C came first: this error is what it stopped (a DataLoader worker it ended)
-            drop_quietly(exc)
-            if reports_error(exc):
-                print("fasteval: interrupted", file=sys.stderr)
-            return 130
+            return _interrupted(exc)
+        _end_progress_bars()
         if reports_error(exc):  # under torchrun: once, by rank 0 (fasteval/distributed.py)
             print(f"fasteval: error: {describe_error(exc)}", file=sys.stderr)
         return 2

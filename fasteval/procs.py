@@ -116,26 +116,37 @@ def dataloader_batches(loader: Iterable) -> Iterator:
 
 
 @contextmanager
-def sigterm_raises() -> Iterator[None]:
-    """Within: SIGTERM raises ``Terminated`` in this process's main thread; restored after.
-    Forked children that inherit the handler die as by default instead."""
+def _handling(signum: int, in_owner: Callable[[], None], in_child: Callable[[], None]) -> Iterator[None]:
+    """Within: ``signum`` calls ``in_owner`` in this process's main thread, ``in_child`` in a forked child that
+    inherited the handler; restored after. Off the main thread (where no handler can be set): nothing."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
     owner = os.getpid()
 
-    def handler(signum, frame):
-        if os.getpid() != owner:
-            signal.signal(signal.SIGTERM, signal.SIG_DFL)
-            os.kill(os.getpid(), signal.SIGTERM)
-            return
-        raise Terminated("terminated (SIGTERM)")
+    def handler(sig, frame):
+        (in_owner if os.getpid() == owner else in_child)()
 
-    previous = signal.signal(signal.SIGTERM, handler)
+    previous = signal.signal(signum, handler)
     try:
         yield
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        signal.signal(signum, previous)
+
+
+@contextmanager
+def sigterm_raises() -> Iterator[None]:
+    """Within: SIGTERM raises ``Terminated`` in this process's main thread; restored after.
+    Forked children that inherit the handler die as by default instead."""
+    def terminated():
+        raise Terminated("terminated (SIGTERM)")
+
+    def die():
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    with _handling(signal.SIGTERM, terminated, die):
+        yield
 
 
 @contextmanager
@@ -146,22 +157,13 @@ def interrupts_noted() -> Iterator[list[float]]:
     (DataLoader workers, the moment before their own handlers are set) ignore it: this process stops them, with
     no traceback of theirs. Restored after."""
     noted: list[float] = []
-    if threading.current_thread() is not threading.main_thread():
-        yield noted
-        return
-    owner = os.getpid()
 
-    def handler(signum, frame):
-        if os.getpid() != owner:
-            return
+    def interrupted():
         noted.append(time.monotonic())
         raise KeyboardInterrupt
 
-    previous = signal.signal(signal.SIGINT, handler)
-    try:
+    with _handling(signal.SIGINT, interrupted, lambda: None):
         yield noted
-    finally:
-        signal.signal(signal.SIGINT, previous)
 
 
 def drop_quietly(exc: BaseException) -> None:

@@ -125,18 +125,18 @@ class FastEvaluator:
         loader decodes instead, with one warning line and the reason in the executed plan."""
         from fasteval.data.loader_dali import DaliStartError
 
-        kind, options = self.plan.loader_kind, self.options
+        def build(kind: str, **extra):
+            return batch_source(kind, part, self.spec, batch_size=shape, workers=self.options.workers,
+                                device=self.device, half=half, **extra)
+
         try:
-            return batch_source(kind, part, self.spec, batch_size=shape, workers=options.workers, device=self.device,
-                                half=half, **placed)
+            return build(self.plan.loader_kind, **placed)
         except DaliStartError as exc:
-            if kind != "dali" or options.loader != "auto":
+            if self.plan.loader_kind != "dali" or self.options.loader != "auto":
                 raise
             self.loader_fallback = f"DALI could not start ({exc}): torchvision's loader decodes instead"
             print(f"fasteval: warning: {self.loader_fallback}", file=sys.stderr)
-            placed = {key: value for key, value in placed.items() if key != "dali"}
-            return batch_source("torchvision", part, self.spec, batch_size=shape, workers=options.workers,
-                                device=self.device, half=half, **placed)
+            return build("torchvision", **{key: value for key, value in placed.items() if key != "dali"})
 
     def _executed(self) -> Plan:
         """The plan as it ran: the compile's outcome (decided at warm-up where the plan said ``measure``, or

@@ -105,8 +105,9 @@ class Plan:
     calibration_total: int = 0
     loader_kind: str = "none"  # the batch source's ``kind``
     in_process: bool = False  # PIL's pixels decoded in this process (``PixelLoader``)
-    recheck_overlap: bool = False  # the recheck decodes during the pass (fasteval/evaluation/recheck_stream.py)
-    recheck_pool: tuple[int, str] = (0, "")  # its PIL worker processes and why (exact.recheck_pool_size)
+    # The PIL worker processes that decode the recheck during the pass, and why (exact.recheck_pool_size); (0, "")
+    # where it decodes after the pass
+    recheck_pool: tuple[int, str] = (0, "")
     dali_settings: DaliSettings | None = None  # the dali decision, as the DALI loader takes it
     input_dtype: str = "fp32"  # the fast model's input ("fp32" or "fp16"): what its loader writes
     store_placement: tuple[str, str] | None = None  # a decoded store's (device, pinned, host, mapped or redecode;
@@ -118,6 +119,11 @@ class Plan:
     compile_key: dict | None = field(default=None, compare=False)
     rates: Rates | None = field(default=None, compare=False)
     relaxes_setup: bool = False  # the measured set-up alone sent the run to the reference's code (route.py)
+
+    @property
+    def recheck_overlap(self) -> bool:
+        """The recheck decodes during the pass (fasteval/evaluation/recheck_stream.py)."""
+        return self.recheck_pool[0] > 0
 
     @property
     def by_reference_only(self) -> bool:
@@ -268,7 +274,7 @@ def make_plan(samples: SampleList, model: nn.Module, spec: PreprocessSpec, devic
                                                           dali_settings, device)),
         metrics_backend=metrics, total=total, input_hw=input_hw, main=main, reference_only=reference_only,
         calibration_indices=tuple(calibration), calibration_total=calibration_total, loader_kind=kind,
-        in_process=in_process, recheck_overlap=overlap, recheck_pool=pool,
+        in_process=in_process, recheck_pool=pool,
         decoded_at_start=at_start, reference_batch_size=reference_batch, passes=passes,
         records_rates=passes == 1 and source == "loader", compile_key=key, rates=rates, relaxes_setup=setup_decided,
         store_placement=placement if source == "store" and main else None, dali_settings=dali_settings,

@@ -122,6 +122,11 @@ def save_rates(device: torch.device, rates: Rates) -> None:
     save_profile(profile_dir(device), rates)
 
 
+def _assumed_setup(rates: Rates, d: RouteDefaults) -> float:
+    """The set-up assumed until measured: smaller where the images were decoded at start-up (no loader)."""
+    return d.fast_setup_decoded_at_start if rates.key.get("decoded_at_start") else d.fast_setup
+
+
 def choose_route(rates: Rates, device_kind: str, num_samples: int, pil_files: int, calibration: int,
                  exact: bool, passes: int = 1, recheck_pool: int = 0, workers: int = 0) -> Route:
     """Fast or reference for the whole run: the smaller expected time (module docstring); ``passes``
@@ -135,7 +140,7 @@ def choose_route(rates: Rates, device_kind: str, num_samples: int, pil_files: in
         t_fast = rates.fast_image_seconds
     else:  # never measured: the assumed ratio to this machine's reference cost (module docstring)
         t_fast = d.fast_image / d.reference_image * t_ref
-    assumed = d.fast_setup_decoded_at_start if rates.key.get("decoded_at_start") else d.fast_setup
+    assumed = _assumed_setup(rates, d)
     setup = rates.fast_setup_seconds if rates.fast_setup_seconds is not None else assumed
     share = (rates.recheck_share if rates.recheck_share is not None else d.recheck_share) if exact else 0.0
     main = num_samples - pil_files
@@ -198,7 +203,6 @@ def record(rates: Rates, device: torch.device, *, reference: tuple[int, float] |
 def relax_setup(rates: Rates, device_kind: str) -> None:
     """A run the measured set-up sent to the reference's code (``Route.setup_decided``): halve its excess over
     the assumed one (module docstring; ``record`` saves it); nothing where it is at most the assumption."""
-    d = DEFAULTS.get(device_kind, DEFAULTS["cpu"])
-    assumed = d.fast_setup_decoded_at_start if rates.key.get("decoded_at_start") else d.fast_setup
+    assumed = _assumed_setup(rates, DEFAULTS.get(device_kind, DEFAULTS["cpu"]))
     if rates.fast_setup_seconds is not None and rates.fast_setup_seconds > assumed:
         rates.fast_setup_seconds = assumed + (rates.fast_setup_seconds - assumed) / 2
